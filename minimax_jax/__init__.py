@@ -1,0 +1,1 @@
+"""MiniMax-M2.5 in JAX."""

@@ -1,0 +1,248 @@
+"""Engine: the offline API, modelled on `sglang.Engine`.
+
+    engine = Engine(model_path="path/to/hf-checkpoint", dtype="bfloat16")
+    out = engine.generate(prompt="Hello", sampling_params={"max_new_tokens": 16, "temperature": 0})
+    out["text"], out["output_ids"], out["meta_info"]["finish_reason"]
+
+With no model_path the engine serves the `tiny` preset with seeded random weights and the
+shipped tiny tokenizer, so the whole path runs on a fresh machine with nothing downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minimax_jax.config import ModelConfig, preset
+from minimax_jax.engine.runner import ModelRunner, StepOutput
+from minimax_jax.engine.sampling import SamplingParams, SamplingParamsError
+from minimax_jax.engine.scheduler import Request, ScheduledStep, Scheduler
+from minimax_jax.kv_cache import PageAllocator
+from minimax_jax.model import MiniMaxM2
+
+log = logging.getLogger(__name__)
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16, "auto": jnp.bfloat16}
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; the message names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclasses.dataclass
+class EngineArgs:
+    model_path: str | None = None
+    dtype: str = "bfloat16"
+    tp_size: int = 1
+    dp_size: int = 1
+    ep_size: int = 1
+    enable_dp_attention: bool = False
+    context_length: int | None = None
+    max_running_requests: int = 64
+    page_size: int = 16
+    max_total_tokens: int | None = None      # KV cache capacity in tokens (all requests)
+    chunked_prefill_size: int = 256
+    max_prefill_tokens: int = 1024
+    random_seed: int = 0
+    tokenizer_path: str | None = None
+
+
+class Engine:
+    def __init__(self, **kwargs: Any):
+        self.args = args = EngineArgs(**kwargs)
+        if args.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+        self.model, self.loaded_from = _load(args)
+        self.cfg: ModelConfig = self.model.cfg
+        self.tokenizer = _load_tokenizer(args, self.loaded_from)
+        self.context_length = min(args.context_length or self.cfg.max_position_embeddings,
+                                  self.cfg.max_position_embeddings)
+        pages_per_seq = -(-self.context_length // args.page_size)
+        total_tokens = args.max_total_tokens or self.context_length * min(args.max_running_requests, 8)
+        num_pages = max(-(-total_tokens // args.page_size), pages_per_seq)
+        self.runner = ModelRunner(self.model, num_pages, args.page_size)
+        self.allocator = PageAllocator(num_pages)
+        self.scheduler = Scheduler(self.allocator, args.page_size, pages_per_seq,
+                                   args.max_running_requests, args.chunked_prefill_size,
+                                   args.max_prefill_tokens)
+        self.eos_ids = set(self.cfg.eos_token_id)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.on_step: list[Callable[[ScheduledStep, float], None]] = []
+        log.info("engine ready: %s, %d KV pages of %d tokens", self.loaded_from, num_pages, args.page_size)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def make_request(self, prompt: str | None = None, input_ids: list[int] | None = None,
+                     sampling_params: dict | SamplingParams | None = None, rid: str | None = None) -> Request:
+        """Validates and tokenises one request (not yet queued)."""
+        try:
+            params = sampling_params if isinstance(sampling_params, SamplingParams) \
+                else SamplingParams.from_dict(sampling_params)
+        except SamplingParamsError as e:
+            raise RequestError(str(e), param=str(e).split()[0]) from None
+        except TypeError as e:
+            raise RequestError(f"bad sampling parameter: {e}", param="sampling_params") from None
+        if input_ids is None:
+            if prompt is None:
+                raise RequestError("give either prompt or input_ids", param="prompt")
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer: give input_ids", param="prompt")
+            input_ids = self.tokenizer.encode(prompt)
+        input_ids = [int(t) for t in input_ids]
+        if not input_ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        if any(not 0 <= t < self.cfg.vocab_size for t in input_ids):
+            raise RequestError(f"input_ids must be in [0, {self.cfg.vocab_size})", param="input_ids")
+        if len(input_ids) >= self.context_length:
+            raise RequestError(f"the prompt has {len(input_ids)} tokens; the context length is "
+                               f"{self.context_length}", param="prompt")
+        if len(input_ids) + params.max_new_tokens > self.context_length:
+            raise RequestError(f"prompt ({len(input_ids)} tokens) + max_new_tokens "
+                               f"({params.max_new_tokens}) exceeds the context length {self.context_length}",
+                               param="max_new_tokens")
+        seed = params.seed if params.seed is not None else (self.args.random_seed * 1_000_003 + hash(rid or id(params))) % 2**32
+        req = Request(prompt_ids=input_ids, params=params, seed=seed)
+        if rid is not None:
+            req.rid = rid
+        return req
+
+    def submit(self, req: Request) -> Request:
+        if req.params.max_new_tokens == 0:
+            req.finish_reason = {"type": "length", "length": 0}
+            return req
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, rid: str) -> bool:
+        req = self.scheduler.abort(rid)
+        if req is not None and req.finish_reason is None:
+            req.finish_reason = {"type": "abort"}
+        return req is not None
+
+    # -- stepping ------------------------------------------------------------------------------
+
+    def step(self) -> list[Request]:
+        """Runs one scheduled step; returns the requests that got a new token."""
+        scheduled = self.scheduler.schedule()
+        if scheduled is None:
+            return []
+        start = time.perf_counter()
+        out = self.runner.run(scheduled.step, scheduled.logit_index, scheduled.sampling)
+        self.scheduler.advance(scheduled)
+        updated = [req for i, req in enumerate(scheduled.requests)
+                   if scheduled.samples[i] and self._append_token(req, out, i)]
+        for hook in self.on_step:
+            hook(scheduled, time.perf_counter() - start)
+        return updated
+
+    def _append_token(self, req: Request, out: StepOutput, i: int) -> bool:
+        if req.finished:
+            return False
+        token = int(out.tokens[i])
+        req.output_ids.append(token)
+        req.output_logprobs.append(float(out.logprobs[i]))
+        k = req.params.top_logprobs_num
+        if k:
+            req.output_top_logprobs.append([(float(v), int(t)) for v, t in zip(out.top_logprobs[i, :k], out.top_ids[i, :k])])
+        reason = self._finish_reason(req, token)
+        if reason is not None:
+            self.scheduler.finish(req, reason)
+        return True
+
+    def _finish_reason(self, req: Request, token: int) -> dict | None:
+        p = req.params
+        if token in p.stop_token_ids:
+            return {"type": "stop", "matched": token}
+        if not p.ignore_eos and token in self.eos_ids:
+            return {"type": "stop", "matched": token}
+        if p.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(req.output_ids, skip_special_tokens=p.skip_special_tokens)
+            for s in p.stop:
+                if s in text:
+                    return {"type": "stop", "matched": s}
+        if len(req.output_ids) >= p.max_new_tokens:
+            return {"type": "length", "length": len(req.output_ids)}
+        return None
+
+    def run_until_done(self) -> None:
+        while self.scheduler.has_work():
+            self.step()
+
+    # -- offline API ---------------------------------------------------------------------------
+
+    def generate(self, prompt: str | list[str] | None = None,
+                 input_ids: list[int] | list[list[int]] | None = None,
+                 sampling_params: dict | list[dict] | None = None,
+                 return_logprob: bool = False) -> dict | list[dict]:
+        """Generates for one prompt (returns a dict) or a batch (returns a list of dicts)."""
+        single = isinstance(prompt, str) or (input_ids is not None and input_ids and isinstance(input_ids[0], int))
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        ids = [input_ids] if single and input_ids is not None else input_ids
+        n = len(prompts if prompts is not None else ids)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n
+        reqs = [self.make_request(prompt=prompts[i] if prompts else None,
+                                  input_ids=ids[i] if ids else None, sampling_params=params[i])
+                for i in range(n)]
+        for req in reqs:
+            self.submit(req)
+        self.run_until_done()
+        outs = [self.result(req, return_logprob) for req in reqs]
+        return outs[0] if single else outs
+
+    def result(self, req: Request, return_logprob: bool = False) -> dict:
+        text = self.decode(req.output_ids, req.params) if self.tokenizer is not None else ""
+        stop = req.finish_reason or {}
+        if stop.get("type") == "stop" and isinstance(stop.get("matched"), str):
+            text = text[:text.find(stop["matched"])]
+        meta = {"id": req.rid, "prompt_tokens": len(req.prompt_ids),
+                "completion_tokens": len(req.output_ids), "finish_reason": req.finish_reason}
+        if return_logprob:
+            meta["output_token_logprobs"] = [
+                (lp, t, self._token_text(t)) for lp, t in zip(req.output_logprobs, req.output_ids)]
+            if req.output_top_logprobs:
+                meta["output_top_logprobs"] = [[(lp, t, self._token_text(t)) for lp, t in step]
+                                               for step in req.output_top_logprobs]
+        return {"text": text, "output_ids": list(req.output_ids), "meta_info": meta}
+
+    def decode(self, ids: list[int], params: SamplingParams | None = None) -> str:
+        skip = params.skip_special_tokens if params is not None else True
+        return self.tokenizer.decode(ids, skip_special_tokens=skip)
+
+    def _token_text(self, token: int) -> str | None:
+        return self.tokenizer.decode([token]) if self.tokenizer is not None else None
+
+    @property
+    def num_compiles(self) -> int:
+        return self.runner.num_compiles
+
+
+def _load(args: EngineArgs) -> tuple[MiniMaxM2, str]:
+    dtype = DTYPES[args.dtype]
+    if args.model_path is None:
+        cfg = preset("tiny")
+        model = MiniMaxM2(cfg, dtype=dtype, rngs=nnx.Rngs(args.random_seed))
+        return model, "the embedded tiny preset (random weights)"
+    from minimax_jax.loader import load_model
+    return load_model(args.model_path, dtype=dtype), f"HF checkpoint {args.model_path}"
+
+
+def _load_tokenizer(args: EngineArgs, loaded_from: str):
+    from minimax_jax.engine.tokenizer import Tokenizer
+    path = args.tokenizer_path or args.model_path
+    if path is None:
+        return Tokenizer.tiny()
+    if (Path(path) / "tokenizer.json").exists():
+        return Tokenizer.from_dir(path)
+    log.warning("no tokenizer.json in %s: requests must give input_ids", path)
+    return None

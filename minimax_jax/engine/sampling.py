@@ -1,0 +1,138 @@
+"""Sampling parameters (sglang's names) and the on-device sampler.
+
+Each request draws from its own key, `fold_in(PRNGKey(seed), position)`, so a seeded request
+samples the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class SamplingParamsError(ValueError):
+    """An invalid sampling parameter; the message names the field."""
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = dataclasses.field(default_factory=list)
+    stop_token_ids: list[int] = dataclasses.field(default_factory=list)
+    ignore_eos: bool = False
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    top_logprobs_num: int = 0
+    skip_special_tokens: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "SamplingParams":
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise SamplingParamsError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        if isinstance(d.get("stop"), str):
+            d["stop"] = [d["stop"]]
+        params = cls(**{k: v for k, v in d.items() if v is not None})
+        params.validate()
+        return params
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise SamplingParamsError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise SamplingParamsError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise SamplingParamsError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise SamplingParamsError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise SamplingParamsError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise SamplingParamsError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.top_logprobs_num < 0:
+            raise SamplingParamsError(f"top_logprobs_num must be >= 0, got {self.top_logprobs_num}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplingBatch:
+    """Per-slot sampling parameters of one step, as device arrays [B]."""
+    temperature: jax.Array
+    top_p: jax.Array
+    top_k: jax.Array
+    min_p: jax.Array
+    seed: jax.Array
+    position: jax.Array            # position of the sampled token: folds into the key
+    frequency_penalty: jax.Array
+    presence_penalty: jax.Array
+
+    @classmethod
+    def build(cls, params: list[SamplingParams | None], seeds: list[int], positions: list[int],
+              size: int) -> "SamplingBatch":
+        """Arrays of `size` slots; empty slots are greedy."""
+        def column(get, default, dtype):
+            values = [get(p) if p is not None else default for p in params]
+            return np.asarray(values + [default] * (size - len(values)), dtype)
+        return cls(
+            temperature=column(lambda p: p.temperature, 0.0, np.float32),
+            top_p=column(lambda p: p.top_p, 1.0, np.float32),
+            top_k=column(lambda p: p.top_k, -1, np.int32),
+            min_p=column(lambda p: p.min_p, 0.0, np.float32),
+            seed=np.asarray(list(seeds) + [0] * (size - len(seeds)), np.uint32),
+            position=np.asarray(list(positions) + [0] * (size - len(positions)), np.int32),
+            frequency_penalty=column(lambda p: p.frequency_penalty, 0.0, np.float32),
+            presence_penalty=column(lambda p: p.presence_penalty, 0.0, np.float32),
+        )
+
+
+TOP_LOGPROBS_MAX = 20
+
+
+def sample(logits: jax.Array, params: SamplingBatch, counts: jax.Array | None = None):
+    """logits: fp32 [B, V]; counts: [B, V] output-token counts for the penalties, or None.
+
+    Returns (tokens [B], logprob of each token [B], top-logprob ids and values [B, 20]); the
+    logprobs are of the model's distribution (log-softmax of the raw logits).
+    """
+    logprobs_all = jax.nn.log_softmax(logits, axis=-1)
+    if counts is not None:
+        logits = logits - params.frequency_penalty[:, None] * counts
+        logits = logits - params.presence_penalty[:, None] * (counts > 0)
+    greedy_tokens = jnp.argmax(logits, axis=-1)
+    sampled = jax.vmap(_sample_one)(logits, params.temperature, params.top_p, params.top_k,
+                                    params.min_p, params.seed, params.position)
+    tokens = jnp.where(params.temperature == 0.0, greedy_tokens, sampled).astype(jnp.int32)
+    token_logprobs = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
+    top_values, top_ids = jax.lax.top_k(logprobs_all, min(TOP_LOGPROBS_MAX, logits.shape[-1]))
+    return tokens, token_logprobs, top_ids.astype(jnp.int32), top_values
+
+
+def _sample_one(logits, temperature, top_p, top_k, min_p, seed, position):
+    """Temperature, then top-k, top-p and min-p filters over the sorted vocab, then a draw."""
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    order = jnp.argsort(-scaled)
+    sorted_logits = scaled[order]
+    probs = jax.nn.softmax(sorted_logits)
+    rank = jnp.arange(logits.shape[-1])
+    keep = jnp.where(top_k > 0, rank < top_k, True)
+    keep &= (jnp.cumsum(probs) - probs) < top_p              # always keeps the first token
+    keep &= probs >= min_p * probs[0]
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), position)
+    choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf))
+    return order[choice]

@@ -1,0 +1,259 @@
+"""MiniMax-M2 in Flax NNX.
+
+The math of one decoder layer lives in `DecoderLayer.__call__`, which is also the layer's
+communication schedule: every point where tokens or partial sums cross devices is a call on a
+`Comm` object. `LocalComm` (here) makes those calls identities for one device; the mesh version
+lives in `sharding.collectives` and runs the same code inside `jax.shard_map`, where every
+parameter is the local shard. So nothing here reads a mesh or a device count: head counts and
+expert counts come from the (possibly local) shapes of the weights.
+
+Layer parameters are stacked along a leading layer axis and run by `jax.lax.scan`, so compile
+time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minimax_jax.config import ModelConfig
+from minimax_jax.ops import attention as attn_ops
+from minimax_jax.ops import moe as moe_ops
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepInput:
+    """The tokens of one forward step, padded to a bucket: B sequence slots of T tokens.
+
+    positions are absolute positions in each sequence; page_table maps each slot's sequence to
+    its KV pages; padding tokens (valid False) write no KV entry and are routed to no expert.
+    """
+    tokens: jax.Array       # [B, T] int32
+    positions: jax.Array    # [B, T] int32
+    valid: jax.Array        # [B, T] bool
+    page_table: jax.Array   # [B, P] int32
+
+
+class Comm(Protocol):
+    """The communication points of a decoder layer (identity on one device)."""
+
+    def gather_tokens(self, h: jax.Array) -> jax.Array: ...
+    def qk_sum_squares(self, ss: jax.Array) -> jax.Array: ...
+    def reduce_attention(self, o: jax.Array) -> jax.Array: ...
+    def moe(self, h: jax.Array, expert_ids: jax.Array, weights: jax.Array,
+            experts: "Experts") -> jax.Array: ...
+    def finish_residual(self, r: jax.Array, m: jax.Array) -> jax.Array: ...
+    def gather_logits(self, logits: jax.Array) -> jax.Array: ...
+
+
+class LocalComm:
+    """One device: every token and every weight is here."""
+
+    def gather_tokens(self, h):
+        return h
+
+    def qk_sum_squares(self, ss):
+        return ss
+
+    def reduce_attention(self, o):
+        return o
+
+    def moe(self, h, expert_ids, weights, experts):
+        return experts(h, expert_ids, weights, first_expert=0)
+
+    def finish_residual(self, r, m):
+        return r + m.astype(r.dtype)
+
+    def gather_logits(self, logits):
+        return logits
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm as transformers computes it: fp32 statistics, cast back, then scale."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: float) -> jax.Array:
+    """NeoX-style (half rotation) RoPE on the first rotary_dim dims. x: [B, T, heads, D]."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq          # [B, T, rd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1)
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any, std: float = 0.02) -> nnx.Param:
+    return nnx.Param((jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype))
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs):
+        h = cfg.hidden_size
+        self.wq = _normal(rngs, (h, cfg.q_size), dtype)
+        self.wk = _normal(rngs, (h, cfg.kv_size), dtype)
+        self.wv = _normal(rngs, (h, cfg.kv_size), dtype)
+        self.wo = _normal(rngs, (cfg.q_size, h), dtype)
+        self.q_norm = nnx.Param(jnp.ones((cfg.q_size,), dtype))
+        self.k_norm = nnx.Param(jnp.ones((cfg.kv_size,), dtype))
+        self.cfg = cfg
+
+    def __call__(self, h: jax.Array, kv: tuple[jax.Array, jax.Array], step: StepInput,
+                 comm: Comm) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """h: [B*T, H] all tokens of this rank. Returns o_proj partial sums and the new cache."""
+        cfg = self.cfg
+        b, t = step.tokens.shape
+        q, k, v = h @ self.wq[...], h @ self.wk[...], h @ self.wv[...]
+        q, k = self._joint_qk_norm(q, k, comm)
+        d = cfg.head_dim
+        q = rope(q.reshape(b, t, -1, d), step.positions, cfg.rotary_dim, cfg.rope_theta)
+        k = rope(k.reshape(b, t, -1, d), step.positions, cfg.rotary_dim, cfg.rope_theta)
+        v = v.reshape(b, t, -1, d)
+        k_cache, v_cache = kv
+        pages, page_size = k_cache.shape[:2]
+        slots = attn_ops.kv_slots(step.positions, step.valid, step.page_table, page_size, pages)
+        k_cache = attn_ops.write_kv(k_cache, k.reshape(b * t, -1, d), slots.reshape(-1))
+        v_cache = attn_ops.write_kv(v_cache, v.reshape(b * t, -1, d), slots.reshape(-1))
+        out = attn_ops.paged_attention_reference(q, k_cache, v_cache, step.page_table, step.positions)
+        return out.reshape(b * t, -1) @ self.wo[...], (k_cache, v_cache)
+
+    def _joint_qk_norm(self, q: jax.Array, k: jax.Array, comm: Comm) -> tuple[jax.Array, jax.Array]:
+        """One RMSNorm over the whole q projection and one over the whole k projection.
+
+        With heads split over devices each holds part of the projection, so the fp32 sums of
+        squares are reduced once ([N, 2]) before scaling.
+        """
+        cfg = self.cfg
+        qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
+        ss = jnp.stack([jnp.sum(qf * qf, -1), jnp.sum(kf * kf, -1)], axis=-1)
+        ss = comm.qk_sum_squares(ss)
+        q_scale = jax.lax.rsqrt(ss[:, 0:1] / cfg.q_size + cfg.rms_norm_eps)
+        k_scale = jax.lax.rsqrt(ss[:, 1:2] / cfg.kv_size + cfg.rms_norm_eps)
+        q = self.q_norm[...] * (qf * q_scale).astype(q.dtype)
+        k = self.k_norm[...] * (kf * k_scale).astype(k.dtype)
+        return q, k
+
+
+class Router(nnx.Module):
+    """Sigmoid scores in fp32; top-k by score + correction bias; weights are the unbiased scores
+    of the chosen experts, renormalised. Padding tokens choose no expert (id = num_experts)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.weight = _normal(rngs, (cfg.hidden_size, cfg.num_experts), jnp.float32)
+        self.bias = nnx.Param(jnp.zeros((cfg.num_experts,), jnp.float32))
+        self.top_k = cfg.num_experts_per_tok
+        self.scaling = cfg.routed_scaling_factor
+
+    def __call__(self, h: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+        scores = jax.nn.sigmoid(h.astype(jnp.float32) @ self.weight[...])
+        _, ids = jax.lax.top_k(scores + self.bias[...], self.top_k)
+        weights = jnp.take_along_axis(scores, ids, axis=-1)
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True) * self.scaling
+        num_experts = scores.shape[-1]
+        ids = jnp.where(valid[:, None], ids, num_experts).astype(jnp.int32)
+        return ids, jnp.where(valid[:, None], weights, 0.0)
+
+
+class Experts(nnx.Module):
+    """SwiGLU experts: w2 @ (silu(w1 @ x) * (w3 @ x)); gate (w1) and up (w3) stored together."""
+
+    def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs):
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        self.w13 = _normal(rngs, (e, h, 2, i), dtype)
+        self.w2 = _normal(rngs, (e, i, h), dtype)
+
+    def __call__(self, x: jax.Array, expert_ids: jax.Array, weights: jax.Array,
+                 first_expert: jax.Array | int) -> jax.Array:
+        return moe_ops.routed_experts(x, expert_ids, weights, self.w13[...], self.w2[...], first_expert)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs):
+        self.attn_norm = nnx.Param(jnp.ones((cfg.hidden_size,), dtype))
+        self.attn = Attention(cfg, dtype, rngs)
+        self.mlp_norm = nnx.Param(jnp.ones((cfg.hidden_size,), dtype))
+        self.router = Router(cfg, rngs)
+        self.experts = Experts(cfg, dtype, rngs)
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, r: jax.Array, m: jax.Array, kv: tuple[jax.Array, jax.Array],
+                 step: StepInput, valid: jax.Array, comm: Comm):
+        """One layer's schedule. r: residual of the tokens this device owns; m: the previous
+        layer's MoE output for them (not yet added: its reduction fuses with this add + norm);
+        valid: validity of the owned tokens. Returns (r, m, kv)."""
+        r = comm.finish_residual(r, m)
+        h = rms_norm(r, self.attn_norm[...], self.eps)
+        h = comm.gather_tokens(h)
+        o, kv = self.attn(h, kv, step, comm)
+        r = r + comm.reduce_attention(o).astype(r.dtype)
+        h = rms_norm(r, self.mlp_norm[...], self.eps)
+        expert_ids, weights = self.router(h, valid)
+        m = comm.moe(h, expert_ids, weights, self.experts)
+        return r, m, kv
+
+
+class MiniMaxM2(nnx.Module):
+    """The causal LM: embedding, stacked decoder layers run by a scan, final norm, lm_head."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.bfloat16, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed = _normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(cfg, dtype, rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = nnx.Param(jnp.ones((cfg.hidden_size,), dtype))
+        self.lm_head = _normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
+
+    def __call__(self, step: StepInput, kv: tuple[jax.Array, jax.Array],
+                 logit_index: jax.Array | None = None, comm: Comm | None = None,
+                 token_slice: slice | None = None):
+        """Runs one step.
+
+        kv: (k, v) caches, each [layers, pages, page_size, kv_heads, head_dim].
+        logit_index: [B] index along T of the one token per slot whose logits are wanted; None
+        gives logits for every token. token_slice selects the flat tokens this device owns
+        (None: all). Returns (fp32 logits [B, V] or [B, T, V], new kv).
+        """
+        comm = comm or LocalComm()
+        b, t = step.tokens.shape
+        owned = slice(None) if token_slice is None else token_slice
+        x = self.embed[...][step.tokens.reshape(-1)[owned]]
+        valid = step.valid.reshape(-1)[owned]
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def one_layer(carry, xs):
+            r, m = carry
+            state, k_cache, v_cache = xs
+            layer = nnx.merge(graphdef, state)
+            r, m, (k_cache, v_cache) = layer(r, m, (k_cache, v_cache), step, valid, comm)
+            return (r, m), (k_cache, v_cache)
+
+        (r, m), kv = jax.lax.scan(one_layer, (x, jnp.zeros(x.shape, jnp.float32)),
+                                  (layer_state, kv[0], kv[1]))
+        r = comm.finish_residual(r, m)
+        h = comm.gather_tokens(rms_norm(r, self.norm[...], self.cfg.rms_norm_eps))
+        h = h.reshape(b, t, -1)
+        if logit_index is not None:
+            h = jnp.take_along_axis(h, logit_index[:, None, None], axis=1)[:, 0]
+        logits = jnp.dot(h, self.lm_head[...], preferred_element_type=jnp.float32)
+        return comm.gather_logits(logits), kv
+
+
+def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any,
+                  kv_heads: int | None = None) -> tuple[jax.Array, jax.Array]:
+    shape = (cfg.num_layers, num_pages, page_size, kv_heads or cfg.num_kv_heads, cfg.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)

@@ -1,0 +1,1 @@
+"""Kernels with a slow, obviously-correct reference each; fast paths are selected per backend."""

@@ -1,0 +1,50 @@
+"""Attention over a paged KV cache.
+
+The reference gathers each sequence's pages into a contiguous [S, kv_heads, head_dim] view and runs
+masked softmax attention in fp32. It serves prefill chunks (T > 1) and decode (T == 1) alike: a
+query at position p sees exactly the keys at positions 0..p of its own sequence, which are all in
+the cache because a step writes its keys before it attends.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def write_kv(cache: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+    """Writes new[n] into flat cache slot slots[n]; a slot out of range (padding) writes nothing.
+
+    cache: [pages, page_size, kv_heads, head_dim]; new: [N, kv_heads, head_dim]; slots: [N].
+    """
+    pages, page_size = cache.shape[:2]
+    flat = cache.reshape(pages * page_size, *cache.shape[2:])
+    flat = flat.at[slots].set(new.astype(cache.dtype), mode="drop")
+    return flat.reshape(cache.shape)
+
+
+def kv_slots(positions: jax.Array, valid: jax.Array, page_table: jax.Array, page_size: int,
+             num_pages: int) -> jax.Array:
+    """Flat cache slot of each token [B, T]; padding tokens get an out-of-range slot."""
+    page = jnp.take_along_axis(page_table, positions // page_size, axis=1, mode="clip")
+    slots = page * page_size + positions % page_size
+    return jnp.where(valid, slots, num_pages * page_size)
+
+
+def paged_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                              page_table: jax.Array, positions: jax.Array) -> jax.Array:
+    """q: [B, T, q_heads, D]; caches: [pages, page_size, kv_heads, D]; page_table: [B, P];
+    positions: [B, T]. Returns [B, T, q_heads, D] in q's dtype."""
+    b, t, hq, d = q.shape
+    hk = k_cache.shape[2]
+    keys = k_cache[page_table].reshape(b, -1, hk, d)      # [B, S, hk, D]
+    values = v_cache[page_table].reshape(b, -1, hk, d)
+    qg = q.reshape(b, t, hk, hq // hk, d)
+    scores = jnp.einsum("bthgd,bshd->bhgts", qg, keys, preferred_element_type=jnp.float32)
+    scores = scores * (d ** -0.5)
+    key_pos = jnp.arange(keys.shape[1])
+    visible = key_pos[None, None, :] <= positions[:, :, None]         # [B, T, S]
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bhgts,bshd->bthgd", probs, values, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, hq, d).astype(q.dtype)

@@ -1,0 +1,47 @@
+"""Routed experts as a grouped GEMM.
+
+Token-expert pairs are sorted by expert so each local expert's rows are contiguous, then two
+grouped GEMMs run SwiGLU. Pairs whose expert lives elsewhere (expert parallelism) or that belong
+to padding tokens sort past the last group and contribute exactly zero.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def ragged_dot_reference(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
+
+
+def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w13: jax.Array,
+                   w2: jax.Array, first_expert: jax.Array | int,
+                   matmul: GroupedMatmul = ragged_dot_reference) -> jax.Array:
+    """Weighted sum over each token's routed experts among the local ones.
+
+    x: [N, H]; expert_ids, weights: [N, k] (global ids; an id outside
+    [first_expert, first_expert + local) contributes nothing); w13: [local, H, 2, I] gate and up;
+    w2: [local, I, H]. Returns fp32 [N, H].
+    """
+    n, k = expert_ids.shape
+    num_local, hidden, _, inter = w13.shape
+    local = expert_ids - first_expert
+    mine = (local >= 0) & (local < num_local)
+    flat = jnp.where(mine, local, num_local).reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token = order // k
+    group_sizes = jnp.bincount(flat, length=num_local + 1)[:num_local].astype(jnp.int32)
+    rows = x[token]
+    gate_up = matmul(rows, w13.reshape(num_local, hidden, 2 * inter), group_sizes)
+    gate, up = gate_up[:, :inter], gate_up[:, inter:]
+    act = (jax.nn.silu(gate) * up).astype(x.dtype)
+    y = matmul(act, w2, group_sizes)
+    row_weight = jnp.where(mine, weights, 0.0).reshape(-1)[order]
+    in_group = jnp.arange(n * k) < jnp.sum(group_sizes)
+    y = jnp.where(in_group[:, None], y * row_weight[:, None], 0.0)
+    return jnp.zeros((n, hidden), jnp.float32).at[token].add(y)
