@@ -23,6 +23,7 @@ from flax import nnx
 from minimax_jax.config import ModelConfig
 from minimax_jax.ops import attention as attn_ops
 from minimax_jax.ops import moe as moe_ops
+from quant import nvfp4
 
 
 @jax.tree_util.register_dataclass
@@ -42,6 +43,7 @@ class StepInput:
 class Comm(Protocol):
     """The communication points of a decoder layer (identity on one device)."""
 
+    def own_tokens(self, x: jax.Array) -> jax.Array: ...
     def gather_tokens(self, h: jax.Array) -> jax.Array: ...
     def qk_sum_squares(self, ss: jax.Array) -> jax.Array: ...
     def reduce_attention(self, o: jax.Array) -> jax.Array: ...
@@ -52,7 +54,16 @@ class Comm(Protocol):
 
 
 class LocalComm:
-    """One device: every token and every weight is here."""
+    """One device: every token and every weight is here.
+
+    fp4_dispatch rounds the MoE input through NVFP4 as the mesh's FP4 all-gather does, so the
+    single-device model is the reference for that path too."""
+
+    def __init__(self, fp4_dispatch: bool = False):
+        self.fp4_dispatch = fp4_dispatch
+
+    def own_tokens(self, x):
+        return x
 
     def gather_tokens(self, h):
         return h
@@ -64,6 +75,9 @@ class LocalComm:
         return o
 
     def moe(self, h, expert_ids, weights, experts):
+        if self.fp4_dispatch:
+            payload, scale = nvfp4.quantize_activations(h)
+            h = nvfp4.dequantize_activations(payload, scale, h.shape[-1], h.dtype)
         return experts(h, expert_ids, weights, first_expert=0)
 
     def finish_residual(self, r, m):
@@ -189,7 +203,8 @@ class DecoderLayer(nnx.Module):
                  step: StepInput, valid: jax.Array, comm: Comm):
         """One layer's schedule. r: residual of the tokens this device owns; m: the previous
         layer's MoE output for them (not yet added: its reduction fuses with this add + norm);
-        valid: validity of the owned tokens. Returns (r, m, kv)."""
+        valid: validity of the owned tokens. Returns (r, m, kv, routed-token count per expert
+        with a last bin for "no expert")."""
         r = comm.finish_residual(r, m)
         h = rms_norm(r, self.attn_norm[...], self.eps)
         h = comm.gather_tokens(h)
@@ -198,7 +213,8 @@ class DecoderLayer(nnx.Module):
         h = rms_norm(r, self.mlp_norm[...], self.eps)
         expert_ids, weights = self.router(h, valid)
         m = comm.moe(h, expert_ids, weights, self.experts)
-        return r, m, kv
+        counts = jnp.bincount(expert_ids.reshape(-1), length=self.router.weight.shape[-1] + 1)
+        return r, m, kv, counts
 
 
 class MiniMaxM2(nnx.Module):
@@ -219,30 +235,28 @@ class MiniMaxM2(nnx.Module):
         self.lm_head = _normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
 
     def __call__(self, step: StepInput, kv: tuple[jax.Array, jax.Array],
-                 logit_index: jax.Array | None = None, comm: Comm | None = None,
-                 token_slice: slice | None = None):
+                 logit_index: jax.Array | None = None, comm: Comm | None = None):
         """Runs one step.
 
         kv: (k, v) caches, each [layers, pages, page_size, kv_heads, head_dim].
         logit_index: [B] index along T of the one token per slot whose logits are wanted; None
-        gives logits for every token. token_slice selects the flat tokens this device owns
-        (None: all). Returns (fp32 logits [B, V] or [B, T, V], new kv).
+        gives logits for every token. Returns (fp32 logits [B, V] or [B, T, V], new kv, and the
+        routed-token counts [layers, experts + 1] of the tokens this device owns).
         """
         comm = comm or LocalComm()
         b, t = step.tokens.shape
-        owned = slice(None) if token_slice is None else token_slice
-        x = self.embed[...][step.tokens.reshape(-1)[owned]]
-        valid = step.valid.reshape(-1)[owned]
+        x = self.embed[...][comm.own_tokens(step.tokens.reshape(-1))]
+        valid = comm.own_tokens(step.valid.reshape(-1))
         graphdef, layer_state = nnx.split(self.layers)
 
         def one_layer(carry, xs):
             r, m = carry
             state, k_cache, v_cache = xs
             layer = nnx.merge(graphdef, state)
-            r, m, (k_cache, v_cache) = layer(r, m, (k_cache, v_cache), step, valid, comm)
-            return (r, m), (k_cache, v_cache)
+            r, m, (k_cache, v_cache), counts = layer(r, m, (k_cache, v_cache), step, valid, comm)
+            return (r, m), (k_cache, v_cache, counts)
 
-        (r, m), kv = jax.lax.scan(one_layer, (x, jnp.zeros(x.shape, jnp.float32)),
+        (r, m), (*kv, expert_counts) = jax.lax.scan(one_layer, (x, jnp.zeros(x.shape, jnp.float32)),
                                   (layer_state, kv[0], kv[1]))
         r = comm.finish_residual(r, m)
         h = comm.gather_tokens(rms_norm(r, self.norm[...], self.cfg.rms_norm_eps))
@@ -250,7 +264,7 @@ class MiniMaxM2(nnx.Module):
         if logit_index is not None:
             h = jnp.take_along_axis(h, logit_index[:, None, None], axis=1)[:, 0]
         logits = jnp.dot(h, self.lm_head[...], preferred_element_type=jnp.float32)
-        return comm.gather_logits(logits), kv
+        return comm.gather_logits(logits), tuple(kv), expert_counts
 
 
 def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any,

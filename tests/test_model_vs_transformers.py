@@ -34,7 +34,7 @@ def prefill_logits(model, ids: np.ndarray, page_size: int = 8) -> np.ndarray:
     step = StepInput(tokens=jnp.asarray(ids, jnp.int32),
                      positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
                      valid=jnp.ones((b, t), bool), page_table=jnp.asarray(table, jnp.int32))
-    logits, _ = model(step, kv)
+    logits, _, _ = model(step, kv)
     return np.asarray(logits)
 
 
@@ -59,7 +59,8 @@ def test_greedy_decode_matches_transformers_generate(hf_pair):
     # small chunks and pages: the prompt is prefilled in several chunks across page boundaries
     engine = Engine(model_path=str(path), dtype="float32", context_length=64, page_size=4,
                     chunked_prefill_size=16, max_running_requests=4)
-    engine.scheduler.chunk_size = 5
+    for scheduler in engine.schedulers:
+        scheduler.chunk_size = 5
     out = engine.generate(input_ids=prompt[0].tolist(),
                           sampling_params={"max_new_tokens": 32, "temperature": 0.0}, return_logprob=True)
     assert out["output_ids"] == ref_tokens
@@ -77,4 +78,4 @@ def test_batched_greedy_equals_each_request_alone(tiny_hf_dir):
     together = engine.generate(input_ids=prompts, sampling_params=params)
     alone = [engine.generate(input_ids=p, sampling_params=s) for p, s in zip(prompts, params)]
     assert [o["output_ids"] for o in together] == [o["output_ids"] for o in alone]
-    assert engine.allocator.num_used == 0
+    assert engine.kv_pages_used == 0

@@ -23,9 +23,10 @@ from flax import nnx
 from minimax_jax.config import ModelConfig, preset
 from minimax_jax.engine.runner import ModelRunner, StepOutput
 from minimax_jax.engine.sampling import SamplingParams, SamplingParamsError
-from minimax_jax.engine.scheduler import Request, ScheduledStep, Scheduler
+from minimax_jax.engine.scheduler import Request, ScheduledStep, Scheduler, assemble, powers_of_two
 from minimax_jax.kv_cache import PageAllocator
 from minimax_jax.model import MiniMaxM2
+from sharding.mesh import Layout
 
 log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16, "auto": jnp.bfloat16}
@@ -45,12 +46,15 @@ class EngineArgs:
     dtype: str = "bfloat16"
     tp_size: int = 1
     dp_size: int = 1
-    ep_size: int = 1
+    ep_size: int | None = None               # None: experts over all devices when they divide
     enable_dp_attention: bool = False
+    moe_dispatch_fp4: bool = False           # NVFP4 all-gather of the MoE dispatch
+    moe_combine: str = "reduce_scatter"      # or "all_reduce"
+    enable_ar_fusion: bool = True            # reduce-scatter + residual add + RMSNorm + all-gather
     context_length: int | None = None
     max_running_requests: int = 64
     page_size: int = 16
-    max_total_tokens: int | None = None      # KV cache capacity in tokens (all requests)
+    max_total_tokens: int | None = None      # KV cache capacity in tokens per dp rank
     chunked_prefill_size: int = 256
     max_prefill_tokens: int = 1024
     random_seed: int = 0
@@ -67,19 +71,26 @@ class Engine:
         self.tokenizer = _load_tokenizer(args, self.loaded_from)
         self.context_length = min(args.context_length or self.cfg.max_position_embeddings,
                                   self.cfg.max_position_embeddings)
-        pages_per_seq = -(-self.context_length // args.page_size)
+        self.layout = Layout.from_sglang(
+            args.tp_size, args.dp_size, args.ep_size, args.enable_dp_attention, self.cfg.num_experts,
+            fp4_dispatch=args.moe_dispatch_fp4, combine=args.moe_combine, ar_fusion=args.enable_ar_fusion)
+        self.pages_per_seq = -(-self.context_length // args.page_size)
         total_tokens = args.max_total_tokens or self.context_length * min(args.max_running_requests, 8)
-        num_pages = max(-(-total_tokens // args.page_size), pages_per_seq)
-        self.runner = ModelRunner(self.model, num_pages, args.page_size)
-        self.allocator = PageAllocator(num_pages)
-        self.scheduler = Scheduler(self.allocator, args.page_size, pages_per_seq,
-                                   args.max_running_requests, args.chunked_prefill_size,
-                                   args.max_prefill_tokens)
+        num_pages = max(-(-total_tokens // args.page_size), self.pages_per_seq)
+        self.runner = ModelRunner(self.model, self.layout, num_pages, args.page_size)
+        per_rank = -(-args.max_running_requests // self.layout.dp)
+        self.schedulers = [Scheduler(PageAllocator(num_pages), args.page_size, self.pages_per_seq,
+                                     per_rank, args.chunked_prefill_size, args.max_prefill_tokens)
+                           for _ in range(self.layout.dp)]
+        self.batch_buckets = powers_of_two(self.layout.tp, max(per_rank, self.layout.tp))
+        chunk = args.chunked_prefill_size
+        self.token_buckets = powers_of_two(16, chunk) if chunk > 16 else [16]
         self.eos_ids = set(self.cfg.eos_token_id)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.on_step: list[Callable[[ScheduledStep, float], None]] = []
-        log.info("engine ready: %s, %d KV pages of %d tokens", self.loaded_from, num_pages, args.page_size)
+        log.info("engine ready: %s on dp=%d x tp=%d, %d KV pages of %d tokens per dp rank",
+                 self.loaded_from, self.layout.dp, self.layout.tp, num_pages, args.page_size)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -121,27 +132,53 @@ class Engine:
         if req.params.max_new_tokens == 0:
             req.finish_reason = {"type": "length", "length": 0}
             return req
-        self.scheduler.add(req)
+        least_loaded = min(self.schedulers, key=lambda s: len(s.running) + len(s.waiting))
+        least_loaded.add(req)
+        req.scheduler = least_loaded
         return req
 
     def abort(self, rid: str) -> bool:
-        req = self.scheduler.abort(rid)
-        if req is not None and req.finish_reason is None:
-            req.finish_reason = {"type": "abort"}
-        return req is not None
+        for scheduler in self.schedulers:
+            req = scheduler.abort(rid)
+            if req is not None:
+                if req.finish_reason is None:
+                    req.finish_reason = {"type": "abort"}
+                return True
+        return False
+
+    def has_work(self) -> bool:
+        return any(s.has_work() for s in self.schedulers)
+
+    @property
+    def num_running(self) -> int:
+        return sum(len(s.running) for s in self.schedulers)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(s.waiting) for s in self.schedulers)
+
+    @property
+    def kv_pages_used(self) -> int:
+        return sum(s.allocator.num_used for s in self.schedulers)
+
+    @property
+    def kv_pages_total(self) -> int:
+        return sum(s.allocator.num_pages for s in self.schedulers)
 
     # -- stepping ------------------------------------------------------------------------------
 
     def step(self) -> list[Request]:
         """Runs one scheduled step; returns the requests that got a new token."""
-        scheduled = self.scheduler.schedule()
-        if scheduled is None:
+        plans = [s.plan() for s in self.schedulers]
+        if all(p is None for p in plans):
             return []
+        scheduled = assemble(plans, self.batch_buckets, self.token_buckets, self.pages_per_seq)
         start = time.perf_counter()
         out = self.runner.run(scheduled.step, scheduled.logit_index, scheduled.sampling)
-        self.scheduler.advance(scheduled)
-        updated = [req for i, req in enumerate(scheduled.requests)
-                   if scheduled.samples[i] and self._append_token(req, out, i)]
+        for plan in plans:
+            if plan is not None:
+                Scheduler.advance(plan)
+        updated = [req for slot, req in scheduled.sampled() if self._append_token(req, out, slot)]
         for hook in self.on_step:
             hook(scheduled, time.perf_counter() - start)
         return updated
@@ -157,7 +194,7 @@ class Engine:
             req.output_top_logprobs.append([(float(v), int(t)) for v, t in zip(out.top_logprobs[i, :k], out.top_ids[i, :k])])
         reason = self._finish_reason(req, token)
         if reason is not None:
-            self.scheduler.finish(req, reason)
+            req.scheduler.finish(req, reason)
         return True
 
     def _finish_reason(self, req: Request, token: int) -> dict | None:
@@ -176,7 +213,7 @@ class Engine:
         return None
 
     def run_until_done(self) -> None:
-        while self.scheduler.has_work():
+        while self.has_work():
             self.step()
 
     # -- offline API ---------------------------------------------------------------------------

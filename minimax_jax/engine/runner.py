@@ -1,4 +1,4 @@
-"""ModelRunner: the jitted step (forward + sampling) over the KV cache, one compile per bucket."""
+"""ModelRunner: the jitted step (forward + sampling) on the mesh, one compile per bucket."""
 
 from __future__ import annotations
 
@@ -9,38 +9,60 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from minimax_jax.engine.sampling import SamplingBatch, sample
-from minimax_jax.model import MiniMaxM2, StepInput, init_kv_cache
+from minimax_jax.model import MiniMaxM2, StepInput
+from sharding.forward import sharded_forward
+from sharding.mesh import Layout, make_mesh
+from sharding.specs import KV_SPEC, shard_state
 
 
 @dataclasses.dataclass
 class StepOutput:
-    tokens: np.ndarray          # [B] sampled token per slot
-    logprobs: np.ndarray        # [B]
-    top_ids: np.ndarray         # [B, 20]
-    top_logprobs: np.ndarray    # [B, 20]
+    tokens: np.ndarray          # [D*B] sampled token per slot
+    logprobs: np.ndarray        # [D*B]
+    top_ids: np.ndarray         # [D*B, 20]
+    top_logprobs: np.ndarray    # [D*B, 20]
 
 
 class ModelRunner:
-    """Owns the parameters and the KV cache; runs one padded step at a time."""
+    """Owns the sharded parameters and KV cache; runs one padded step at a time.
 
-    def __init__(self, model: MiniMaxM2, num_pages: int, page_size: int, kv_dtype: Any = None):
-        self.cfg = model.cfg
+    The KV cache holds `pages_per_rank` pages for each dp rank; page ids in a step's page table
+    are local to the slot's rank.
+    """
+
+    def __init__(self, model: MiniMaxM2, layout: Layout, pages_per_rank: int, page_size: int,
+                 kv_dtype: Any = None, devices: list | None = None):
+        cfg = self.cfg = model.cfg
+        layout.check(cfg)
+        self.layout = layout
+        self.mesh = make_mesh(layout, devices)
         self.page_size = page_size
-        self.num_pages = num_pages
-        self.graphdef, self.params = nnx.split(model)
-        self.kv = init_kv_cache(model.cfg, num_pages, page_size, kv_dtype or model.dtype)
+        self.pages_per_rank = pages_per_rank
+        graphdef, state = nnx.split(model)
+        self.state = shard_state(state, layout, self.mesh, cfg.head_dim, cfg.num_kv_heads)
+        self.forward = sharded_forward(cfg, graphdef, self.state, layout, self.mesh, combine_dtype=model.dtype)
+        self.kv = self._empty_kv(kv_dtype or model.dtype)
         self.num_compiles = 0
         self._step = jax.jit(self._step_impl, donate_argnums=(1,))
+        self._slots = NamedSharding(self.mesh, P("dp"))
 
-    def _step_impl(self, params, kv, step: StepInput, logit_index: jax.Array, sampling: SamplingBatch):
+    def _empty_kv(self, dtype: Any) -> tuple[jax.Array, jax.Array]:
+        cfg, layout = self.cfg, self.layout
+        heads = cfg.num_kv_heads * layout.kv_head_replicas(cfg.num_kv_heads)
+        shape = (cfg.num_layers, layout.dp * self.pages_per_rank, self.page_size, heads, cfg.head_dim)
+        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=NamedSharding(self.mesh, KV_SPEC))
+        return zeros(), zeros()
+
+    def _step_impl(self, state, kv, step: StepInput, logit_index: jax.Array, sampling: SamplingBatch):
         self.num_compiles += 1          # runs once per trace, i.e. per compiled bucket
-        model = nnx.merge(self.graphdef, params)
-        logits, kv = model(step, kv, logit_index)
-        tokens, logprobs, top_ids, top_values = sample(logits, sampling)
-        return kv, (tokens, logprobs, top_ids, top_values)
+        logits, kv, _ = self.forward(state, kv, step, logit_index)
+        return kv, sample(logits, sampling)
 
     def run(self, step: StepInput, logit_index: np.ndarray, sampling: SamplingBatch) -> StepOutput:
-        self.kv, out = self._step(self.params, self.kv, step, jnp.asarray(logit_index), sampling)
+        put = lambda x: jax.device_put(np.asarray(x), self._slots)
+        step = jax.tree.map(put, step)
+        self.kv, out = self._step(self.state, self.kv, step, put(logit_index), jax.tree.map(put, sampling))
         return StepOutput(*(np.asarray(x) for x in out))

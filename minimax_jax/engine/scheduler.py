@@ -1,8 +1,9 @@
 """Continuous batching with chunked prefill over a paged KV cache.
 
-Each step is either a prefill step (chunks of waiting prompts, B slots x T tokens) or a decode
-step (one token for every running request). B and T are rounded up to a small fixed set of
-buckets so the jitted step compiles once per bucket. A request is admitted only when pages for
+Each dp rank has its own Scheduler. A rank plans either prefill chunks of its admitted prompts or
+one decode token for each running request; `assemble` pads all ranks' plans to one [D*B, T]
+bucket (B and T from a small fixed set) so the jitted step compiles once per bucket. A decode
+rank beside a prefilling one rides the same step as one-token chunks. A request is admitted only when pages for
 its whole prompt plus max_new_tokens are free, so a running request never runs out of pages.
 """
 
@@ -22,7 +23,7 @@ from minimax_jax.model import StepInput
 _ids = itertools.count()
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Request:
     prompt_ids: list[int]
     params: SamplingParams
@@ -34,6 +35,7 @@ class Request:
     pages: list[int] = dataclasses.field(default_factory=list)
     num_computed: int = 0             # tokens whose KV is in the cache
     finish_reason: dict | None = None
+    scheduler: "Scheduler | None" = dataclasses.field(default=None, repr=False)   # its dp rank's
 
     @property
     def finished(self) -> bool:
@@ -48,12 +50,28 @@ class Request:
 
 
 @dataclasses.dataclass
-class ScheduledStep:
+class RankPlan:
+    """What one dp rank runs in the next step: a chunk of tokens per request."""
     requests: list[Request]
+    chunks: list[list[int]]
+    starts: list[int]                 # position of each chunk's first token
+    samples: list[bool]               # does this step produce the request's next token
+
+
+@dataclasses.dataclass
+class ScheduledStep:
+    """Every rank's plan padded to one [D*B, T] bucket; slot = rank * B + index in its plan."""
+    plans: list[RankPlan | None]
+    batch: int
     step: StepInput
     logit_index: np.ndarray
     sampling: SamplingBatch
-    samples: list[bool]               # per request: does this step produce its next token
+
+    def sampled(self) -> list[tuple[int, Request]]:
+        """(slot, request) of every request that gets a token from this step."""
+        return [(rank * self.batch + i, req)
+                for rank, plan in enumerate(self.plans) if plan is not None
+                for i, req in enumerate(plan.requests) if plan.samples[i]]
 
 
 def bucket(n: int, buckets: Iterable[int]) -> int:
@@ -72,6 +90,8 @@ def powers_of_two(lo: int, hi: int) -> list[int]:
 
 
 class Scheduler:
+    """The requests of one dp rank and the pages of its share of the KV cache."""
+
     def __init__(self, allocator: PageAllocator, page_size: int, max_pages_per_seq: int,
                  max_running: int, chunk_size: int, max_prefill_tokens: int):
         self.allocator = allocator
@@ -82,8 +102,7 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.batch_buckets = powers_of_two(1, max_running)
-        self.token_buckets = powers_of_two(16, chunk_size) if chunk_size > 16 else [chunk_size]
+        self.max_batch = max_running
 
     @property
     def context_length(self) -> int:
@@ -132,53 +151,65 @@ class Scheduler:
 
     # -- step assembly -------------------------------------------------------------------------
 
-    def schedule(self) -> ScheduledStep | None:
+    def plan(self) -> RankPlan | None:
+        """Prefill chunks of admitted prompts if any, else one decode token per request."""
         self._admit()
         prefilling = [r for r in self.running if not r.prefilled]
         if prefilling:
-            return self._prefill_step(prefilling)
+            return self._prefill_plan(prefilling)
         decoding = [r for r in self.running if r.prefilled]
-        return self._decode_step(decoding) if decoding else None
+        if not decoding:
+            return None
+        return RankPlan(decoding, [[r.all_ids()[-1]] for r in decoding],
+                        [r.num_computed for r in decoding], [True] * len(decoding))
 
-    def _prefill_step(self, candidates: list[Request]) -> ScheduledStep:
-        chosen, chunks, budget = [], [], self.max_prefill_tokens
-        for req in candidates:
+    def _prefill_plan(self, candidates: list[Request]) -> RankPlan:
+        plan, budget = RankPlan([], [], [], []), self.max_prefill_tokens
+        for req in candidates[:self.max_batch]:
             n = min(len(req.prompt_ids) - req.num_computed, self.chunk_size, budget)
-            if n <= 0 or len(chosen) == self.batch_buckets[-1]:
+            if n <= 0:
                 break
-            chosen.append(req)
-            chunks.append(req.prompt_ids[req.num_computed:req.num_computed + n])
+            plan.requests.append(req)
+            plan.chunks.append(req.prompt_ids[req.num_computed:req.num_computed + n])
+            plan.starts.append(req.num_computed)
+            plan.samples.append(req.num_computed + n == len(req.prompt_ids))
             budget -= n
-        t = bucket(max(len(c) for c in chunks), self.token_buckets)
-        starts = [r.num_computed for r in chosen]
-        samples = [s + len(c) == len(r.prompt_ids) for r, s, c in zip(chosen, starts, chunks)]
-        return self._assemble(chosen, chunks, starts, t, samples)
+        return plan
 
-    def _decode_step(self, reqs: list[Request]) -> ScheduledStep:
-        chunks = [[r.all_ids()[-1]] for r in reqs]
-        starts = [r.num_computed for r in reqs]
-        return self._assemble(reqs, chunks, starts, 1, [True] * len(reqs))
+    @staticmethod
+    def advance(plan: RankPlan) -> None:
+        """Marks the plan's tokens as computed (their KV is now in the cache)."""
+        for req, chunk in zip(plan.requests, plan.chunks):
+            req.num_computed += len(chunk)
 
-    def _assemble(self, reqs, chunks, starts, t, samples) -> ScheduledStep:
-        b = bucket(len(reqs), self.batch_buckets)
-        tokens = np.zeros((b, t), np.int32)
-        positions = np.zeros((b, t), np.int32)
-        valid = np.zeros((b, t), bool)
-        page_table = np.zeros((b, self.max_pages_per_seq), np.int32)
-        logit_index = np.zeros((b,), np.int32)
-        for i, (req, chunk, start) in enumerate(zip(reqs, chunks, starts)):
-            n = len(chunk)
-            tokens[i, :n] = chunk
-            positions[i, :n] = np.arange(start, start + n)
-            valid[i, :n] = True
-            page_table[i, :len(req.pages)] = req.pages
-            logit_index[i] = n - 1
-        sampling = SamplingBatch.build([r.params for r in reqs], [r.seed for r in reqs],
-                                       [len(r.all_ids()) for r in reqs], b)
-        step = StepInput(tokens=tokens, positions=positions, valid=valid, page_table=page_table)
-        return ScheduledStep(reqs, step, logit_index, sampling, samples)
 
-    def advance(self, scheduled: ScheduledStep) -> None:
-        """Marks the step's tokens as computed (their KV is now in the cache)."""
-        for req, n in zip(scheduled.requests, scheduled.step.valid.sum(axis=1)):
-            req.num_computed += int(n)
+def assemble(plans: list[RankPlan | None], batch_buckets: list[int], token_buckets: list[int],
+             pages_per_seq: int) -> ScheduledStep:
+    """Pads every rank's plan to the common bucket (the largest rank decides) and stacks them.
+    A rank with no plan contributes only padding: it still runs the step, writing nothing."""
+    live = [p for p in plans if p is not None]
+    b = bucket(max(len(p.requests) for p in live), batch_buckets)
+    longest = max(len(c) for p in live for c in p.chunks)
+    t = 1 if longest == 1 else bucket(longest, token_buckets)
+    d = len(plans)
+    tokens = np.zeros((d * b, t), np.int32)
+    positions = np.zeros((d * b, t), np.int32)
+    valid = np.zeros((d * b, t), bool)
+    page_table = np.zeros((d * b, pages_per_seq), np.int32)
+    logit_index = np.zeros((d * b,), np.int32)
+    params: list = [None] * (d * b)
+    seeds, sample_pos = [0] * (d * b), [0] * (d * b)
+    for rank, plan in enumerate(plans):
+        if plan is None:
+            continue
+        for i, (req, chunk, start) in enumerate(zip(plan.requests, plan.chunks, plan.starts)):
+            slot, n = rank * b + i, len(chunk)
+            tokens[slot, :n] = chunk
+            positions[slot, :n] = np.arange(start, start + n)
+            valid[slot, :n] = True
+            page_table[slot, :len(req.pages)] = req.pages
+            logit_index[slot] = n - 1
+            params[slot], seeds[slot], sample_pos[slot] = req.params, req.seed, len(req.all_ids())
+    sampling = SamplingBatch.build(params, seeds, sample_pos, d * b)
+    step = StepInput(tokens=tokens, positions=positions, valid=valid, page_table=page_table)
+    return ScheduledStep(plans, b, step, logit_index, sampling)

@@ -1,0 +1,409 @@
+"""The OpenAI-compatible FastAPI app: /v1/completions, /v1/chat/completions, /v1/models,
+/health and /metrics, over an AsyncEngine.
+
+Every 4xx answer is an OpenAI error body {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets
+from typing import Any, AsyncIterator, Awaitable, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from minimax_jax.engine.async_engine import AsyncEngine, EngineClosed, StreamDelta
+from minimax_jax.engine.engine import RequestError
+from minimax_jax.engine.scheduler import Request as EngineRequest
+from minimax_jax.server.metrics import ServerMetrics
+from minimax_jax.server.protocol import (
+    REQUEST_FIELDS, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+    ChatLogprobs, ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob, CompletionChoice,
+    CompletionLogprobs, CompletionRequest, CompletionResponse, DeltaMessage, ModelCard, ModelList,
+    OpenAIError, ReasoningSplitter, TopLogprob, UsageInfo, new_id, now, openai_finish_reason,
+    split_reasoning)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+DEFAULT_COMPLETION_MAX_TOKENS = 16         # OpenAI's default for /v1/completions
+REASONING_PARSERS = ("minimax",)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    served_model_name: str
+    api_key: str | None = None
+    reasoning_parser: str | None = None        # "minimax": <think>...</think> -> reasoning_content
+    max_request_bytes: int = 8 * 2**20
+
+
+def create_app(engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig) -> FastAPI:
+    """The app starts the engine thread on startup and stops it on shutdown."""
+    if config.reasoning_parser not in (None, *REASONING_PARSERS):
+        raise ValueError(f"unknown reasoning parser {config.reasoning_parser!r}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="minimax-jax", lifespan=lifespan, docs_url=None, redoc_url=None)
+    serving = OpenAIServing(engine, metrics, config)
+    app.add_middleware(GuardMiddleware, api_key=config.api_key, max_request_bytes=config.max_request_bytes)
+    _add_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return serving.models()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await serving.completions(body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await serving.chat_completions(body, request)
+
+    return app
+
+
+# -- request handling ----------------------------------------------------------------------------
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig):
+        self.engine, self.metrics, self.config = engine, metrics, config
+        self.created = now()
+
+    def models(self) -> ModelList:
+        card = ModelCard(id=self.config.served_model_name, created=self.created,
+                         root=self.engine.engine.loaded_from, max_model_len=self.engine.context_length)
+        return ModelList(data=[card])
+
+    def _check(self, body: CompletionRequest | ChatCompletionRequest) -> None:
+        if body.model is not None and body.model != self.config.served_model_name:
+            raise OpenAIError(404, f"the model {body.model!r} does not exist; this server serves "
+                                   f"{self.config.served_model_name!r}", "model", "model_not_found")
+        error = body.unsupported()
+        if error is not None:
+            raise error
+
+    # -- /v1/completions --
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        self._check(body)
+        prompt = body.single_prompt()
+        ids = await asyncio.to_thread(self._encode, prompt) if isinstance(prompt, str) else list(prompt)
+        default = min(DEFAULT_COMPLETION_MAX_TOKENS, self.engine.context_length - len(ids))
+        req = self._make_request(
+            ids, body.sampling_params(_max_tokens(body.max_tokens, default), body.logprobs or 0),
+            new_id("cmpl"), names={"prompt": "prompt", "input_ids": "prompt", "max_new_tokens": "max_tokens",
+                                   "top_logprobs_num": "logprobs"})
+        created, model = now(), self.config.served_model_name
+        if body.stream:
+            return _sse(self._completion_chunks(body, req, created, model))
+        out = await _unless_disconnected(request, self.engine.generate(req))
+        choice = CompletionChoice(
+            text=out.text, finish_reason=openai_finish_reason(out.finish_reason),
+            logprobs=self._completion_logprobs(out, body.logprobs, 0) if body.logprobs is not None else None,
+            token_ids=out.token_ids if body.return_token_ids else None,
+            prompt_token_ids=req.prompt_ids if body.return_token_ids else None)
+        return _json(CompletionResponse(id=req.rid, created=created, model=model, choices=[choice],
+                                        usage=UsageInfo.of(out.prompt_tokens, out.completion_tokens)))
+
+    async def _completion_chunks(self, body: CompletionRequest, req: EngineRequest, created: int,
+                                 model: str) -> AsyncIterator[BaseModel]:
+        offset, last = 0, None
+        async with contextlib.aclosing(self.engine.generate_stream(req)) as stream:
+            async for delta in stream:
+                last = delta
+                if not (delta.text or delta.finished or body.return_token_ids or body.logprobs is not None):
+                    continue
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = self._completion_logprobs(delta, body.logprobs, offset)
+                    offset += sum(len(t) for t in logprobs.tokens)
+                choice = CompletionChoice(
+                    text=delta.text, logprobs=logprobs, finish_reason=openai_finish_reason(delta.finish_reason),
+                    token_ids=delta.token_ids if body.return_token_ids else None)
+                yield CompletionResponse(id=req.rid, created=created, model=model, choices=[choice])
+        if body.include_usage and last is not None:
+            yield CompletionResponse(id=req.rid, created=created, model=model, choices=[],
+                                     usage=UsageInfo.of(last.prompt_tokens, last.completion_tokens))
+
+    def _completion_logprobs(self, delta: StreamDelta, top: int, offset: int) -> CompletionLogprobs:
+        tokens = [self._token_text(t) for t in delta.token_ids]
+        offsets = []
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        tops = None
+        if top:
+            tops = [{self._token_text(t): lp for lp, t in alternatives[:top]} for alternatives in delta.top_logprobs]
+        return CompletionLogprobs(tokens=tokens, token_logprobs=delta.logprobs, top_logprobs=tops,
+                                  text_offset=offsets)
+
+    # -- /v1/chat/completions --
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self._check(body)
+        ids = await asyncio.to_thread(self._encode_chat, body)
+        max_tokens = _max_tokens(body.requested_max_tokens, self.engine.context_length - len(ids))
+        top = (body.top_logprobs or 0) if body.logprobs else 0
+        req = self._make_request(
+            ids, body.sampling_params(max_tokens, top), new_id("chatcmpl"),
+            names={"prompt": "messages", "input_ids": "messages", "max_new_tokens": body.max_tokens_field,
+                   "top_logprobs_num": "top_logprobs"})
+        created, model = now(), self.config.served_model_name
+        if body.stream:
+            return _sse(self._chat_chunks(body, req, created, model))
+        out = await _unless_disconnected(request, self.engine.generate(req))
+        reasoning, content = None, out.text
+        if self.config.reasoning_parser:
+            reasoning, content = split_reasoning(out.text)
+        choice = ChatChoice(
+            message=ChatResponseMessage(content=content, reasoning_content=reasoning or None),
+            logprobs=self._chat_logprobs(out, top) if body.logprobs else None,
+            finish_reason=openai_finish_reason(out.finish_reason),
+            token_ids=out.token_ids if body.return_token_ids else None)
+        return _json(ChatCompletionResponse(
+            id=req.rid, created=created, model=model, choices=[choice],
+            usage=UsageInfo.of(out.prompt_tokens, out.completion_tokens),
+            prompt_token_ids=req.prompt_ids if body.return_token_ids else None))
+
+    async def _chat_chunks(self, body: ChatCompletionRequest, req: EngineRequest, created: int,
+                           model: str) -> AsyncIterator[BaseModel]:
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=req.rid, created=created, model=model, choices=choices, usage=usage)
+
+        splitter = ReasoningSplitter() if self.config.reasoning_parser else None
+        top = (body.top_logprobs or 0) if body.logprobs else 0
+        yield chunk([ChatStreamChoice(delta=DeltaMessage(role="assistant", content=""))])
+        last = None
+        async with contextlib.aclosing(self.engine.generate_stream(req)) as stream:
+            async for delta in stream:
+                last = delta
+                reasoning, content = splitter.feed(delta.text, delta.finished) if splitter else ("", delta.text)
+                if not (reasoning or content or delta.finished or body.return_token_ids or body.logprobs):
+                    continue
+                yield chunk([ChatStreamChoice(
+                    delta=DeltaMessage(content=content or None, reasoning_content=reasoning or None),
+                    logprobs=self._chat_logprobs(delta, top) if body.logprobs else None,
+                    finish_reason=openai_finish_reason(delta.finish_reason),
+                    token_ids=delta.token_ids if body.return_token_ids else None)])
+        if body.include_usage and last is not None:
+            yield chunk([], UsageInfo.of(last.prompt_tokens, last.completion_tokens))
+
+    def _chat_logprobs(self, delta: StreamDelta, top: int) -> ChatLogprobs:
+        def entry(token: int, logprob: float) -> TopLogprob:
+            text = self._token_text(token)
+            return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+        content = []
+        for i, (token, logprob) in enumerate(zip(delta.token_ids, delta.logprobs)):
+            alternatives = delta.top_logprobs[i][:top] if top else []
+            content.append(ChatTokenLogprob(**entry(token, logprob).model_dump(),
+                                            top_logprobs=[entry(t, lp) for lp, t in alternatives]))
+        return ChatLogprobs(content=content)
+
+    # -- shared --
+
+    def _encode(self, text: str) -> list[int]:
+        if self.engine.tokenizer is None:
+            raise OpenAIError(400, "this model has no tokenizer: give the prompt as token ids", "prompt")
+        return self.engine.tokenizer.encode(text)
+
+    def _encode_chat(self, body: ChatCompletionRequest) -> list[int]:
+        if self.engine.tokenizer is None:
+            raise OpenAIError(400, "this model has no tokenizer, so it cannot render chat messages", "messages")
+        messages, tools = body.template_inputs()
+        try:
+            return self.engine.tokenizer.encode_chat(messages, tools)
+        except Exception as e:      # jinja TemplateError, or tool call arguments that are not JSON
+            raise OpenAIError(400, f"cannot render the messages: {e}", "messages") from None
+
+    def _make_request(self, ids: list[int], params: dict[str, Any], rid: str,
+                            names: dict[str, str]) -> EngineRequest:
+        """Engine validation; RequestError params are renamed to the OpenAI field names."""
+        try:
+            return self.engine.make_request(input_ids=ids, sampling_params=params, rid=rid)
+        except RequestError as e:
+            message, param = str(e), names.get(e.param, e.param)
+            for engine_name, openai_name in names.items():
+                if engine_name not in ("prompt", "input_ids"):
+                    message = message.replace(engine_name, openai_name)
+            raise OpenAIError(400, message, param) from None
+
+    def _token_text(self, token: int) -> str:
+        tokenizer = self.engine.tokenizer
+        return tokenizer.decode([token]) if tokenizer is not None else f"<{token}>"
+
+
+def _max_tokens(requested: int | None, default: int) -> int:
+    return requested if requested is not None else max(default, 1)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Awaits work; if the client goes away first, cancels it (which aborts the request)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task not in done:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise _ClientGone()
+    return task.result()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _json(model: BaseModel) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+def _sse(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
+    async def events() -> AsyncIterator[bytes]:
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield b"data: " + chunk.model_dump_json().encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+_STATUS_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def _error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                    type: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(OpenAIError(status, message, param, code, type).body(), status_code=status)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, exc: OpenAIError) -> Response:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        message, param = _describe_validation_error(exc.errors()[0])
+        return _error_response(400, message, param)
+
+    @app.exception_handler(RequestError)
+    async def engine_request_error(request: Request, exc: RequestError) -> Response:
+        return _error_response(400, str(exc), exc.param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return _error_response(exc.status_code, str(exc.detail), code=_STATUS_CODES.get(exc.status_code))
+
+    @app.exception_handler(EngineClosed)
+    async def engine_closed(request: Request, exc: EngineClosed) -> Response:
+        return _error_response(503, str(exc), type="server_error", code="engine_closed")
+
+    @app.exception_handler(_ClientGone)
+    async def client_gone(request: Request, exc: _ClientGone) -> Response:
+        return Response(status_code=499)
+
+
+def _describe_validation_error(error: dict[str, Any]) -> tuple[str, str | None]:
+    """(message, param) of a pydantic / FastAPI validation error."""
+    if error["type"] == "json_invalid":
+        return f"malformed JSON body: {error.get('ctx', {}).get('error', 'decode error')}", None
+    loc = list(error["loc"])
+    if loc and loc[0] == "body":
+        loc = loc[1:]
+    param = _param_path(loc)
+    if param is None:
+        return f"the request body must be a JSON object: {error['msg']}", None
+    return f"{param}: {error['msg']}", param
+
+
+def _param_path(loc: list[Any]) -> str | None:
+    """'messages[0].content' from a pydantic loc; stops at union-branch tags such as 'list[int]'."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int) and path:
+            path += f"[{part}]"
+        elif isinstance(part, str) and part in REQUEST_FIELDS:
+            path += f".{part}" if path else part
+        else:
+            break
+    return path or None
+
+
+# -- middleware ----------------------------------------------------------------------------------
+
+class GuardMiddleware:
+    """API key check on /v1/* (before anything else is read), then the request body size limit."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_request_bytes: int):
+        self.app, self.api_key, self.max_bytes = app, api_key, max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key and scope["path"].startswith("/v1") and not self._authorised(headers):
+            response = _error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                       code="invalid_api_key")
+            return await response(scope, receive, send)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            response = _error_response(413, self._too_large(), code="request_too_large")
+            return await response(scope, receive, send)
+        await self.app(scope, self._limited(receive), send)
+
+    def _authorised(self, headers: dict[str, str]) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key.encode())
+
+    def _too_large(self) -> str:
+        return f"the request body is larger than the limit of {self.max_bytes} bytes"
+
+    def _limited(self, receive: Receive) -> Receive:
+        """Counts a body sent without Content-Length (chunked) against the limit."""
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, self._too_large())
+            return message
+        return limited_receive
+

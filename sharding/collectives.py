@@ -1,0 +1,146 @@
+"""The named communication steps of a decoder layer on the ("dp", "tp") mesh.
+
+`MeshComm` implements `minimax_jax.model.Comm` inside `jax.shard_map`; the layer's own code
+(`DecoderLayer.__call__`) is the schedule. Per layer, with N tokens per dp rank:
+
+  ar_fusion on (residual scattered: each device owns N/tp tokens of its rank)
+    gather_tokens      all_gather(h, "tp")                    before q/k/v
+    qk_sum_squares     psum([N, 2] fp32, "tp")                joint QK RMSNorm
+    reduce_attention   psum_scatter(o, "tp")                  then add + norm on owned tokens
+    moe dispatch       all_gather(packed rows, ("dp", "tp"))  hidden (bf16 or NVFP4) + ids + weights
+    moe combine        psum_scatter(y, ("dp", "tp"))          or psum + slice (all_reduce)
+  ar_fusion off (residual replicated over "tp")
+    reduce_attention   psum(o, "tp")
+    moe dispatch       all_gather(packed rows, "dp")          tokens are already on every tp rank
+    moe combine        psum(y, ("dp", "tp")) + slice          or psum_scatter + all_gather("tp")
+
+Every device issues the same collectives whatever its token count: an idle dp rank runs the same
+program on padding, so no rank can skip a collective and hang the others.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from quant import nvfp4
+from sharding.mesh import EXPERT_AXES, Layout
+
+
+def pack_rows(arrays: Sequence[jax.Array]) -> jax.Array:
+    """Bitcasts [n, ...] arrays of any dtype into one uint8 [n, bytes] array (one collective)."""
+    parts = []
+    for a in arrays:
+        raw = a if a.dtype == jnp.uint8 else jax.lax.bitcast_convert_type(a, jnp.uint8)
+        parts.append(raw.reshape(a.shape[0], -1))
+    return jnp.concatenate(parts, axis=1)
+
+
+def unpack_rows(packed: jax.Array, like: Sequence[jax.ShapeDtypeStruct]) -> list[jax.Array]:
+    """Inverse of pack_rows: `like` gives each array's per-row shape and dtype."""
+    out, offset = [], 0
+    for spec in like:
+        itemsize = jnp.dtype(spec.dtype).itemsize
+        width = math.prod(spec.shape[1:]) * itemsize
+        raw = packed[:, offset:offset + width]
+        offset += width
+        if spec.dtype == jnp.uint8:
+            out.append(raw.reshape(-1, *spec.shape[1:]))
+        elif itemsize == 1:
+            out.append(jax.lax.bitcast_convert_type(raw, spec.dtype).reshape(-1, *spec.shape[1:]))
+        else:
+            raw = raw.reshape(-1, *spec.shape[1:], itemsize)
+            out.append(jax.lax.bitcast_convert_type(raw, spec.dtype))
+    return out
+
+
+class MeshComm:
+    """The Comm of one device inside shard_map over the ("dp", "tp") mesh."""
+
+    def __init__(self, layout: Layout, num_kv_heads: int, combine_dtype: Any = jnp.float32):
+        self.layout = layout
+        self.tp = layout.tp
+        self.scatter = layout.ar_fusion and layout.tp > 1
+        self.kv_replicas = layout.kv_head_replicas(num_kv_heads)
+        self.combine_dtype = combine_dtype
+
+    # -- attention -----------------------------------------------------------------------------
+
+    def own_tokens(self, x: jax.Array) -> jax.Array:
+        """The rows of this rank's N tokens that this device owns (N/tp of them when scattered)."""
+        if not self.scatter:
+            return x
+        n = x.shape[0] // self.tp
+        return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index("tp") * n, n, axis=0)
+
+    def gather_tokens(self, h: jax.Array) -> jax.Array:
+        return jax.lax.all_gather(h, "tp", axis=0, tiled=True) if self.scatter else h
+
+    def qk_sum_squares(self, ss: jax.Array) -> jax.Array:
+        if self.tp == 1:
+            return ss
+        # a KV head copied to r devices would be counted r times
+        ss = ss * jnp.array([1.0, 1.0 / self.kv_replicas], jnp.float32)
+        return jax.lax.psum(ss, "tp")
+
+    def reduce_attention(self, o: jax.Array) -> jax.Array:
+        if self.tp == 1:
+            return o
+        if self.scatter:
+            return jax.lax.psum_scatter(o, "tp", scatter_dimension=0, tiled=True)
+        return jax.lax.psum(o, "tp")
+
+    def finish_residual(self, r: jax.Array, m: jax.Array) -> jax.Array:
+        return r + m.astype(r.dtype)
+
+    def gather_logits(self, logits: jax.Array) -> jax.Array:
+        return jax.lax.all_gather(logits, "tp", axis=logits.ndim - 1, tiled=True) if self.tp > 1 else logits
+
+    # -- MoE -----------------------------------------------------------------------------------
+
+    def moe(self, h: jax.Array, expert_ids: jax.Array, weights: jax.Array, experts) -> jax.Array:
+        x, ids, w = self.dispatch(h, expert_ids, weights)
+        if self.layout.moe == "ep":
+            local = experts.w13.shape[0]
+            first = jax.lax.axis_index(EXPERT_AXES) * local
+        else:
+            first = 0
+        y = experts(x, ids, w, first_expert=first)
+        return self.combine(y.astype(self.combine_dtype), h.shape[0])
+
+    def _dispatch_axes(self) -> tuple[str, ...]:
+        axes = EXPERT_AXES if self.scatter else ("dp",)
+        return tuple(a for a in axes if getattr(self.layout, a) > 1)
+
+    def dispatch(self, h: jax.Array, expert_ids: jax.Array, weights: jax.Array):
+        """One all-gather of every token's hidden state (bf16 or NVFP4) with its routing."""
+        axes = self._dispatch_axes()
+        if not axes:
+            return h, expert_ids, weights
+        if self.layout.fp4_dispatch:
+            payload, scale = nvfp4.quantize_activations(h)
+            rows = [payload, scale, expert_ids, weights]
+        else:
+            rows = [h, expert_ids, weights]
+        like = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in rows]
+        gathered = jax.lax.all_gather(pack_rows(rows), axes, axis=0, tiled=True)
+        rows = unpack_rows(gathered, like)
+        if self.layout.fp4_dispatch:
+            payload, scale, expert_ids, weights = rows
+            return nvfp4.dequantize_activations(payload, scale, h.shape[-1], h.dtype), expert_ids, weights
+        return tuple(rows)
+
+    def combine(self, y: jax.Array, n_local: int) -> jax.Array:
+        """Sums every device's partial expert outputs for the tokens this device holds."""
+        everyone = tuple(a for a in EXPERT_AXES if getattr(self.layout, a) > 1)
+        if not everyone:
+            return y
+        if self.layout.combine == "reduce_scatter":
+            part = jax.lax.psum_scatter(y, everyone, scatter_dimension=0, tiled=True)
+            return part if self.scatter or self.tp == 1 else jax.lax.all_gather(part, "tp", axis=0, tiled=True)
+        full = jax.lax.psum(y, everyone)
+        owner = jax.lax.axis_index(everyone) if self.scatter else jax.lax.axis_index("dp") if self.layout.dp > 1 else 0
+        return jax.lax.dynamic_slice_in_dim(full, owner * n_local, n_local, axis=0)

@@ -1,0 +1,38 @@
+"""The model's forward step as one shard_map program over the mesh."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
+
+from minimax_jax.config import ModelConfig
+from minimax_jax.model import StepInput
+from sharding.collectives import MeshComm
+from sharding.mesh import EXPERT_AXES, Layout
+from sharding.specs import KV_SPEC, STEP_SPEC, state_specs
+
+
+def sharded_forward(cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, layout: Layout,
+                    mesh: Mesh, combine_dtype: Any) -> Callable:
+    """forward(state, kv, step, logit_index) -> (logits [D*B, V], kv, routed-token counts
+    [devices, layers, experts + 1]).
+
+    Step inputs stack every dp rank's B slots along the first axis; `state` only gives the tree
+    structure for the parameter specs."""
+    comm = MeshComm(layout, cfg.num_kv_heads, combine_dtype)
+    step_specs = StepInput(tokens=STEP_SPEC, positions=STEP_SPEC, valid=STEP_SPEC, page_table=STEP_SPEC)
+
+    def local(state, kv, step, logit_index):
+        model = nnx.merge(graphdef, state)
+        logits, kv, counts = model(step, kv, logit_index, comm)
+        if not comm.scatter and layout.tp > 1:      # every tp rank routed the same tokens
+            counts = jnp.where(jax.lax.axis_index("tp") == 0, counts, 0)
+        return logits, kv, counts[None]
+
+    return jax.shard_map(local, mesh=mesh,
+                         in_specs=(state_specs(state, layout), (KV_SPEC, KV_SPEC), step_specs, P("dp")),
+                         out_specs=(P("dp"), (KV_SPEC, KV_SPEC), P(EXPERT_AXES)), check_vma=False)

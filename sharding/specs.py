@@ -1,0 +1,76 @@
+"""PartitionSpecs of every parameter, KV page and step input, per Layout.
+
+Attention heads split over "tp" (column-parallel q/k/v, row-parallel o_proj, the joint-norm
+weights following their heads); the lm_head splits the vocab over "tp"; experts go over all
+devices ("dp", "tp") by expert (EP) or by intermediate dim (MoE-TP); everything else is
+replicated. When tp exceeds the KV head count each KV head is copied to tp / num_kv_heads
+devices, its k_norm slice with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sharding.mesh import EXPERT_AXES, Layout
+
+KV_SPEC = P(None, "dp", None, "tp", None)     # [layers, pages, page_size, kv_heads, head_dim]
+STEP_SPEC = P("dp")                            # every step input: slots of all dp ranks
+
+
+def param_key(path: tuple) -> tuple[str, ...]:
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def param_spec(key: tuple[str, ...], layout: Layout) -> P:
+    """The spec of one parameter, by its path in the model state."""
+    experts = EXPERT_AXES
+    table = {
+        ("lm_head",): P(None, "tp"),
+        ("layers", "attn", "wq"): P(None, None, "tp"),
+        ("layers", "attn", "wk"): P(None, None, "tp"),
+        ("layers", "attn", "wv"): P(None, None, "tp"),
+        ("layers", "attn", "wo"): P(None, "tp", None),
+        ("layers", "attn", "q_norm"): P(None, "tp"),
+        ("layers", "attn", "k_norm"): P(None, "tp"),
+        ("layers", "experts", "w13"): P(None, experts) if layout.moe == "ep" else P(None, None, None, None, experts),
+        ("layers", "experts", "w2"): P(None, experts) if layout.moe == "ep" else P(None, None, experts, None),
+    }
+    return table.get(key[:3] if key[0] == "layers" else key[:1], P())
+
+
+def state_specs(state: nnx.State, layout: Layout) -> Any:
+    """A pytree of PartitionSpecs matching `state` leaf for leaf."""
+    def spec(path, leaf):
+        key = param_key(path)
+        s = param_spec(key, layout)
+        # a quantised weight's extra leaves (scales) are smaller: shard them like the weight
+        # on the leading axes only when they keep those axes' sizes
+        return s if len(s) <= leaf.ndim else P(*s[:leaf.ndim])
+    return jax.tree_util.tree_map_with_path(spec, state)
+
+
+def replicate_kv_heads(state: nnx.State, head_dim: int, replicas: int) -> nnx.State:
+    """Repeats each KV head's columns of wk, wv and k_norm `replicas` times (tp > kv heads)."""
+    if replicas == 1:
+        return state
+
+    def expand(path, leaf):
+        if param_key(path) not in {("layers", "attn", "wk"), ("layers", "attn", "wv"), ("layers", "attn", "k_norm")}:
+            return leaf
+        *lead, width = leaf.shape
+        heads = leaf.reshape(*lead, width // head_dim, 1, head_dim)
+        heads = jnp.broadcast_to(heads, (*lead, width // head_dim, replicas, head_dim))
+        return heads.reshape(*lead, width * replicas)
+    return jax.tree_util.tree_map_with_path(expand, state)
+
+
+def shard_state(state: nnx.State, layout: Layout, mesh: Mesh, head_dim: int, num_kv_heads: int) -> nnx.State:
+    """Places a model state on the mesh (KV heads copied first where tp > their count)."""
+    state = replicate_kv_heads(state, head_dim, layout.kv_head_replicas(num_kv_heads))
+    specs = state_specs(state, layout)
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), state, specs)
