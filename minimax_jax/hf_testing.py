@@ -42,12 +42,13 @@ def make_hf_model(seed: int = 0, **overrides: Any):
 
 
 def save_hf_checkpoint(model: Any, path: str | Path, dtype: str = "float32") -> Path:
-    """Writes the model with the released tensor names (per-expert w1/w2/w3)."""
+    """Writes (a copy of) the model with the released tensor names (per-expert w1/w2/w3)."""
+    import copy
+
     import torch
 
     path = Path(path)
-    model = model.to(getattr(torch, dtype))
-    model.save_pretrained(path)
+    copy.deepcopy(model).to(getattr(torch, dtype)).save_pretrained(path)
     return path
 
 
@@ -69,8 +70,8 @@ def quantize_checkpoint_fp8(src: str | Path, dst: str | Path) -> Path:
     for name, t in tensors.items():
         if _is_fp8_target(name):
             w8, scale = fp8.quantize_blockwise(t.float().numpy(), block=(128, 128))
-            out[name] = torch.from_numpy(np.asarray(w8).view(np.uint8)).view(torch.float8_e4m3fn)
-            out[name.removesuffix(".weight") + ".weight_scale_inv"] = torch.from_numpy(np.asarray(scale, np.float32))
+            out[name] = torch.from_numpy(np.array(w8).view(np.uint8)).view(torch.float8_e4m3fn)
+            out[name.removesuffix(".weight") + ".weight_scale_inv"] = torch.from_numpy(np.array(scale, np.float32))
         else:
             out[name] = t
     save_file(out, dst / "model.safetensors", metadata={"format": "pt"})

@@ -159,3 +159,30 @@ def test_tp4_hlo_with_and_without_ar_fusion(model):
     assert [(op, n) for op, _, n in unfused] == [("all-gather", 2), ("all-reduce", 4), ("all-reduce", 4), ("all-reduce", 8)]
     assert sorted(ty for op, ty, _ in unfused if op == "all-reduce") == sorted(
         ["f32[4,2]{1,0}", f"f32[4,{h}]{{1,0}}", f"f32[8,{h}]{{1,0}}"])
+
+
+ENGINE_LAYOUTS = {
+    "tp8": dict(tp_size=8),
+    "tp8-no-ar-fusion": dict(tp_size=8, enable_ar_fusion=False),
+    "dep8": dict(tp_size=8, dp_size=8, enable_dp_attention=True),
+    "dp2-tp4-moe-tp": dict(tp_size=8, dp_size=2, enable_dp_attention=True, ep_size=1),
+    "dp4-tp2-all-reduce": dict(tp_size=8, dp_size=4, enable_dp_attention=True, moe_combine="all_reduce"),
+}
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(tiny_hf_dir):
+    rng = np.random.RandomState(7)
+    prompts = [rng.randint(0, 512, n).tolist() for n in (5, 23, 11)]
+    engine = Engine(model_path=str(tiny_hf_dir), dtype="float32", context_length=64, page_size=4)
+    params = {"max_new_tokens": 32, "temperature": 0.0}
+    return prompts, [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
+
+
+@pytest.mark.parametrize("flags", list(ENGINE_LAYOUTS.values()), ids=list(ENGINE_LAYOUTS))
+def test_engine_greedy_tokens_identical_on_every_layout(tiny_hf_dir, greedy_reference, flags):
+    prompts, expected = greedy_reference
+    engine = Engine(model_path=str(tiny_hf_dir), dtype="float32", context_length=64, page_size=4, **flags)
+    outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 32, "temperature": 0.0})
+    assert [o["output_ids"] for o in outs] == expected
+    assert engine.kv_pages_used == 0

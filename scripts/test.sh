@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets up the test environment and runs the whole suite on 8 simulated CPU devices.
+# torch is the CPU build: transformers' MiniMaxM2ForCausalLM is the oracle, no GPU involved.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e '.[test]'
+python -m pytest -q "$@"
