@@ -86,3 +86,44 @@ def quantize_checkpoint_fp8(src: str | Path, dst: str | Path) -> Path:
 
 def _is_fp8_target(name: str) -> bool:
     return name.endswith(".weight") and (".self_attn." in name and "_proj." in name or ".experts." in name)
+
+
+def quantize_checkpoint_nvfp4(src: str | Path, dst: str | Path, without_input_scale: int = 1) -> Path:
+    """Rewrites a checkpoint as NVIDIA ModelOpt exports NVFP4 experts: per expert linear a uint8
+    `weight` [N, K/2] (two E2M1 codes a byte), float8_e4m3fn `weight_scale` [N, K/16], fp32
+    scalar `weight_scale_2` and `input_scale`; attention, router and embeddings stay as they
+    were. The last `without_input_scale` experts of each layer get no input_scale, like experts
+    that calibration never routed to."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from minimax_jax.loader import quantize_experts_nvfp4
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for file in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    config = json.loads((src / "config.json").read_text())
+    num_experts = config["num_local_experts"]
+    out = {}
+    for name, t in tensors.items():
+        if ".experts." not in name:
+            out[name] = t
+            continue
+        prefix = name.removesuffix(".weight")
+        q = quantize_experts_nvfp4(t.float().numpy())
+        out[prefix + ".weight"] = torch.from_numpy(np.array(q.codes))
+        out[prefix + ".weight_scale"] = torch.from_numpy(np.array(q.scales).view(np.uint8)).view(torch.float8_e4m3fn)
+        out[prefix + ".weight_scale_2"] = torch.tensor(float(np.asarray(q.global_scale).reshape(())))
+        expert = int(name.split(".experts.")[1].split(".")[0])
+        if expert < num_experts - without_input_scale:
+            out[prefix + ".input_scale"] = torch.tensor(1.0 / 448.0)
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4"}
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    (dst / "hf_quant_config.json").write_text(json.dumps({
+        "producer": {"name": "modelopt"},
+        "quantization": {"quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": None,
+                         "exclude_modules": ["lm_head", "*self_attn*", "*gate"]}}, indent=2))
+    return dst

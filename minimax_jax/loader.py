@@ -1,20 +1,27 @@
 """HF safetensors checkpoints -> MiniMaxM2 parameters.
 
-Accepts the released tensor names (`block_sparse_moe.experts.E.w1/w2/w3`), the transformers-5
-in-memory names (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), bf16/fp32 weights and the
-released FP8 format (float8_e4m3fn `.weight` with one fp32 `.weight_scale_inv` per 128x128
-block), which is dequantised into the compute dtype. Layers at index >= num_hidden_layers (the
-MTP modules) are skipped.
+Sources: the released tensor names (`block_sparse_moe.experts.E.w1/w2/w3`) or the
+transformers-5 in-memory names (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`); weights in
+bf16/fp32, in the released FP8 format (float8_e4m3fn `.weight` with one fp32 `.weight_scale_inv`
+per 128x128 block), or NVIDIA ModelOpt NVFP4 experts (uint8 `.weight` holding two E2M1 codes a
+byte, float8_e4m3fn `.weight_scale` per 16 values, fp32 `.weight_scale_2`; `.input_scale` is not
+needed by weight-only experts and may be absent). Layers at index >= num_hidden_layers (the MTP
+modules) are skipped.
 
-Every tensor's presence and shape is checked from the headers before anything is read, so a bad
-checkpoint fails with one line and nothing half-loaded. Tensors then stream from the mmap one
-layer at a time into parameter arrays created on their target devices; the host never holds more
-than one layer's tensors.
+Targets: attention and dense weights in the compute dtype; experts in bf16 (the compute dtype),
+FP8 blocks or NVFP4 (`expert_format`). A source already in the target format is copied bit for
+bit; otherwise it is dequantised and, if asked, quantised again.
+
+Every tensor's presence, dtype and shape is checked from the headers before anything is read, so
+a bad checkpoint fails with one line and nothing half-loaded. Tensors then stream from the mmap
+one layer at a time into parameter arrays created on their target devices; the host never holds
+more than one layer's tensors.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 from pathlib import Path
@@ -24,38 +31,76 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from minimax_jax.config import ModelConfig
 from minimax_jax.model import MiniMaxM2
 from minimax_jax.safetensors_index import CheckpointError, SafetensorsIndex
+from quant import fp8, nvfp4
 
 log = logging.getLogger(__name__)
 FP8_BLOCK = (128, 128)
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+QUANTIZATION_TO_FORMAT = {None: "bf16", "bf16": "bf16", "fp8": "fp8", "modelopt_fp4": "nvfp4"}
 
 
-def load_model(path: str | Path, dtype: Any = jnp.bfloat16,
-               shardings: Callable[[tuple[str, ...]], Any] | None = None) -> MiniMaxM2:
-    """Loads an HF MiniMax-M2 checkpoint directory into a model.
+def detect_quantization(path: str | Path) -> str | None:
+    """The checkpoint's own quantization in sglang's names: "fp8", "modelopt_fp4" or None."""
+    path = Path(path)
+    hf_quant = path / "hf_quant_config.json"
+    if hf_quant.exists():
+        algo = json.loads(hf_quant.read_text()).get("quantization", {}).get("quant_algo")
+        if algo == "NVFP4":
+            return "modelopt_fp4"
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") == "fp8":
+        return "fp8"
+    if qc.get("quant_method") == "modelopt" and qc.get("quant_algo") == "NVFP4":
+        return "modelopt_fp4"
+    return None
 
-    shardings maps a parameter path (e.g. ('layers', 'attn', 'wq')) to the jax Sharding its array
-    is created with; None puts everything on the default device.
+
+def load_model(path: str | Path, dtype: Any = jnp.bfloat16, quantization: str | None = None,
+               shardings: Callable[[tuple[str, ...], Any], Any] | None = None,
+               progress: bool = False) -> MiniMaxM2:
+    """Loads an HF MiniMax-M2 checkpoint directory.
+
+    quantization: the experts' format on device in sglang's names ("fp8", "modelopt_fp4"), or
+    None for the compute dtype. shardings(key, abstract_leaf) gives the jax Sharding of each
+    parameter (key like ('layers', 'attn', 'wq')); None puts everything on the default device.
     """
+    if quantization not in QUANTIZATION_TO_FORMAT:
+        raise ValueError(f"quantization must be one of fp8, modelopt_fp4 or None, got {quantization!r}")
     cfg = ModelConfig.from_pretrained(path)
-    index = SafetensorsIndex.from_dir(path)
-    sources = CheckpointLayout(cfg, index)
-    abstract = nnx.eval_shape(lambda: MiniMaxM2(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    source = CheckpointLayout(cfg, SafetensorsIndex.from_dir(path))
+    expert_format = QUANTIZATION_TO_FORMAT[quantization]
+    abstract = nnx.eval_shape(lambda: MiniMaxM2(cfg, dtype=dtype, expert_format=expert_format, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    sources.check(state)
-    for key, leaf in _leaves(state):
-        sharding = shardings(key) if shardings else None
-        value = leaf.get_value()
-        leaf.set_value(sources.load(key, value.shape, value.dtype, sharding))
+    leaves = _leaves(state)
+    source.check()
+    sharding = lambda key, leaf: shardings(key, leaf) if shardings else None
+    arrays = {}
+    for key, leaf in leaves:
+        if key[0] != "layers":
+            arrays[key] = source.load_top(key, leaf, sharding(key, leaf))
+        else:
+            arrays[key] = jnp.zeros(leaf.shape, leaf.dtype, device=sharding(key, leaf))
+    for layer in tqdm(range(cfg.num_layers), desc="loading layers", disable=not progress):
+        values = source.layer_values(layer, dtype, expert_format)
+        for key, _ in leaves:
+            if key[0] == "layers":
+                arrays[key] = _set_layer(arrays[key], layer, values[key[1:]])
+    for key, leaf in leaves:
+        leaf.set_value(arrays[key])
     return nnx.merge(graphdef, state)
 
 
 def _leaves(state: nnx.State) -> list[tuple[tuple[str, ...], Any]]:
-    return [(tuple(str(k) for k in path), leaf) for path, leaf in nnx.to_flat_state(state)]
+    out = []
+    for path, var in nnx.to_flat_state(state):
+        out.append((tuple(str(k) for k in path), var))
+    return out
 
 
 class CheckpointLayout:
@@ -63,69 +108,100 @@ class CheckpointLayout:
 
     def __init__(self, cfg: ModelConfig, index: SafetensorsIndex):
         self.cfg, self.index = cfg, index
-        self.moe = self._moe_prefix()
+        self.moe = "mlp" if "model.layers.0.mlp.gate.weight" in index else "block_sparse_moe"
         self.fused_experts = f"model.layers.0.{self.moe}.experts.gate_up_proj" in index
+        self.expert_source = self._expert_source()
+
+    def _expert_source(self) -> str:
+        """"dense", "fp8" or "nvfp4", from the dtype of the first expert weight."""
+        first = (f"model.layers.0.{self.moe}.experts.gate_up_proj" if self.fused_experts
+                 else f"model.layers.0.{self.moe}.experts.0.w1.weight")
+        dtype = self.index.tensors[first].dtype if first in self.index else None
+        return {"F8_E4M3": "fp8", "U8": "nvfp4"}.get(dtype, "dense")
 
     # -- name tables ---------------------------------------------------------------------------
 
-    def _moe_prefix(self) -> str:
-        return "mlp" if "model.layers.0.mlp.gate.weight" in self.index else "block_sparse_moe"
-
-    def layer_tensors(self, key: tuple[str, ...], layer: int) -> list[tuple[str, tuple[int, ...]]]:
-        """HF names and HF shapes that make up one layer's slice of parameter `key`."""
+    def dense_tensors(self, layer: int) -> dict[tuple[str, ...], tuple[str, tuple[int, ...]]]:
         cfg, p = self.cfg, f"model.layers.{layer}."
-        h, q, kv, e, i = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.num_experts, cfg.intermediate_size
-        table = {
-            ("attn_norm",): [(p + "input_layernorm.weight", (h,))],
-            ("mlp_norm",): [(p + "post_attention_layernorm.weight", (h,))],
-            ("attn", "wq"): [(p + "self_attn.q_proj.weight", (q, h))],
-            ("attn", "wk"): [(p + "self_attn.k_proj.weight", (kv, h))],
-            ("attn", "wv"): [(p + "self_attn.v_proj.weight", (kv, h))],
-            ("attn", "wo"): [(p + "self_attn.o_proj.weight", (h, q))],
-            ("attn", "q_norm"): [(p + "self_attn.q_norm.weight", (q,))],
-            ("attn", "k_norm"): [(p + "self_attn.k_norm.weight", (kv,))],
-            ("router", "weight"): [(p + f"{self.moe}.gate.weight", (e, h))],
-            ("router", "bias"): [(p + f"{self.moe}.e_score_correction_bias", (e,))],
+        h, q, kv, e = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.num_experts
+        return {
+            ("attn_norm",): (p + "input_layernorm.weight", (h,)),
+            ("mlp_norm",): (p + "post_attention_layernorm.weight", (h,)),
+            ("attn", "wq"): (p + "self_attn.q_proj.weight", (q, h)),
+            ("attn", "wk"): (p + "self_attn.k_proj.weight", (kv, h)),
+            ("attn", "wv"): (p + "self_attn.v_proj.weight", (kv, h)),
+            ("attn", "wo"): (p + "self_attn.o_proj.weight", (h, q)),
+            ("attn", "q_norm"): (p + "self_attn.q_norm.weight", (q,)),
+            ("attn", "k_norm"): (p + "self_attn.k_norm.weight", (kv,)),
+            ("router", "weight"): (p + f"{self.moe}.gate.weight", (e, h)),
+            ("router", "bias"): (p + f"{self.moe}.e_score_correction_bias", (e,)),
         }
+
+    def expert_prefixes(self, layer: int) -> tuple[list[str], list[str]]:
+        """Name prefixes of a layer's expert linears: (w1, w3 of expert 0, w1, w3 of expert 1, ...),
+        (w2 of each expert). In the fused form: ([gate_up_proj], [down_proj])."""
+        ex = f"model.layers.{layer}.{self.moe}.experts."
         if self.fused_experts:
-            table[("experts", "w13")] = [(p + f"{self.moe}.experts.gate_up_proj", (e, 2 * i, h))]
-            table[("experts", "w2")] = [(p + f"{self.moe}.experts.down_proj", (e, h, i))]
-        else:
-            ex = p + f"{self.moe}.experts."
-            table[("experts", "w13")] = [(f"{ex}{j}.{w}.weight", (i, h)) for j in range(e) for w in ("w1", "w3")]
-            table[("experts", "w2")] = [(f"{ex}{j}.w2.weight", (h, i)) for j in range(e)]
-        return table[key]
+            return [ex + "gate_up_proj"], [ex + "down_proj"]
+        experts = range(self.cfg.num_experts)
+        return [f"{ex}{j}.{w}" for j in experts for w in ("w1", "w3")], [f"{ex}{j}.w2" for j in experts]
 
-    def top_tensors(self, key: tuple[str, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    def expert_linears(self, layer: int) -> list[tuple[str, tuple[int, ...]]]:
+        """(name prefix, logical shape) of every expert linear of a layer."""
         cfg = self.cfg
-        v, h = cfg.vocab_size, cfg.hidden_size
-        if key == ("lm_head",) and cfg.tie_word_embeddings and "lm_head.weight" not in self.index:
-            return [("model.embed_tokens.weight", (v, h))]
-        return {("embed",): [("model.embed_tokens.weight", (v, h))],
-                ("norm",): [("model.norm.weight", (h,))],
-                ("lm_head",): [("lm_head.weight", (v, h))]}[key]
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        gate_up, down = self.expert_prefixes(layer)
+        if self.fused_experts:
+            return [(gate_up[0], (e, 2 * i, h)), (down[0], (e, h, i))]
+        return [(p, (i, h)) for p in gate_up] + [(p, (h, i)) for p in down]
 
-    def tensors_of(self, key: tuple[str, ...]) -> list[tuple[str, tuple[int, ...]]]:
-        if key[0] == "layers":
-            return [t for layer in range(self.cfg.num_layers) for t in self.layer_tensors(key[1:], layer)]
-        return self.top_tensors(key)
+    def top_tensors(self) -> dict[tuple[str, ...], tuple[str, tuple[int, ...]]]:
+        v, h = self.cfg.vocab_size, self.cfg.hidden_size
+        head = "lm_head.weight"
+        if self.cfg.tie_word_embeddings and head not in self.index:
+            head = "model.embed_tokens.weight"
+        return {("embed",): ("model.embed_tokens.weight", (v, h)), ("norm",): ("model.norm.weight", (h,)),
+                ("lm_head",): (head, (v, h))}
 
     # -- validation ----------------------------------------------------------------------------
 
-    def check(self, state: nnx.State) -> None:
-        """Fails with one line on a missing tensor, a wrong shape or a missing FP8 scale."""
-        needed = [t for key, _ in _leaves(state) for t in self.tensors_of(key)]
-        missing = [name for name, _ in needed if name not in self.index]
+    def expected(self) -> list[tuple[str, tuple[int, ...], str | None]]:
+        """(name, shape, required dtype or None) of every tensor the model needs."""
+        out = [(n, s, None) for n, s in self.top_tensors().values()]
+        for layer in range(self.cfg.num_layers):
+            out += [(n, s, None) for n, s in self.dense_tensors(layer).values()]
+            for prefix, shape in self.expert_linears(layer):
+                *lead, n, k = shape
+                if self.fused_experts and self.expert_source != "dense":
+                    raise CheckpointError("quantised experts in the fused gate_up_proj form are not supported")
+                if self.expert_source == "nvfp4":
+                    out += [(prefix + ".weight", (n, k // 2), "U8"),
+                            (prefix + ".weight_scale", (n, k // 16), "F8_E4M3"),
+                            (prefix + ".weight_scale_2", None, "F32")]
+                else:
+                    out.append((prefix + (".weight" if not self.fused_experts else ""), tuple(shape), None))
+        return out
+
+    def check(self) -> None:
+        """Fails with one line on a missing tensor, a wrong shape or dtype, a missing FP8 scale."""
+        needed = self.expected()
+        missing = [name for name, _, _ in needed if name not in self.index]
         if missing:
             shown = ", ".join(missing[:8]) + (f" ... and {len(missing) - 8} more" if len(missing) > 8 else "")
             raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s): {shown}")
-        for name, shape in needed:
+        for name, shape, dtype in needed:
             info = self.index.tensors[name]
+            if shape is None:           # a per-tensor scalar scale: [] or [1]
+                if int(np.prod(info.shape)) != 1:
+                    raise CheckpointError(f"tensor {name} has shape {list(info.shape)}, expected a scalar")
+                continue
             if info.shape != shape:
                 raise CheckpointError(f"tensor {name} has shape {list(info.shape)}, expected {list(shape)}")
-            if info.dtype == "F8_E4M3":
+            if dtype is not None and info.dtype != dtype:
+                raise CheckpointError(f"tensor {name} has dtype {info.dtype}, expected {dtype}")
+            if info.dtype == "F8_E4M3" and not name.endswith("weight_scale"):
                 self._check_fp8_scale(name, shape)
-        self._warn_unused({name for name, _ in needed})
+        self._warn_unused({name for name, _, _ in needed})
 
     def _check_fp8_scale(self, name: str, shape: tuple[int, ...]) -> None:
         scale = name.removesuffix(".weight") + ".weight_scale_inv"
@@ -139,7 +215,7 @@ class CheckpointLayout:
     def _warn_unused(self, used: set[str]) -> None:
         unused = []
         for name in self.index.names():
-            if name in used or name.endswith(".weight_scale_inv"):
+            if name in used or name.endswith((".weight_scale_inv", ".input_scale")):
                 continue
             match = _LAYER_RE.match(name)
             if match and int(match.group(1)) >= self.cfg.num_layers:
@@ -151,38 +227,84 @@ class CheckpointLayout:
     # -- reading -------------------------------------------------------------------------------
 
     def read(self, name: str, dtype: Any) -> np.ndarray:
-        """One HF tensor as a host array of `dtype`, FP8 blocks dequantised."""
+        """One dense or FP8 HF tensor as a host array of `dtype`, FP8 blocks dequantised."""
         raw = self.index.read(name)
         if raw.dtype == jnp.float8_e4m3fn:
-            from quant import fp8
             scale = self.index.read(name.removesuffix(".weight") + ".weight_scale_inv")
-            with jax.default_device(jax.devices("cpu")[0]):
-                return np.asarray(fp8.dequantize_blockwise(raw, scale, dtype=dtype, block=FP8_BLOCK))
+            return _on_host(fp8.dequantize_blockwise, raw, scale, dtype=dtype, block=FP8_BLOCK)
         return raw.astype(dtype)
 
-    def layer_value(self, key: tuple[str, ...], layer: int, dtype: Any) -> np.ndarray:
-        """Our layout of one layer's slice: activations multiply from the left (x @ W)."""
-        tensors = [self.read(name, dtype) for name, _ in self.layer_tensors(key, layer)]
-        if key == ("experts", "w13"):
-            e, i, h = self.cfg.num_experts, self.cfg.intermediate_size, self.cfg.hidden_size
-            stacked = tensors[0].reshape(e, 2, i, h) if self.fused_experts else np.stack(tensors).reshape(e, 2, i, h)
-            return stacked.transpose(0, 3, 1, 2)                  # [E, H, 2, I]
-        if key == ("experts", "w2"):
-            stacked = tensors[0] if self.fused_experts else np.stack(tensors)
-            return stacked.transpose(0, 2, 1)                     # [E, I, H]
-        (value,) = tensors
-        return value.T if value.ndim == 2 else value
+    def load_top(self, key: tuple[str, ...], leaf: Any, sharding: Any) -> jax.Array:
+        name, _ = self.top_tensors()[key]
+        value = self.read(name, leaf.dtype)
+        value = value.T if key == ("lm_head",) else value
+        return jax.device_put(value, sharding) if sharding else jnp.asarray(value)
 
-    def load(self, key: tuple[str, ...], shape: tuple[int, ...], dtype: Any, sharding: Any) -> jax.Array:
-        if key[0] != "layers":
-            (name, _), = self.top_tensors(key)
-            value = self.read(name, dtype)
-            value = value.T if key == ("lm_head",) else value
-            return jax.device_put(value, sharding) if sharding else jnp.asarray(value)
-        out = jnp.zeros(shape, dtype, device=sharding)
-        for layer in range(self.cfg.num_layers):
-            out = _set_layer(out, layer, self.layer_value(key[1:], layer, dtype))
+    def layer_values(self, layer: int, dtype: Any, expert_format: str) -> dict[tuple[str, ...], np.ndarray]:
+        """Every parameter's slice for one layer, in our layout (activations multiply from the
+        left: x @ W, so dense [out, in] weights are transposed)."""
+        out = {}
+        for key, (name, _) in self.dense_tensors(layer).items():
+            value = self.read(name, jnp.float32 if key[0] == "router" else dtype)
+            out[key] = value.T if value.ndim == 2 else value
+        out.update({("experts",) + k: v for k, v in self.layer_experts(layer, dtype, expert_format).items()})
         return out
+
+    def layer_experts(self, layer: int, dtype: Any, expert_format: str) -> dict[tuple[str, ...], np.ndarray]:
+        cfg = self.cfg
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        gate_up, down = self.expert_prefixes(layer)
+        raw = lambda prefixes, suffix: np.stack([self.index.read(p + suffix) for p in prefixes])
+        if self.expert_source == expert_format == "fp8":
+            return {("w13",): raw(gate_up, ".weight").reshape(e, 2, i, h),
+                    ("w13_scale",): raw(gate_up, ".weight_scale_inv").reshape(e, 2, -(-i // 128), -(-h // 128)),
+                    ("w2",): raw(down, ".weight"), ("w2_scale",): raw(down, ".weight_scale_inv")}
+        if self.expert_source == expert_format == "nvfp4":
+            scalar = lambda prefixes: raw(prefixes, ".weight_scale_2").reshape(-1).astype(np.float32)
+            return {("w13",): raw(gate_up, ".weight").reshape(e, 2, i, h // 2),
+                    ("w13_scale",): raw(gate_up, ".weight_scale").reshape(e, 2, i, h // 16),
+                    ("w13_scale_2",): scalar(gate_up).reshape(e, 2),
+                    ("w2",): raw(down, ".weight"), ("w2_scale",): raw(down, ".weight_scale"),
+                    ("w2_scale_2",): scalar(down)}
+        w13, w2 = self.dense_experts(layer)               # [E, 2, I, H], [E, H, I] float32
+        if expert_format == "bf16":
+            return {("w13",): w13.transpose(0, 3, 1, 2).astype(dtype), ("w2",): w2.transpose(0, 2, 1).astype(dtype)}
+        if expert_format == "fp8":
+            q13, s13 = _on_host(fp8.quantize_blockwise, w13, block=FP8_BLOCK)
+            q2, s2 = _on_host(fp8.quantize_blockwise, w2, block=FP8_BLOCK)
+            return {("w13",): q13, ("w13_scale",): s13, ("w2",): q2, ("w2_scale",): s2}
+        q13, q2 = quantize_experts_nvfp4(w13), quantize_experts_nvfp4(w2)
+        return {("w13",): q13.codes, ("w13_scale",): q13.scales, ("w13_scale_2",): q13.global_scale[..., 0, 0],
+                ("w2",): q2.codes, ("w2_scale",): q2.scales, ("w2_scale_2",): q2.global_scale[..., 0, 0]}
+
+    def dense_experts(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """A layer's experts dequantised to float32, rows = output channels."""
+        cfg = self.cfg
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        gate_up, down = self.expert_prefixes(layer)
+        if self.fused_experts:
+            return self.read(gate_up[0], np.float32).reshape(e, 2, i, h), self.read(down[0], np.float32)
+        read = self.read_nvfp4 if self.expert_source == "nvfp4" else (lambda p: self.read(p + ".weight", np.float32))
+        return np.stack([read(p) for p in gate_up]).reshape(e, 2, i, h), np.stack([read(p) for p in down])
+
+    def read_nvfp4(self, prefix: str) -> np.ndarray:
+        q = nvfp4.NVFP4Array(self.index.read(prefix + ".weight"), self.index.read(prefix + ".weight_scale"),
+                             self.index.read(prefix + ".weight_scale_2").reshape(()).astype(np.float32))
+        return _on_host(nvfp4.dequantize, q, jnp.float32)
+
+
+def quantize_experts_nvfp4(w: np.ndarray) -> nvfp4.NVFP4Array:
+    """[..., N, K] expert weights -> NVFP4 with one global scale per expert linear (ModelOpt's
+    weight_scale_2: amax over the linear's [N, K] / (6 * 448))."""
+    amax = np.max(np.abs(np.where(np.isfinite(w), w, 0)), axis=(-2, -1), keepdims=True)
+    g = np.where(amax > 0, amax / (nvfp4.E2M1_MAX * nvfp4.E4M3_MAX), 1.0).astype(np.float32)
+    return _on_host(nvfp4.quantize, w, g)
+
+
+def _on_host(fn: Callable, *args, **kwargs):
+    """Runs a quant function on the host CPU device and returns numpy (never touches a GPU)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        return jax.tree.map(np.asarray, fn(*args, **kwargs))
 
 
 @functools.partial(jax.jit, donate_argnums=0)

@@ -23,7 +23,7 @@ from flax import nnx
 from minimax_jax.config import ModelConfig
 from minimax_jax.ops import attention as attn_ops
 from minimax_jax.ops import moe as moe_ops
-from quant import nvfp4
+from quant import fp8, nvfp4
 
 
 @jax.tree_util.register_dataclass
@@ -177,26 +177,75 @@ class Router(nnx.Module):
         return ids, jnp.where(valid[:, None], weights, 0.0)
 
 
-class Experts(nnx.Module):
-    """SwiGLU experts: w2 @ (silu(w1 @ x) * (w3 @ x)); gate (w1) and up (w3) stored together."""
+EXPERT_FORMATS = ("bf16", "fp8", "nvfp4")
 
-    def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs):
+
+class Experts(nnx.Module):
+    """SwiGLU experts: w2 @ (silu(w1 @ x) * (w3 @ x)); gate (w1) and up (w3) stored together.
+
+    Weights are held in one of three formats and used weight-only (dequantised to the compute
+    dtype inside the expert computation):
+      bf16   w13 [E, H, 2, I], w2 [E, I, H] in the compute dtype
+      fp8    the released format, rows = output channels: w13 float8_e4m3fn [E, 2, I, H] with
+             fp32 w13_scale [E, 2, I/128, H/128] (one per 128x128 block), w2 [E, H, I] with
+             w2_scale [E, H/128, I/128]
+      nvfp4  ModelOpt's format: w13 uint8 codes [E, 2, I, H/2], w13_scale float8_e4m3fn
+             [E, 2, I, H/16], w13_scale_2 fp32 [E, 2]; w2 [E, H, I/2], w2_scale [E, H, I/16],
+             w2_scale_2 [E]
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs, expert_format: str = "bf16"):
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
-        self.w13 = _normal(rngs, (e, h, 2, i), dtype)
-        self.w2 = _normal(rngs, (e, i, h), dtype)
+        self.format, self.dtype = expert_format, dtype
+        if expert_format == "bf16":
+            self.w13 = _normal(rngs, (e, h, 2, i), dtype)
+            self.w2 = _normal(rngs, (e, i, h), dtype)
+        elif expert_format == "fp8":      # random e4m3 values, scaled to std 0.02
+            self.w13 = _normal(rngs, (e, 2, i, h), jnp.float8_e4m3fn, std=1.0)
+            self.w13_scale = nnx.Param(jnp.full((e, 2, -(-i // 128), -(-h // 128)), 0.02, jnp.float32))
+            self.w2 = _normal(rngs, (e, h, i), jnp.float8_e4m3fn, std=1.0)
+            self.w2_scale = nnx.Param(jnp.full((e, -(-h // 128), -(-i // 128)), 0.02, jnp.float32))
+        elif expert_format == "nvfp4":    # uniform random codes, std ~0.02 after scaling
+            codes = lambda shape: nnx.Param(jax.random.randint(rngs.params(), shape, 0, 256, jnp.int32).astype(jnp.uint8))
+            scale = lambda shape: nnx.Param(jnp.full(shape, 0.01, jnp.float32).astype(jnp.float8_e4m3fn))
+            self.w13, self.w13_scale = codes((e, 2, i, h // 2)), scale((e, 2, i, h // 16))
+            self.w13_scale_2 = nnx.Param(jnp.ones((e, 2), jnp.float32))
+            self.w2, self.w2_scale = codes((e, h, i // 2)), scale((e, h, i // 16))
+            self.w2_scale_2 = nnx.Param(jnp.ones((e,), jnp.float32))
+        else:
+            raise ValueError(f"expert format must be one of {EXPERT_FORMATS}, got {expert_format!r}")
+
+    def weights(self) -> tuple[jax.Array, jax.Array]:
+        """(w13 [E, H, 2, I], w2 [E, I, H]) in the compute dtype (local experts under shard_map)."""
+        if self.format == "bf16":
+            return self.w13[...], self.w2[...]
+        if self.format == "fp8":
+            w13 = fp8.dequantize_blockwise(self.w13[...], self.w13_scale[...], self.dtype)
+            w2 = fp8.dequantize_blockwise(self.w2[...], self.w2_scale[...], self.dtype)
+        else:
+            w13 = nvfp4.dequantize(nvfp4.NVFP4Array(self.w13[...], self.w13_scale[...],
+                                                    self.w13_scale_2[...][..., None, None]), self.dtype)
+            w2 = nvfp4.dequantize(nvfp4.NVFP4Array(self.w2[...], self.w2_scale[...],
+                                                   self.w2_scale_2[...][..., None, None]), self.dtype)
+        return w13.transpose(0, 3, 1, 2), w2.transpose(0, 2, 1)
+
+    @property
+    def num_local(self) -> int:
+        return self.w13.shape[0]
 
     def __call__(self, x: jax.Array, expert_ids: jax.Array, weights: jax.Array,
                  first_expert: jax.Array | int) -> jax.Array:
-        return moe_ops.routed_experts(x, expert_ids, weights, self.w13[...], self.w2[...], first_expert)
+        w13, w2 = self.weights()
+        return moe_ops.routed_experts(x, expert_ids, weights, w13, w2, first_expert)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs, expert_format: str = "bf16"):
         self.attn_norm = nnx.Param(jnp.ones((cfg.hidden_size,), dtype))
         self.attn = Attention(cfg, dtype, rngs)
         self.mlp_norm = nnx.Param(jnp.ones((cfg.hidden_size,), dtype))
         self.router = Router(cfg, rngs)
-        self.experts = Experts(cfg, dtype, rngs)
+        self.experts = Experts(cfg, dtype, rngs, expert_format)
         self.eps = cfg.rms_norm_eps
 
     def __call__(self, r: jax.Array, m: jax.Array, kv: tuple[jax.Array, jax.Array],
@@ -220,15 +269,17 @@ class DecoderLayer(nnx.Module):
 class MiniMaxM2(nnx.Module):
     """The causal LM: embedding, stacked decoder layers run by a scan, final norm, lm_head."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.bfloat16, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.bfloat16, expert_format: str = "bf16",
+                 rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
+        self.expert_format = expert_format
         self.embed = _normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
-            return DecoderLayer(cfg, dtype, rngs)
+            return DecoderLayer(cfg, dtype, rngs, expert_format)
 
         self.layers = make_layers(rngs)
         self.norm = nnx.Param(jnp.ones((cfg.hidden_size,), dtype))

@@ -104,7 +104,7 @@ class MeshComm:
     def moe(self, h: jax.Array, expert_ids: jax.Array, weights: jax.Array, experts) -> jax.Array:
         x, ids, w = self.dispatch(h, expert_ids, weights)
         if self.layout.moe == "ep":
-            local = experts.w13.shape[0]
+            local = experts.num_local
             first = jax.lax.axis_index(EXPERT_AXES) * local
         else:
             first = 0

@@ -60,7 +60,7 @@ class Layout:
             raise LayoutError(f"--ep-size must be 1 (MoE-TP) or equal --tp-size ({tp_size}), got {ep_size}")
         return cls(dp=dp, tp=tp, moe=moe, **options)
 
-    def check(self, cfg) -> None:
+    def check(self, cfg, expert_format: str = "bf16") -> None:
         """Fails with one line if the model's shapes do not divide over this layout."""
         if cfg.num_heads % self.tp:
             raise LayoutError(f"{cfg.num_heads} attention heads do not split over tp={self.tp}")
@@ -75,6 +75,11 @@ class Layout:
             raise LayoutError(f"{cfg.num_experts} experts do not split over {n} devices (expert parallel)")
         if self.moe == "tp" and cfg.intermediate_size % n:
             raise LayoutError(f"intermediate size {cfg.intermediate_size} does not split over {n} devices (MoE-TP)")
+        block = {"fp8": 128, "nvfp4": 16}.get(expert_format)
+        if self.moe == "tp" and block and n > 1 and (cfg.intermediate_size // n) % block:
+            raise LayoutError(f"{expert_format} experts split over {n} devices (MoE-TP) would cut their "
+                              f"{block}-wide scale blocks (intermediate {cfg.intermediate_size}); use expert "
+                              f"parallelism (--ep-size {n})")
         if self.fp4_dispatch and cfg.hidden_size % 16:
             raise LayoutError(f"FP4 dispatch needs hidden size divisible by 16, got {cfg.hidden_size}")
 

@@ -26,9 +26,28 @@ def param_key(path: tuple) -> tuple[str, ...]:
     return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def param_spec(key: tuple[str, ...], layout: Layout) -> P:
-    """The spec of one parameter, by its path in the model state."""
-    experts = EXPERT_AXES
+def _axis_spec(ndim: int, axis: int, name) -> P:
+    assert axis < ndim, (axis, ndim)
+    return P(*[name if d == axis else None for d in range(ndim)])
+
+
+def _moe_tp_axis(name: str, quantized: bool) -> int | None:
+    """The intermediate-dim axis of an expert leaf [layers, experts, ...] (None: replicate)."""
+    if name.endswith("_scale_2"):
+        return None
+    if name.startswith("w13"):
+        return 3 if quantized or name != "w13" else 4      # [L,E,2,I,H*] or bf16 [L,E,H,2,I]
+    return 3 if quantized or name != "w2" else 2           # [L,E,H,I*] or bf16 [L,E,I,H]
+
+
+def param_spec(key: tuple[str, ...], leaf: jax.ShapeDtypeStruct | jax.Array, layout: Layout) -> P:
+    """The spec of one parameter, by its path in the model state (and dtype, for experts)."""
+    if key[:2] == ("layers", "experts"):
+        if layout.moe == "ep":
+            return _axis_spec(leaf.ndim, 1, EXPERT_AXES)
+        quantized = not jnp.issubdtype(leaf.dtype, jnp.floating) or jnp.dtype(leaf.dtype).itemsize == 1
+        axis = _moe_tp_axis(key[2], quantized)
+        return P() if axis is None else _axis_spec(leaf.ndim, axis, EXPERT_AXES)
     table = {
         ("lm_head",): P(None, "tp"),
         ("layers", "attn", "wq"): P(None, None, "tp"),
@@ -37,21 +56,13 @@ def param_spec(key: tuple[str, ...], layout: Layout) -> P:
         ("layers", "attn", "wo"): P(None, "tp", None),
         ("layers", "attn", "q_norm"): P(None, "tp"),
         ("layers", "attn", "k_norm"): P(None, "tp"),
-        ("layers", "experts", "w13"): P(None, experts) if layout.moe == "ep" else P(None, None, None, None, experts),
-        ("layers", "experts", "w2"): P(None, experts) if layout.moe == "ep" else P(None, None, experts, None),
     }
     return table.get(key[:3] if key[0] == "layers" else key[:1], P())
 
 
 def state_specs(state: nnx.State, layout: Layout) -> Any:
     """A pytree of PartitionSpecs matching `state` leaf for leaf."""
-    def spec(path, leaf):
-        key = param_key(path)
-        s = param_spec(key, layout)
-        # a quantised weight's extra leaves (scales) are smaller: shard them like the weight
-        # on the leading axes only when they keep those axes' sizes
-        return s if len(s) <= leaf.ndim else P(*s[:leaf.ndim])
-    return jax.tree_util.tree_map_with_path(spec, state)
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: param_spec(param_key(path), leaf, layout), state)
 
 
 def replicate_kv_heads(state: nnx.State, head_dim: int, replicas: int) -> nnx.State:

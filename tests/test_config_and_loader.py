@@ -76,7 +76,8 @@ def never_loads(monkeypatch):
     """Fails the test if any parameter starts loading: errors must come before that."""
     def boom(*a, **k):
         raise AssertionError("a parameter was loaded before the checkpoint was validated")
-    monkeypatch.setattr(CheckpointLayout, "load", boom)
+    monkeypatch.setattr(CheckpointLayout, "load_top", boom)
+    monkeypatch.setattr(CheckpointLayout, "layer_values", boom)
 
 
 def test_missing_tensors_are_listed(tiny_hf_dir, tmp_path, never_loads):

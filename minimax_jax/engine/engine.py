@@ -44,11 +44,12 @@ class RequestError(ValueError):
 class EngineArgs:
     model_path: str | None = None
     dtype: str = "bfloat16"
+    quantization: str | None = None          # experts on device: "fp8", "modelopt_fp4"; None: as the checkpoint
     tp_size: int = 1
     dp_size: int = 1
     ep_size: int | None = None               # None: experts over all devices when they divide
     enable_dp_attention: bool = False
-    moe_dispatch_fp4: bool = False           # NVFP4 all-gather of the MoE dispatch
+    moe_dispatch_fp4: bool | None = None     # NVFP4 all-gather of the MoE dispatch; None: on with NVFP4 experts
     moe_combine: str = "reduce_scatter"      # or "all_reduce"
     enable_ar_fusion: bool = True            # reduce-scatter + residual add + RMSNorm + all-gather
     context_length: int | None = None
@@ -71,9 +72,12 @@ class Engine:
         self.tokenizer = _load_tokenizer(args, self.loaded_from)
         self.context_length = min(args.context_length or self.cfg.max_position_embeddings,
                                   self.cfg.max_position_embeddings)
+        fp4_dispatch = args.moe_dispatch_fp4
+        if fp4_dispatch is None:
+            fp4_dispatch = self.model.expert_format == "nvfp4"
         self.layout = Layout.from_sglang(
             args.tp_size, args.dp_size, args.ep_size, args.enable_dp_attention, self.cfg.num_experts,
-            fp4_dispatch=args.moe_dispatch_fp4, combine=args.moe_combine, ar_fusion=args.enable_ar_fusion)
+            fp4_dispatch=fp4_dispatch, combine=args.moe_combine, ar_fusion=args.enable_ar_fusion)
         self.pages_per_seq = -(-self.context_length // args.page_size)
         total_tokens = args.max_total_tokens or self.context_length * min(args.max_running_requests, 8)
         num_pages = max(-(-total_tokens // args.page_size), self.pages_per_seq)
@@ -265,13 +269,18 @@ class Engine:
 
 
 def _load(args: EngineArgs) -> tuple[MiniMaxM2, str]:
+    from minimax_jax.loader import QUANTIZATION_TO_FORMAT, detect_quantization, load_model
+    if args.quantization not in QUANTIZATION_TO_FORMAT:
+        raise ValueError(f"quantization must be fp8 or modelopt_fp4, got {args.quantization!r}")
     dtype = DTYPES[args.dtype]
     if args.model_path is None:
         cfg = preset("tiny")
-        model = MiniMaxM2(cfg, dtype=dtype, rngs=nnx.Rngs(args.random_seed))
-        return model, "the embedded tiny preset (random weights)"
-    from minimax_jax.loader import load_model
-    return load_model(args.model_path, dtype=dtype), f"HF checkpoint {args.model_path}"
+        fmt = QUANTIZATION_TO_FORMAT[args.quantization]
+        model = MiniMaxM2(cfg, dtype=dtype, expert_format=fmt, rngs=nnx.Rngs(args.random_seed))
+        return model, f"the embedded tiny preset (random weights, {fmt} experts)"
+    quantization = args.quantization or detect_quantization(args.model_path)
+    model = load_model(args.model_path, dtype=dtype, quantization=quantization, progress=True)
+    return model, f"HF checkpoint {args.model_path} ({model.expert_format} experts)"
 
 
 def _load_tokenizer(args: EngineArgs, loaded_from: str):

@@ -36,7 +36,7 @@ class ModelRunner:
     def __init__(self, model: MiniMaxM2, layout: Layout, pages_per_rank: int, page_size: int,
                  kv_dtype: Any = None, devices: list | None = None):
         cfg = self.cfg = model.cfg
-        layout.check(cfg)
+        layout.check(cfg, model.expert_format)
         self.layout = layout
         self.mesh = make_mesh(layout, devices)
         self.page_size = page_size
