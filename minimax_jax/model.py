@@ -197,6 +197,7 @@ class Experts(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs, expert_format: str = "bf16"):
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         self.format, self.dtype = expert_format, dtype
+        self.kernel = "auto"        # grouped GEMM implementation, see ops.moe.grouped_matmul
         if expert_format == "bf16":
             self.w13 = _normal(rngs, (e, h, 2, i), dtype)
             self.w2 = _normal(rngs, (e, i, h), dtype)
@@ -236,7 +237,8 @@ class Experts(nnx.Module):
     def __call__(self, x: jax.Array, expert_ids: jax.Array, weights: jax.Array,
                  first_expert: jax.Array | int) -> jax.Array:
         w13, w2 = self.weights()
-        return moe_ops.routed_experts(x, expert_ids, weights, w13, w2, first_expert)
+        matmul = moe_ops.grouped_matmul(self.kernel, w13.dtype)
+        return moe_ops.routed_experts(x, expert_ids, weights, w13, w2, first_expert, matmul)
 
 
 class DecoderLayer(nnx.Module):
@@ -261,7 +263,7 @@ class DecoderLayer(nnx.Module):
         r = r + comm.reduce_attention(o).astype(r.dtype)
         h = rms_norm(r, self.mlp_norm[...], self.eps)
         expert_ids, weights = self.router(h, valid)
-        m = comm.moe(h, expert_ids, weights, self.experts)
+        m = comm.moe(h, expert_ids, weights, self.experts).astype(r.dtype)
         counts = jnp.bincount(expert_ids.reshape(-1), length=self.router.weight.shape[-1] + 1)
         return r, m, kv, counts
 
@@ -307,7 +309,7 @@ class MiniMaxM2(nnx.Module):
             r, m, (k_cache, v_cache), counts = layer(r, m, (k_cache, v_cache), step, valid, comm)
             return (r, m), (k_cache, v_cache, counts)
 
-        (r, m), (*kv, expert_counts) = jax.lax.scan(one_layer, (x, jnp.zeros(x.shape, jnp.float32)),
+        (r, m), (*kv, expert_counts) = jax.lax.scan(one_layer, (x, jnp.zeros_like(x)),
                                   (layer_state, kv[0], kv[1]))
         r = comm.finish_residual(r, m)
         h = comm.gather_tokens(rms_norm(r, self.norm[...], self.cfg.rms_norm_eps))

@@ -168,6 +168,10 @@ class AsyncEngine:
     def context_length(self) -> int:
         return self.engine.context_length
 
+    @property
+    def loaded_from(self) -> str:
+        return self.engine.loaded_from
+
     def make_request(self, prompt: str | None = None, input_ids: list[int] | None = None,
                      sampling_params: dict[str, Any] | SamplingParams | None = None,
                      rid: str | None = None) -> Request:
@@ -192,7 +196,7 @@ class AsyncEngine:
                 if finish is None and text.stopped is not None:
                     # the stop string showed up before the engine noticed: end it here
                     finish = {"type": "stop", "matched": text.stopped}
-                    self.abort(req.rid)
+                    self.abort(req.rid, finish)
                 completion_tokens += len(event.token_ids)
                 finished = finish is not None
                 yield StreamDelta(piece, event.token_ids, event.logprobs, event.top_logprobs,
@@ -209,10 +213,11 @@ class AsyncEngine:
                 parts.append(delta)
         return merge_deltas(parts)
 
-    def abort(self, rid: str) -> None:
-        """Thread-safe; frees the request's KV pages at the engine's next command pass."""
+    def abort(self, rid: str, reason: dict | None = None) -> None:
+        """Thread-safe; frees the request's KV pages at the engine's next command pass.
+        reason: the finish reason to record (default {"type": "abort"})."""
         with contextlib.suppress(EngineClosed):
-            self._post(lambda: self._abort(rid))
+            self._post(lambda: self._abort(rid, reason or {"type": "abort"}))
 
     def _post(self, command: Callable[[], None]) -> None:
         with self._cond:
@@ -224,12 +229,13 @@ class AsyncEngine:
     # -- engine thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        self._report_stats()
         running = True
         while running:
             commands, running = self._wait_for_work()
             for command in commands:
                 command()
-            if running and self.engine.scheduler.has_work():
+            if running and self.engine.has_work():
                 self._step()
             self._report_stats()
         self._abort_all({"type": "abort", "message": "the server is shutting down"})
@@ -237,7 +243,7 @@ class AsyncEngine:
 
     def _wait_for_work(self) -> tuple[list[Callable[[], None]], bool]:
         with self._cond:
-            while not (self._commands or self._stopping or self.engine.scheduler.has_work()):
+            while not (self._commands or self._stopping or self.engine.has_work()):
                 self._cond.wait()
             commands, self._commands = self._commands, []
             return commands, not self._stopping
@@ -267,13 +273,12 @@ class AsyncEngine:
         if req.finished:
             self._publish(sink, time.perf_counter())
 
-    def _abort(self, rid: str) -> None:
+    def _abort(self, rid: str, reason: dict) -> None:
         sink = self._live.get(rid)
         if sink is None:                 # already finished
             return
+        sink.req.finish_reason = reason  # Engine.abort keeps a finish reason already set
         self.engine.abort(rid)
-        if sink.req.finish_reason is None:
-            sink.req.finish_reason = {"type": "abort"}
         self._publish(sink, time.perf_counter())
 
     def _abort_all(self, reason: dict) -> None:
@@ -304,9 +309,8 @@ class AsyncEngine:
         self.observer.on_finish(finish.get("type", "abort"), tpot, now - sink.arrival)
 
     def _report_stats(self) -> None:
-        sched, alloc = self.engine.scheduler, self.engine.allocator
-        self.observer.on_stats(EngineStats(len(sched.running), len(sched.waiting),
-                                           alloc.num_used, alloc.num_pages))
+        e = self.engine
+        self.observer.on_stats(EngineStats(e.num_running, e.num_waiting, e.kv_pages_used, e.kv_pages_total))
 
 
 def merge_deltas(parts: list[StreamDelta]) -> StreamDelta:

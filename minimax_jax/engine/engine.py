@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ from flax import nnx
 from minimax_jax.config import ModelConfig, preset
 from minimax_jax.engine.runner import ModelRunner, StepOutput
 from minimax_jax.engine.sampling import SamplingParams, SamplingParamsError
+from minimax_jax.engine.tokenizer import find_stop
 from minimax_jax.engine.scheduler import Request, ScheduledStep, Scheduler, assemble, powers_of_two
 from minimax_jax.kv_cache import PageAllocator
 from minimax_jax.model import MiniMaxM2
@@ -60,6 +62,9 @@ class EngineArgs:
     max_prefill_tokens: int = 1024
     random_seed: int = 0
     tokenizer_path: str | None = None
+    load_format: str = "auto"                # "dummy": random weights of the config's shapes, made on device
+    json_model_override_args: str | None = None   # JSON dict over config.json, e.g. '{"num_hidden_layers": 4}'
+    moe_kernel: str = "auto"                 # grouped GEMM: "auto" (Mosaic GPU on Hopper), "xla", "mosaic"
 
 
 class Engine:
@@ -81,7 +86,8 @@ class Engine:
         self.pages_per_seq = -(-self.context_length // args.page_size)
         total_tokens = args.max_total_tokens or self.context_length * min(args.max_running_requests, 8)
         num_pages = max(-(-total_tokens // args.page_size), self.pages_per_seq)
-        self.runner = ModelRunner(self.model, self.layout, num_pages, args.page_size)
+        self.runner = ModelRunner(self.model, self.layout, num_pages, args.page_size, seed=args.random_seed,
+                                  moe_kernel=args.moe_kernel)
         per_rank = -(-args.max_running_requests // self.layout.dp)
         self.schedulers = [Scheduler(PageAllocator(num_pages), args.page_size, self.pages_per_seq,
                                      per_rank, args.chunked_prefill_size, args.max_prefill_tokens)
@@ -126,10 +132,12 @@ class Engine:
             raise RequestError(f"prompt ({len(input_ids)} tokens) + max_new_tokens "
                                f"({params.max_new_tokens}) exceeds the context length {self.context_length}",
                                param="max_new_tokens")
-        seed = params.seed if params.seed is not None else (self.args.random_seed * 1_000_003 + hash(rid or id(params))) % 2**32
-        req = Request(prompt_ids=input_ids, params=params, seed=seed)
+        req = Request(prompt_ids=input_ids, params=params)
         if rid is not None:
             req.rid = rid
+        # unseeded requests draw from (server seed, request id): reproducible across restarts
+        req.seed = params.seed % 2**32 if params.seed is not None else \
+            zlib.crc32(f"{self.args.random_seed}/{req.rid}".encode())
         return req
 
     def submit(self, req: Request) -> Request:
@@ -208,10 +216,13 @@ class Engine:
         if not p.ignore_eos and token in self.eos_ids:
             return {"type": "stop", "matched": token}
         if p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(req.output_ids, skip_special_tokens=p.skip_special_tokens)
-            for s in p.stop:
-                if s in text:
-                    return {"type": "stop", "matched": s}
+            # a stop string completed by this token lies in the last few tokens' text
+            window = max(len(s) for s in p.stop) + 8
+            text = self.tokenizer.decode(req.output_ids[-window:], skip_special_tokens=p.skip_special_tokens)
+            at = find_stop(text, p.stop)
+            if at >= 0:
+                matched = min((s for s in p.stop if s and text.find(s) == at), key=len)
+                return {"type": "stop", "matched": matched}
         if len(req.output_ids) >= p.max_new_tokens:
             return {"type": "length", "length": len(req.output_ids)}
         return None
@@ -245,7 +256,7 @@ class Engine:
         text = self.decode(req.output_ids, req.params) if self.tokenizer is not None else ""
         stop = req.finish_reason or {}
         if stop.get("type") == "stop" and isinstance(stop.get("matched"), str):
-            text = text[:text.find(stop["matched"])]
+            text = text[:find_stop(text, req.params.stop)]
         meta = {"id": req.rid, "prompt_tokens": len(req.prompt_ids),
                 "completion_tokens": len(req.output_ids), "finish_reason": req.finish_reason}
         if return_logprob:
@@ -268,16 +279,36 @@ class Engine:
         return self.runner.num_compiles
 
 
+def _model_config(args: EngineArgs) -> ModelConfig:
+    """The preset named by model_path (or tiny), or the checkpoint's config.json, with overrides."""
+    import json
+    from minimax_jax.config import PRESETS
+    if args.model_path is None or args.model_path in PRESETS:
+        cfg = preset(args.model_path or "tiny").to_hf()
+    else:
+        cfg = json.loads((Path(args.model_path) / "config.json").read_text())
+    if args.json_model_override_args:
+        cfg.update(json.loads(args.json_model_override_args))
+    return ModelConfig.from_hf(cfg)
+
+
 def _load(args: EngineArgs) -> tuple[MiniMaxM2, str]:
+    from minimax_jax.config import PRESETS
     from minimax_jax.loader import QUANTIZATION_TO_FORMAT, detect_quantization, load_model
     if args.quantization not in QUANTIZATION_TO_FORMAT:
         raise ValueError(f"quantization must be fp8 or modelopt_fp4, got {args.quantization!r}")
+    if args.load_format not in ("auto", "dummy"):
+        raise ValueError(f"load_format must be auto or dummy, got {args.load_format!r}")
     dtype = DTYPES[args.dtype]
-    if args.model_path is None:
-        cfg = preset("tiny")
-        fmt = QUANTIZATION_TO_FORMAT[args.quantization]
+    fmt = QUANTIZATION_TO_FORMAT[args.quantization]
+    if args.load_format == "dummy":      # abstract: the runner draws the weights on the devices
+        cfg = _model_config(args)
+        model = nnx.eval_shape(lambda: MiniMaxM2(cfg, dtype=dtype, expert_format=fmt, rngs=nnx.Rngs(args.random_seed)))
+        return model, f"random weights of {args.model_path or 'tiny'} ({cfg.num_layers} layers, {fmt} experts)"
+    if args.model_path is None or args.model_path in PRESETS:
+        cfg = _model_config(args)
         model = MiniMaxM2(cfg, dtype=dtype, expert_format=fmt, rngs=nnx.Rngs(args.random_seed))
-        return model, f"the embedded tiny preset (random weights, {fmt} experts)"
+        return model, f"the embedded {args.model_path or 'tiny'} preset (random weights, {fmt} experts)"
     quantization = args.quantization or detect_quantization(args.model_path)
     model = load_model(args.model_path, dtype=dtype, quantization=quantization, progress=True)
     return model, f"HF checkpoint {args.model_path} ({model.expert_format} experts)"

@@ -15,7 +15,7 @@ from minimax_jax.engine.sampling import SamplingBatch, sample
 from minimax_jax.model import MiniMaxM2, StepInput
 from sharding.forward import sharded_forward
 from sharding.mesh import Layout, make_mesh
-from sharding.specs import KV_SPEC, shard_state
+from sharding.specs import KV_SPEC, replicate_kv_heads, shard_state, state_specs
 
 
 @dataclasses.dataclass
@@ -34,15 +34,19 @@ class ModelRunner:
     """
 
     def __init__(self, model: MiniMaxM2, layout: Layout, pages_per_rank: int, page_size: int,
-                 kv_dtype: Any = None, devices: list | None = None):
+                 kv_dtype: Any = None, devices: list | None = None, seed: int = 0, moe_kernel: str = "auto"):
         cfg = self.cfg = model.cfg
         layout.check(cfg, model.expert_format)
         self.layout = layout
         self.mesh = make_mesh(layout, devices)
         self.page_size = page_size
         self.pages_per_rank = pages_per_rank
+        model.layers.experts.kernel = moe_kernel
         graphdef, state = nnx.split(model)
-        self.state = shard_state(state, layout, self.mesh, cfg.head_dim, cfg.num_kv_heads)
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):
+            self.state = random_sharded_state(model, layout, self.mesh, seed)
+        else:
+            self.state = shard_state(state, layout, self.mesh, cfg.head_dim, cfg.num_kv_heads)
         self.forward = sharded_forward(cfg, graphdef, self.state, layout, self.mesh, combine_dtype=model.dtype)
         self.kv = self._empty_kv(kv_dtype or model.dtype)
         self.num_compiles = 0
@@ -66,3 +70,16 @@ class ModelRunner:
         step = jax.tree.map(put, step)
         self.kv, out = self._step(self.state, self.kv, step, put(logit_index), jax.tree.map(put, sampling))
         return StepOutput(*(np.asarray(x) for x in out))
+
+
+def random_sharded_state(abstract: MiniMaxM2, layout: Layout, mesh, seed: int) -> nnx.State:
+    """Random weights of the model's exact shapes, drawn on the devices already sharded (never
+    materialised on one host), for benchmarks at full size."""
+    cfg = abstract.cfg
+
+    def init():
+        model = MiniMaxM2(cfg, dtype=abstract.dtype, expert_format=abstract.expert_format, rngs=nnx.Rngs(seed))
+        return replicate_kv_heads(nnx.state(model), cfg.head_dim, layout.kv_head_replicas(cfg.num_kv_heads))
+
+    specs = state_specs(jax.eval_shape(init), layout)
+    return jax.jit(init, out_shardings=jax.tree.map(lambda s: NamedSharding(mesh, s), specs))()

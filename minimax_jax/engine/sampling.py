@@ -81,11 +81,17 @@ class SamplingBatch:
     position: jax.Array            # position of the sampled token: folds into the key
     frequency_penalty: jax.Array
     presence_penalty: jax.Array
+    penalized_ids: jax.Array       # [B, W] output tokens so far of slots with a penalty, -1 padded
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.penalized_ids.shape[1] > 0
 
     @classmethod
     def build(cls, params: list[SamplingParams | None], seeds: list[int], positions: list[int],
-              size: int) -> "SamplingBatch":
-        """Arrays of `size` slots; empty slots are greedy."""
+              size: int, outputs: list[list[int]] | None = None) -> "SamplingBatch":
+        """Arrays of `size` slots; empty slots are greedy. outputs: each slot's output tokens so
+        far, needed only by the penalties (width 0 when no slot has one)."""
         def column(get, default, dtype):
             values = [get(p) if p is not None else default for p in params]
             return np.asarray(values + [default] * (size - len(values)), dtype)
@@ -98,20 +104,38 @@ class SamplingBatch:
             position=np.asarray(list(positions) + [0] * (size - len(positions)), np.int32),
             frequency_penalty=column(lambda p: p.frequency_penalty, 0.0, np.float32),
             presence_penalty=column(lambda p: p.presence_penalty, 0.0, np.float32),
+            penalized_ids=_penalized_ids(params, outputs, size),
         )
+
+
+def _penalized_ids(params, outputs, size: int) -> np.ndarray:
+    penalized = [i for i, p in enumerate(params)
+                 if p is not None and (p.frequency_penalty or p.presence_penalty) and outputs and outputs[i]]
+    if not penalized:
+        return np.zeros((size, 0), np.int32)
+    width = 1 << max(len(outputs[i]) for i in penalized).bit_length()     # few compiled widths
+    ids = np.full((size, width), -1, np.int32)
+    for i in penalized:
+        ids[i, :len(outputs[i])] = outputs[i]
+    return ids
 
 
 TOP_LOGPROBS_MAX = 20
 
 
-def sample(logits: jax.Array, params: SamplingBatch, counts: jax.Array | None = None):
-    """logits: fp32 [B, V]; counts: [B, V] output-token counts for the penalties, or None.
+def sample(logits: jax.Array, params: SamplingBatch):
+    """logits: fp32 [B, V]. Frequency and presence penalties (OpenAI's definitions) subtract
+    penalty * count and penalty * (count > 0) of each token already in the slot's output.
 
     Returns (tokens [B], logprob of each token [B], top-logprob ids and values [B, 20]); the
     logprobs are of the model's distribution (log-softmax of the raw logits).
     """
     logprobs_all = jax.nn.log_softmax(logits, axis=-1)
-    if counts is not None:
+    if params.uses_penalties:
+        b, v = logits.shape
+        ids = params.penalized_ids
+        rows = jnp.broadcast_to(jnp.arange(b)[:, None], ids.shape)
+        counts = jnp.zeros((b, v), jnp.float32).at[rows, jnp.where(ids >= 0, ids, v)].add(1.0, mode="drop")
         logits = logits - params.frequency_penalty[:, None] * counts
         logits = logits - params.presence_penalty[:, None] * (counts > 0)
     greedy_tokens = jnp.argmax(logits, axis=-1)

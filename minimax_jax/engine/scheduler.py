@@ -198,7 +198,7 @@ def assemble(plans: list[RankPlan | None], batch_buckets: list[int], token_bucke
     page_table = np.zeros((d * b, pages_per_seq), np.int32)
     logit_index = np.zeros((d * b,), np.int32)
     params: list = [None] * (d * b)
-    seeds, sample_pos = [0] * (d * b), [0] * (d * b)
+    seeds, sample_pos, outputs = [0] * (d * b), [0] * (d * b), [[] for _ in range(d * b)]
     for rank, plan in enumerate(plans):
         if plan is None:
             continue
@@ -210,6 +210,7 @@ def assemble(plans: list[RankPlan | None], batch_buckets: list[int], token_bucke
             page_table[slot, :len(req.pages)] = req.pages
             logit_index[slot] = n - 1
             params[slot], seeds[slot], sample_pos[slot] = req.params, req.seed, len(req.all_ids())
-    sampling = SamplingBatch.build(params, seeds, sample_pos, d * b)
+            outputs[slot] = req.output_ids
+    sampling = SamplingBatch.build(params, seeds, sample_pos, d * b, outputs)
     step = StepInput(tokens=tokens, positions=positions, valid=valid, page_table=page_table)
     return ScheduledStep(plans, b, step, logit_index, sampling)

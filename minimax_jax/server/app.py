@@ -58,7 +58,7 @@ def create_app(engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig
         await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="minimax-jax", lifespan=lifespan, docs_url=None, redoc_url=None)
-    serving = OpenAIServing(engine, metrics, config)
+    serving = OpenAIServing(engine, config)
     app.add_middleware(GuardMiddleware, api_key=config.api_key, max_request_bytes=config.max_request_bytes)
     _add_error_handlers(app)
 
@@ -91,16 +91,22 @@ def create_app(engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig
 # -- request handling ----------------------------------------------------------------------------
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig):
-        self.engine, self.metrics, self.config = engine, metrics, config
+    def __init__(self, engine: AsyncEngine, config: ServerConfig):
+        self.engine, self.config = engine, config
         self.created = now()
+        self._warned_penalties = False
 
     def models(self) -> ModelList:
         card = ModelCard(id=self.config.served_model_name, created=self.created,
-                         root=self.engine.engine.loaded_from, max_model_len=self.engine.context_length)
+                         root=self.engine.loaded_from, max_model_len=self.engine.context_length)
         return ModelList(data=[card])
 
     def _check(self, body: CompletionRequest | ChatCompletionRequest) -> None:
+        if not self.engine.is_alive:
+            raise EngineClosed("the engine is not running")
+        if (body.frequency_penalty or body.presence_penalty) and not self._warned_penalties:
+            self._warned_penalties = True
+            log.warning("frequency_penalty / presence_penalty are accepted but the engine does not apply them yet")
         if body.model is not None and body.model != self.config.served_model_name:
             raise OpenAIError(404, f"the model {body.model!r} does not exist; this server serves "
                                    f"{self.config.served_model_name!r}", "model", "model_not_found")
@@ -198,7 +204,8 @@ class OpenAIServing:
 
         splitter = ReasoningSplitter() if self.config.reasoning_parser else None
         top = (body.top_logprobs or 0) if body.logprobs else 0
-        yield chunk([ChatStreamChoice(delta=DeltaMessage(role="assistant", content=""))])
+        yield chunk([ChatStreamChoice(delta=DeltaMessage(role="assistant", content=""),
+                                      token_ids=[] if body.return_token_ids else None)])
         last = None
         async with contextlib.aclosing(self.engine.generate_stream(req)) as stream:
             async for delta in stream:

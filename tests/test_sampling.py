@@ -1,0 +1,76 @@
+"""On-device sampling: penalties, filters, seeds; and the bf16 compute path."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minimax_jax.engine.engine import Engine
+from minimax_jax.engine.sampling import SamplingBatch, SamplingParams, SamplingParamsError, sample
+from minimax_jax.loader import load_model
+from tests.test_model_vs_transformers import prefill_logits
+
+
+def batch(params, outputs=None, positions=None):
+    n = len(params)
+    return SamplingBatch.build(params, [7] * n, positions or [3] * n, n, outputs)
+
+
+def test_presence_and_frequency_penalties_lower_tokens_already_generated():
+    logits = jnp.asarray([[0.0, 1.0, 3.0, 2.5]], jnp.float32)
+    greedy = SamplingParams(temperature=0.0)
+    assert int(sample(logits, batch([greedy], [[2]]))[0][0]) == 2        # no penalty: argmax
+    presence = SamplingParams(temperature=0.0, presence_penalty=1.0)
+    assert int(sample(logits, batch([presence], [[2]]))[0][0]) == 3
+    frequency = SamplingParams(temperature=0.0, frequency_penalty=0.3)
+    assert int(sample(logits, batch([frequency], [[2]]))[0][0]) == 2     # 3.0 - 0.3 > 2.5
+    assert int(sample(logits, batch([frequency], [[2, 2]]))[0][0]) == 3  # 3.0 - 0.6 < 2.5
+    assert int(sample(logits, batch([frequency], [[1]]))[0][0]) == 2
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy_and_min_p_filters():
+    rng = np.random.RandomState(0)
+    logits = jnp.asarray(rng.standard_normal((6, 50)) * 3, jnp.float32)
+    best = np.asarray(jnp.argmax(logits, -1))
+    for p in (SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0, top_p=1e-6),
+              SamplingParams(temperature=1.0, min_p=1.0)):
+        tokens = sample(logits, SamplingBatch.build([p] * 6, list(range(6)), [0] * 6, 6))[0]
+        np.testing.assert_array_equal(np.asarray(tokens), best)
+
+
+def test_logprobs_are_the_models_distribution_not_the_tempered_one():
+    logits = jnp.asarray([[0.0, 1.0, 2.0]], jnp.float32)
+    tokens, logprobs, top_ids, top_values = sample(logits, batch([SamplingParams(temperature=0.5, seed=1)]))
+    expected = np.log(np.exp([0.0, 1.0, 2.0]) / np.exp([0.0, 1.0, 2.0]).sum())
+    assert logprobs[0] == pytest.approx(expected[int(tokens[0])], abs=1e-6)
+    assert list(np.asarray(top_ids[0, :3])) == [2, 1, 0]
+
+
+@pytest.mark.parametrize("bad", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": 0},
+                                 {"min_p": 2}, {"presence_penalty": 3}, {"max_new_tokens": -1}, {"nope": 1}])
+def test_invalid_sampling_parameters_name_the_field(bad):
+    with pytest.raises(SamplingParamsError, match=next(iter(bad))):
+        SamplingParams.from_dict(bad)
+
+
+def test_seeded_sampling_is_independent_of_the_batch(tiny_hf_dir):
+    engine = Engine(model_path=str(tiny_hf_dir), dtype="float32", context_length=64, page_size=4)
+    seeded = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 0.9, "seed": 1234}
+    alone = engine.generate(input_ids=[1, 2, 3], sampling_params=seeded)["output_ids"]
+    crowd = engine.generate(input_ids=[[9, 9], [1, 2, 3], [4]],
+                            sampling_params=[{"max_new_tokens": 5, "temperature": 0.7}, seeded, {"max_new_tokens": 3}])
+    assert crowd[1]["output_ids"] == alone
+
+
+def test_bfloat16_model_tracks_float32_within_bf16_rounding(tiny_hf_dir):
+    ids = np.random.RandomState(3).randint(0, 512, (2, 11))
+    exact = prefill_logits(load_model(tiny_hf_dir, dtype=jnp.float32), ids)
+    bf16 = prefill_logits(load_model(tiny_hf_dir, dtype=jnp.bfloat16), ids)
+    assert bf16.dtype == np.float32
+    assert np.linalg.norm(bf16 - exact) <= 0.05 * np.linalg.norm(exact)    # bf16: 8 bits of mantissa
+
+
+def test_default_bfloat16_engine_generates_text():
+    engine = Engine(context_length=64)
+    out = engine.generate(prompt="Hello", sampling_params={"max_new_tokens": 6, "temperature": 0.0},
+                          return_logprob=True)
+    assert len(out["output_ids"]) == 6 and isinstance(out["text"], str)
+    assert all(np.isfinite(lp) for lp, _, _ in out["meta_info"]["output_token_logprobs"])
