@@ -309,6 +309,9 @@ def _load(args: EngineArgs) -> tuple[MiniMaxM2, str]:
         cfg = _model_config(args)
         model = MiniMaxM2(cfg, dtype=dtype, expert_format=fmt, rngs=nnx.Rngs(args.random_seed))
         return model, f"the embedded {args.model_path or 'tiny'} preset (random weights, {fmt} experts)"
+    from minimax_jax.checkpoint import is_converted_checkpoint, restore_for_engine
+    if is_converted_checkpoint(args.model_path):     # made by scripts/convert_hf.py
+        return restore_for_engine(args.model_path, dtype, args)
     quantization = args.quantization or detect_quantization(args.model_path)
     model = load_model(args.model_path, dtype=dtype, quantization=quantization, progress=True)
     return model, f"HF checkpoint {args.model_path} ({model.expert_format} experts)"
@@ -316,9 +319,12 @@ def _load(args: EngineArgs) -> tuple[MiniMaxM2, str]:
 
 def _load_tokenizer(args: EngineArgs, loaded_from: str):
     from minimax_jax.engine.tokenizer import Tokenizer
+    from minimax_jax.config import PRESETS
     path = args.tokenizer_path or args.model_path
-    if path is None:
+    if path is None or path == "tiny":
         return Tokenizer.tiny()
+    if path in PRESETS:
+        return None             # random weights of a full-size preset: requests give input_ids
     if (Path(path) / "tokenizer.json").exists():
         return Tokenizer.from_dir(path)
     log.warning("no tokenizer.json in %s: requests must give input_ids", path)

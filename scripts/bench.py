@@ -1,0 +1,352 @@
+"""Benchmarks of minimax-jax on the devices at hand (GPUs, or CPUs with --smoke).
+
+Sections (pick with --sections, comma separated):
+  env       versions, devices, measured copy bandwidth and bf16 matmul rate (the ceilings)
+  check     greedy tokens of a 2-layer full-width model: Mosaic vs XLA expert GEMM, DEP vs 1 device
+  kernels   expert grouped GEMM: lax.ragged_dot vs Mosaic GPU at decode and prefill sizes,
+            checked against each other, beside the weight-read floor
+  layers    one decode step of a full-width model at two depths on each layout (DEP with FP4
+            or bf16 all-gather, TP with and without the fused reduce-scatter + norm): per-layer
+            time from the difference, beside its floor (weights + KV bytes over bandwidth)
+  engine    offline workload through Engine (GSM8K-shaped: P prompt / O output tokens, all
+            submitted at once): output tok/s, TTFT and TPOT percentiles
+  hf        transformers' MiniMaxM2ForCausalLM at the same depth and batch on one GPU, beside
+            this engine on one GPU (prefill tok/s and batched greedy decode tok/s)
+
+Every figure printed is measured in this run; the table at the end is the summary, the full log
+goes to --out (default $OUT or ./bench-out). Multicast stays off in NCCL (NCCL_NVLS_ENABLE=0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+for var, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                   ("NVSHMEM_DISABLE_NVLS", "1"), ("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")):
+    os.environ.setdefault(var, value)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROWS: list[dict] = []
+
+
+def record(section: str, variant: str, value: float, unit: str, note: str = "") -> None:
+    row = dict(section=section, variant=variant, value=value, unit=unit, note=note)
+    ROWS.append(row)
+    print(f"[{section}] {variant}: {value:.4g} {unit} {note}", flush=True)
+
+
+def median_time(fn, *args, warmup: int = 2, iters: int = 10) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+# -- env ---------------------------------------------------------------------------------------
+
+def bench_env(args) -> dict:
+    devices = jax.devices()
+    print(f"jax {jax.__version__}, {len(devices)} x {devices[0].device_kind}", flush=True)
+    key = jax.random.PRNGKey(0)
+    x = jax.random.normal(key, (args.copy_elems,), jnp.bfloat16)
+    t = median_time(jax.jit(lambda x: x * 1.0001), x)
+    bandwidth = 2 * x.nbytes / t
+    record("env", "copy bandwidth (read+write)", bandwidth / 1e12, "TB/s", f"{x.nbytes / 2**30:.1f} GiB bf16")
+    n = args.matmul_n
+    a = jax.random.normal(key, (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
+    t = median_time(jax.jit(jnp.dot), a, b)
+    record("env", f"bf16 matmul {n}^3", 2 * n**3 / t / 1e12, "TFLOP/s")
+    return {"bandwidth": bandwidth, "matmul": 2 * n**3 / t}
+
+
+# -- kernels -----------------------------------------------------------------------------------
+
+def bench_kernels(args, ceilings: dict) -> None:
+    from minimax_jax.ops import moe as moe_ops
+    kernels = {"xla": moe_ops.ragged_dot_reference}
+    if jax.default_backend() == "gpu":
+        kernels["mosaic"] = moe_ops.ragged_dot_mosaic
+    g, k, n = args.local_experts, args.hidden, 2 * args.intermediate
+    key = jax.random.PRNGKey(0)
+    w = (jax.random.normal(key, (g, k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
+    floor = w.nbytes / ceilings["bandwidth"]
+    for m in args.kernel_rows:
+        x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
+        # expert parallel: only a quarter of the rows are routed to this device's experts
+        for share in (1.0, 0.25):
+            rows = int(m * share)
+            sizes = jnp.asarray(np.random.RandomState(3).multinomial(rows, np.ones(g) / g), jnp.int32)
+            valid = np.arange(m) < int(sizes.sum())
+            ref = None
+            for name, fn in kernels.items():
+                f = jax.jit(fn)
+                out = np.asarray(f(x, w, sizes).astype(jnp.float32))[valid]
+                if ref is None:
+                    ref = out
+                err = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+                t = median_time(f, x, w, sizes)
+                flops = 2 * int(sizes.sum()) * k * n
+                record("kernels", f"{name} m={m} routed={share:.2f}", t * 1e3, "ms",
+                       f"floor {floor * 1e3:.3f} ms ({floor / t:.0%}), {flops / t / 1e12:.0f} TFLOP/s, rel err {err:.1e}")
+
+
+# -- layers ------------------------------------------------------------------------------------
+
+LAYOUTS = {
+    "DEP fp4-gather": dict(dp_size=-1, enable_dp_attention=True, moe_dispatch_fp4=True),
+    "DEP bf16-gather": dict(dp_size=-1, enable_dp_attention=True, moe_dispatch_fp4=False),
+    "TP ar-fusion": dict(enable_ar_fusion=True),
+    "TP no-fusion": dict(enable_ar_fusion=False, moe_combine="all_reduce"),
+}
+
+
+def decode_step_inputs(engine, batch_per_rank: int, context: int):
+    """A decode step: every slot of every rank at position `context`, its pages distinct."""
+    from minimax_jax.engine.sampling import SamplingBatch
+    from minimax_jax.model import StepInput
+    d, ps = engine.layout.dp, engine.args.page_size
+    pages = -(-(context + 1) // ps)
+    slots = d * batch_per_rank
+    table = np.stack([np.arange(pages) + (i % batch_per_rank) * pages for i in range(slots)]).astype(np.int32)
+    step = StepInput(tokens=np.arange(slots, dtype=np.int32)[:, None] % engine.cfg.vocab_size,
+                     positions=np.full((slots, 1), context, np.int32), valid=np.ones((slots, 1), bool),
+                     page_table=table)
+    sampling = SamplingBatch.build([None] * slots, [0] * slots, [0] * slots, slots)
+    return step, np.zeros(slots, np.int32), sampling
+
+
+def layer_engine(args, layers: int, flags: dict, batch_per_rank: int):
+    from minimax_jax.engine.engine import Engine
+    n = len(jax.devices())
+    flags = {k: (n if v == -1 else v) for k, v in flags.items()}
+    pages_per_rank = batch_per_rank * -(-(args.context + 1) // args.page_size)
+    return Engine(model_path=args.preset, load_format="dummy", tp_size=n, ep_size=n, dtype="bfloat16",
+                  quantization=args.quantization, page_size=args.page_size,
+                  max_total_tokens=pages_per_rank * args.page_size, context_length=args.context + 64,
+                  max_running_requests=batch_per_rank * n,
+                  json_model_override_args=json.dumps({"num_hidden_layers": layers}), **flags)
+
+
+def bench_check(args) -> None:
+    """Greedy tokens and logits of one full-width random model (2 layers, DEP over all devices)
+    with the Mosaic grouped GEMM against the XLA reference, and against one device."""
+    from minimax_jax.engine.engine import Engine
+    n = len(jax.devices())
+    common = dict(model_path=args.preset, load_format="dummy", dtype="bfloat16", page_size=args.page_size,
+                  context_length=256, max_running_requests=8, chunked_prefill_size=128,
+                  json_model_override_args=json.dumps({"num_hidden_layers": 2}))
+    prompts = [list(range(1 + i, 40 + 7 * i)) for i in range(4)]
+    params = {"max_new_tokens": 16, "temperature": 0.0}
+    outs = {}
+    for name, flags in (("1 device xla", dict(moe_kernel="xla")),
+                        (f"DEP{n} xla", dict(moe_kernel="xla", tp_size=n, dp_size=n, enable_dp_attention=True)),
+                        (f"DEP{n} mosaic", dict(moe_kernel="mosaic", tp_size=n, dp_size=n, enable_dp_attention=True))):
+        try:
+            engine = Engine(**common, **flags)
+            outs[name] = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
+            del engine
+        except Exception as e:              # report and go on: the other sections still run
+            print(f"[check] {name} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    base = outs.get("1 device xla")
+    for name, tokens in outs.items():
+        same = np.mean([a == b for x, y in zip(tokens, base or tokens) for a, b in zip(x, y)])
+        record("check", f"greedy tokens {name} vs 1 device xla", float(same), "fraction equal", "4 prompts x 16 tokens")
+
+
+def bench_layers(args, ceilings: dict) -> None:
+    from minimax_jax.config import preset
+    cfg = preset(args.preset)
+    n = len(jax.devices())
+    tokens = args.decode_tokens
+    for name, flags in LAYOUTS.items():
+        dp = n if flags.get("enable_dp_attention") else 1
+        times = {}
+        try:
+            for layers in args.depths:
+                engine = layer_engine(args, layers, flags, tokens // dp)
+                step, logit_index, sampling = decode_step_inputs(engine, tokens // dp, args.context)
+                times[layers] = median_time(lambda: engine.runner.run(step, logit_index, sampling), iters=args.iters)
+                del engine
+        except Exception as e:
+            print(f"[layers] {name} FAILED: {type(e).__name__}: {str(e)[:400]}", flush=True)
+            continue
+        lo, hi = min(args.depths), max(args.depths)
+        per_layer = (times[hi] - times[lo]) / (hi - lo)
+        floor = layer_floor(cfg, tokens, args.context, n, args.quantization) / ceilings["bandwidth"]
+        record("layers", f"{name} decode {tokens} tok", per_layer * 1e6, "us/layer",
+               f"floor {floor * 1e6:.0f} us ({floor / per_layer:.0%}); step {hi} layers {times[hi] * 1e3:.2f} ms, "
+               f"{lo} layers {times[lo] * 1e3:.2f} ms")
+
+
+def layer_floor(cfg, tokens: int, context: int, devices: int, quantization) -> float:
+    """Bytes one device must read per layer at decode: its share of the routed experts' weights
+    (the distinct experts the batch touches), attention weights, and the KV cache."""
+    bytes_per_weight = {None: 2, "fp8": 1, "modelopt_fp4": 0.5625}[quantization]
+    expert = 3 * cfg.hidden_size * cfg.intermediate_size * bytes_per_weight
+    touched = cfg.num_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** tokens)
+    attention = 2 * cfg.hidden_size * (2 * cfg.q_size + 2 * cfg.kv_size)
+    kv = tokens * context * 2 * cfg.kv_size * 2
+    return (touched * expert + attention + kv) / devices
+
+
+# -- engine ------------------------------------------------------------------------------------
+
+def bench_engine(args) -> None:
+    from minimax_jax.engine.engine import Engine
+    n = len(jax.devices())
+    flags = dict(tp_size=n, ep_size=n)
+    if args.engine_layout == "dep":
+        flags.update(dp_size=n, enable_dp_attention=True)
+    engine = Engine(model_path=args.preset, load_format="dummy", dtype="bfloat16", quantization=args.quantization,
+                    page_size=args.page_size, context_length=args.prompt + args.output + 16,
+                    max_running_requests=args.requests, chunked_prefill_size=args.chunk,
+                    max_prefill_tokens=args.max_prefill_tokens,
+                    max_total_tokens=(args.requests // (n if args.engine_layout == "dep" else 1) + 1)
+                    * (args.prompt + args.output + 16),
+                    json_model_override_args=json.dumps({"num_hidden_layers": args.engine_layers}), **flags)
+    rng = np.random.RandomState(0)
+    vocab = engine.cfg.vocab_size
+    params = {"max_new_tokens": args.output, "temperature": 0.0, "ignore_eos": True}
+    engine.generate(input_ids=[rng.randint(0, vocab, args.prompt).tolist() for _ in range(min(8, args.requests))],
+                    sampling_params=params)                                   # compiles the buckets
+    reqs = [engine.make_request(input_ids=rng.randint(0, vocab, args.prompt).tolist(), sampling_params=params)
+            for _ in range(args.requests)]
+    first, last = {}, {}
+    start = time.perf_counter()
+    for req in reqs:
+        engine.submit(req)
+    while engine.has_work():
+        for req in engine.step():
+            now = time.perf_counter()
+            first.setdefault(req.rid, now)
+            last[req.rid] = now
+    wall = time.perf_counter() - start
+    out_tokens = sum(len(r.output_ids) for r in reqs)
+    ttft = np.array([first[r.rid] - start for r in reqs])
+    tpot = np.array([(last[r.rid] - first[r.rid]) / max(len(r.output_ids) - 1, 1) for r in reqs])
+    tag = f"{args.engine_layout.upper()}{n} {args.engine_layers}L {args.requests}x{args.prompt}/{args.output}"
+    record("engine", f"{tag} output throughput", out_tokens / wall, "tok/s", f"wall {wall:.1f} s, compiles {engine.num_compiles}")
+    record("engine", f"{tag} TTFT p50/p99", np.percentile(ttft, 50), "s", f"p99 {np.percentile(ttft, 99):.2f} s")
+    record("engine", f"{tag} TPOT p50/p99", np.percentile(tpot, 50) * 1e3, "ms", f"p99 {np.percentile(tpot, 99) * 1e3:.1f} ms")
+
+
+# -- hf baseline -------------------------------------------------------------------------------
+
+def bench_hf(args) -> None:
+    """transformers and this engine, same depth, same batch, one device each."""
+    import torch
+    from transformers import MiniMaxM2Config, MiniMaxM2ForCausalLM
+    from minimax_jax.config import preset
+    from minimax_jax.engine.engine import Engine
+    layers, batch, prompt, new = args.engine_layers, args.hf_batch, args.prompt, args.hf_new
+    cfg = MiniMaxM2Config(**{**preset(args.preset).to_hf(), "num_hidden_layers": layers})
+    with torch.device("cuda"):
+        torch.manual_seed(0)
+        hf = MiniMaxM2ForCausalLM(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 1000, (batch, prompt), device="cuda")
+    with torch.no_grad():
+        hf.generate(ids[:, :16], max_new_tokens=2, do_sample=False)         # warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        torch.cuda.synchronize()
+        hf_time = time.perf_counter() - start
+    record("hf", f"transformers {layers}L batch {batch} {prompt}+{new}", batch * new / hf_time, "out tok/s",
+           f"{hf_time:.2f} s incl. prefill")
+    del hf
+    torch.cuda.empty_cache()
+    engine = Engine(model_path=args.preset, load_format="dummy", dtype="bfloat16", page_size=args.page_size,
+                    context_length=prompt + new + 16, max_running_requests=batch, chunked_prefill_size=args.chunk,
+                    max_prefill_tokens=args.max_prefill_tokens, max_total_tokens=batch * (prompt + new + 16),
+                    json_model_override_args=json.dumps({"num_hidden_layers": layers}))
+    prompts = ids.cpu().numpy().tolist()
+    params = {"max_new_tokens": new, "temperature": 0.0, "ignore_eos": True}
+    engine.generate(input_ids=prompts, sampling_params=params)                # compiles the buckets
+    start = time.perf_counter()
+    engine.generate(input_ids=prompts, sampling_params=params)
+    ours = time.perf_counter() - start
+    record("hf", f"minimax-jax {layers}L batch {batch} {prompt}+{new}", batch * new / ours, "out tok/s",
+           f"{ours:.2f} s incl. prefill; {hf_time / ours:.2f}x transformers")
+
+
+# -- main --------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default="env,check,kernels,layers", help="comma separated (default: %(default)s)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on 8 simulated CPU devices: checks the script")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench-out"), help="folder for the JSON log")
+    p.add_argument("--preset", default="minimax-m2.5", help="model shapes (default: %(default)s)")
+    p.add_argument("--quantization", choices=["fp8", "modelopt_fp4"], default=None, help="expert format")
+    p.add_argument("--depths", type=int, nargs=2, default=[2, 6], help="layer counts for the layer section")
+    p.add_argument("--decode-tokens", type=int, default=256, help="decode batch over all devices")
+    p.add_argument("--context", type=int, default=1024, help="KV length of each decode slot")
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--kernel-rows", type=int, nargs="+", default=[512, 2048, 32768])
+    p.add_argument("--local-experts", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=3072)
+    p.add_argument("--intermediate", type=int, default=1536)
+    p.add_argument("--copy-elems", type=int, default=1 << 30)
+    p.add_argument("--matmul-n", type=int, default=8192)
+    p.add_argument("--engine-layout", choices=["dep", "tp"], default="dep")
+    p.add_argument("--engine-layers", type=int, default=4)
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--prompt", type=int, default=900)
+    p.add_argument("--output", type=int, default=100)
+    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--max-prefill-tokens", type=int, default=8192)
+    p.add_argument("--hf-batch", type=int, default=16)
+    p.add_argument("--hf-new", type=int, default=32)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.preset, args.depths, args.decode_tokens, args.context = "tiny", [1, 2], 16, 32
+        args.kernel_rows, args.local_experts, args.hidden, args.intermediate = [64], 4, 64, 32
+        args.copy_elems, args.matmul_n, args.iters, args.page_size = 1 << 16, 128, 2, 8
+        args.engine_layers, args.requests, args.prompt, args.output, args.chunk = 2, 16, 24, 8, 32
+        args.max_prefill_tokens = 256
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        jax.config.update("jax_num_cpu_devices", 8)
+    sections = args.sections.split(",")
+    ceilings = bench_env(args)
+    if "check" in sections:
+        bench_check(args)
+    if "kernels" in sections:
+        bench_kernels(args, ceilings)
+    if "layers" in sections:
+        bench_layers(args, ceilings)
+    if "engine" in sections:
+        bench_engine(args)
+    if "hf" in sections:
+        bench_hf(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({"argv": sys.argv, "device": jax.devices()[0].device_kind,
+                                                "devices": len(jax.devices()), "rows": ROWS}, indent=2))
+    print("\n| section | variant | value | unit | note |\n|---|---|---|---|---|")
+    for r in ROWS:
+        print(f"| {r['section']} | {r['variant']} | {r['value']:.4g} | {r['unit']} | {r['note']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
