@@ -75,11 +75,27 @@ def bench_env(args) -> dict:
 
 # -- kernels -----------------------------------------------------------------------------------
 
+MOSAIC_CONFIGS = [  # block_m, block_n, block_k, max_concurrent_steps, grid_block_n
+    (64, 128, 64, 4, 1), (64, 256, 64, 4, 1), (128, 128, 64, 4, 1), (128, 256, 64, 3, 2), (64, 128, 128, 3, 1),
+]
+
+
+def mosaic_variants() -> dict:
+    import functools
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    out = {}
+    for bm, bn, bk, steps, gbn in MOSAIC_CONFIGS:
+        fn = functools.partial(ragged_dot_mgpu.ragged_dot, block_m=bm, block_n=bn, block_k=bk,
+                               max_concurrent_steps=steps, grid_block_n=gbn)
+        out[f"mosaic{bm}x{bn}x{bk}s{steps}g{gbn}"] = lambda x, w, sizes, fn=fn: fn(x, w, group_sizes=sizes)
+    return out
+
+
 def bench_kernels(args, ceilings: dict) -> None:
     from minimax_jax.ops import moe as moe_ops
     kernels = {"xla": moe_ops.ragged_dot_reference}
     if jax.default_backend() == "gpu":
-        kernels["mosaic"] = moe_ops.ragged_dot_mosaic
+        kernels.update(mosaic_variants() if args.tune else {"mosaic": moe_ops.ragged_dot_mosaic})
     g, k, n = args.local_experts, args.hidden, 2 * args.intermediate
     key = jax.random.PRNGKey(0)
     w = (jax.random.normal(key, (g, k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
@@ -93,8 +109,14 @@ def bench_kernels(args, ceilings: dict) -> None:
             valid = np.arange(m) < int(sizes.sum())
             ref = None
             for name, fn in kernels.items():
+                if name == "xla" and args.tune and m > 4096:
+                    continue
                 f = jax.jit(fn)
-                out = np.asarray(f(x, w, sizes).astype(jnp.float32))[valid]
+                try:
+                    out = np.asarray(f(x, w, sizes).astype(jnp.float32))[valid]
+                except Exception as e:
+                    print(f"[kernels] {name} m={m} FAILED: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
                 if ref is None:
                     ref = out
                 err = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
@@ -141,6 +163,25 @@ def layer_engine(args, layers: int, flags: dict, batch_per_rank: int):
                   json_model_override_args=json.dumps({"num_hidden_layers": layers}), **flags)
 
 
+def first_step_logits(engine, prompts) -> np.ndarray:
+    """fp32 logits of each prompt's last token, one prefill step on the engine's mesh."""
+    from minimax_jax.engine.scheduler import RankPlan, assemble
+    runner = engine.runner
+    d = engine.layout.dp
+    plans = [RankPlan([], [], [], []) for _ in range(d)]
+    for i, ids in enumerate(prompts):
+        req = engine.make_request(input_ids=ids, sampling_params={"max_new_tokens": 1})
+        req.pages = list(range(i // d * engine.pages_per_seq, (i // d + 1) * engine.pages_per_seq))
+        plan = plans[i % d]
+        plan.requests.append(req); plan.chunks.append(ids); plan.starts.append(0); plan.samples.append(True)
+    step = assemble(plans, engine.batch_buckets, engine.token_buckets, engine.pages_per_seq)
+    put = lambda x: jax.device_put(np.asarray(x), runner._slots)
+    logits, _, _ = jax.jit(runner.forward)(runner.state, runner.kv, jax.tree.map(put, step.step), put(step.logit_index))
+    rows = [rank * step.batch + i for rank, p in enumerate(plans) for i in range(len(p.requests))]
+    order = np.argsort([j for rank in range(d) for j in range(len(prompts)) if j % d == rank])
+    return np.asarray(logits)[rows][order]
+
+
 def bench_check(args) -> None:
     """Greedy tokens and logits of one full-width random model (2 layers, DEP over all devices)
     with the Mosaic grouped GEMM against the XLA reference, and against one device."""
@@ -151,17 +192,22 @@ def bench_check(args) -> None:
                   json_model_override_args=json.dumps({"num_hidden_layers": 2}))
     prompts = [list(range(1 + i, 40 + 7 * i)) for i in range(4)]
     params = {"max_new_tokens": 16, "temperature": 0.0}
-    outs = {}
+    outs, logits = {}, {}
     for name, flags in (("1 device xla", dict(moe_kernel="xla")),
                         (f"DEP{n} xla", dict(moe_kernel="xla", tp_size=n, dp_size=n, enable_dp_attention=True)),
                         (f"DEP{n} mosaic", dict(moe_kernel="mosaic", tp_size=n, dp_size=n, enable_dp_attention=True))):
         try:
             engine = Engine(**common, **flags)
+            logits[name] = first_step_logits(engine, prompts)
             outs[name] = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
             del engine
         except Exception as e:              # report and go on: the other sections still run
             print(f"[check] {name} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
     base = outs.get("1 device xla")
+    for name, value in logits.items():
+        ref = logits["1 device xla"]
+        record("check", f"prefill logits {name} vs 1 device xla", float(np.abs(value - ref).max() / np.abs(ref).max()),
+               "x max|logit|", "last prompt token")
     for name, tokens in outs.items():
         same = np.mean([a == b for x, y in zip(tokens, base or tokens) for a, b in zip(x, y)])
         record("check", f"greedy tokens {name} vs 1 device xla", float(same), "fraction equal", "4 prompts x 16 tokens")
@@ -221,10 +267,11 @@ def bench_engine(args) -> None:
     rng = np.random.RandomState(0)
     vocab = engine.cfg.vocab_size
     params = {"max_new_tokens": args.output, "temperature": 0.0, "ignore_eos": True}
-    engine.generate(input_ids=[rng.randint(0, vocab, args.prompt).tolist() for _ in range(min(8, args.requests))],
-                    sampling_params=params)                                   # compiles the buckets
-    reqs = [engine.make_request(input_ids=rng.randint(0, vocab, args.prompt).tolist(), sampling_params=params)
-            for _ in range(args.requests)]
+    prompts = [rng.randint(0, vocab, args.prompt).tolist() for _ in range(args.requests)]
+    engine.generate(input_ids=prompts, sampling_params=params)       # the same workload compiles its buckets
+    compiles = engine.num_compiles
+    engine.step_times.clear()
+    reqs = [engine.make_request(input_ids=p, sampling_params=params) for p in prompts]
     first, last = {}, {}
     start = time.perf_counter()
     for req in reqs:
@@ -239,9 +286,15 @@ def bench_engine(args) -> None:
     ttft = np.array([first[r.rid] - start for r in reqs])
     tpot = np.array([(last[r.rid] - first[r.rid]) / max(len(r.output_ids) - 1, 1) for r in reqs])
     tag = f"{args.engine_layout.upper()}{n} {args.engine_layers}L {args.requests}x{args.prompt}/{args.output}"
-    record("engine", f"{tag} output throughput", out_tokens / wall, "tok/s", f"wall {wall:.1f} s, compiles {engine.num_compiles}")
+    record("engine", f"{tag} output throughput", out_tokens / wall, "tok/s",
+           f"wall {wall:.1f} s, {compiles} compiles in warm-up, {engine.num_compiles - compiles} while measured")
     record("engine", f"{tag} TTFT p50/p99", np.percentile(ttft, 50), "s", f"p99 {np.percentile(ttft, 99):.2f} s")
     record("engine", f"{tag} TPOT p50/p99", np.percentile(tpot, 50) * 1e3, "ms", f"p99 {np.percentile(tpot, 99) * 1e3:.1f} ms")
+    for kind in ("prefill", "decode"):
+        steps = [s for s in engine.step_times if s[0] == kind]
+        if steps:
+            record("engine", f"{tag} {kind} step, device", np.mean([s[3] for s in steps]) * 1e3, "ms",
+                   f"host {np.mean([s[2] for s in steps]) * 1e3:.1f} ms, {len(steps)} steps, shapes {sorted({s[1] for s in steps})[:4]}")
 
 
 # -- hf baseline -------------------------------------------------------------------------------
@@ -299,6 +352,7 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--kernel-rows", type=int, nargs="+", default=[512, 2048, 32768])
     p.add_argument("--local-experts", type=int, default=64)
+    p.add_argument("--tune", action="store_true", help="time several Mosaic block configurations")
     p.add_argument("--hidden", type=int, default=3072)
     p.add_argument("--intermediate", type=int, default=1536)
     p.add_argument("--copy-elems", type=int, default=1 << 30)
@@ -327,7 +381,10 @@ def main(argv=None) -> int:
     if args.smoke:
         jax.config.update("jax_num_cpu_devices", 8)
     sections = args.sections.split(",")
-    ceilings = bench_env(args)
+    if "hf" in sections:            # torch shares the GPU: JAX takes memory as it goes
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        bench_hf(args)
+    ceilings = bench_env(args) if {"env", "kernels", "layers"} & set(sections) else {}
     if "check" in sections:
         bench_check(args)
     if "kernels" in sections:
@@ -336,8 +393,6 @@ def main(argv=None) -> int:
         bench_layers(args, ceilings)
     if "engine" in sections:
         bench_engine(args)
-    if "hf" in sections:
-        bench_hf(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({"argv": sys.argv, "device": jax.devices()[0].device_kind,

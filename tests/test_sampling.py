@@ -74,3 +74,25 @@ def test_default_bfloat16_engine_generates_text():
                           return_logprob=True)
     assert len(out["output_ids"]) == 6 and isinstance(out["text"], str)
     assert all(np.isfinite(lp) for lp, _, _ in out["meta_info"]["output_token_logprobs"])
+
+
+@pytest.mark.parametrize("params, candidates", [
+    (dict(temperature=1.0), 256),                          # Gumbel-max over the whole vocabulary
+    (dict(temperature=1.0, top_k=3), 256),                 # filtered among the candidates
+    (dict(temperature=1.0, top_k=3), 2),                   # top-k beyond the candidates: full sort
+    (dict(temperature=1.0, top_p=0.8), 256),
+])
+def test_draws_follow_the_filtered_distribution(params, candidates):
+    logits = np.log(np.array([0.4, 0.3, 0.15, 0.1, 0.05], np.float32))
+    probs = np.exp(logits)
+    if params.get("top_k"):
+        probs[params["top_k"]:] = 0
+    if params.get("top_p"):
+        probs[np.cumsum(probs) - probs >= params["top_p"]] = 0
+    probs /= probs.sum()
+    n = 4000
+    p = SamplingParams(**params)
+    sb = SamplingBatch.build([p] * n, list(range(n)), [0] * n, n)
+    tokens = np.asarray(sample(jnp.tile(jnp.asarray(logits), (n, 1)), sb, candidates=candidates)[0])
+    freq = np.bincount(tokens, minlength=5) / n
+    np.testing.assert_allclose(freq, probs, atol=0.03)

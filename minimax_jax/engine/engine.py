@@ -10,6 +10,7 @@ shipped tiny tokenizer, so the whole path runs on a fresh machine with nothing d
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -99,6 +100,8 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.on_step: list[Callable[[ScheduledStep, float], None]] = []
+        # (kind, [slots, T], host seconds, device seconds incl. transfers) of recent steps
+        self.step_times: collections.deque = collections.deque(maxlen=4096)
         log.info("engine ready: %s on dp=%d x tp=%d, %d KV pages of %d tokens per dp rank",
                  self.loaded_from, self.layout.dp, self.layout.tp, num_pages, args.page_size)
 
@@ -181,18 +184,23 @@ class Engine:
 
     def step(self) -> list[Request]:
         """Runs one scheduled step; returns the requests that got a new token."""
+        began = time.perf_counter()
         plans = [s.plan() for s in self.schedulers]
         if all(p is None for p in plans):
             return []
         scheduled = assemble(plans, self.batch_buckets, self.token_buckets, self.pages_per_seq)
         start = time.perf_counter()
         out = self.runner.run(scheduled.step, scheduled.logit_index, scheduled.sampling)
+        ran = time.perf_counter()
         for plan in plans:
             if plan is not None:
                 Scheduler.advance(plan)
         updated = [req for slot, req in scheduled.sampled() if self._append_token(req, out, slot)]
+        done = time.perf_counter()
+        kind = "decode" if scheduled.step.tokens.shape[1] == 1 else "prefill"
+        self.step_times.append((kind, scheduled.step.tokens.shape, (start - began) + (done - ran), ran - start))
         for hook in self.on_step:
-            hook(scheduled, time.perf_counter() - start)
+            hook(scheduled, ran - start)
         return updated
 
     def _append_token(self, req: Request, out: StepOutput, i: int) -> bool:

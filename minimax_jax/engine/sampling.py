@@ -123,9 +123,14 @@ def _penalized_ids(params, outputs, size: int) -> np.ndarray:
 TOP_LOGPROBS_MAX = 20
 
 
-def sample(logits: jax.Array, params: SamplingBatch):
+def sample(logits: jax.Array, params: SamplingBatch, candidates: int = 256):
     """logits: fp32 [B, V]. Frequency and presence penalties (OpenAI's definitions) subtract
     penalty * count and penalty * (count > 0) of each token already in the slot's output.
+
+    The draw never sorts the vocabulary when it need not: an all-greedy batch takes the argmax;
+    plain temperature sampling is a Gumbel-max over the whole vocabulary; top-k / top-p / min-p
+    filter the `candidates` most likely tokens, which is exact whenever the kept set lies among
+    them, and falls back to sorting the whole vocabulary for the batch when it might not.
 
     Returns (tokens [B], logprob of each token [B], top-logprob ids and values [B, 20]); the
     logprobs are of the model's distribution (log-softmax of the raw logits).
@@ -139,24 +144,53 @@ def sample(logits: jax.Array, params: SamplingBatch):
         logits = logits - params.frequency_penalty[:, None] * counts
         logits = logits - params.presence_penalty[:, None] * (counts > 0)
     greedy_tokens = jnp.argmax(logits, axis=-1)
-    sampled = jax.vmap(_sample_one)(logits, params.temperature, params.top_p, params.top_k,
-                                    params.min_p, params.seed, params.position)
+    sampled = jax.lax.cond(jnp.all(params.temperature == 0.0), lambda: greedy_tokens,
+                           lambda: _draw(logits, params, candidates))
     tokens = jnp.where(params.temperature == 0.0, greedy_tokens, sampled).astype(jnp.int32)
     token_logprobs = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
     top_values, top_ids = jax.lax.top_k(logprobs_all, min(TOP_LOGPROBS_MAX, logits.shape[-1]))
     return tokens, token_logprobs, top_ids.astype(jnp.int32), top_values
 
 
+def _draw(logits: jax.Array, params: SamplingBatch, candidates: int) -> jax.Array:
+    """Tokens drawn at temperature with the filters; see `sample`."""
+    b, v = logits.shape
+    cap = min(candidates, v)
+    scaled = logits / jnp.maximum(params.temperature, 1e-6)[:, None]
+    keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.PRNGKey(seed), pos))(params.seed, params.position)
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,)))(keys)
+    unfiltered = jnp.argmax(scaled + gumbel, axis=-1)
+
+    top, idx = jax.lax.top_k(scaled, cap)                                   # sorted, descending
+    probs = jnp.exp(top - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))  # true probabilities
+    keep = _keep(probs, params.top_k, params.top_p, params.min_p)
+    pick = jnp.argmax(jnp.where(keep, top + jnp.take_along_axis(gumbel, idx, axis=-1), -jnp.inf), axis=-1)
+    filtered = jnp.take_along_axis(idx, pick[:, None], axis=-1)[:, 0]
+
+    is_filtered = (params.top_k > 0) | (params.top_p < 1.0) | (params.min_p > 0.0)
+    inside = ((params.top_k > 0) & (params.top_k <= cap)) | \
+             ((params.top_p < 1.0) & (jnp.sum(probs, axis=-1) >= params.top_p)) | \
+             ((params.min_p > 0.0) & (probs[:, -1] < params.min_p * probs[:, 0]))
+    exact = jnp.where(is_filtered, filtered, unfiltered)
+    return jax.lax.cond(jnp.all(~is_filtered | inside), lambda: exact,
+                        lambda: jax.vmap(_sample_one)(logits, params.temperature, params.top_p, params.top_k,
+                                                      params.min_p, params.seed, params.position))
+
+
+def _keep(probs: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Which of the tokens, sorted by probability, survive top-k, top-p and min-p."""
+    rank = jnp.arange(probs.shape[-1])
+    keep = jnp.where(top_k[..., None] > 0, rank < top_k[..., None], True)
+    keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p[..., None]       # always keeps the first
+    return keep & (probs >= min_p[..., None] * probs[..., :1])
+
+
 def _sample_one(logits, temperature, top_p, top_k, min_p, seed, position):
-    """Temperature, then top-k, top-p and min-p filters over the sorted vocab, then a draw."""
+    """The fallback: filters over the fully sorted vocabulary, then a draw."""
     scaled = logits / jnp.maximum(temperature, 1e-6)
     order = jnp.argsort(-scaled)
     sorted_logits = scaled[order]
-    probs = jax.nn.softmax(sorted_logits)
-    rank = jnp.arange(logits.shape[-1])
-    keep = jnp.where(top_k > 0, rank < top_k, True)
-    keep &= (jnp.cumsum(probs) - probs) < top_p              # always keeps the first token
-    keep &= probs >= min_p * probs[0]
+    keep = _keep(jax.nn.softmax(sorted_logits), top_k, top_p, min_p)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), position)
     choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf))
     return order[choice]

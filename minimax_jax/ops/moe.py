@@ -19,14 +19,16 @@ def ragged_dot_reference(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> 
     return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
 
 
-MOSAIC_BLOCKS = dict(block_m=64, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
+# measured best of five block shapes on an H200 at m = 512, 2048 and 32768 (docs/benchmarks.md)
+MOSAIC_BLOCKS = dict(block_m=64, block_k=64, max_concurrent_steps=4, grid_block_n=1)
 
 
 def ragged_dot_mosaic(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """Pallas Mosaic-GPU grouped GEMM (Hopper wgmma, TMA pipelines), bf16 in and out. Rows past
     the last group are left unwritten: callers mask them."""
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
-    return ragged_dot_mgpu.ragged_dot(x, w, group_sizes=group_sizes, **MOSAIC_BLOCKS)
+    block_n = 256 if w.shape[-1] % 256 == 0 else 128
+    return ragged_dot_mgpu.ragged_dot(x, w, group_sizes=group_sizes, block_n=block_n, **MOSAIC_BLOCKS)
 
 
 def grouped_matmul(kernel: str, dtype) -> GroupedMatmul:
