@@ -8,6 +8,7 @@ Sections (pick with --sections, comma separated):
   layers    one decode step of a full-width model at two depths on each layout (DEP with FP4
             or bf16 all-gather, TP with and without the fused reduce-scatter + norm): per-layer
             time from the difference, beside its floor (weights + KV bytes over bandwidth)
+  breakdown each piece of one decode layer alone on one device, beside its floor
   engine    offline workload through Engine (GSM8K-shaped: P prompt / O output tokens, all
             submitted at once): output tok/s, TTFT and TPOT percentiles
   hf        transformers' MiniMaxM2ForCausalLM at the same depth and batch on one GPU, beside
@@ -249,6 +250,53 @@ def layer_floor(cfg, tokens: int, context: int, devices: int, quantization) -> f
     return (touched * expert + attention + kv) / devices
 
 
+def bench_breakdown(args, ceilings: dict) -> None:
+    """Each piece of one decode layer alone, at the shapes of a --decode-tokens batch on one
+    device: where the layer's time goes, beside each piece's own floor."""
+    from flax import nnx
+    from minimax_jax.config import preset
+    from minimax_jax.model import DecoderLayer, LocalComm, StepInput, rms_norm
+    from minimax_jax.ops import attention as attn_ops
+    cfg = preset(args.preset)
+    b, ctx, ps = args.decode_tokens, args.context, args.page_size
+    layer = DecoderLayer(cfg, jnp.bfloat16, nnx.Rngs(0))
+    graphdef, state = nnx.split(layer)
+    key = jax.random.PRNGKey(0)
+    h = jax.random.normal(key, (b, cfg.hidden_size), jnp.bfloat16)
+    pages = -(-(ctx + 1) // ps)
+    cache = jax.random.normal(key, (b * pages, ps, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)
+    step = StepInput(tokens=jnp.zeros((b, 1), jnp.int32), positions=jnp.full((b, 1), ctx, jnp.int32),
+                     valid=jnp.ones((b, 1), bool), page_table=jnp.arange(b * pages, dtype=jnp.int32).reshape(b, pages))
+    bw = ceilings["bandwidth"]
+
+    def attention(state, h, k, v):
+        return nnx.merge(graphdef, state).attn(h, (k, v), step, LocalComm())[0]
+
+    def moe(state, h):
+        layer = nnx.merge(graphdef, state)
+        ids, w = layer.router(h, jnp.ones((b,), bool))
+        return layer.experts(h, ids, w, first_expert=0)
+
+    def attention_core(q, k, v):
+        return attn_ops.paged_attention_reference(q, k, v, step.page_table, step.positions)
+
+    q = jax.random.normal(key, (b, 1, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
+    kv_bytes = 2 * b * (ctx + 1) * cfg.kv_size * 2
+    touched = cfg.num_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** b)
+    pieces = {
+        "attention block (qkv, norm, rope, kv write, attention, o_proj)":
+            (jax.jit(attention), (state, h, cache, cache), 2 * cfg.hidden_size * 2 * (cfg.q_size + cfg.kv_size) + kv_bytes),
+        "paged attention core": (jax.jit(attention_core), (q, cache, cache), kv_bytes),
+        "MoE block (router, sort, 2 grouped GEMMs, combine)":
+            (jax.jit(moe), (state, h), touched * 3 * cfg.hidden_size * cfg.intermediate_size * 2),
+        "rms norm": (jax.jit(lambda h, w: rms_norm(h, w, 1e-6)), (h, state["attn_norm"][...]), 2 * h.nbytes),
+    }
+    for name, (fn, fn_args, floor_bytes) in pieces.items():
+        t = median_time(fn, *fn_args, iters=args.iters)
+        record("breakdown", f"{name}, {b} tok ctx {ctx}", t * 1e6, "us",
+               f"floor {floor_bytes / bw * 1e6:.0f} us ({floor_bytes / bw / t:.0%})")
+
+
 # -- engine ------------------------------------------------------------------------------------
 
 def bench_engine(args) -> None:
@@ -384,13 +432,15 @@ def main(argv=None) -> int:
     if "hf" in sections:            # torch shares the GPU: JAX takes memory as it goes
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
         bench_hf(args)
-    ceilings = bench_env(args) if {"env", "kernels", "layers"} & set(sections) else {}
+    ceilings = bench_env(args) if {"env", "kernels", "layers", "breakdown"} & set(sections) else {}
     if "check" in sections:
         bench_check(args)
     if "kernels" in sections:
         bench_kernels(args, ceilings)
     if "layers" in sections:
         bench_layers(args, ceilings)
+    if "breakdown" in sections:
+        bench_breakdown(args, ceilings)
     if "engine" in sections:
         bench_engine(args)
     out = Path(args.out)

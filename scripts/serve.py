@@ -46,8 +46,10 @@ ENGINE_FLAGS = {
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_argument_group("model")
-    model.add_argument("--model-path", help="HF checkpoint directory (config.json + *.safetensors); "
-                                            "omitted: the embedded tiny preset with random weights")
+    model.add_argument("--model-path", help="HF checkpoint directory (config.json + *.safetensors: bf16, "
+                                            "FP8 release, ModelOpt NVFP4), a checkpoint made by "
+                                            "scripts/convert_hf.py, or with --load-format dummy a preset "
+                                            "name; omitted: the embedded tiny preset with random weights")
     model.add_argument("--tokenizer-path", help="directory with tokenizer.json (default: --model-path; "
                                                 "the shipped tiny tokenizer without --model-path)")
     model.add_argument("--served-model-name", help="model name clients must send in 'model' "

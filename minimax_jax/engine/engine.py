@@ -291,8 +291,11 @@ def _model_config(args: EngineArgs) -> ModelConfig:
     """The preset named by model_path (or tiny), or the checkpoint's config.json, with overrides."""
     import json
     from minimax_jax.config import PRESETS
+    from minimax_jax.checkpoint import is_converted_checkpoint, manifest_config, read_manifest
     if args.model_path is None or args.model_path in PRESETS:
         cfg = preset(args.model_path or "tiny").to_hf()
+    elif is_converted_checkpoint(args.model_path):
+        cfg = manifest_config(read_manifest(args.model_path)).to_hf()
     else:
         cfg = json.loads((Path(args.model_path) / "config.json").read_text())
     if args.json_model_override_args:
