@@ -87,19 +87,20 @@ class Engine:
         self.pages_per_seq = -(-self.context_length // args.page_size)
         total_tokens = args.max_total_tokens or self.context_length * min(args.max_running_requests, 8)
         num_pages = max(-(-total_tokens // args.page_size), self.pages_per_seq)
-        self.runner = ModelRunner(self.model, self.layout, num_pages, args.page_size, seed=args.random_seed,
-                                  moe_kernel=args.moe_kernel)
         per_rank = -(-args.max_running_requests // self.layout.dp)
+        self.batch_buckets = powers_of_two(self.layout.tp, max(per_rank, self.layout.tp))
+        self.runner = ModelRunner(self.model, self.layout, num_pages, args.page_size, seed=args.random_seed,
+                                  moe_kernel=args.moe_kernel, max_slots=self.layout.dp * self.batch_buckets[-1])
         self.schedulers = [Scheduler(PageAllocator(num_pages), args.page_size, self.pages_per_seq,
                                      per_rank, args.chunked_prefill_size, args.max_prefill_tokens)
                            for _ in range(self.layout.dp)]
-        self.batch_buckets = powers_of_two(self.layout.tp, max(per_rank, self.layout.tp))
         chunk = args.chunked_prefill_size
         self.token_buckets = powers_of_two(16, chunk) if chunk > 16 else [16]
         self.eos_ids = set(self.cfg.eos_token_id)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.on_step: list[Callable[[ScheduledStep, float], None]] = []
+        self._inflight: tuple | None = None      # (scheduled, device outputs, launch time, host s)
         # (kind, [slots, T], host seconds, device seconds incl. transfers) of recent steps
         self.step_times: collections.deque = collections.deque(maxlen=4096)
         log.info("engine ready: %s on dp=%d x tp=%d, %d KV pages of %d tokens per dp rank",
@@ -162,7 +163,7 @@ class Engine:
         return False
 
     def has_work(self) -> bool:
-        return any(s.has_work() for s in self.schedulers)
+        return self._inflight is not None or any(s.has_work() for s in self.schedulers)
 
     @property
     def num_running(self) -> int:
@@ -183,25 +184,55 @@ class Engine:
     # -- stepping ------------------------------------------------------------------------------
 
     def step(self) -> list[Request]:
-        """Runs one scheduled step; returns the requests that got a new token."""
+        """Launches the next step, then reads back the previous one while it runs; returns the
+        requests that got a new token.
+
+        Host work for step n+1 (planning, assembling, dispatch) overlaps step n on the device:
+        a decode slot whose input token step n samples reads it on the device. A request that
+        stops at step n (EOS, stop string) may already sit in step n+1; that extra token is
+        dropped. Penalties need every output token on the host, so they wait for step n.
+        """
         began = time.perf_counter()
+        updated = self._collect() if self._penalties_running() else []
         plans = [s.plan() for s in self.schedulers]
         if all(p is None for p in plans):
-            return []
+            return updated + self._collect()
         scheduled = assemble(plans, self.batch_buckets, self.token_buckets, self.pages_per_seq)
-        start = time.perf_counter()
-        out = self.runner.run(scheduled.step, scheduled.logit_index, scheduled.sampling)
-        ran = time.perf_counter()
+        out = self.runner.launch(scheduled.step, scheduled.logit_index, scheduled.sampling, scheduled.sources)
         for plan in plans:
             if plan is not None:
                 Scheduler.advance(plan)
-        updated = [req for slot, req in scheduled.sampled() if self._append_token(req, out, slot)]
-        done = time.perf_counter()
-        kind = "decode" if scheduled.step.tokens.shape[1] == 1 else "prefill"
-        self.step_times.append((kind, scheduled.step.tokens.shape, (start - began) + (done - ran), ran - start))
-        for hook in self.on_step:
-            hook(scheduled, ran - start)
+        for slot, req in scheduled.sampled():
+            req.pending += 1
+            req.pending_slot = slot
+        host = time.perf_counter() - began
+        updated += self._collect()
+        self._inflight = (scheduled, out, time.perf_counter(), host)
         return updated
+
+    def _collect(self) -> list[Request]:
+        """Reads back the step in flight, if any, and appends its tokens."""
+        if self._inflight is None:
+            return []
+        scheduled, out, launched, host = self._inflight
+        self._inflight = None
+        waited = time.perf_counter()
+        result = self.runner.read(out)
+        done = time.perf_counter()
+        updated = []
+        for slot, req in scheduled.sampled():
+            req.pending -= 1
+            if self._append_token(req, result, slot):
+                updated.append(req)
+        kind = "decode" if scheduled.step.tokens.shape[1] == 1 else "prefill"
+        self.step_times.append((kind, scheduled.step.tokens.shape, host + (time.perf_counter() - done), done - launched))
+        for hook in self.on_step:
+            hook(scheduled, done - launched)
+        return updated
+
+    def _penalties_running(self) -> bool:
+        return any(r.params.frequency_penalty or r.params.presence_penalty
+                   for s in self.schedulers for r in s.running)
 
     def _append_token(self, req: Request, out: StepOutput, i: int) -> bool:
         if req.finished:

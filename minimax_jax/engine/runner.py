@@ -34,7 +34,8 @@ class ModelRunner:
     """
 
     def __init__(self, model: MiniMaxM2, layout: Layout, pages_per_rank: int, page_size: int,
-                 kv_dtype: Any = None, devices: list | None = None, seed: int = 0, moe_kernel: str = "auto"):
+                 kv_dtype: Any = None, devices: list | None = None, seed: int = 0, moe_kernel: str = "auto",
+                 max_slots: int = 1024):
         cfg = self.cfg = model.cfg
         layout.check(cfg, model.expert_format)
         self.layout = layout
@@ -50,8 +51,10 @@ class ModelRunner:
         self.forward = sharded_forward(cfg, graphdef, self.state, layout, self.mesh, combine_dtype=model.dtype)
         self.kv = self._empty_kv(kv_dtype or model.dtype)
         self.num_compiles = 0
-        self._step = jax.jit(self._step_impl, donate_argnums=(1,))
+        self._step = jax.jit(self._step_impl, donate_argnums=(1, 5))
         self._slots = NamedSharding(self.mesh, P("dp"))
+        # the last step's sampled tokens, on device, padded to a fixed length
+        self.last_tokens = jax.device_put(np.zeros(max_slots, np.int32), NamedSharding(self.mesh, P()))
 
     def _empty_kv(self, dtype: Any) -> tuple[jax.Array, jax.Array]:
         cfg, layout = self.cfg, self.layout
@@ -60,16 +63,31 @@ class ModelRunner:
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=NamedSharding(self.mesh, KV_SPEC))
         return zeros(), zeros()
 
-    def _step_impl(self, state, kv, step: StepInput, logit_index: jax.Array, sampling: SamplingBatch):
+    def _step_impl(self, state, kv, step: StepInput, logit_index: jax.Array, sampling: SamplingBatch,
+                   last_tokens: jax.Array, sources: jax.Array):
         self.num_compiles += 1          # runs once per trace, i.e. per compiled bucket
+        # a decode slot whose input token the previous step sampled reads it here, on device
+        first = jnp.where(sources >= 0, last_tokens[jnp.maximum(sources, 0)], step.tokens[:, 0])
+        step = dataclasses.replace(step, tokens=step.tokens.at[:, 0].set(first))
         logits, kv, _ = self.forward(state, kv, step, logit_index)
-        return kv, sample(logits, sampling)
+        out = sample(logits, sampling)
+        return kv, jnp.zeros_like(last_tokens).at[:out[0].shape[0]].set(out[0]), out
+
+    def launch(self, step: StepInput, logit_index: np.ndarray, sampling: SamplingBatch,
+               sources: np.ndarray | None = None) -> tuple[jax.Array, ...]:
+        """Dispatches one step without waiting for it; `read` gives its results."""
+        put = lambda x: jax.device_put(np.asarray(x), self._slots)
+        sources = np.full(step.tokens.shape[0], -1, np.int32) if sources is None else sources
+        self.kv, self.last_tokens, out = self._step(self.state, self.kv, jax.tree.map(put, step), put(logit_index),
+                                                    jax.tree.map(put, sampling), self.last_tokens, put(sources))
+        return out
+
+    @staticmethod
+    def read(out: tuple[jax.Array, ...]) -> StepOutput:
+        return StepOutput(*(np.asarray(x) for x in out))
 
     def run(self, step: StepInput, logit_index: np.ndarray, sampling: SamplingBatch) -> StepOutput:
-        put = lambda x: jax.device_put(np.asarray(x), self._slots)
-        step = jax.tree.map(put, step)
-        self.kv, out = self._step(self.state, self.kv, step, put(logit_index), jax.tree.map(put, sampling))
-        return StepOutput(*(np.asarray(x) for x in out))
+        return self.read(self.launch(step, logit_index, sampling))
 
 
 def random_sharded_state(abstract: MiniMaxM2, layout: Layout, mesh, seed: int) -> nnx.State:

@@ -36,6 +36,8 @@ class Request:
     num_computed: int = 0             # tokens whose KV is in the cache
     finish_reason: dict | None = None
     scheduler: "Scheduler | None" = dataclasses.field(default=None, repr=False)   # its dp rank's
+    pending: int = 0                  # tokens sampled by a step still in flight (0 or 1)
+    pending_slot: int = -1            # that step's output slot holding the token
 
     @property
     def finished(self) -> bool:
@@ -48,6 +50,16 @@ class Request:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    @property
+    def num_tokens(self) -> int:
+        """Prompt and output tokens, those still on the device included."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+    @property
+    def wants_more(self) -> bool:
+        """Whether another decode step could add a token (max_new_tokens not yet reached)."""
+        return len(self.output_ids) + self.pending < self.params.max_new_tokens
+
 
 @dataclasses.dataclass
 class RankPlan:
@@ -56,6 +68,8 @@ class RankPlan:
     chunks: list[list[int]]
     starts: list[int]                 # position of each chunk's first token
     samples: list[bool]               # does this step produce the request's next token
+    sources: list[int] = dataclasses.field(default_factory=list)   # decode: slot of the in-flight
+                                                                     # step holding the input token, or -1
 
 
 @dataclasses.dataclass
@@ -66,6 +80,7 @@ class ScheduledStep:
     step: StepInput
     logit_index: np.ndarray
     sampling: SamplingBatch
+    sources: np.ndarray               # [D*B]: in-flight output slot of each slot's first token, or -1
 
     def sampled(self) -> list[tuple[int, Request]]:
         """(slot, request) of every request that gets a token from this step."""
@@ -157,11 +172,13 @@ class Scheduler:
         prefilling = [r for r in self.running if not r.prefilled]
         if prefilling:
             return self._prefill_plan(prefilling)
-        decoding = [r for r in self.running if r.prefilled]
+        decoding = [r for r in self.running if r.prefilled and r.wants_more]
         if not decoding:
             return None
-        return RankPlan(decoding, [[r.all_ids()[-1]] for r in decoding],
-                        [r.num_computed for r in decoding], [True] * len(decoding))
+        # a token still on the device (step in flight) is read there, by slot, not waited for
+        last = [0 if r.pending else r.all_ids()[-1] for r in decoding]
+        return RankPlan(decoding, [[t] for t in last], [r.num_computed for r in decoding],
+                        [True] * len(decoding), [r.pending_slot if r.pending else -1 for r in decoding])
 
     def _prefill_plan(self, candidates: list[Request]) -> RankPlan:
         plan, budget = RankPlan([], [], [], []), self.max_prefill_tokens
@@ -198,6 +215,7 @@ def assemble(plans: list[RankPlan | None], batch_buckets: list[int], token_bucke
     page_table = np.zeros((d * b, pages_per_seq), np.int32)
     logit_index = np.zeros((d * b,), np.int32)
     params: list = [None] * (d * b)
+    sources = np.full((d * b,), -1, np.int32)
     seeds, sample_pos, outputs = [0] * (d * b), [0] * (d * b), [[] for _ in range(d * b)]
     for rank, plan in enumerate(plans):
         if plan is None:
@@ -209,8 +227,10 @@ def assemble(plans: list[RankPlan | None], batch_buckets: list[int], token_bucke
             valid[slot, :n] = True
             page_table[slot, :len(req.pages)] = req.pages
             logit_index[slot] = n - 1
-            params[slot], seeds[slot], sample_pos[slot] = req.params, req.seed, len(req.all_ids())
+            params[slot], seeds[slot], sample_pos[slot] = req.params, req.seed, req.num_tokens
             outputs[slot] = req.output_ids
+            if plan.sources:
+                sources[slot] = plan.sources[i]
     sampling = SamplingBatch.build(params, seeds, sample_pos, d * b, outputs)
     step = StepInput(tokens=tokens, positions=positions, valid=valid, page_table=page_table)
-    return ScheduledStep(plans, b, step, logit_index, sampling)
+    return ScheduledStep(plans, b, step, logit_index, sampling, sources)

@@ -1,0 +1,56 @@
+"""Engine behaviour: overlapped steps, stopping, aborts, compile count."""
+import numpy as np
+
+from minimax_jax.engine.engine import Engine
+
+
+def make_engine(path, **kw):
+    return Engine(model_path=str(path), dtype="float32", context_length=64, page_size=4, **kw)
+
+
+def test_a_stop_token_ends_the_output_although_the_next_step_was_already_launched(tiny_hf_dir):
+    engine = make_engine(tiny_hf_dir)
+    greedy = engine.generate(input_ids=[3, 1, 4, 1, 5], sampling_params={"max_new_tokens": 10, "temperature": 0})
+    stop = greedy["output_ids"][2]
+    first = greedy["output_ids"].index(stop)
+    out = engine.generate(input_ids=[3, 1, 4, 1, 5],
+                          sampling_params={"max_new_tokens": 10, "temperature": 0, "stop_token_ids": [stop]})
+    assert out["output_ids"] == greedy["output_ids"][:first + 1]
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert engine.kv_pages_used == 0 and not engine.has_work()
+
+
+def test_compile_count_stays_flat_after_warm_up(tiny_hf_dir):
+    engine = make_engine(tiny_hf_dir, max_running_requests=8)
+    rng = np.random.RandomState(0)
+    workload = lambda: engine.generate(
+        input_ids=[rng.randint(0, 512, n).tolist() for n in (5, 17, 30, 9)],
+        sampling_params=[{"max_new_tokens": n, "temperature": 0.7, "seed": n} for n in (4, 9, 2, 12)])
+    workload()
+    compiled = engine.num_compiles
+    for _ in range(3):
+        workload()
+    assert engine.num_compiles == compiled
+
+
+def test_abort_frees_pages_at_once_and_others_continue(tiny_hf_dir):
+    engine = make_engine(tiny_hf_dir)
+    keep = engine.submit(engine.make_request(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 8, "temperature": 0}))
+    drop = engine.submit(engine.make_request(input_ids=[4, 5, 6], sampling_params={"max_new_tokens": 30, "temperature": 0}))
+    for _ in range(3):
+        engine.step()
+    used = engine.kv_pages_used
+    assert engine.abort(drop.rid)
+    assert engine.kv_pages_used < used and drop.finish_reason == {"type": "abort"}
+    engine.run_until_done()
+    assert len(keep.output_ids) == 8 and engine.kv_pages_used == 0
+    alone = make_engine(tiny_hf_dir).generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 8, "temperature": 0})
+    assert keep.output_ids == alone["output_ids"]
+
+
+def test_penalised_requests_see_every_previous_token(tiny_hf_dir):
+    engine = make_engine(tiny_hf_dir)
+    params = {"max_new_tokens": 16, "temperature": 0, "presence_penalty": 2.0}
+    out = engine.generate(input_ids=[7, 7, 7], sampling_params=params)["output_ids"]
+    # greedy with a presence penalty of 2 on a logit scale of ~1: no token repeats
+    assert len(set(out)) == len(out)
