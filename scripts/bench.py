@@ -175,7 +175,7 @@ def first_step_logits(engine, prompts) -> np.ndarray:
         req.pages = list(range(i // d * engine.pages_per_seq, (i // d + 1) * engine.pages_per_seq))
         plan = plans[i % d]
         plan.requests.append(req); plan.chunks.append(ids); plan.starts.append(0); plan.samples.append(True)
-    step = assemble(plans, engine.batch_buckets, engine.token_buckets, engine.pages_per_seq)
+    step = assemble(plans, engine.batch_buckets, engine.token_buckets, engine.pages_per_seq, engine.args.page_size)
     put = lambda x: jax.device_put(np.asarray(x), runner._slots)
     logits, _, _ = jax.jit(runner.forward)(runner.state, runner.kv, jax.tree.map(put, step.step), put(step.logit_index))
     rows = [rank * step.batch + i for rank, p in enumerate(plans) for i in range(len(p.requests))]

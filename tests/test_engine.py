@@ -54,3 +54,15 @@ def test_penalised_requests_see_every_previous_token(tiny_hf_dir):
     out = engine.generate(input_ids=[7, 7, 7], sampling_params=params)["output_ids"]
     # greedy with a presence penalty of 2 on a logit scale of ~1: no token repeats
     assert len(set(out)) == len(out)
+
+
+def test_page_table_is_as_wide_as_the_longest_sequence_not_the_context(tiny_hf_dir):
+    engine = Engine(model_path=str(tiny_hf_dir), dtype="float32", context_length=4096, page_size=4)
+    widths = []
+    engine.on_step.append(lambda scheduled, seconds: widths.append(scheduled.step.page_table.shape[1]))
+    out = engine.generate(input_ids=list(range(1, 30)), sampling_params={"max_new_tokens": 10, "temperature": 0})
+    assert engine.pages_per_seq == 1024
+    assert max(widths) == 16                     # 39 tokens need 10 pages of 4: bucket 16
+    short = make_engine(tiny_hf_dir).generate(input_ids=list(range(1, 30)),
+                                              sampling_params={"max_new_tokens": 10, "temperature": 0})
+    assert out["output_ids"] == short["output_ids"]

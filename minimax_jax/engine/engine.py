@@ -197,7 +197,7 @@ class Engine:
         plans = [s.plan() for s in self.schedulers]
         if all(p is None for p in plans):
             return updated + self._collect()
-        scheduled = assemble(plans, self.batch_buckets, self.token_buckets, self.pages_per_seq)
+        scheduled = assemble(plans, self.batch_buckets, self.token_buckets, self.pages_per_seq, self.args.page_size)
         out = self.runner.launch(scheduled.step, scheduled.logit_index, scheduled.sampling, scheduled.sources)
         for plan in plans:
             if plan is not None:

@@ -201,18 +201,22 @@ class Scheduler:
 
 
 def assemble(plans: list[RankPlan | None], batch_buckets: list[int], token_buckets: list[int],
-             pages_per_seq: int) -> ScheduledStep:
+             pages_per_seq: int, page_size: int) -> ScheduledStep:
     """Pads every rank's plan to the common bucket (the largest rank decides) and stacks them.
-    A rank with no plan contributes only padding: it still runs the step, writing nothing."""
+    A rank with no plan contributes only padding: it still runs the step, writing nothing.
+    The page table is as wide as the longest sequence of the step needs (a power of two), not
+    the whole context length: attention reads no page beyond it."""
     live = [p for p in plans if p is not None]
     b = bucket(max(len(p.requests) for p in live), batch_buckets)
     longest = max(len(c) for p in live for c in p.chunks)
     t = 1 if longest == 1 else bucket(longest, token_buckets)
+    needed = max(-(-(s + len(c)) // page_size) for p in live for s, c in zip(p.starts, p.chunks))
+    width = bucket(needed, powers_of_two(8, pages_per_seq)) if pages_per_seq > 8 else pages_per_seq
     d = len(plans)
     tokens = np.zeros((d * b, t), np.int32)
     positions = np.zeros((d * b, t), np.int32)
     valid = np.zeros((d * b, t), bool)
-    page_table = np.zeros((d * b, pages_per_seq), np.int32)
+    page_table = np.zeros((d * b, width), np.int32)
     logit_index = np.zeros((d * b,), np.int32)
     params: list = [None] * (d * b)
     sources = np.full((d * b,), -1, np.int32)
@@ -225,7 +229,7 @@ def assemble(plans: list[RankPlan | None], batch_buckets: list[int], token_bucke
             tokens[slot, :n] = chunk
             positions[slot, :n] = np.arange(start, start + n)
             valid[slot, :n] = True
-            page_table[slot, :len(req.pages)] = req.pages
+            page_table[slot, :min(len(req.pages), width)] = req.pages[:width]
             logit_index[slot] = n - 1
             params[slot], seeds[slot], sample_pos[slot] = req.params, req.seed, req.num_tokens
             outputs[slot] = req.output_ids
