@@ -216,18 +216,20 @@ class Experts(nnx.Module):
         else:
             raise ValueError(f"expert format must be one of {EXPERT_FORMATS}, got {expert_format!r}")
 
-    def weights(self) -> tuple[jax.Array, jax.Array]:
-        """(w13 [E, H, 2, I], w2 [E, I, H]) in the compute dtype (local experts under shard_map)."""
+    def weights(self, experts: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(w13 [E, H, 2, I], w2 [E, I, H]) in the compute dtype: every local expert, or the
+        listed ones (gathered before dequantising, so only those are read)."""
+        pick = (lambda a: a) if experts is None else (lambda a: a[experts])
         if self.format == "bf16":
-            return self.w13[...], self.w2[...]
+            return pick(self.w13[...]), pick(self.w2[...])
         if self.format == "fp8":
-            w13 = fp8.dequantize_blockwise(self.w13[...], self.w13_scale[...], self.dtype)
-            w2 = fp8.dequantize_blockwise(self.w2[...], self.w2_scale[...], self.dtype)
+            w13 = fp8.dequantize_blockwise(pick(self.w13[...]), pick(self.w13_scale[...]), self.dtype)
+            w2 = fp8.dequantize_blockwise(pick(self.w2[...]), pick(self.w2_scale[...]), self.dtype)
         else:
-            w13 = nvfp4.dequantize(nvfp4.NVFP4Array(self.w13[...], self.w13_scale[...],
-                                                    self.w13_scale_2[...][..., None, None]), self.dtype)
-            w2 = nvfp4.dequantize(nvfp4.NVFP4Array(self.w2[...], self.w2_scale[...],
-                                                   self.w2_scale_2[...][..., None, None]), self.dtype)
+            w13 = nvfp4.dequantize(nvfp4.NVFP4Array(pick(self.w13[...]), pick(self.w13_scale[...]),
+                                                    pick(self.w13_scale_2[...])[..., None, None]), self.dtype)
+            w2 = nvfp4.dequantize(nvfp4.NVFP4Array(pick(self.w2[...]), pick(self.w2_scale[...]),
+                                                   pick(self.w2_scale_2[...])[..., None, None]), self.dtype)
         return w13.transpose(0, 3, 1, 2), w2.transpose(0, 2, 1)
 
     @property
@@ -236,6 +238,11 @@ class Experts(nnx.Module):
 
     def __call__(self, x: jax.Array, expert_ids: jax.Array, weights: jax.Array,
                  first_expert: jax.Array | int) -> jax.Array:
+        local = expert_ids - first_expert
+        if expert_ids.size * 2 <= self.num_local:      # few tokens: read only their experts
+            mine = (local >= 0) & (local < self.num_local)
+            w13, w2 = self.weights(jnp.where(mine, local, 0).reshape(-1))
+            return moe_ops.per_pair_experts(x, expert_ids, weights, w13, w2, mine)
         w13, w2 = self.weights()
         matmul = moe_ops.grouped_matmul(self.kernel, w13.dtype)
         return moe_ops.routed_experts(x, expert_ids, weights, w13, w2, first_expert, matmul)

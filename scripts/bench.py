@@ -339,10 +339,12 @@ def bench_engine(args) -> None:
     record("engine", f"{tag} TTFT p50/p99", np.percentile(ttft, 50), "s", f"p99 {np.percentile(ttft, 99):.2f} s")
     record("engine", f"{tag} TPOT p50/p99", np.percentile(tpot, 50) * 1e3, "ms", f"p99 {np.percentile(tpot, 99) * 1e3:.1f} ms")
     for kind in ("prefill", "decode"):
-        steps = [s for s in engine.step_times if s[0] == kind]
+        steps = [s for s in engine.step_times if s["kind"] == kind]
         if steps:
-            record("engine", f"{tag} {kind} step, device", np.mean([s[3] for s in steps]) * 1e3, "ms",
-                   f"host {np.mean([s[2] for s in steps]) * 1e3:.1f} ms, {len(steps)} steps, shapes {sorted({s[1] for s in steps})[:4]}")
+            mean = lambda field: np.mean([s[field] for s in steps]) * 1e3
+            record("engine", f"{tag} {kind} step, launch to result", mean("device"), "ms",
+                   f"plan {mean('plan'):.1f}, launch {mean('launch'):.1f}, wait {mean('wait'):.1f}, "
+                   f"post {mean('post'):.1f} ms; {len(steps)} steps, shapes {sorted({s['shape'] for s in steps})[:4]}")
 
 
 # -- hf baseline -------------------------------------------------------------------------------

@@ -100,8 +100,9 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.on_step: list[Callable[[ScheduledStep, float], None]] = []
-        self._inflight: tuple | None = None      # (scheduled, device outputs, launch time, host s)
-        # (kind, [slots, T], host seconds, device seconds incl. transfers) of recent steps
+        self._inflight: tuple | None = None      # (scheduled, device outputs, launch time, timings)
+        # per recent step: kind, shape [slots, T], and seconds spent planning, launching, waiting
+        # for the result, from launch to result (device), and appending tokens
         self.step_times: collections.deque = collections.deque(maxlen=4096)
         log.info("engine ready: %s on dp=%d x tp=%d, %d KV pages of %d tokens per dp rank",
                  self.loaded_from, self.layout.dp, self.layout.tp, num_pages, args.page_size)
@@ -192,12 +193,13 @@ class Engine:
         stops at step n (EOS, stop string) may already sit in step n+1; that extra token is
         dropped. Penalties need every output token on the host, so they wait for step n.
         """
-        began = time.perf_counter()
         updated = self._collect() if self._penalties_running() else []
+        began = time.perf_counter()
         plans = [s.plan() for s in self.schedulers]
         if all(p is None for p in plans):
             return updated + self._collect()
         scheduled = assemble(plans, self.batch_buckets, self.token_buckets, self.pages_per_seq, self.args.page_size)
+        planned = time.perf_counter()
         out = self.runner.launch(scheduled.step, scheduled.logit_index, scheduled.sampling, scheduled.sources)
         for plan in plans:
             if plan is not None:
@@ -205,16 +207,16 @@ class Engine:
         for slot, req in scheduled.sampled():
             req.pending += 1
             req.pending_slot = slot
-        host = time.perf_counter() - began
+        launched = time.perf_counter()
         updated += self._collect()
-        self._inflight = (scheduled, out, time.perf_counter(), host)
+        self._inflight = (scheduled, out, launched, {"plan": planned - began, "launch": launched - planned})
         return updated
 
     def _collect(self) -> list[Request]:
         """Reads back the step in flight, if any, and appends its tokens."""
         if self._inflight is None:
             return []
-        scheduled, out, launched, host = self._inflight
+        scheduled, out, launched, times = self._inflight
         self._inflight = None
         waited = time.perf_counter()
         result = self.runner.read(out)
@@ -224,8 +226,10 @@ class Engine:
             req.pending -= 1
             if self._append_token(req, result, slot):
                 updated.append(req)
-        kind = "decode" if scheduled.step.tokens.shape[1] == 1 else "prefill"
-        self.step_times.append((kind, scheduled.step.tokens.shape, host + (time.perf_counter() - done), done - launched))
+        times.update(kind="decode" if scheduled.step.tokens.shape[1] == 1 else "prefill",
+                     shape=scheduled.step.tokens.shape, wait=done - waited, device=done - launched,
+                     post=time.perf_counter() - done)
+        self.step_times.append(times)
         for hook in self.on_step:
             hook(scheduled, done - launched)
         return updated

@@ -50,11 +50,17 @@ class ModelRunner:
             self.state = shard_state(state, layout, self.mesh, cfg.head_dim, cfg.num_kv_heads)
         self.forward = sharded_forward(cfg, graphdef, self.state, layout, self.mesh, combine_dtype=model.dtype)
         self.kv = self._empty_kv(kv_dtype or model.dtype)
-        self.num_compiles = 0
         self._step = jax.jit(self._step_impl, donate_argnums=(1, 5))
+        self._compiled: dict = {}       # input shapes -> executable: one compile per bucket, and
+                                        # an input placed unlike its executable fails loudly
         self._slots = NamedSharding(self.mesh, P("dp"))
+        self._replicated = NamedSharding(self.mesh, P())
         # the last step's sampled tokens, on device, padded to a fixed length
-        self.last_tokens = jax.device_put(np.zeros(max_slots, np.int32), NamedSharding(self.mesh, P()))
+        self.last_tokens = jax.device_put(np.zeros(max_slots, np.int32), self._replicated)
+
+    @property
+    def num_compiles(self) -> int:
+        return len(self._compiled)
 
     def _empty_kv(self, dtype: Any) -> tuple[jax.Array, jax.Array]:
         cfg, layout = self.cfg, self.layout
@@ -65,21 +71,25 @@ class ModelRunner:
 
     def _step_impl(self, state, kv, step: StepInput, logit_index: jax.Array, sampling: SamplingBatch,
                    last_tokens: jax.Array, sources: jax.Array):
-        self.num_compiles += 1          # runs once per trace, i.e. per compiled bucket
         # a decode slot whose input token the previous step sampled reads it here, on device
         first = jnp.where(sources >= 0, last_tokens[jnp.maximum(sources, 0)], step.tokens[:, 0])
         step = dataclasses.replace(step, tokens=step.tokens.at[:, 0].set(first))
         logits, kv, _ = self.forward(state, kv, step, logit_index)
         out = sample(logits, sampling)
-        return kv, jnp.zeros_like(last_tokens).at[:out[0].shape[0]].set(out[0]), out
+        last = jnp.zeros_like(last_tokens).at[:out[0].shape[0]].set(out[0])
+        return kv, jax.lax.with_sharding_constraint(last, self._replicated), out
 
     def launch(self, step: StepInput, logit_index: np.ndarray, sampling: SamplingBatch,
                sources: np.ndarray | None = None) -> tuple[jax.Array, ...]:
         """Dispatches one step without waiting for it; `read` gives its results."""
         put = lambda x: jax.device_put(np.asarray(x), self._slots)
         sources = np.full(step.tokens.shape[0], -1, np.int32) if sources is None else sources
-        self.kv, self.last_tokens, out = self._step(self.state, self.kv, jax.tree.map(put, step), put(logit_index),
-                                                    jax.tree.map(put, sampling), self.last_tokens, put(sources))
+        args = (self.state, self.kv, jax.tree.map(put, step), put(logit_index), jax.tree.map(put, sampling),
+                self.last_tokens, put(sources))
+        key = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args[2:]))
+        if key not in self._compiled:
+            self._compiled[key] = self._step.lower(*args).compile()
+        self.kv, self.last_tokens, out = self._compiled[key](*args)
         return out
 
     @staticmethod

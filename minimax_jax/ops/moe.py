@@ -69,3 +69,17 @@ def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w13:
     in_group = jnp.arange(n * k) < jnp.sum(group_sizes)
     y = jnp.where(in_group[:, None], y * row_weight[:, None], 0.0)
     return jnp.zeros((n, hidden), jnp.float32).at[token].add(y)
+
+
+def per_pair_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w13: jax.Array,
+                     w2: jax.Array, mine: jax.Array) -> jax.Array:
+    """The same sum for few tokens: pair r = (token, choice) multiplies by its own expert's
+    weights, gathered beforehand (w13: [N*k, H, 2, I], w2: [N*k, I, H]); pairs not `mine`
+    contribute zero. Reads N*k experts instead of every local one. Returns fp32 [N, H]."""
+    n, k = expert_ids.shape
+    rows = jnp.repeat(x, k, axis=0)                                             # [N*k, H]
+    gate_up = jnp.einsum("rh,rhji->rji", rows, w13, preferred_element_type=jnp.float32)
+    act = (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]).astype(x.dtype)
+    y = jnp.einsum("ri,rih->rh", act, w2, preferred_element_type=jnp.float32)
+    y = jnp.where(mine.reshape(-1, 1), y * weights.reshape(-1, 1), 0.0)
+    return y.reshape(n, k, -1).sum(axis=1)
