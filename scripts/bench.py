@@ -11,6 +11,7 @@ Sections (pick with --sections, comma separated):
   breakdown each piece of one decode layer alone on one device, beside its floor
   engine    offline workload through Engine (GSM8K-shaped: P prompt / O output tokens, all
             submitted at once): output tok/s, TTFT and TPOT percentiles
+  profile   a perfetto trace of a few decode steps, device time per kernel
   hf        transformers' MiniMaxM2ForCausalLM at the same depth and batch on one GPU, beside
             this engine on one GPU (prefill tok/s and batched greedy decode tok/s)
 
@@ -299,19 +300,24 @@ def bench_breakdown(args, ceilings: dict) -> None:
 
 # -- engine ------------------------------------------------------------------------------------
 
-def bench_engine(args) -> None:
+def make_bench_engine(args):
     from minimax_jax.engine.engine import Engine
     n = len(jax.devices())
     flags = dict(tp_size=n, ep_size=n)
     if args.engine_layout == "dep":
         flags.update(dp_size=n, enable_dp_attention=True)
-    engine = Engine(model_path=args.preset, load_format="dummy", dtype="bfloat16", quantization=args.quantization,
+    return Engine(model_path=args.preset, load_format="dummy", dtype="bfloat16", quantization=args.quantization,
                     page_size=args.page_size, context_length=args.prompt + args.output + 16,
                     max_running_requests=args.requests, chunked_prefill_size=args.chunk,
                     max_prefill_tokens=args.max_prefill_tokens,
                     max_total_tokens=(args.requests // (n if args.engine_layout == "dep" else 1) + 1)
                     * (args.prompt + args.output + 16),
                     json_model_override_args=json.dumps({"num_hidden_layers": args.engine_layers}), **flags)
+
+
+def bench_engine(args) -> None:
+    n = len(jax.devices())
+    engine = make_bench_engine(args)
     rng = np.random.RandomState(0)
     vocab = engine.cfg.vocab_size
     params = {"max_new_tokens": args.output, "temperature": 0.0, "ignore_eos": True}
@@ -345,6 +351,41 @@ def bench_engine(args) -> None:
             record("engine", f"{tag} {kind} step, launch to result", mean("device"), "ms",
                    f"plan {mean('plan'):.1f}, launch {mean('launch'):.1f}, wait {mean('wait'):.1f}, "
                    f"post {mean('post'):.1f} ms; {len(steps)} steps, shapes {sorted({s['shape'] for s in steps})[:4]}")
+
+
+def bench_profile(args) -> None:
+    """A perfetto trace of a few decode steps of the engine workload, and the device time per
+    kernel name summed over them (largest first)."""
+    import gzip
+    engine = make_bench_engine(args)
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(0, engine.cfg.vocab_size, args.prompt).tolist() for _ in range(args.requests)]
+    params = {"max_new_tokens": args.output, "temperature": 0.0, "ignore_eos": True}
+    engine.generate(input_ids=prompts, sampling_params=params)
+    for p in prompts:
+        engine.submit(engine.make_request(input_ids=p, sampling_params=params))
+    while any(not r.prefilled for s in engine.schedulers for r in s.running + list(s.waiting)):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    trace_dir = Path(args.out) / "trace"
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        for _ in range(args.profile_steps):
+            engine.step()
+        jax.block_until_ready(engine.runner.kv)
+    engine.run_until_done()
+    files = sorted(trace_dir.rglob("perfetto_trace.json.gz"))
+    events = json.loads(gzip.open(files[-1]).read())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    processes = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    devices = {pid for pid, name in processes.items() if "GPU" in name or "gpu" in name} or set(processes)
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e and e.get("pid") in devices:
+            totals[e["name"]] = totals.get(e["name"], 0.0) + e["dur"]
+    for name, dur in sorted(totals.items(), key=lambda kv: -kv[1])[:25]:
+        record("profile", name[:90], dur / args.profile_steps, "us/step")
 
 
 # -- hf baseline -------------------------------------------------------------------------------
@@ -415,6 +456,7 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--max-prefill-tokens", type=int, default=8192)
     p.add_argument("--hf-batch", type=int, default=16)
+    p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--hf-new", type=int, default=32)
     args = p.parse_args(argv)
     if args.smoke:
@@ -431,6 +473,8 @@ def main(argv=None) -> int:
     if args.smoke:
         jax.config.update("jax_num_cpu_devices", 8)
     sections = args.sections.split(",")
+    if "profile" in sections:
+        bench_profile(args)
     if "hf" in sections:            # torch shares the GPU: JAX takes memory as it goes
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
         bench_hf(args)

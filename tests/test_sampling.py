@@ -38,7 +38,7 @@ def test_top_k_one_and_tiny_top_p_are_greedy_and_min_p_filters():
 
 def test_logprobs_are_the_models_distribution_not_the_tempered_one():
     logits = jnp.asarray([[0.0, 1.0, 2.0]], jnp.float32)
-    tokens, logprobs, top_ids, top_values = sample(logits, batch([SamplingParams(temperature=0.5, seed=1)]))
+    tokens, logprobs, top_ids, top_values = sample(logits, batch([SamplingParams(temperature=0.5, seed=1, top_logprobs_num=3)]))
     expected = np.log(np.exp([0.0, 1.0, 2.0]) / np.exp([0.0, 1.0, 2.0]).sum())
     assert logprobs[0] == pytest.approx(expected[int(tokens[0])], abs=1e-6)
     assert list(np.asarray(top_ids[0, :3])) == [2, 1, 0]

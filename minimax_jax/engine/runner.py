@@ -22,8 +22,8 @@ from sharding.specs import KV_SPEC, replicate_kv_heads, shard_state, state_specs
 class StepOutput:
     tokens: np.ndarray          # [D*B] sampled token per slot
     logprobs: np.ndarray        # [D*B]
-    top_ids: np.ndarray         # [D*B, 20]
-    top_logprobs: np.ndarray    # [D*B, 20]
+    top_ids: np.ndarray         # [D*B, 20], or [D*B, 0] when no request asked
+    top_logprobs: np.ndarray    # [D*B, 20], or [D*B, 0]
 
 
 class ModelRunner:
@@ -50,7 +50,7 @@ class ModelRunner:
             self.state = shard_state(state, layout, self.mesh, cfg.head_dim, cfg.num_kv_heads)
         self.forward = sharded_forward(cfg, graphdef, self.state, layout, self.mesh, combine_dtype=model.dtype)
         self.kv = self._empty_kv(kv_dtype or model.dtype)
-        self._step = jax.jit(self._step_impl, donate_argnums=(1, 5))
+        self._step = jax.jit(self._step_impl, donate_argnums=(1, 3), static_argnums=(4,))
         self._compiled: dict = {}       # input shapes -> executable: one compile per bucket, and
                                         # an input placed unlike its executable fails loudly
         self._slots = NamedSharding(self.mesh, P("dp"))
@@ -69,8 +69,8 @@ class ModelRunner:
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=NamedSharding(self.mesh, KV_SPEC))
         return zeros(), zeros()
 
-    def _step_impl(self, state, kv, step: StepInput, logit_index: jax.Array, sampling: SamplingBatch,
-                   last_tokens: jax.Array, sources: jax.Array):
+    def _step_impl(self, state, kv, packed: jax.Array, last_tokens: jax.Array, layout: "PackedLayout"):
+        step, logit_index, sampling, sources = layout.unpack(packed)
         # a decode slot whose input token the previous step sampled reads it here, on device
         first = jnp.where(sources >= 0, last_tokens[jnp.maximum(sources, 0)], step.tokens[:, 0])
         step = dataclasses.replace(step, tokens=step.tokens.at[:, 0].set(first))
@@ -82,14 +82,13 @@ class ModelRunner:
     def launch(self, step: StepInput, logit_index: np.ndarray, sampling: SamplingBatch,
                sources: np.ndarray | None = None) -> tuple[jax.Array, ...]:
         """Dispatches one step without waiting for it; `read` gives its results."""
-        put = lambda x: jax.device_put(np.asarray(x), self._slots)
         sources = np.full(step.tokens.shape[0], -1, np.int32) if sources is None else sources
-        args = (self.state, self.kv, jax.tree.map(put, step), put(logit_index), jax.tree.map(put, sampling),
-                self.last_tokens, put(sources))
-        key = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args[2:]))
+        packed, layout = PackedLayout.pack((step, logit_index, sampling, sources))
+        packed = jax.device_put(packed, self._slots)       # one transfer for all step inputs
+        key = (packed.shape, layout)
         if key not in self._compiled:
-            self._compiled[key] = self._step.lower(*args).compile()
-        self.kv, self.last_tokens, out = self._compiled[key](*args)
+            self._compiled[key] = self._step.lower(self.state, self.kv, packed, self.last_tokens, layout).compile()
+        self.kv, self.last_tokens, out = self._compiled[key](self.state, self.kv, packed, self.last_tokens)
         return out
 
     @staticmethod
@@ -111,3 +110,42 @@ def random_sharded_state(abstract: MiniMaxM2, layout: Layout, mesh, seed: int) -
 
     specs = state_specs(jax.eval_shape(init), layout)
     return jax.jit(init, out_shardings=jax.tree.map(lambda s: NamedSharding(mesh, s), specs))()
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+    """How a step's small per-slot inputs sit side by side in one int32 [slots, columns] array,
+    so that a step costs one host-to-device transfer instead of a dozen."""
+    treedef: Any
+    leaves: tuple[tuple[tuple[int, ...], str], ...]       # (shape, dtype) of each input
+
+    @classmethod
+    def pack(cls, tree: Any) -> tuple[np.ndarray, "PackedLayout"]:
+        leaves, treedef = jax.tree.flatten(tree)
+        arrays = [np.asarray(x) for x in leaves]
+        slots = arrays[0].shape[0]
+        columns = [_as_int32(a).reshape(slots, -1) for a in arrays]
+        layout = cls(treedef, tuple((a.shape, str(a.dtype)) for a in arrays))
+        return np.concatenate(columns, axis=1), layout
+
+    def unpack(self, packed: jax.Array) -> Any:
+        out, start = [], 0
+        for shape, dtype in self.leaves:
+            width = int(np.prod(shape[1:], dtype=np.int64))
+            column = packed[:, start:start + width].reshape(shape)
+            start += width
+            if dtype == "bool":
+                out.append(column != 0)
+            elif np.dtype(dtype).kind == "f" or dtype == "uint32":
+                out.append(jax.lax.bitcast_convert_type(column, jnp.dtype(dtype)))
+            else:
+                out.append(column.astype(dtype))
+        return jax.tree.unflatten(self.treedef, out)
+
+
+def _as_int32(a: np.ndarray) -> np.ndarray:
+    if a.dtype == np.bool_:
+        return a.astype(np.int32)
+    if a.dtype.itemsize != 4:
+        raise TypeError(f"cannot pack a {a.dtype} step input")
+    return a.view(np.int32)

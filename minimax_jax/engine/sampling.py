@@ -82,6 +82,7 @@ class SamplingBatch:
     frequency_penalty: jax.Array
     presence_penalty: jax.Array
     penalized_ids: jax.Array       # [B, W] output tokens so far of slots with a penalty, -1 padded
+    top_logprobs: int = dataclasses.field(default=0, metadata=dict(static=True))   # 0 or TOP_LOGPROBS_MAX
 
     @property
     def uses_penalties(self) -> bool:
@@ -105,6 +106,7 @@ class SamplingBatch:
             frequency_penalty=column(lambda p: p.frequency_penalty, 0.0, np.float32),
             presence_penalty=column(lambda p: p.presence_penalty, 0.0, np.float32),
             penalized_ids=_penalized_ids(params, outputs, size),
+            top_logprobs=TOP_LOGPROBS_MAX if any(p is not None and p.top_logprobs_num for p in params) else 0,
         )
 
 
@@ -132,7 +134,8 @@ def sample(logits: jax.Array, params: SamplingBatch, candidates: int = 256):
     filter the `candidates` most likely tokens, which is exact whenever the kept set lies among
     them, and falls back to sorting the whole vocabulary for the batch when it might not.
 
-    Returns (tokens [B], logprob of each token [B], top-logprob ids and values [B, 20]); the
+    Returns (tokens [B], logprob of each token [B], top-logprob ids and values [B, 20], or
+    [B, 0] when no slot asked for them); the
     logprobs are of the model's distribution (log-softmax of the raw logits).
     """
     logprobs_all = jax.nn.log_softmax(logits, axis=-1)
@@ -148,7 +151,10 @@ def sample(logits: jax.Array, params: SamplingBatch, candidates: int = 256):
                            lambda: _draw(logits, params, candidates))
     tokens = jnp.where(params.temperature == 0.0, greedy_tokens, sampled).astype(jnp.int32)
     token_logprobs = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
-    top_values, top_ids = jax.lax.top_k(logprobs_all, min(TOP_LOGPROBS_MAX, logits.shape[-1]))
+    if params.top_logprobs:            # a sort of the vocabulary: only when a request asks
+        top_values, top_ids = jax.lax.top_k(logprobs_all, min(params.top_logprobs, logits.shape[-1]))
+    else:
+        top_values, top_ids = jnp.zeros((logits.shape[0], 0)), jnp.zeros((logits.shape[0], 0), jnp.int32)
     return tokens, token_logprobs, top_ids.astype(jnp.int32), top_values
 
 
