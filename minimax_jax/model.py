@@ -121,7 +121,7 @@ class Attention(nnx.Module):
         self.k_norm = nnx.Param(jnp.ones((cfg.kv_size,), dtype))
         self.cfg = cfg
 
-    def __call__(self, h: jax.Array, kv: tuple[jax.Array, jax.Array], step: StepInput,
+    def __call__(self, h: jax.Array, kv: tuple[jax.Array, jax.Array], layer: jax.Array, step: StepInput,
                  comm: Comm) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """h: [B*T, H] all tokens of this rank. Returns o_proj partial sums and the new cache."""
         cfg = self.cfg
@@ -133,11 +133,11 @@ class Attention(nnx.Module):
         k = rope(k.reshape(b, t, -1, d), step.positions, cfg.rotary_dim, cfg.rope_theta)
         v = v.reshape(b, t, -1, d)
         k_cache, v_cache = kv
-        pages, page_size = k_cache.shape[:2]
+        pages, page_size = k_cache.shape[1:3]
         slots = attn_ops.kv_slots(step.positions, step.valid, step.page_table, page_size, pages)
-        k_cache = attn_ops.write_kv(k_cache, k.reshape(b * t, -1, d), slots.reshape(-1))
-        v_cache = attn_ops.write_kv(v_cache, v.reshape(b * t, -1, d), slots.reshape(-1))
-        out = attn_ops.paged_attention_reference(q, k_cache, v_cache, step.page_table, step.positions)
+        k_cache = attn_ops.write_kv(k_cache, k.reshape(b * t, -1, d), slots.reshape(-1), layer)
+        v_cache = attn_ops.write_kv(v_cache, v.reshape(b * t, -1, d), slots.reshape(-1), layer)
+        out = attn_ops.paged_attention_reference(q, k_cache, v_cache, step.page_table, step.positions, layer)
         return out.reshape(b * t, -1) @ self.wo[...], (k_cache, v_cache)
 
     def _joint_qk_norm(self, q: jax.Array, k: jax.Array, comm: Comm) -> tuple[jax.Array, jax.Array]:
@@ -257,7 +257,7 @@ class DecoderLayer(nnx.Module):
         self.experts = Experts(cfg, dtype, rngs, expert_format)
         self.eps = cfg.rms_norm_eps
 
-    def __call__(self, r: jax.Array, m: jax.Array, kv: tuple[jax.Array, jax.Array],
+    def __call__(self, r: jax.Array, m: jax.Array, kv: tuple[jax.Array, jax.Array], index: jax.Array,
                  step: StepInput, valid: jax.Array, comm: Comm):
         """One layer's schedule. r: residual of the tokens this device owns; m: the previous
         layer's MoE output for them (not yet added: its reduction fuses with this add + norm);
@@ -266,7 +266,7 @@ class DecoderLayer(nnx.Module):
         r = comm.finish_residual(r, m)
         h = rms_norm(r, self.attn_norm[...], self.eps)
         h = comm.gather_tokens(h)
-        o, kv = self.attn(h, kv, step, comm)
+        o, kv = self.attn(h, kv, index, step, comm)
         r = r + comm.reduce_attention(o).astype(r.dtype)
         h = rms_norm(r, self.mlp_norm[...], self.eps)
         expert_ids, weights = self.router(h, valid)
@@ -310,14 +310,15 @@ class MiniMaxM2(nnx.Module):
         graphdef, layer_state = nnx.split(self.layers)
 
         def one_layer(carry, xs):
-            r, m = carry
-            state, k_cache, v_cache = xs
+            r, m, kv = carry
+            state, index = xs
             layer = nnx.merge(graphdef, state)
-            r, m, (k_cache, v_cache), counts = layer(r, m, (k_cache, v_cache), step, valid, comm)
-            return (r, m), (k_cache, v_cache, counts)
+            r, m, kv, counts = layer(r, m, kv, index, step, valid, comm)
+            return (r, m, kv), counts
 
-        (r, m), (*kv, expert_counts) = jax.lax.scan(one_layer, (x, jnp.zeros_like(x)),
-                                  (layer_state, kv[0], kv[1]))
+        # the whole cache rides in the carry and each layer updates its slice in place
+        (r, m, kv), expert_counts = jax.lax.scan(
+            one_layer, (x, jnp.zeros_like(x), tuple(kv)), (layer_state, jnp.arange(self.cfg.num_layers)))
         r = comm.finish_residual(r, m)
         h = comm.gather_tokens(rms_norm(r, self.norm[...], self.cfg.rms_norm_eps))
         h = h.reshape(b, t, -1)

@@ -1,6 +1,8 @@
 """Attention over a paged KV cache.
 
-The reference gathers each sequence's pages into a contiguous [S, kv_heads, head_dim] view and runs
+The cache holds every layer ([layers, pages, ...]) and is updated in place at the layer's index:
+passing one layer's slice through the layer scan copied the whole cache every step. The
+reference gathers each sequence's pages into a contiguous [S, kv_heads, head_dim] view and runs
 masked softmax attention in fp32. It serves prefill chunks (T > 1) and decode (T == 1) alike: a
 query at position p sees exactly the keys at positions 0..p of its own sequence, which are all in
 the cache because a step writes its keys before it attends.
@@ -12,14 +14,15 @@ import jax
 import jax.numpy as jnp
 
 
-def write_kv(cache: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    """Writes new[n] into flat cache slot slots[n]; a slot out of range (padding) writes nothing.
+def write_kv(cache: jax.Array, new: jax.Array, slots: jax.Array, layer: jax.Array) -> jax.Array:
+    """Writes new[n] into flat slot slots[n] of one layer of the cache, in place; a slot out of
+    range (padding) writes nothing.
 
-    cache: [pages, page_size, kv_heads, head_dim]; new: [N, kv_heads, head_dim]; slots: [N].
+    cache: [layers, pages, page_size, kv_heads, head_dim]; new: [N, kv_heads, head_dim]; slots: [N].
     """
-    pages, page_size = cache.shape[:2]
-    flat = cache.reshape(pages * page_size, *cache.shape[2:])
-    flat = flat.at[slots].set(new.astype(cache.dtype), mode="drop")
+    layers, pages, page_size = cache.shape[:3]
+    flat = cache.reshape(layers, pages * page_size, *cache.shape[3:])
+    flat = flat.at[layer, slots].set(new.astype(cache.dtype), mode="drop")
     return flat.reshape(cache.shape)
 
 
@@ -32,13 +35,13 @@ def kv_slots(positions: jax.Array, valid: jax.Array, page_table: jax.Array, page
 
 
 def paged_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                              page_table: jax.Array, positions: jax.Array) -> jax.Array:
-    """q: [B, T, q_heads, D]; caches: [pages, page_size, kv_heads, D]; page_table: [B, P];
+                              page_table: jax.Array, positions: jax.Array, layer: jax.Array) -> jax.Array:
+    """q: [B, T, q_heads, D]; caches: [layers, pages, page_size, kv_heads, D]; page_table: [B, P];
     positions: [B, T]. Returns [B, T, q_heads, D] in q's dtype."""
     b, t, hq, d = q.shape
-    hk = k_cache.shape[2]
-    keys = k_cache[page_table].reshape(b, -1, hk, d)      # [B, S, hk, D]
-    values = v_cache[page_table].reshape(b, -1, hk, d)
+    hk = k_cache.shape[3]
+    keys = k_cache[layer, page_table].reshape(b, -1, hk, d)      # [B, S, hk, D]: only these pages
+    values = v_cache[layer, page_table].reshape(b, -1, hk, d)
     qg = q.reshape(b, t, hk, hq // hk, d)
     scores = jnp.einsum("bthgd,bshd->bhgts", qg, keys, preferred_element_type=jnp.float32)
     scores = scores * (d ** -0.5)
