@@ -35,8 +35,8 @@ def grouped_matmul(kernel: str, dtype) -> GroupedMatmul:
     """"xla" (lax.ragged_dot, the reference), "mosaic", or "auto": Mosaic on a Hopper GPU for
     bf16 (lax.ragged_dot ran at 12 TFLOP/s on an H200), the reference elsewhere."""
     if kernel == "auto":
-        on_hopper = jax.default_backend() == "gpu" and "H100" in jax.devices()[0].device_kind \
-            or "H200" in jax.devices()[0].device_kind
+        kind = jax.devices()[0].device_kind
+        on_hopper = jax.default_backend() == "gpu" and ("H100" in kind or "H200" in kind)
         kernel = "mosaic" if on_hopper and dtype == jnp.bfloat16 else "xla"
     if kernel not in ("xla", "mosaic"):
         raise ValueError(f"moe kernel must be auto, xla or mosaic, got {kernel!r}")
