@@ -75,7 +75,7 @@ class Engine:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
         self.model, self.loaded_from = _load(args)
         self.cfg: ModelConfig = self.model.cfg
-        self.tokenizer = _load_tokenizer(args, self.loaded_from)
+        self.tokenizer = _load_tokenizer(args)
         self.context_length = min(args.context_length or self.cfg.max_position_embeddings,
                                   self.cfg.max_position_embeddings)
         fp4_dispatch = args.moe_dispatch_fp4
@@ -91,8 +91,8 @@ class Engine:
         self.batch_buckets = powers_of_two(self.layout.tp, max(per_rank, self.layout.tp))
         self.runner = ModelRunner(self.model, self.layout, num_pages, args.page_size, seed=args.random_seed,
                                   moe_kernel=args.moe_kernel, max_slots=self.layout.dp * self.batch_buckets[-1])
-        self.schedulers = [Scheduler(PageAllocator(num_pages), args.page_size, self.pages_per_seq,
-                                     per_rank, args.chunked_prefill_size, args.max_prefill_tokens)
+        self.schedulers = [Scheduler(PageAllocator(num_pages), args.page_size, per_rank,
+                                     args.chunked_prefill_size, args.max_prefill_tokens)
                            for _ in range(self.layout.dp)]
         chunk = args.chunked_prefill_size
         self.token_buckets = powers_of_two(16, chunk) if chunk > 16 else [16]
@@ -363,7 +363,7 @@ def _load(args: EngineArgs) -> tuple[MiniMaxM2, str]:
     return model, f"HF checkpoint {args.model_path} ({model.expert_format} experts)"
 
 
-def _load_tokenizer(args: EngineArgs, loaded_from: str):
+def _load_tokenizer(args: EngineArgs):
     from minimax_jax.engine.tokenizer import Tokenizer
     from minimax_jax.config import PRESETS
     path = args.tokenizer_path or args.model_path

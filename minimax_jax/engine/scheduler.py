@@ -47,8 +47,10 @@ class Request:
     def prefilled(self) -> bool:
         return self.num_computed >= len(self.prompt_ids)
 
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    @property
+    def last_token(self) -> int:
+        """The newest token the host knows (the next decode input unless one is in flight)."""
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
     @property
     def num_tokens(self) -> int:
@@ -107,21 +109,15 @@ def powers_of_two(lo: int, hi: int) -> list[int]:
 class Scheduler:
     """The requests of one dp rank and the pages of its share of the KV cache."""
 
-    def __init__(self, allocator: PageAllocator, page_size: int, max_pages_per_seq: int,
-                 max_running: int, chunk_size: int, max_prefill_tokens: int):
+    def __init__(self, allocator: PageAllocator, page_size: int, max_running: int, chunk_size: int,
+                 max_prefill_tokens: int):
         self.allocator = allocator
         self.page_size = page_size
-        self.max_pages_per_seq = max_pages_per_seq
         self.max_running = max_running
         self.chunk_size = chunk_size
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.max_batch = max_running
-
-    @property
-    def context_length(self) -> int:
-        return self.max_pages_per_seq * self.page_size
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -176,13 +172,13 @@ class Scheduler:
         if not decoding:
             return None
         # a token still on the device (step in flight) is read there, by slot, not waited for
-        last = [0 if r.pending else r.all_ids()[-1] for r in decoding]
+        last = [0 if r.pending else r.last_token for r in decoding]
         return RankPlan(decoding, [[t] for t in last], [r.num_computed for r in decoding],
                         [True] * len(decoding), [r.pending_slot if r.pending else -1 for r in decoding])
 
     def _prefill_plan(self, candidates: list[Request]) -> RankPlan:
         plan, budget = RankPlan([], [], [], []), self.max_prefill_tokens
-        for req in candidates[:self.max_batch]:
+        for req in candidates[:self.max_running]:
             n = min(len(req.prompt_ids) - req.num_computed, self.chunk_size, budget)
             if n <= 0:
                 break
