@@ -197,7 +197,7 @@ class Experts(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs, expert_format: str = "bf16"):
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         self.format, self.dtype = expert_format, dtype
-        self.kernel = "auto"        # grouped GEMM implementation, see ops.moe.grouped_matmul
+        self.kernel = "auto"        # grouped GEMM implementation, see ops.moe.resolve_kernel
         if expert_format == "bf16":
             self.w13 = _normal(rngs, (e, h, 2, i), dtype)
             self.w2 = _normal(rngs, (e, i, h), dtype)
@@ -238,14 +238,18 @@ class Experts(nnx.Module):
 
     def __call__(self, x: jax.Array, expert_ids: jax.Array, weights: jax.Array,
                  first_expert: jax.Array | int) -> jax.Array:
+        inter = self.w13.shape[-1] if self.format == "bf16" else self.w13.shape[2]     # this device's share
+        kernel = moe_ops.resolve_kernel(self.kernel, self.format, x.shape[-1], inter)
         local = expert_ids - first_expert
-        if expert_ids.size * 2 <= self.num_local:      # few tokens: read only their experts
+        if self.format == "fp8" and kernel == "mosaic":     # reads only the FP8 bytes, any batch
+            matmuls = moe_ops.fp8_matmuls(self.w13[...], self.w13_scale[...], self.w2[...], self.w2_scale[...])
+        elif expert_ids.size * 2 <= self.num_local:         # few tokens: read only their experts
             mine = (local >= 0) & (local < self.num_local)
             w13, w2 = self.weights(jnp.where(mine, local, 0).reshape(-1))
             return moe_ops.per_pair_experts(x, expert_ids, weights, w13, w2, mine)
-        w13, w2 = self.weights()
-        matmul = moe_ops.grouped_matmul(self.kernel, w13.dtype)
-        return moe_ops.routed_experts(x, expert_ids, weights, w13, w2, first_expert, matmul)
+        else:
+            matmuls = moe_ops.dense_matmuls(*self.weights(), kernel)
+        return moe_ops.routed_experts(x, expert_ids, weights, self.num_local, first_expert, *matmuls)
 
 
 class DecoderLayer(nnx.Module):

@@ -2,9 +2,11 @@
 
 Sections (pick with --sections, comma separated):
   env       versions, devices, measured copy bandwidth and bf16 matmul rate (the ceilings)
-  check     greedy tokens of a 2-layer full-width model: Mosaic vs XLA expert GEMM, DEP vs 1 device
+  check     greedy tokens of a 2-layer full-width model (experts as --quantization): Mosaic vs
+            XLA expert GEMM, DEP vs 1 device
   kernels   expert grouped GEMM: lax.ragged_dot vs Mosaic GPU at decode and prefill sizes,
-            checked against each other, beside the weight-read floor
+            checked against each other, beside the weight-read floor; FP8 experts dequantised
+            in XLA vs dequantised inside the Mosaic kernel
   layers    one decode step of a full-width model at two depths on each layout (DEP with FP4
             or bf16 all-gather, TP with and without the fused reduce-scatter + norm): per-layer
             time from the difference, beside its floor (weights + KV bytes over bandwidth)
@@ -126,6 +128,47 @@ def bench_kernels(args, ceilings: dict) -> None:
                 flops = 2 * int(sizes.sum()) * k * n
                 record("kernels", f"{name} m={m} routed={share:.2f}", t * 1e3, "ms",
                        f"floor {floor * 1e3:.3f} ms ({floor / t:.0%}), {flops / t / 1e12:.0f} TFLOP/s, rel err {err:.1e}")
+    bench_fp8_kernels(args, ceilings)
+
+
+def bench_fp8_kernels(args, ceilings: dict) -> None:
+    """FP8 block-scaled experts: dequantise in XLA then the bf16 grouped GEMM, against the
+    kernel that dequantises in shared memory; floor = the FP8 bytes over bandwidth."""
+    from minimax_jax.ops import grouped_gemm_fp8, moe as moe_ops
+    from quant import fp8
+    g, k, n = args.local_experts, args.hidden, 2 * args.intermediate
+    w, scale = fp8.quantize_blockwise(jax.random.normal(jax.random.PRNGKey(0), (g, n, k), jnp.float32) * 0.02)
+    floor = w.nbytes / ceilings["bandwidth"]
+    on_gpu = jax.default_backend() == "gpu"
+    kernels = {"fp8 dequant+xla": grouped_gemm_fp8.reference}
+    if on_gpu:
+        dequant = lambda w, s: fp8.dequantize_blockwise(w, s, jnp.bfloat16).transpose(0, 2, 1)
+        kernels["fp8 dequant+mosaic"] = lambda x, w, s, sizes: moe_ops.ragged_dot_mosaic(x, dequant(w, s), sizes)
+        for bm in ((32, 64, 128) if args.tune else (64,)):
+            kernels[f"fp8 fused bm{bm}"] = (
+                lambda x, w, s, sizes, bm=bm: grouped_gemm_fp8.grouped_gemm_fp8(x, w, s, sizes, block_m=bm))
+    for m in args.kernel_rows:
+        x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
+        for share in (1.0, 0.25):
+            rows = int(m * share)
+            sizes = jnp.asarray(np.random.RandomState(3).multinomial(rows, np.ones(g) / g), jnp.int32)
+            valid = np.arange(m) < int(sizes.sum())
+            ref = None
+            for name, fn in kernels.items():
+                if name == "fp8 dequant+xla" and on_gpu and m > 4096:
+                    continue
+                f = jax.jit(fn)
+                try:
+                    out = np.asarray(f(x, w, scale, sizes).astype(jnp.float32))[valid]
+                except Exception as e:
+                    print(f"[kernels] {name} m={m} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                ref = out if ref is None else ref
+                err = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+                t = median_time(f, x, w, scale, sizes)
+                flops = 2 * int(sizes.sum()) * k * n
+                record("kernels", f"{name} m={m} routed={share:.2f}", t * 1e3, "ms",
+                       f"fp8 floor {floor * 1e3:.3f} ms ({floor / t:.0%}), {flops / t / 1e12:.0f} TFLOP/s, rel err {err:.1e}")
 
 
 # -- layers ------------------------------------------------------------------------------------
@@ -190,6 +233,7 @@ def bench_check(args) -> None:
     from minimax_jax.engine.engine import Engine
     n = len(jax.devices())
     common = dict(model_path=args.preset, load_format="dummy", dtype="bfloat16", page_size=args.page_size,
+                  quantization=args.quantization,
                   context_length=256, max_running_requests=8, chunked_prefill_size=128,
                   json_model_override_args=json.dumps({"num_hidden_layers": 2}))
     prompts = [list(range(1 + i, 40 + 7 * i)) for i in range(4)]
@@ -307,12 +351,12 @@ def make_bench_engine(args):
     if args.engine_layout == "dep":
         flags.update(dp_size=n, enable_dp_attention=True)
     return Engine(model_path=args.preset, load_format="dummy", dtype="bfloat16", quantization=args.quantization,
-                    page_size=args.page_size, context_length=args.prompt + args.output + 16,
-                    max_running_requests=args.requests, chunked_prefill_size=args.chunk,
-                    max_prefill_tokens=args.max_prefill_tokens,
-                    max_total_tokens=(args.requests // (n if args.engine_layout == "dep" else 1) + 1)
-                    * (args.prompt + args.output + 16),
-                    json_model_override_args=json.dumps({"num_hidden_layers": args.engine_layers}), **flags)
+                  page_size=args.page_size, context_length=args.prompt + args.output + 16,
+                  max_running_requests=args.max_running_requests or args.requests,
+                  chunked_prefill_size=args.chunk, max_prefill_tokens=args.max_prefill_tokens,
+                  kv_cache_dtype=args.kv_cache_dtype, mem_fraction_static=args.mem_fraction_static,
+                  max_total_tokens=None if jax.default_backend() == "gpu" else 4096,
+                  json_model_override_args=json.dumps({"num_hidden_layers": args.engine_layers}), **flags)
 
 
 def bench_engine(args) -> None:
@@ -322,7 +366,13 @@ def bench_engine(args) -> None:
     vocab = engine.cfg.vocab_size
     params = {"max_new_tokens": args.output, "temperature": 0.0, "ignore_eos": True}
     prompts = [rng.randint(0, vocab, args.prompt).tolist() for _ in range(args.requests)]
-    engine.generate(input_ids=prompts, sampling_params=params)       # the same workload compiles its buckets
+    warm = prompts[:args.warmup_requests] if args.warmup_requests else prompts
+    warm_params = dict(params, max_new_tokens=args.warmup_output or args.output)
+    engine.generate(input_ids=warm, sampling_params=warm_params)    # the same shapes compile their buckets
+    kv_tokens = engine.schedulers[0].allocator.num_pages * engine.args.page_size
+    record("engine", f"KV capacity per dp rank", kv_tokens, "tokens",
+           f"{engine.args.kv_cache_dtype} cache, {len(engine.schedulers)} ranks, "
+           f"at most {kv_tokens // (args.prompt + args.output)} requests of {args.prompt + args.output} per rank")
     compiles = engine.num_compiles
     engine.step_times.clear()
     reqs = [engine.make_request(input_ids=p, sampling_params=params) for p in prompts]
@@ -455,6 +505,12 @@ def parse_args(argv=None):
     p.add_argument("--output", type=int, default=100)
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--max-prefill-tokens", type=int, default=8192)
+    p.add_argument("--max-running-requests", type=int, help="engine limit (default: --requests)")
+    p.add_argument("--warmup-requests", type=int, help="requests of the warm-up run (default: all)")
+    p.add_argument("--warmup-output", type=int, help="output tokens per warm-up request (default: --output)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp8_e4m3"])
+    p.add_argument("--mem-fraction-static", type=float, default=0.85,
+                   help="weights + KV share of device memory; the KV cache takes what fits")
     p.add_argument("--hf-batch", type=int, default=16)
     p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--hf-new", type=int, default=32)

@@ -39,7 +39,7 @@ ENGINE_FLAGS = {
     "chunked_prefill_size": "chunked_prefill_size", "max_prefill_tokens": "max_prefill_tokens",
     "max_total_tokens": "max_total_tokens", "random_seed": "random_seed",
     "load_format": "load_format", "json_model_override_args": "json_model_override_args",
-    "moe_kernel": "moe_kernel",
+    "moe_kernel": "moe_kernel", "kv_cache_dtype": "kv_cache_dtype", "mem_fraction_static": "mem_fraction_static",
 }
 
 
@@ -92,7 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--page-size", type=int, help="tokens per KV cache page")
     sched.add_argument("--chunked-prefill-size", type=int, help="max prompt tokens of one request per prefill step")
     sched.add_argument("--max-prefill-tokens", type=int, help="max prompt tokens of all requests in one prefill step")
-    sched.add_argument("--max-total-tokens", type=int, help="KV cache capacity in tokens of each dp rank, all its requests together")
+    sched.add_argument("--max-total-tokens", type=int, help="KV cache capacity in tokens of each dp rank, all its "
+                       "requests together (default on GPUs: what fits in --mem-fraction-static)")
+    sched.add_argument("--mem-fraction-static", type=float, help="share of each device's memory limit for "
+                       "weights and KV cache; the rest is left to activations (default: 0.85)")
+    sched.add_argument("--kv-cache-dtype", choices=["auto", "bf16", "fp8_e4m3"],
+                       help="KV cache storage: auto (the model dtype) or fp8_e4m3 with unit scale, half the "
+                       "bytes (default: auto)")
 
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")

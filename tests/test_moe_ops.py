@@ -1,9 +1,16 @@
-"""The expert computations agree with each other on random data."""
+"""The expert computations agree with each other on random data. The FP8 Mosaic kernel runs
+under Pallas' GPU interpreter here (the same kernel body; only the transposed wgmma operand is
+stored untransposed, which the interpreter lacks); GPUs run it for real in scripts/bench.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-from minimax_jax.ops import moe
+from minimax_jax.ops import grouped_gemm_fp8, moe
+from quant import fp8
+
+INTERPRET = dict(num_sms=2, interpret=InterpretGPUParams())
 
 
 def test_per_pair_experts_equal_the_grouped_gemm_including_foreign_and_padding_pairs():
@@ -14,10 +21,60 @@ def test_per_pair_experts_equal_the_grouped_gemm_including_foreign_and_padding_p
     weights = jnp.asarray(rng.random((n, k)), jnp.float32)
     w13 = jnp.asarray(rng.standard_normal((local, h, 2, i)), jnp.float32)
     w2 = jnp.asarray(rng.standard_normal((local, i, h)), jnp.float32)
-    grouped = moe.routed_experts(x, ids, weights, w13, w2, first)
+    grouped = moe.routed_experts(x, ids, weights, local, first, *moe.dense_matmuls(w13, w2, "xla"))
     rel = ids - first
     mine = (rel >= 0) & (rel < local)
     sel = jnp.where(mine, rel, 0).reshape(-1)
     pairs = moe.per_pair_experts(x, ids, weights, w13[sel], w2[sel], mine)
     np.testing.assert_allclose(np.asarray(pairs), np.asarray(grouped), rtol=1e-5, atol=1e-5)
     assert not np.asarray(pairs[4]).any() and np.asarray(mine).any() and not np.asarray(mine).all()
+
+
+def test_group_tiles_cover_each_group_from_its_own_first_row():
+    group, first, rows = grouped_gemm_fp8.group_tiles(jnp.array([5, 0, 30, 16]), 16, 8)
+    assert np.asarray(group).tolist()[:4] == [0, 2, 2, 3]
+    assert np.asarray(first).tolist()[:4] == [0, 5, 21, 35]
+    assert np.asarray(rows).tolist() == [5, 16, 14, 16, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("sizes, block_m", [([5, 0, 30], 16), ([0, 64, 1, 17], 32), ([0, 0, 0], 16)])
+def test_fp8_kernel_equals_dequantised_ragged_dot(sizes, block_m):
+    rng = np.random.RandomState(len(sizes) + block_m)
+    g, n, k, m = len(sizes), 256, 256, sum(sizes) + 9                # 9 rows past the groups
+    w, scale = fp8.quantize_blockwise(rng.standard_normal((g, n, k)) * rng.uniform(0.1, 10, (g, n, 1)))
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    out = grouped_gemm_fp8.grouped_gemm_fp8(x, w, scale, group_sizes, block_m=block_m,
+                                            max_concurrent_steps=2, **INTERPRET)
+    ref = grouped_gemm_fp8.reference(x, w, scale, group_sizes)
+    valid = sum(sizes)
+    out, ref = np.asarray(out[:valid], np.float32), np.asarray(ref[:valid], np.float32)
+    # bf16 operands either way; only the f32 summation order and the final bf16 rounding differ
+    np.testing.assert_allclose(out, ref, rtol=2e-2, atol=1e-2 * max(np.abs(ref).max(initial=0), 1))
+
+
+def test_routed_experts_through_the_fp8_kernel_equal_the_dequantised_reference():
+    rng = np.random.RandomState(1)
+    n, k, local, h, i, first = 12, 2, 4, 128, 128, 4      # experts 4..7 here, ids up to 11
+    x = jnp.asarray(rng.standard_normal((n, h)), jnp.bfloat16)
+    ids = jnp.asarray(rng.randint(0, 12, (n, k)), jnp.int32)
+    weights = jnp.asarray(rng.random((n, k)), jnp.float32)
+    w13, s13 = fp8.quantize_blockwise(rng.standard_normal((local, 2, i, h)) * 0.05)
+    w2, s2 = fp8.quantize_blockwise(rng.standard_normal((local, h, i)) * 0.05)
+    fused = moe.routed_experts(x, ids, weights, local, first,
+                               *moe.fp8_matmuls(w13, s13, w2, s2, block_m=16, **INTERPRET))
+    w13_bf16 = fp8.dequantize_blockwise(w13, s13, jnp.bfloat16).transpose(0, 3, 1, 2)
+    w2_bf16 = fp8.dequantize_blockwise(w2, s2, jnp.bfloat16).transpose(0, 2, 1)
+    ref = moe.routed_experts(x, ids, weights, local, first, *moe.dense_matmuls(w13_bf16, w2_bf16, "xla"))
+    scale = np.abs(np.asarray(ref)).max()
+    assert scale > 0
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(ref), atol=2e-2 * scale)
+
+
+def test_auto_kernel_is_the_reference_off_gpu_and_mosaic_fp8_needs_128_blocks():
+    assert moe.resolve_kernel("auto", "fp8", 3072, 1536) == "xla"          # CPU here
+    assert moe.resolve_kernel("mosaic", "fp8", 3072, 1536) == "mosaic"
+    with pytest.raises(ValueError, match="multiples of 128"):
+        moe.resolve_kernel("mosaic", "fp8", 64, 32)
+    with pytest.raises(ValueError, match="auto, xla or mosaic"):
+        moe.resolve_kernel("triton", "bf16", 64, 32)

@@ -33,6 +33,7 @@ from sharding.mesh import Layout
 
 log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16, "auto": jnp.bfloat16}
+KV_CACHE_DTYPES = {"auto": None, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp8_e4m3": jnp.float8_e4m3fn}
 
 
 class RequestError(ValueError):
@@ -66,6 +67,9 @@ class EngineArgs:
     load_format: str = "auto"                # "dummy": random weights of the config's shapes, made on device
     json_model_override_args: str | None = None   # JSON dict over config.json, e.g. '{"num_hidden_layers": 4}'
     moe_kernel: str = "auto"                 # grouped GEMM: "auto" (Mosaic GPU on Hopper), "xla", "mosaic"
+    kv_cache_dtype: str = "auto"             # "auto" (the model dtype), "bf16", "fp8_e4m3" (scale 1)
+    mem_fraction_static: float = 0.85        # of each device's memory limit: weights + KV cache (GPUs,
+                                             # when max_total_tokens is not given)
 
 
 class Engine:
@@ -73,6 +77,10 @@ class Engine:
         self.args = args = EngineArgs(**kwargs)
         if args.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+        if args.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {args.kv_cache_dtype!r}")
+        if not 0 < args.mem_fraction_static <= 1:
+            raise ValueError(f"mem_fraction_static must be in (0, 1], got {args.mem_fraction_static}")
         self.model, self.loaded_from = _load(args)
         self.cfg: ModelConfig = self.model.cfg
         self.tokenizer = _load_tokenizer(args)
@@ -85,12 +93,22 @@ class Engine:
             args.tp_size, args.dp_size, args.ep_size, args.enable_dp_attention, self.cfg.num_experts,
             fp4_dispatch=fp4_dispatch, combine=args.moe_combine, ar_fusion=args.enable_ar_fusion)
         self.pages_per_seq = -(-self.context_length // args.page_size)
-        total_tokens = args.max_total_tokens or self.context_length * min(args.max_running_requests, 8)
-        num_pages = max(-(-total_tokens // args.page_size), self.pages_per_seq)
         per_rank = -(-args.max_running_requests // self.layout.dp)
+        num_pages = None                 # GPUs: as many as fit beside the weights
+        if args.max_total_tokens or jax.default_backend() == "cpu":
+            total_tokens = args.max_total_tokens or self.context_length * min(args.max_running_requests, 8)
+            num_pages = max(-(-total_tokens // args.page_size), self.pages_per_seq)
         self.batch_buckets = powers_of_two(self.layout.tp, max(per_rank, self.layout.tp))
         self.runner = ModelRunner(self.model, self.layout, num_pages, args.page_size, seed=args.random_seed,
-                                  moe_kernel=args.moe_kernel, max_slots=self.layout.dp * self.batch_buckets[-1])
+                                  moe_kernel=args.moe_kernel, max_slots=self.layout.dp * self.batch_buckets[-1],
+                                  kv_dtype=KV_CACHE_DTYPES[args.kv_cache_dtype] or DTYPES[args.dtype],
+                                  mem_fraction_static=args.mem_fraction_static,
+                                  max_pages_per_rank=per_rank * self.pages_per_seq)
+        num_pages = self.runner.pages_per_rank
+        if num_pages < self.pages_per_seq:
+            raise ValueError(f"the KV cache holds {num_pages * args.page_size} tokens per dp rank, less than "
+                             f"one sequence of context_length={self.context_length}: lower --context-length "
+                             f"or raise --mem-fraction-static")
         self.schedulers = [Scheduler(PageAllocator(num_pages), args.page_size, per_rank,
                                      args.chunked_prefill_size, args.max_prefill_tokens)
                            for _ in range(self.layout.dp)]

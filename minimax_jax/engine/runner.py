@@ -33,9 +33,11 @@ class ModelRunner:
     are local to the slot's rank.
     """
 
-    def __init__(self, model: MiniMaxM2, layout: Layout, pages_per_rank: int, page_size: int,
+    def __init__(self, model: MiniMaxM2, layout: Layout, pages_per_rank: int | None, page_size: int,
                  kv_dtype: Any = None, devices: list | None = None, seed: int = 0, moe_kernel: str = "auto",
-                 max_slots: int = 1024):
+                 max_slots: int = 1024, mem_fraction_static: float = 0.85, max_pages_per_rank: int | None = None):
+        """pages_per_rank None: as many pages as fit in `mem_fraction_static` of the device
+        memory left to JAX once the weights are placed (at most `max_pages_per_rank`)."""
         cfg = self.cfg = model.cfg
         layout.check(cfg, model.expert_format)
         self.layout = layout
@@ -49,7 +51,10 @@ class ModelRunner:
         else:
             self.state = shard_state(state, layout, self.mesh, cfg.head_dim, cfg.num_kv_heads)
         self.forward = sharded_forward(cfg, graphdef, self.state, layout, self.mesh, combine_dtype=model.dtype)
-        self.kv = self._empty_kv(kv_dtype or model.dtype)
+        kv_dtype = kv_dtype or model.dtype
+        if pages_per_rank is None:
+            self.pages_per_rank = self._pages_that_fit(kv_dtype, mem_fraction_static, max_pages_per_rank)
+        self.kv = self._empty_kv(kv_dtype)
         self._step = jax.jit(self._step_impl, donate_argnums=(1, 3), static_argnums=(4,))
         self._compiled: dict = {}       # input shapes -> executable: one compile per bucket, and
                                         # an input placed unlike its executable fails loudly
@@ -62,12 +67,32 @@ class ModelRunner:
     def num_compiles(self) -> int:
         return len(self._compiled)
 
-    def _empty_kv(self, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    def _kv_shape(self, pages_per_rank: int) -> tuple[int, ...]:
         cfg, layout = self.cfg, self.layout
         heads = cfg.num_kv_heads * layout.kv_head_replicas(cfg.num_kv_heads)
-        shape = (cfg.num_layers, layout.dp * self.pages_per_rank, self.page_size, heads, cfg.head_dim)
+        return (cfg.num_layers, layout.dp * pages_per_rank, self.page_size, heads, cfg.head_dim)
+
+    def _empty_kv(self, dtype: Any) -> tuple[jax.Array, jax.Array]:
+        shape = self._kv_shape(self.pages_per_rank)
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=NamedSharding(self.mesh, KV_SPEC))
         return zeros(), zeros()
+
+    def _pages_that_fit(self, dtype: Any, fraction: float, max_pages: int | None) -> int:
+        """KV pages per dp rank that fit in `fraction` of each device's memory limit, less what
+        is in use now (the weights). Needs allocator statistics (GPUs); raises elsewhere."""
+        stats = [d.memory_stats() for d in self.mesh.devices.flat]
+        if not all(stats) or any("bytes_limit" not in s for s in stats):
+            raise ValueError("this device reports no memory statistics: give --max-total-tokens")
+        free = min(s["bytes_limit"] * fraction - s["bytes_in_use"] for s in stats)
+        per_page = 2 * int(np.prod(NamedSharding(self.mesh, KV_SPEC).shard_shape(self._kv_shape(1)))) \
+            * jnp.dtype(dtype).itemsize        # k and v; one page per rank, as one device holds it
+        pages = int(free // per_page)
+        if max_pages is not None:
+            pages = min(pages, max_pages)
+        if pages < 1:
+            raise ValueError(f"no memory left for the KV cache: {free / 2**30:.2f} GiB free within "
+                             f"mem_fraction_static={fraction} after the weights")
+        return pages
 
     def _step_impl(self, state, kv, packed: jax.Array, last_tokens: jax.Array, layout: "PackedLayout"):
         step, logit_index, sampling, sources = layout.unpack(packed)

@@ -40,8 +40,9 @@ def paged_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     positions: [B, T]. Returns [B, T, q_heads, D] in q's dtype."""
     b, t, hq, d = q.shape
     hk = k_cache.shape[3]
-    keys = k_cache[layer, page_table].reshape(b, -1, hk, d)      # [B, S, hk, D]: only these pages
-    values = v_cache[layer, page_table].reshape(b, -1, hk, d)
+    # [B, S, hk, D]: only these pages; an FP8 cache (unit scale) widens to q's dtype here
+    keys = k_cache[layer, page_table].reshape(b, -1, hk, d).astype(q.dtype)
+    values = v_cache[layer, page_table].reshape(b, -1, hk, d).astype(q.dtype)
     qg = q.reshape(b, t, hk, hq // hk, d)
     scores = jnp.einsum("bthgd,bshd->bhgts", qg, keys, preferred_element_type=jnp.float32)
     scores = scores * (d ** -0.5)

@@ -7,10 +7,13 @@ to padding tokens sort past the last group and contribute exactly zero.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from minimax_jax.ops import grouped_gemm_fp8
 
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -31,44 +34,73 @@ def ragged_dot_mosaic(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax
     return ragged_dot_mgpu.ragged_dot(x, w, group_sizes=group_sizes, block_n=block_n, **MOSAIC_BLOCKS)
 
 
-def grouped_matmul(kernel: str, dtype) -> GroupedMatmul:
-    """"xla" (lax.ragged_dot, the reference), "mosaic", or "auto": Mosaic on a Hopper GPU for
-    bf16 (lax.ragged_dot ran at 12 TFLOP/s on an H200), the reference elsewhere."""
+def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int) -> str:
+    """"xla" (lax.ragged_dot on dequantised weights, the reference), "mosaic", or "auto": Mosaic
+    on a Hopper GPU (lax.ragged_dot ran at 12 TFLOP/s on an H200), the reference elsewhere.
+    With FP8 experts "mosaic" is the kernel that dequantises in shared memory, which needs the
+    hidden and intermediate sizes to be multiples of its 128x128 blocks."""
+    if kernel not in ("auto", "xla", "mosaic"):
+        raise ValueError(f"moe kernel must be auto, xla or mosaic, got {kernel!r}")
+    fp8_fits = hidden % grouped_gemm_fp8.BLOCK == 0 and inter % grouped_gemm_fp8.BLOCK == 0
     if kernel == "auto":
         kind = jax.devices()[0].device_kind
         on_hopper = jax.default_backend() == "gpu" and ("H100" in kind or "H200" in kind)
-        kernel = "mosaic" if on_hopper and dtype == jnp.bfloat16 else "xla"
-    if kernel not in ("xla", "mosaic"):
-        raise ValueError(f"moe kernel must be auto, xla or mosaic, got {kernel!r}")
-    return ragged_dot_mosaic if kernel == "mosaic" else ragged_dot_reference
+        kernel = "mosaic" if on_hopper and (expert_format != "fp8" or fp8_fits) else "xla"
+    if kernel == "mosaic" and expert_format == "fp8" and not fp8_fits:
+        raise ValueError(f"the fp8 Mosaic kernel needs hidden and intermediate sizes that are multiples "
+                         f"of {grouped_gemm_fp8.BLOCK}, got {hidden} and {inter}")
+    return kernel
 
 
-def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w13: jax.Array,
-                   w2: jax.Array, first_expert: jax.Array | int,
-                   matmul: GroupedMatmul = ragged_dot_reference) -> jax.Array:
+RowsMatmul = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, num_local: int,
+                   first_expert: jax.Array | int, gate_up: RowsMatmul, down: RowsMatmul) -> jax.Array:
     """Weighted sum over each token's routed experts among the local ones.
 
     x: [N, H]; expert_ids, weights: [N, k] (global ids; an id outside
-    [first_expert, first_expert + local) contributes nothing); w13: [local, H, 2, I] gate and up;
-    w2: [local, I, H]. Returns fp32 [N, H].
+    [first_expert, first_expert + num_local) contributes nothing). gate_up(rows, group_sizes) and
+    down(rows, group_sizes) are grouped GEMMs over rows sorted by local expert: gate_up gives
+    [R, 2I] (gate columns first), down gives [R, H]. Returns fp32 [N, H].
     """
     n, k = expert_ids.shape
-    num_local, hidden, _, inter = w13.shape
+    hidden = x.shape[-1]
     local = expert_ids - first_expert
     mine = (local >= 0) & (local < num_local)
     flat = jnp.where(mine, local, num_local).reshape(-1)
     order = jnp.argsort(flat, stable=True)
     token = order // k
     group_sizes = jnp.bincount(flat, length=num_local + 1)[:num_local].astype(jnp.int32)
-    rows = x[token]
-    gate_up = matmul(rows, w13.reshape(num_local, hidden, 2 * inter), group_sizes)
-    gate, up = gate_up[:, :inter], gate_up[:, inter:]
-    act = (jax.nn.silu(gate) * up).astype(x.dtype)
-    y = matmul(act, w2, group_sizes)
+    gate_up_rows = gate_up(x[token], group_sizes)
+    inter = gate_up_rows.shape[-1] // 2
+    act = (jax.nn.silu(gate_up_rows[:, :inter].astype(jnp.float32))
+           * gate_up_rows[:, inter:].astype(jnp.float32)).astype(x.dtype)
+    y = down(act, group_sizes)
     row_weight = jnp.where(mine, weights, 0.0).reshape(-1)[order]
     in_group = jnp.arange(n * k) < jnp.sum(group_sizes)
     y = jnp.where(in_group[:, None], y * row_weight[:, None], 0.0)
     return jnp.zeros((n, hidden), jnp.float32).at[token].add(y)
+
+
+def dense_matmuls(w13: jax.Array, w2: jax.Array, kernel: str) -> tuple[RowsMatmul, RowsMatmul]:
+    """gate_up and down over weights in the compute dtype: w13 [E, H, 2, I], w2 [E, I, H]."""
+    matmul = ragged_dot_mosaic if kernel == "mosaic" else ragged_dot_reference
+    num_local, hidden, _, inter = w13.shape
+    w13 = w13.reshape(num_local, hidden, 2 * inter)
+    return (lambda rows, sizes: matmul(rows, w13, sizes)), (lambda rows, sizes: matmul(rows, w2, sizes))
+
+
+def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: jax.Array,
+                **kernel_options) -> tuple[RowsMatmul, RowsMatmul]:
+    """gate_up and down reading FP8 blocks directly: w13 [E, 2, I, H] with scale [E, 2, I/128,
+    H/128]; w2 [E, H, I] with scale [E, H/128, I/128] (the checkpoint's orientation)."""
+    e, _, inter, hidden = w13.shape
+    w13 = w13.reshape(e, 2 * inter, hidden)
+    w13_scale = w13_scale.reshape(e, -1, w13_scale.shape[-1])
+    gemm = functools.partial(grouped_gemm_fp8.grouped_gemm_fp8, **kernel_options)
+    return (lambda rows, sizes: gemm(rows, w13, w13_scale, sizes),
+            lambda rows, sizes: gemm(rows, w2, w2_scale, sizes))
 
 
 def per_pair_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w13: jax.Array,
