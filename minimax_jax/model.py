@@ -222,6 +222,12 @@ class Experts(nnx.Module):
         pick = (lambda a: a) if experts is None else (lambda a: a[experts])
         if self.format == "bf16":
             return pick(self.w13[...]), pick(self.w2[...])
+        w13, w2 = self._dequantized(pick)
+        return w13.transpose(0, 3, 1, 2), w2.transpose(0, 2, 1)
+
+    def _dequantized(self, pick=lambda a: a) -> tuple[jax.Array, jax.Array]:
+        """Quantised experts in the compute dtype as stored (rows = output channels):
+        w13 [E, 2, I, H], w2 [E, H, I]."""
         if self.format == "fp8":
             w13 = fp8.dequantize_blockwise(pick(self.w13[...]), pick(self.w13_scale[...]), self.dtype)
             w2 = fp8.dequantize_blockwise(pick(self.w2[...]), pick(self.w2_scale[...]), self.dtype)
@@ -230,7 +236,7 @@ class Experts(nnx.Module):
                                                     pick(self.w13_scale_2[...])[..., None, None]), self.dtype)
             w2 = nvfp4.dequantize(nvfp4.NVFP4Array(pick(self.w2[...]), pick(self.w2_scale[...]),
                                                    pick(self.w2_scale_2[...])[..., None, None]), self.dtype)
-        return w13.transpose(0, 3, 1, 2), w2.transpose(0, 2, 1)
+        return w13, w2
 
     @property
     def num_local(self) -> int:
@@ -241,14 +247,17 @@ class Experts(nnx.Module):
         inter = self.w13.shape[-1] if self.format == "bf16" else self.w13.shape[2]     # this device's share
         kernel = moe_ops.resolve_kernel(self.kernel, self.format, x.shape[-1], inter)
         local = expert_ids - first_expert
-        if self.format == "fp8" and kernel == "mosaic":     # reads only the FP8 bytes, any batch
+        if kernel == "mosaic-fp8":                          # reads only the FP8 bytes, any batch
             matmuls = moe_ops.fp8_matmuls(self.w13[...], self.w13_scale[...], self.w2[...], self.w2_scale[...])
         elif expert_ids.size * 2 <= self.num_local:         # few tokens: read only their experts
             mine = (local >= 0) & (local < self.num_local)
             w13, w2 = self.weights(jnp.where(mine, local, 0).reshape(-1))
             return moe_ops.per_pair_experts(x, expert_ids, weights, w13, w2, mine)
+        elif self.format == "bf16":
+            matmuls = moe_ops.dense_matmuls(self.w13[...], self.w2[...], kernel)
         else:
-            matmuls = moe_ops.dense_matmuls(*self.weights(), kernel)
+            w13, w2 = self._dequantized()
+            matmuls = moe_ops.output_major_matmuls(w13.reshape(w13.shape[0], -1, w13.shape[-1]), w2, kernel)
         return moe_ops.routed_experts(x, expert_ids, weights, self.num_local, first_expert, *matmuls)
 
 

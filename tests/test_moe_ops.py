@@ -71,10 +71,12 @@ def test_routed_experts_through_the_fp8_kernel_equal_the_dequantised_reference()
     np.testing.assert_allclose(np.asarray(fused), np.asarray(ref), atol=2e-2 * scale)
 
 
-def test_auto_kernel_is_the_reference_off_gpu_and_mosaic_fp8_needs_128_blocks():
+def test_auto_kernel_is_the_reference_off_gpu_and_mosaic_fp8_needs_fp8_in_128_blocks():
     assert moe.resolve_kernel("auto", "fp8", 3072, 1536) == "xla"          # CPU here
-    assert moe.resolve_kernel("mosaic", "fp8", 3072, 1536) == "mosaic"
+    assert moe.resolve_kernel("mosaic-fp8", "fp8", 3072, 1536) == "mosaic-fp8"
     with pytest.raises(ValueError, match="multiples of 128"):
-        moe.resolve_kernel("mosaic", "fp8", 64, 32)
-    with pytest.raises(ValueError, match="auto, xla or mosaic"):
+        moe.resolve_kernel("mosaic-fp8", "fp8", 64, 32)
+    with pytest.raises(ValueError, match="needs FP8 experts"):
+        moe.resolve_kernel("mosaic-fp8", "bf16", 3072, 1536)
+    with pytest.raises(ValueError, match="must be one of"):
         moe.resolve_kernel("triton", "bf16", 64, 32)

@@ -50,10 +50,15 @@ def num_tiles_bound(m: int, num_groups: int, block_m: int) -> int:
 
 
 def grouped_gemm_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Array, *,
-                     block_m: int = 64, max_concurrent_steps: int = 4, num_sms: int | None = None,
+                     block_m: int = 64, max_concurrent_steps: int = 4, chunk_rows: int = 64,
+                     load_layout: str | None = "WGMMA", num_sms: int | None = None,
                      interpret=None) -> jax.Array:
     """Mosaic-GPU kernel with the semantics of `reference`, except that rows past the groups
-    are left unwritten (callers mask them). Needs N and K multiples of 128."""
+    are left unwritten (callers mask them). Needs N and K multiples of 128.
+
+    block_m: rows per tile (a multiple of 64, wgmma's M); chunk_rows: weight rows converted at
+    once; load_layout: register layout of the loaded FP8 chunk (a plgpu.Layout name, or None to
+    leave it to layout inference)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -81,23 +86,26 @@ def grouped_gemm_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: 
                 def pipeline(acc_ref, w_bf16):
                     def step(idx, x_smem, w_smem):
                         s = s_gmem[group, ni, idx[0]]
-                        for r in range(0, BLOCK, 32):      # 32 rows at a time bounds registers
-                            chunk = (w_smem[pl.ds(r, 32), :].astype(jnp.float32) * s).astype(jnp.bfloat16)
+                        for r in range(0, BLOCK, chunk_rows):      # bounds the registers in use
+                            chunk = w_smem[pl.ds(r, chunk_rows), :]
+                            if load_layout is not None and not interpret:
+                                chunk = plgpu.layout_cast(chunk, getattr(plgpu.Layout, load_layout))
+                            chunk = (chunk.astype(jnp.float32) * s).astype(jnp.bfloat16)
                             if interpret:   # the interpreter's wgmma takes no transposed operand
-                                w_bf16[:, pl.ds(r, 32)] = chunk.T
+                                w_bf16[:, pl.ds(r, chunk_rows)] = chunk.T
                             else:
-                                w_bf16[pl.ds(r, 32), :] = chunk
+                                w_bf16[pl.ds(r, chunk_rows), :] = chunk
                         plgpu.commit_smem()
-                        b = w_bf16 if interpret else plgpu.transpose_ref(w_bf16, (1, 0))
+                        b = w_bf16 if interpret else _transposed(w_bf16)
                         plgpu.wgmma(acc_ref, x_smem, b)
                         plgpu.wgmma_wait(0)
 
                     plgpu.emit_pipeline(
                         step, grid=(steps_k,),
-                        in_specs=[plgpu.BlockSpec((block_m, BLOCK), lambda kk: (0, kk)),
+                        in_specs=[plgpu.BlockSpec((pl.Element(block_m), BLOCK), lambda kk: (first_row, kk)),
                                   plgpu.BlockSpec((BLOCK, BLOCK), lambda kk: (ni, kk))],
                         max_concurrent_steps=max_concurrent_steps,
-                    )(x_gmem.at[pl.ds(first_row, block_m)], w_gmem.at[group])
+                    )(x_gmem, w_gmem.at[group])
                     return acc_ref[...]
 
                 acc = pl.run_scoped(     # register and shared-memory scopes may not mix
@@ -120,14 +128,21 @@ def _store_rows(acc, o_gmem, first_row, rows, ni, block_m, pl, plgpu) -> None:
     def _(o_smem):
         o_smem[...] = acc.astype(o_smem.dtype)
         plgpu.commit_smem()
-        offset = jnp.int32(0)
         size = block_m
         while size >= 1:
+            offset = rows - (rows & (2 * size - 1))     # the larger boxes' rows come first
+
             @pl.when(rows & size != 0)
             def _():
                 plgpu.copy_smem_to_gmem(
                     o_smem.at[pl.ds(offset, size)],
                     o_gmem.at[pl.ds(first_row + offset, size), pl.ds(ni * BLOCK, BLOCK)])
-            offset = offset + (rows & size)
             size //= 2
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _transposed(ref):
+    """[N, K] scratch as the [K, N] wgmma operand. plgpu.transpose_ref asks a plain scoped ref
+    for its memory space, which newer jax refuses; the transform itself is the same."""
+    from jax._src.state import types as state_types
+    return state_types.TransformedRef(ref, ()).transpose((1, 0))

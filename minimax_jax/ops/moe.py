@@ -26,29 +26,40 @@ def ragged_dot_reference(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> 
 MOSAIC_BLOCKS = dict(block_m=64, block_k=64, max_concurrent_steps=4, grid_block_n=1)
 
 
-def ragged_dot_mosaic(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Pallas Mosaic-GPU grouped GEMM (Hopper wgmma, TMA pipelines), bf16 in and out. Rows past
-    the last group are left unwritten: callers mask them."""
+def ragged_dot_mosaic(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
+                      transpose_rhs: bool = False) -> jax.Array:
+    """Pallas Mosaic-GPU grouped GEMM (Hopper wgmma, TMA pipelines), bf16 in and out; w is
+    [G, K, N], or [G, N, K] with transpose_rhs. Rows past the last group are left unwritten:
+    callers mask them."""
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
-    block_n = 256 if w.shape[-1] % 256 == 0 else 128
-    return ragged_dot_mgpu.ragged_dot(x, w, group_sizes=group_sizes, block_n=block_n, **MOSAIC_BLOCKS)
+    n = w.shape[1] if transpose_rhs else w.shape[2]
+    block_n = 256 if n % 256 == 0 else 128
+    return ragged_dot_mgpu.ragged_dot(x, w, group_sizes=group_sizes, block_n=block_n,
+                                      transpose_rhs=transpose_rhs, **MOSAIC_BLOCKS)
+
+
+KERNELS = ("auto", "xla", "mosaic", "mosaic-fp8")
 
 
 def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int) -> str:
-    """"xla" (lax.ragged_dot on dequantised weights, the reference), "mosaic", or "auto": Mosaic
-    on a Hopper GPU (lax.ragged_dot ran at 12 TFLOP/s on an H200), the reference elsewhere.
-    With FP8 experts "mosaic" is the kernel that dequantises in shared memory, which needs the
-    hidden and intermediate sizes to be multiples of its 128x128 blocks."""
-    if kernel not in ("auto", "xla", "mosaic"):
-        raise ValueError(f"moe kernel must be auto, xla or mosaic, got {kernel!r}")
-    fp8_fits = hidden % grouped_gemm_fp8.BLOCK == 0 and inter % grouped_gemm_fp8.BLOCK == 0
+    """"xla" (lax.ragged_dot on weights in the compute dtype, the reference), "mosaic" (the bf16
+    Mosaic-GPU grouped GEMM; FP8/NVFP4 experts are dequantised in XLA first), "mosaic-fp8" (FP8
+    experts dequantised inside the kernel, ops/grouped_gemm_fp8.py: correct under the Pallas
+    interpreter, not yet compiling on GPUs, so never chosen by "auto"), or "auto": "mosaic" on a
+    Hopper GPU (lax.ragged_dot ran at 12 TFLOP/s on an H200), "xla" elsewhere."""
+    if kernel not in KERNELS:
+        raise ValueError(f"moe kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     if kernel == "auto":
         kind = jax.devices()[0].device_kind
         on_hopper = jax.default_backend() == "gpu" and ("H100" in kind or "H200" in kind)
-        kernel = "mosaic" if on_hopper and (expert_format != "fp8" or fp8_fits) else "xla"
-    if kernel == "mosaic" and expert_format == "fp8" and not fp8_fits:
-        raise ValueError(f"the fp8 Mosaic kernel needs hidden and intermediate sizes that are multiples "
-                         f"of {grouped_gemm_fp8.BLOCK}, got {hidden} and {inter}")
+        kernel = "mosaic" if on_hopper else "xla"
+    if kernel == "mosaic-fp8":
+        block = grouped_gemm_fp8.BLOCK
+        if expert_format != "fp8":
+            raise ValueError(f"moe kernel mosaic-fp8 needs FP8 experts, these are {expert_format}")
+        if hidden % block or inter % block:
+            raise ValueError(f"moe kernel mosaic-fp8 needs hidden and intermediate sizes that are "
+                             f"multiples of {block}, got {hidden} and {inter}")
     return kernel
 
 
@@ -89,6 +100,18 @@ def dense_matmuls(w13: jax.Array, w2: jax.Array, kernel: str) -> tuple[RowsMatmu
     num_local, hidden, _, inter = w13.shape
     w13 = w13.reshape(num_local, hidden, 2 * inter)
     return (lambda rows, sizes: matmul(rows, w13, sizes)), (lambda rows, sizes: matmul(rows, w2, sizes))
+
+
+def output_major_matmuls(w13: jax.Array, w2: jax.Array, kernel: str) -> tuple[RowsMatmul, RowsMatmul]:
+    """gate_up and down over weights in the compute dtype stored as checkpoints store them, rows =
+    output channels: w13 [E, 2I, H], w2 [E, H, I]. Mosaic reads them as they lie: transposing a
+    dequantised layer made XLA transpose the whole stacked FP8 weights once, outside the layer
+    loop (35 GiB at full size)."""
+    if kernel == "mosaic":
+        return (lambda rows, sizes: ragged_dot_mosaic(rows, w13, sizes, transpose_rhs=True),
+                lambda rows, sizes: ragged_dot_mosaic(rows, w2, sizes, transpose_rhs=True))
+    return (lambda rows, sizes: ragged_dot_reference(rows, w13.transpose(0, 2, 1), sizes),
+            lambda rows, sizes: ragged_dot_reference(rows, w2.transpose(0, 2, 1), sizes))
 
 
 def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: jax.Array,
