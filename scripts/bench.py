@@ -251,9 +251,11 @@ def bench_check(args) -> None:
     prompts = [list(range(1 + i, 40 + 7 * i)) for i in range(4)]
     params = {"max_new_tokens": 16, "temperature": 0.0}
     outs, logits = {}, {}
-    for name, flags in (("1 device xla", dict(moe_kernel="xla")),
-                        (f"DEP{n} xla", dict(moe_kernel="xla", tp_size=n, dp_size=n, enable_dp_attention=True)),
-                        (f"DEP{n} mosaic", dict(moe_kernel="mosaic", tp_size=n, dp_size=n, enable_dp_attention=True))):
+    dep = dict(tp_size=n, dp_size=n, enable_dp_attention=True)
+    for name, flags in (("1 device xla", dict(moe_kernel="xla", attention_backend="xla")),
+                        (f"DEP{n} xla", dict(moe_kernel="xla", attention_backend="xla", **dep)),
+                        (f"DEP{n} mosaic", dict(moe_kernel="mosaic", attention_backend="xla", **dep)),
+                        (f"DEP{n} mosaic cudnn-attn", dict(moe_kernel="mosaic", attention_backend="cudnn", **dep))):
         try:
             engine = Engine(**common, **flags)
             logits[name] = first_step_logits(engine, prompts)
@@ -321,13 +323,13 @@ def bench_breakdown(args, ceilings: dict) -> None:
     key = jax.random.PRNGKey(0)
     h = jax.random.normal(key, (b, cfg.hidden_size), jnp.bfloat16)
     pages = -(-(ctx + 1) // ps)
-    cache = jax.random.normal(key, (b * pages, ps, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)
+    cache = jax.random.normal(key, (1, b * pages, ps, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)
     step = StepInput(tokens=jnp.zeros((b, 1), jnp.int32), positions=jnp.full((b, 1), ctx, jnp.int32),
                      valid=jnp.ones((b, 1), bool), page_table=jnp.arange(b * pages, dtype=jnp.int32).reshape(b, pages))
     bw = ceilings["bandwidth"]
 
     def attention(state, h, k, v):
-        return nnx.merge(graphdef, state).attn(h, (k, v), step, LocalComm())[0]
+        return nnx.merge(graphdef, state).attn(h, (k, v), jnp.int32(0), step, LocalComm())[0]
 
     def moe(state, h):
         layer = nnx.merge(graphdef, state)
@@ -335,7 +337,8 @@ def bench_breakdown(args, ceilings: dict) -> None:
         return layer.experts(h, ids, w, first_expert=0)
 
     def attention_core(q, k, v):
-        return attn_ops.paged_attention_reference(q, k, v, step.page_table, step.positions)
+        return attn_ops.paged_attention(q, k, v, step.page_table, step.positions, jnp.int32(0),
+                                        attn_ops.resolve_backend(args.attention_backend))
 
     q = jax.random.normal(key, (b, 1, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
     kv_bytes = 2 * b * (ctx + 1) * cfg.kv_size * 2
@@ -367,7 +370,7 @@ def make_bench_engine(args):
                   max_running_requests=args.max_running_requests or args.requests,
                   chunked_prefill_size=args.chunk, max_prefill_tokens=args.max_prefill_tokens,
                   kv_cache_dtype=args.kv_cache_dtype, mem_fraction_static=args.mem_fraction_static,
-                  max_total_tokens=None if jax.default_backend() == "gpu" else 4096,
+                  attention_backend=args.attention_backend, max_total_tokens=None if jax.default_backend() == "gpu" else 4096,
                   json_model_override_args=json.dumps({"num_hidden_layers": args.engine_layers}), **flags)
 
 
@@ -401,7 +404,8 @@ def bench_engine(args) -> None:
     out_tokens = sum(len(r.output_ids) for r in reqs)
     ttft = np.array([first[r.rid] - start for r in reqs])
     tpot = np.array([(last[r.rid] - first[r.rid]) / max(len(r.output_ids) - 1, 1) for r in reqs])
-    tag = f"{args.engine_layout.upper()}{n} {args.engine_layers}L {args.requests}x{args.prompt}/{args.output}"
+    tag = (f"{args.engine_layout.upper()}{n} {args.engine_layers}L {args.requests}x{args.prompt}/{args.output} "
+           f"attn={args.attention_backend}")
     record("engine", f"{tag} output throughput", out_tokens / wall, "tok/s",
            f"wall {wall:.1f} s, {compiles} compiles in warm-up, {engine.num_compiles - compiles} while measured")
     record("engine", f"{tag} TTFT p50/p99", np.percentile(ttft, 50), "s", f"p99 {np.percentile(ttft, 99):.2f} s")
@@ -523,6 +527,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup-requests", type=int, help="requests of the warm-up run (default: all)")
     p.add_argument("--warmup-output", type=int, help="output tokens per warm-up request (default: --output)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp8_e4m3"])
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "cudnn"])
     p.add_argument("--mem-fraction-static", type=float, default=0.85,
                    help="weights + KV share of device memory; the KV cache takes what fits")
     p.add_argument("--hf-batch", type=int, default=16)

@@ -39,7 +39,7 @@ ENGINE_FLAGS = {
     "chunked_prefill_size": "chunked_prefill_size", "max_prefill_tokens": "max_prefill_tokens",
     "max_total_tokens": "max_total_tokens", "random_seed": "random_seed",
     "load_format": "load_format", "json_model_override_args": "json_model_override_args",
-    "moe_kernel": "moe_kernel", "kv_cache_dtype": "kv_cache_dtype", "mem_fraction_static": "mem_fraction_static",
+    "moe_kernel": "moe_kernel", "attention_backend": "attention_backend", "kv_cache_dtype": "kv_cache_dtype", "mem_fraction_static": "mem_fraction_static",
 }
 
 
@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--enable-ar-fusion", action=argparse.BooleanOptionalAction, default=None,
                      help="fuse reduce-scatter + residual add + RMSNorm + all-gather (engine default: on)")
 
+    par.add_argument("--attention-backend", choices=["auto", "xla", "cudnn"],
+                     help="prefill attention: cudnn (flash attention) or the XLA reference; auto: cudnn on "
+                     "NVIDIA GPUs (default: auto)")
     par.add_argument("--moe-kernel", choices=["auto", "xla", "mosaic"],
                      help="grouped GEMM of the experts: auto = Mosaic GPU on Hopper, XLA elsewhere")
 

@@ -67,6 +67,7 @@ class EngineArgs:
     load_format: str = "auto"                # "dummy": random weights of the config's shapes, made on device
     json_model_override_args: str | None = None   # JSON dict over config.json, e.g. '{"num_hidden_layers": 4}'
     moe_kernel: str = "auto"                 # grouped GEMM: "auto" (Mosaic GPU on Hopper), "xla", "mosaic"
+    attention_backend: str = "auto"          # prefill attention: "auto" (cuDNN flash on GPUs), "xla", "cudnn"
     kv_cache_dtype: str = "auto"             # "auto" (the model dtype), "bf16", "fp8_e4m3" (scale 1)
     mem_fraction_static: float = 0.85        # of each device's memory limit: weights + KV cache (GPUs,
                                              # when max_total_tokens is not given)
@@ -103,7 +104,8 @@ class Engine:
                                   moe_kernel=args.moe_kernel, max_slots=self.layout.dp * self.batch_buckets[-1],
                                   kv_dtype=KV_CACHE_DTYPES[args.kv_cache_dtype] or DTYPES[args.dtype],
                                   mem_fraction_static=args.mem_fraction_static,
-                                  max_pages_per_rank=per_rank * self.pages_per_seq)
+                                  max_pages_per_rank=per_rank * self.pages_per_seq,
+                                  attention_backend=args.attention_backend)
         num_pages = self.runner.pages_per_rank
         if num_pages < self.pages_per_seq:
             raise ValueError(f"the KV cache holds {num_pages * args.page_size} tokens per dp rank, less than "

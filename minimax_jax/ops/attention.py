@@ -6,6 +6,11 @@ reference gathers each sequence's pages into a contiguous [S, kv_heads, head_dim
 masked softmax attention in fp32. It serves prefill chunks (T > 1) and decode (T == 1) alike: a
 query at position p sees exactly the keys at positions 0..p of its own sequence, which are all in
 the cache because a step writes its keys before it attends.
+
+`paged_attention` picks the implementation: the reference, or for prefill chunks on GPUs cuDNN's
+flash attention (jax.nn.dot_product_attention) over the same gathered pages, with the visibility
+mask passed as a mask, so a chunk that continues an earlier one (its queries start past 0) is
+exact too; cuDNN's own causal mask aligns queries to key 0 and would not be.
 """
 
 from __future__ import annotations
@@ -34,20 +39,59 @@ def kv_slots(positions: jax.Array, valid: jax.Array, page_table: jax.Array, page
     return jnp.where(valid, slots, num_pages * page_size)
 
 
+BACKENDS = ("auto", "xla", "cudnn")
+
+
+def resolve_backend(backend: str) -> str:
+    """"xla" (the reference), "cudnn" (flash attention for prefill chunks, the reference for
+    decode), or "auto": cudnn on an NVIDIA GPU, xla elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return backend
+
+
+def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, page_table: jax.Array,
+                    positions: jax.Array, layer: jax.Array, backend: str = "xla") -> jax.Array:
+    """As `paged_attention_reference`; backend "cudnn" runs prefill chunks (T > 1) through
+    jax.nn.dot_product_attention: cuDNN's flash attention on GPUs, the same call's XLA
+    implementation elsewhere (which is how CPU tests check the masks and head grouping)."""
+    if backend == "xla" or q.shape[1] == 1:
+        return paged_attention_reference(q, k_cache, v_cache, page_table, positions, layer)
+    keys, values = _gather_pages(k_cache, v_cache, page_table, layer, q.dtype)
+    visible = _visible(positions, keys.shape[1])
+    return jax.nn.dot_product_attention(q, keys, values, mask=visible[:, None],
+                                        implementation="cudnn" if jax.default_backend() == "gpu" else "xla")
+
+
+def _gather_pages(k_cache: jax.Array, v_cache: jax.Array, page_table: jax.Array, layer: jax.Array,
+                  dtype) -> tuple[jax.Array, jax.Array]:
+    """[B, S, kv_heads, D] keys and values of each sequence's pages, in `dtype` (an FP8 cache,
+    unit scale, widens here)."""
+    b = page_table.shape[0]
+    hk, d = k_cache.shape[3:]
+    keys = k_cache[layer, page_table].reshape(b, -1, hk, d).astype(dtype)
+    values = v_cache[layer, page_table].reshape(b, -1, hk, d).astype(dtype)
+    return keys, values
+
+
+def _visible(positions: jax.Array, num_keys: int) -> jax.Array:
+    """[B, T, S]: a query at position p sees keys 0..p."""
+    return jnp.arange(num_keys)[None, None, :] <= positions[:, :, None]
+
+
 def paged_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                               page_table: jax.Array, positions: jax.Array, layer: jax.Array) -> jax.Array:
     """q: [B, T, q_heads, D]; caches: [layers, pages, page_size, kv_heads, D]; page_table: [B, P];
     positions: [B, T]. Returns [B, T, q_heads, D] in q's dtype."""
     b, t, hq, d = q.shape
     hk = k_cache.shape[3]
-    # [B, S, hk, D]: only these pages; an FP8 cache (unit scale) widens to q's dtype here
-    keys = k_cache[layer, page_table].reshape(b, -1, hk, d).astype(q.dtype)
-    values = v_cache[layer, page_table].reshape(b, -1, hk, d).astype(q.dtype)
+    keys, values = _gather_pages(k_cache, v_cache, page_table, layer, q.dtype)   # only these pages
     qg = q.reshape(b, t, hk, hq // hk, d)
     scores = jnp.einsum("bthgd,bshd->bhgts", qg, keys, preferred_element_type=jnp.float32)
     scores = scores * (d ** -0.5)
-    key_pos = jnp.arange(keys.shape[1])
-    visible = key_pos[None, None, :] <= positions[:, :, None]         # [B, T, S]
+    visible = _visible(positions, keys.shape[1])
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     out = jnp.einsum("bhgts,bshd->bthgd", probs, values, preferred_element_type=jnp.float32)

@@ -1,0 +1,46 @@
+"""Prefill attention through jax.nn.dot_product_attention (cuDNN's flash attention on GPUs; its
+XLA implementation here) equals the reference over paged caches, including chunks that continue
+an earlier chunk, grouped heads, padding rows and an FP8 cache."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minimax_jax.ops import attention
+
+
+def paged_case(cache_dtype, seed=0):
+    rng = np.random.RandomState(seed)
+    layers, pages, page_size, hk, g, d = 2, 12, 4, 2, 3, 16
+    k = jnp.asarray(rng.standard_normal((layers, pages, page_size, hk, d)), jnp.float32).astype(cache_dtype)
+    v = jnp.asarray(rng.standard_normal((layers, pages, page_size, hk, d)), jnp.float32).astype(cache_dtype)
+    table = jnp.asarray(rng.permutation(pages)[:9].reshape(3, 3), jnp.int32)   # 3 sequences of 3 pages
+    # sequence 0: first chunk at 0; sequence 1: a chunk continuing at position 5; sequence 2: a
+    # 2-token chunk at 9 padded to 4 (padding rows repeat the last position)
+    positions = jnp.asarray([[0, 1, 2, 3], [5, 6, 7, 8], [9, 10, 10, 10]], jnp.int32)
+    q = jnp.asarray(rng.standard_normal((3, 4, hk * g, d)), jnp.bfloat16)
+    return q, k, v, table, positions
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_flash_prefill_equals_the_reference_on_continued_chunks(cache_dtype):
+    q, k, v, table, positions = paged_case(cache_dtype)
+    for layer in (0, 1):
+        ref = attention.paged_attention_reference(q, k, v, table, positions, jnp.int32(layer))
+        flash = attention.paged_attention(q, k, v, table, positions, jnp.int32(layer), "cudnn")
+        np.testing.assert_allclose(np.asarray(flash, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+    # the continued chunk must see its earlier keys: masking them out changes the answer
+    ref = attention.paged_attention_reference(q, k, v, table, positions, jnp.int32(0))
+    first_only = attention.paged_attention(q, k, v, table, positions - positions[:, :1], jnp.int32(0), "cudnn")
+    assert not np.allclose(np.asarray(first_only[1], np.float32), np.asarray(ref[1], np.float32), atol=2e-2)
+
+
+def test_decode_uses_the_reference_and_backends_resolve():
+    q, k, v, table, positions = paged_case(jnp.bfloat16)
+    one = q[:, :1]
+    np.testing.assert_array_equal(
+        np.asarray(attention.paged_attention(one, k, v, table, positions[:, :1], jnp.int32(0), "cudnn")),
+        np.asarray(attention.paged_attention_reference(one, k, v, table, positions[:, :1], jnp.int32(0))))
+    assert attention.resolve_backend("auto") == "xla"           # CPU here
+    with pytest.raises(ValueError, match="must be one of"):
+        attention.resolve_backend("flashinfer")
