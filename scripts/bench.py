@@ -106,7 +106,15 @@ def bench_kernels(args, ceilings: dict) -> None:
     g, k, n = args.local_experts, args.hidden, 2 * args.intermediate
     key = jax.random.PRNGKey(0)
     w = (jax.random.normal(key, (g, k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
-    floor = w.nbytes / ceilings["bandwidth"]
+    skip = (lambda name, m: name == "xla" and args.tune and m > 4096)
+    time_grouped_gemms(args, kernels, (w,), w.nbytes / ceilings["bandwidth"], "floor", skip)
+
+
+def time_grouped_gemms(args, kernels: dict, weights: tuple, floor: float, floor_name: str, skip) -> None:
+    """Times each kernel fn(x, *weights, group_sizes) at each --kernel-rows, with all rows or a
+    quarter routed to this device, checked against the first kernel that ran."""
+    g, k, n = args.local_experts, args.hidden, 2 * args.intermediate
+    failed: set = set()
     for m in args.kernel_rows:
         x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
         # expert parallel: only a quarter of the rows are routed to this device's experts
@@ -116,21 +124,23 @@ def bench_kernels(args, ceilings: dict) -> None:
             valid = np.arange(m) < int(sizes.sum())
             ref = None
             for name, fn in kernels.items():
-                if name == "xla" and args.tune and m > 4096:
+                if name in failed or skip(name, m):
                     continue
                 f = jax.jit(fn)
                 try:
-                    out = np.asarray(f(x, w, sizes).astype(jnp.float32))[valid]
+                    out = np.asarray(f(x, *weights, sizes).astype(jnp.float32))[valid]
                 except Exception as e:
-                    print(f"[kernels] {name} m={m} FAILED: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    print(f"[kernels] {name} m={m} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    traceback.print_exc(limit=-3)
+                    failed.add(name)
                     continue
-                if ref is None:
-                    ref = out
+                ref = out if ref is None else ref
                 err = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
-                t = median_time(f, x, w, sizes)
+                t = median_time(f, x, *weights, sizes)
                 flops = 2 * int(sizes.sum()) * k * n
                 record("kernels", f"{name} m={m} routed={share:.2f}", t * 1e3, "ms",
-                       f"floor {floor * 1e3:.3f} ms ({floor / t:.0%}), {flops / t / 1e12:.0f} TFLOP/s, rel err {err:.1e}")
+                       f"{floor_name} {floor * 1e3:.3f} ms ({floor / t:.0%}), {flops / t / 1e12:.0f} TFLOP/s, "
+                       f"rel err {err:.1e}")
 
 
 def bench_fp8_kernels(args, ceilings: dict) -> None:
@@ -154,33 +164,8 @@ def bench_fp8_kernels(args, ceilings: dict) -> None:
             kernels[f"fp8 fused bm{bm} c{chunk} {layout} s{steps}"] = functools.partial(
                 grouped_gemm_fp8.grouped_gemm_fp8, block_m=bm, chunk_rows=chunk, load_layout=layout,
                 max_concurrent_steps=steps)
-    failed: set = set()
-    for m in args.kernel_rows:
-        x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
-        for share in (1.0, 0.25):
-            rows = int(m * share)
-            sizes = jnp.asarray(np.random.RandomState(3).multinomial(rows, np.ones(g) / g), jnp.int32)
-            valid = np.arange(m) < int(sizes.sum())
-            ref = None
-            for name, fn in kernels.items():
-                if name in failed:
-                    continue
-                if name == "fp8 dequant+xla" and on_gpu and m > 4096:
-                    continue
-                f = jax.jit(fn)
-                try:
-                    out = np.asarray(f(x, w, scale, sizes).astype(jnp.float32))[valid]
-                except Exception as e:
-                    print(f"[kernels] {name} m={m} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                    traceback.print_exc(limit=-3)
-                    failed.add(name)
-                    continue
-                ref = out if ref is None else ref
-                err = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
-                t = median_time(f, x, w, scale, sizes)
-                flops = 2 * int(sizes.sum()) * k * n
-                record("kernels", f"{name} m={m} routed={share:.2f}", t * 1e3, "ms",
-                       f"fp8 floor {floor * 1e3:.3f} ms ({floor / t:.0%}), {flops / t / 1e12:.0f} TFLOP/s, rel err {err:.1e}")
+    skip = (lambda name, m: name == "fp8 dequant+xla" and on_gpu and m > 4096)
+    time_grouped_gemms(args, kernels, (w, scale), floor, "fp8 floor", skip)
 
 
 # -- layers ------------------------------------------------------------------------------------

@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fuse reduce-scatter + residual add + RMSNorm + all-gather (engine default: on)")
 
     par.add_argument("--attention-backend", choices=["auto", "xla", "cudnn"],
-                     help="prefill attention: cudnn (flash attention) or the XLA reference; auto: cudnn on "
-                     "NVIDIA GPUs (default: auto)")
+                     help="prefill attention: cudnn (flash attention, opt-in) or the XLA reference; auto: the "
+                     "reference (default: auto)")
     par.add_argument("--moe-kernel", choices=["auto", "xla", "mosaic"],
                      help="grouped GEMM of the experts: auto = Mosaic GPU on Hopper, XLA elsewhere")
 

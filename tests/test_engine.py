@@ -1,7 +1,10 @@
-"""Engine behaviour: overlapped steps, stopping, aborts, compile count."""
+"""Engine behaviour: overlapped steps, stopping, aborts, compile count, KV cache options."""
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from minimax_jax.engine.engine import Engine
+from minimax_jax.engine.runner import kv_pages_that_fit
 
 
 def make_engine(path, **kw):
@@ -66,3 +69,39 @@ def test_page_table_is_as_wide_as_the_longest_sequence_not_the_context(tiny_hf_d
     short = make_engine(tiny_hf_dir).generate(input_ids=list(range(1, 30)),
                                               sampling_params={"max_new_tokens": 10, "temperature": 0})
     assert out["output_ids"] == short["output_ids"]
+
+
+def test_fp8_kv_cache_stores_half_the_bytes_and_follows_the_full_precision_cache(tiny_hf_dir):
+    prompt = np.random.RandomState(2).randint(0, 500, 20).tolist()
+    params = {"max_new_tokens": 8, "temperature": 0.0}
+    outs = {}
+    for kv in ("auto", "fp8_e4m3"):
+        engine = Engine(model_path=str(tiny_hf_dir), dtype="float32", context_length=64, page_size=4,
+                        kv_cache_dtype=kv)
+        outs[kv] = engine.generate(input_ids=prompt, sampling_params=params, return_logprob=True)
+        cache = engine.runner.kv[0]
+        assert cache.dtype == (jnp.float8_e4m3fn if kv == "fp8_e4m3" else jnp.float32)
+    # e4m3 keeps 3 mantissa bits (relative error <= 2^-4 per element): close, not equal
+    assert outs["fp8_e4m3"]["output_ids"] == outs["auto"]["output_ids"]
+    full = [lp for lp, _, _ in outs["auto"]["meta_info"]["output_token_logprobs"]]
+    fp8 = [lp for lp, _, _ in outs["fp8_e4m3"]["meta_info"]["output_token_logprobs"]]
+    assert 0 < np.abs(np.subtract(full, fp8)).max() < 0.2
+
+
+def test_bad_cache_options_are_refused_by_name(tiny_hf_dir):
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        Engine(model_path=str(tiny_hf_dir), kv_cache_dtype="int4")
+    with pytest.raises(ValueError, match="mem_fraction_static"):
+        Engine(model_path=str(tiny_hf_dir), mem_fraction_static=1.5)
+
+
+def test_kv_pages_fill_the_memory_left_by_the_weights_on_the_fullest_device():
+    gib = 2**30
+    stats = [{"bytes_limit": 80 * gib, "bytes_in_use": 60 * gib}, {"bytes_limit": 80 * gib, "bytes_in_use": 62 * gib}]
+    # 0.9 * 80 - 62 = 10 GiB on the fuller device, pages of 1 MiB
+    assert kv_pages_that_fit(stats, 0.9, 2**20, None) == 10 * 1024
+    assert kv_pages_that_fit(stats, 0.9, 2**20, 100) == 100
+    with pytest.raises(ValueError, match="no memory left"):
+        kv_pages_that_fit(stats, 0.7, 2**20, None)
+    with pytest.raises(ValueError, match="--max-total-tokens"):
+        kv_pages_that_fit([None, None], 0.9, 2**20, None)

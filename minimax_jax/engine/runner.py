@@ -80,21 +80,10 @@ class ModelRunner:
         return zeros(), zeros()
 
     def _pages_that_fit(self, dtype: Any, fraction: float, max_pages: int | None) -> int:
-        """KV pages per dp rank that fit in `fraction` of each device's memory limit, less what
-        is in use now (the weights). Needs allocator statistics (GPUs); raises elsewhere."""
-        stats = [d.memory_stats() for d in self.mesh.devices.flat]
-        if not all(stats) or any("bytes_limit" not in s for s in stats):
-            raise ValueError("this device reports no memory statistics: give --max-total-tokens")
-        free = min(s["bytes_limit"] * fraction - s["bytes_in_use"] for s in stats)
+        # k and v of one page per rank, as one device holds it
         per_page = 2 * int(np.prod(NamedSharding(self.mesh, KV_SPEC).shard_shape(self._kv_shape(1)))) \
-            * jnp.dtype(dtype).itemsize        # k and v; one page per rank, as one device holds it
-        pages = int(free // per_page)
-        if max_pages is not None:
-            pages = min(pages, max_pages)
-        if pages < 1:
-            raise ValueError(f"no memory left for the KV cache: {free / 2**30:.2f} GiB free within "
-                             f"mem_fraction_static={fraction} after the weights")
-        return pages
+            * jnp.dtype(dtype).itemsize
+        return kv_pages_that_fit([d.memory_stats() for d in self.mesh.devices.flat], fraction, per_page, max_pages)
 
     def _step_impl(self, state, kv, packed: jax.Array, last_tokens: jax.Array, layout: "PackedLayout"):
         step, logit_index, sampling, sources = layout.unpack(packed)
@@ -176,3 +165,20 @@ def _as_int32(a: np.ndarray) -> np.ndarray:
     if a.dtype.itemsize != 4:
         raise TypeError(f"cannot pack a {a.dtype} step input")
     return a.view(np.int32)
+
+
+def kv_pages_that_fit(stats: list[dict | None], fraction: float, bytes_per_page: int,
+                      max_pages: int | None) -> int:
+    """KV pages per dp rank that fit on every device in `fraction` of its memory limit, less what
+    it holds now (the weights). `stats`: each device's allocator statistics (GPUs report them)."""
+    if not stats or not all(stats) or any("bytes_limit" not in s for s in stats):
+        raise ValueError("these devices report no memory statistics: give max_total_tokens "
+                         "(--max-total-tokens) to size the KV cache")
+    free = min(s["bytes_limit"] * fraction - s["bytes_in_use"] for s in stats)
+    pages = int(free // bytes_per_page)
+    if max_pages is not None:
+        pages = min(pages, max_pages)
+    if pages < 1:
+        raise ValueError(f"no memory left for the KV cache: {free / 2**30:.2f} GiB free within "
+                         f"mem_fraction_static={fraction} once the weights are placed")
+    return pages
