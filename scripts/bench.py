@@ -7,6 +7,8 @@ Sections (pick with --sections, comma separated):
   kernels   expert grouped GEMM: lax.ragged_dot vs Mosaic GPU at decode and prefill sizes,
             checked against each other, beside the weight-read floor; FP8 experts dequantised
             in XLA vs dequantised inside the Mosaic kernel
+  layouts   DEP (FP4 and bf16 dispatch) against TP over all devices at --engine-layers depth:
+            first-step logits and 16 greedy tokens of 8 prompts (the 8-GPU issue's criteria)
   layers    one decode step of a full-width model at two depths on each layout (DEP with FP4
             or bf16 all-gather, TP with and without the fused reduce-scatter + norm): per-layer
             time from the difference, beside its floor (weights + KV bytes over bandwidth)
@@ -258,6 +260,51 @@ def bench_check(args) -> None:
         record("check", f"greedy tokens {name} vs 1 device xla", float(same), "fraction equal", "4 prompts x 16 tokens")
 
 
+def bench_layouts(args) -> None:
+    """The seed's CI comparison at --engine-layers depth: DEP (tp = dp = ep = all devices, DP
+    attention; FP4 and bf16 dispatch) against TP (tp = ep = all devices) on one fixed greedy
+    workload: first-step logits (criterion 2e-2 x max|logit|) and greedy tokens of the first 16
+    positions (criterion >= 95% equal)."""
+    from minimax_jax.engine.engine import Engine
+    n = len(jax.devices())
+    common = dict(model_path=args.preset, load_format="dummy", dtype="bfloat16", quantization=args.quantization,
+                  page_size=args.page_size, context_length=256, max_running_requests=8, chunked_prefill_size=128,
+                  kv_cache_dtype=args.kv_cache_dtype, mem_fraction_static=args.mem_fraction_static,
+                  max_total_tokens=None if jax.default_backend() == "gpu" else 4096,
+                  json_model_override_args=json.dumps({"num_hidden_layers": args.engine_layers}))
+    from minimax_jax.config import preset
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(0, preset(args.preset).vocab_size, 24 + 9 * i).tolist() for i in range(8)]
+    params = {"max_new_tokens": 16, "temperature": 0.0}
+    variants = {f"TP{n}": dict(tp_size=n, ep_size=n),
+                f"DEP{n} fp4-dispatch": dict(tp_size=n, dp_size=n, ep_size=n, enable_dp_attention=True,
+                                              moe_dispatch_fp4=True),
+                f"DEP{n} bf16-dispatch": dict(tp_size=n, dp_size=n, ep_size=n, enable_dp_attention=True,
+                                               moe_dispatch_fp4=False)}
+    outs, logits = {}, {}
+    for name, flags in variants.items():
+        try:
+            engine = Engine(**common, **flags)
+            logits[name] = first_step_logits(engine, prompts)
+            outs[name] = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
+            del engine
+        except Exception as e:
+            print(f"[layouts] {name} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    base = f"TP{n}"
+    if base not in logits:
+        return
+    for name in logits:
+        if name == base:
+            continue
+        diff = float(np.abs(logits[name] - logits[base]).max() / np.abs(logits[base]).max())
+        same = float(np.mean([a == b for x, y in zip(outs[name], outs[base]) for a, b in zip(x, y)]))
+        tag = f"{name} vs {base}, {args.engine_layers} layers"
+        record("layouts", f"first-step logits {tag}", diff, "x max|logit|",
+               f"criterion <= 0.02: {'met' if diff <= 0.02 else 'NOT met'}")
+        record("layouts", f"greedy tokens {tag}", same, "fraction equal",
+               f"8 prompts x 16 positions; criterion >= 0.95: {'met' if same >= 0.95 else 'NOT met'}")
+
+
 def bench_layers(args, ceilings: dict) -> None:
     from minimax_jax.config import preset
     cfg = preset(args.preset)
@@ -355,7 +402,8 @@ def make_bench_engine(args):
                   max_running_requests=args.max_running_requests or args.requests,
                   chunked_prefill_size=args.chunk, max_prefill_tokens=args.max_prefill_tokens,
                   kv_cache_dtype=args.kv_cache_dtype, mem_fraction_static=args.mem_fraction_static,
-                  attention_backend=args.attention_backend, max_total_tokens=None if jax.default_backend() == "gpu" else 4096,
+                  attention_backend=args.attention_backend, moe_dispatch_fp4=args.moe_dispatch_fp4,
+                  max_total_tokens=None if jax.default_backend() == "gpu" else 4096,
                   json_model_override_args=json.dumps({"num_hidden_layers": args.engine_layers}), **flags)
 
 
@@ -389,8 +437,9 @@ def bench_engine(args) -> None:
     out_tokens = sum(len(r.output_ids) for r in reqs)
     ttft = np.array([first[r.rid] - start for r in reqs])
     tpot = np.array([(last[r.rid] - first[r.rid]) / max(len(r.output_ids) - 1, 1) for r in reqs])
+    fp4 = {True: " fp4-dispatch", False: " bf16-dispatch", None: ""}[args.moe_dispatch_fp4]
     tag = (f"{args.engine_layout.upper()}{n} {args.engine_layers}L {args.requests}x{args.prompt}/{args.output} "
-           f"attn={args.attention_backend}")
+           f"attn={args.attention_backend}{fp4}")
     record("engine", f"{tag} output throughput", out_tokens / wall, "tok/s",
            f"wall {wall:.1f} s, {compiles} compiles in warm-up, {engine.num_compiles - compiles} while measured")
     record("engine", f"{tag} TTFT p50/p99", np.percentile(ttft, 50), "s", f"p99 {np.percentile(ttft, 99):.2f} s")
@@ -513,6 +562,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup-output", type=int, help="output tokens per warm-up request (default: --output)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp8_e4m3"])
     p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "cudnn"])
+    p.add_argument("--moe-dispatch-fp4", action=argparse.BooleanOptionalAction, default=None,
+                   help="engine: NVFP4 all-gather of the DEP dispatch (default: on with NVFP4 experts)")
     p.add_argument("--mem-fraction-static", type=float, default=0.85,
                    help="weights + KV share of device memory; the KV cache takes what fits")
     p.add_argument("--hf-batch", type=int, default=16)
@@ -543,6 +594,8 @@ def main(argv=None) -> int:
         bench_check(args)
     if "kernels" in sections:
         bench_kernels(args, ceilings)
+    if "layouts" in sections:
+        bench_layouts(args)
     if "layers" in sections:
         bench_layers(args, ceilings)
     if "breakdown" in sections:

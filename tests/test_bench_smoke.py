@@ -1,0 +1,32 @@
+"""scripts/bench.py runs end to end at tiny sizes on the simulated CPU devices, so a section
+broken by a model or engine change shows here, not first on a GPU."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(tmp_path, *argv):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--smoke", "--out", str(out), *argv],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "bench.json").read_text())["rows"], proc.stdout
+
+
+def test_every_cpu_section_of_the_benchmark_records_its_rows(tmp_path):
+    rows, stdout = run_bench(tmp_path, "--sections", "env,kernels,layouts,breakdown,engine")
+    sections = {r["section"] for r in rows}
+    assert sections == {"env", "kernels", "layouts", "breakdown", "engine"}, stdout[-2000:]
+    layouts = {r["variant"]: r["value"] for r in rows if r["section"] == "layouts"}
+    # bf16 dispatch is the same arithmetic as TP on one host: logits agree to rounding
+    assert layouts["first-step logits DEP8 bf16-dispatch vs TP8, 2 layers"] < 1e-3
+    assert all(r["value"] > 0 for r in rows if r["section"] in ("kernels", "engine", "breakdown"))
+
+
+def test_fp8_kernel_section_runs_its_reference_on_cpus(tmp_path):
+    rows, _ = run_bench(tmp_path, "--sections", "kernels", "--quantization", "fp8")
+    assert [r["variant"] for r in rows if r["section"] == "kernels"] == [
+        "fp8 dequant+xla m=64 routed=1.00", "fp8 dequant+xla m=64 routed=0.25"]
