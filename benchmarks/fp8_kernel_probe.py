@@ -1,7 +1,7 @@
 """Compiles and checks one configuration of the FP8 grouped GEMM on a GPU, in its own process so
 that a compile which never finishes can be timed out alone:
 
-    timeout 90 python benchmarks/fp8_kernel_probe.py --load-layout WGMMA_8BIT --chunk-rows 64
+    timeout 90 python benchmarks/fp8_kernel_probe.py --load-layout none --chunk-rows 64
 """
 import argparse
 import sys
@@ -20,7 +20,7 @@ from quant import fp8  # noqa: E402
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load-layout", default="WGMMA", help="plgpu.Layout name, or 'none'")
+    p.add_argument("--load-layout", default="none", help="plgpu.Layout name, or 'none' (layout inference)")
     p.add_argument("--chunk-rows", type=int, default=64)
     p.add_argument("--block-m", type=int, default=64)
     p.add_argument("--rows", type=int, default=2048)

@@ -31,14 +31,18 @@ def test_per_pair_experts_equal_the_grouped_gemm_including_foreign_and_padding_p
     assert not np.asarray(pairs[4]).any() and np.asarray(mine).any() and not np.asarray(mine).all()
 
 
-def test_group_tiles_cover_each_group_from_its_own_first_row():
-    group, first, rows = grouped_gemm_fp8.group_tiles(jnp.array([5, 0, 30, 16]), 16, 8)
-    assert np.asarray(group).tolist()[:4] == [0, 2, 2, 3]
-    assert np.asarray(first).tolist()[:4] == [0, 5, 21, 35]
-    assert np.asarray(rows).tolist() == [5, 16, 14, 16, 0, 0, 0, 0]
+def test_aligned_layout_starts_each_group_on_its_own_block():
+    dest, block_group, m_padded = grouped_gemm_fp8.aligned_layout(jnp.array([5, 0, 30, 16]), 54, 16)
+    assert m_padded == (4 + 4) * 16
+    dest = np.asarray(dest).tolist()
+    assert dest[:5] == [0, 1, 2, 3, 4]                     # group 0 from row 0
+    assert dest[5:35] == list(range(16, 46))               # group 2 from block 1 (group 1 is empty)
+    assert dest[35:51] == list(range(48, 64))              # group 3 from block 3
+    assert dest[51:] == [m_padded] * 3                     # rows past the groups go nowhere
+    assert np.asarray(block_group).tolist() == [0, 2, 2, 3, 4, 4, 4, 4]     # 4: no group
 
 
-@pytest.mark.parametrize("sizes, block_m", [([5, 0, 30], 16), ([0, 64, 1, 17], 32), ([0, 0, 0], 16)])
+@pytest.mark.parametrize("sizes, block_m", [([5, 0, 30], 16), ([0, 64, 1, 17], 32), ([0, 0, 0], 16), ([40, 3], 16)])
 def test_fp8_kernel_equals_dequantised_ragged_dot(sizes, block_m):
     rng = np.random.RandomState(len(sizes) + block_m)
     g, n, k, m = len(sizes), 256, 256, sum(sizes) + 9                # 9 rows past the groups
@@ -49,6 +53,7 @@ def test_fp8_kernel_equals_dequantised_ragged_dot(sizes, block_m):
                                             max_concurrent_steps=2, **INTERPRET)
     ref = grouped_gemm_fp8.reference(x, w, scale, group_sizes)
     valid = sum(sizes)
+    assert not np.asarray(out[valid:], np.float32).any()        # rows past the groups are 0
     out, ref = np.asarray(out[:valid], np.float32), np.asarray(ref[:valid], np.float32)
     # bf16 operands either way; only the f32 summation order and the final bf16 rounding differ
     np.testing.assert_allclose(out, ref, rtol=2e-2, atol=1e-2 * max(np.abs(ref).max(initial=0), 1))
@@ -81,3 +86,17 @@ def test_auto_kernel_is_the_reference_off_gpu_and_mosaic_fp8_needs_fp8_in_128_bl
         moe.resolve_kernel("mosaic-fp8", "bf16", 3072, 1536)
     with pytest.raises(ValueError, match="must be one of"):
         moe.resolve_kernel("triton", "bf16", 64, 32)
+
+
+@pytest.mark.parametrize("load_layout", [None, "WGMMA"])
+def test_fp8_kernel_lowers_for_gpus_at_full_size(load_layout):
+    """Mosaic's Python lowering (layout inference included, where earlier versions of this
+    kernel failed or searched without end) runs here for the CUDA platform; the GPU's own
+    compile of the lowered module is left to the device benchmarks."""
+    g, n, k, m = 64, 3072, 3072, 2048
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((g, n, k), jnp.float8_e4m3fn),
+            jax.ShapeDtypeStruct((g, n // 128, k // 128), jnp.float32), jax.ShapeDtypeStruct((g,), jnp.int32))
+    f = jax.jit(lambda x, w, s, sizes: grouped_gemm_fp8.grouped_gemm_fp8(x, w, s, sizes, num_sms=132,
+                                                                          load_layout=load_layout))
+    text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text

@@ -45,7 +45,7 @@ def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int) -> 
     """"xla" (lax.ragged_dot on weights in the compute dtype, the reference), "mosaic" (the bf16
     Mosaic-GPU grouped GEMM; FP8/NVFP4 experts are dequantised in XLA first), "mosaic-fp8" (FP8
     experts dequantised inside the kernel, ops/grouped_gemm_fp8.py: correct under the Pallas
-    interpreter, not yet compiling on GPUs, so never chosen by "auto"), or "auto": "mosaic" on a
+    interpreter, not yet run on a GPU, so never chosen by "auto"), or "auto": "mosaic" on a
     Hopper GPU (lax.ragged_dot ran at 12 TFLOP/s on an H200), "xla" elsewhere."""
     if kernel not in KERNELS:
         raise ValueError(f"moe kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
