@@ -1,7 +1,7 @@
 """The expert computations agree with each other on random data. The FP8 Mosaic kernel runs
 under Pallas' GPU interpreter here (the same kernel body; only the transposed wgmma operand is
-stored untransposed, which the interpreter lacks); on GPUs its compile does not finish yet
-(docs/quantization.md; `scripts/bench.py --sections kernels --quantization fp8 --fp8-fused`)."""
+stored untransposed, which the interpreter lacks) and is lowered for the CUDA platform; its GPU
+runs are `scripts/bench.py --sections kernels --quantization fp8 --fp8-fused`."""
 import jax
 import jax.numpy as jnp
 import numpy as np
