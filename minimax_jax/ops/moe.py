@@ -88,10 +88,11 @@ def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, num_
     act = (jax.nn.silu(gate_up_rows[:, :inter].astype(jnp.float32))
            * gate_up_rows[:, inter:].astype(jnp.float32)).astype(x.dtype)
     y = down(act, group_sizes)
-    row_weight = jnp.where(mine, weights, 0.0).reshape(-1)[order]
-    in_group = jnp.arange(n * k) < jnp.sum(group_sizes)
-    y = jnp.where(in_group[:, None], y * row_weight[:, None], 0.0)
-    return jnp.zeros((n, hidden), jnp.float32).at[token].add(y)
+    # back to token order by a gather (each pair's row in the sorted order), then a fixed-order
+    # weighted sum over k: no scatter-add, whose float atomics on GPUs sum in no fixed order
+    sorted_position = jnp.zeros(n * k, jnp.int32).at[order].set(jnp.arange(n * k, dtype=jnp.int32))
+    pair_out = jnp.where(mine.reshape(-1, 1), y[sorted_position].astype(jnp.float32), 0.0)
+    return jnp.sum(pair_out.reshape(n, k, hidden) * weights[..., None].astype(jnp.float32), axis=1)
 
 
 def dense_matmuls(w13: jax.Array, w2: jax.Array, kernel: str) -> tuple[RowsMatmul, RowsMatmul]:
