@@ -218,10 +218,10 @@ class Experts(nnx.Module):
         else:
             raise ValueError(f"expert format must be one of {EXPERT_FORMATS}, got {expert_format!r}")
 
-    def weights(self, experts: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """(w13 [E, H, 2, I], w2 [E, I, H]) in the compute dtype: every local expert, or the
-        listed ones (gathered before dequantising, so only those are read)."""
-        pick = (lambda a: a) if experts is None else (lambda a: a[experts])
+    def weights(self, experts: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(w13 [n, H, 2, I], w2 [n, I, H]) of the n listed local experts in the compute dtype
+        (gathered before dequantising, so only those are read)."""
+        pick = lambda a: a[experts]  # noqa: E731
         if self.format == "bf16":
             return pick(self.w13[...]), pick(self.w2[...])
         w13, w2 = self._dequantized(pick)
@@ -256,10 +256,12 @@ class Experts(nnx.Module):
             w13, w2 = self.weights(jnp.where(mine, local, 0).reshape(-1))
             return moe_ops.per_pair_experts(x, expert_ids, weights, w13, w2, mine)
         elif self.format == "bf16":
-            matmuls = moe_ops.dense_matmuls(self.w13[...], self.w2[...], kernel)
+            w13 = self.w13[...]
+            matmuls = moe_ops.weight_matmuls(w13.reshape(*w13.shape[:2], -1), self.w2[...], kernel)
         else:
             w13, w2 = self._dequantized()
-            matmuls = moe_ops.output_major_matmuls(w13.reshape(w13.shape[0], -1, w13.shape[-1]), w2, kernel)
+            matmuls = moe_ops.weight_matmuls(w13.reshape(w13.shape[0], -1, w13.shape[-1]), w2, kernel,
+                                             output_major=True)
         return moe_ops.routed_experts(x, expert_ids, weights, self.num_local, first_expert, *matmuls)
 
 

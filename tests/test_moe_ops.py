@@ -22,7 +22,8 @@ def test_per_pair_experts_equal_the_grouped_gemm_including_foreign_and_padding_p
     weights = jnp.asarray(rng.random((n, k)), jnp.float32)
     w13 = jnp.asarray(rng.standard_normal((local, h, 2, i)), jnp.float32)
     w2 = jnp.asarray(rng.standard_normal((local, i, h)), jnp.float32)
-    grouped = moe.routed_experts(x, ids, weights, local, first, *moe.dense_matmuls(w13, w2, "xla"))
+    grouped = moe.routed_experts(x, ids, weights, local, first,
+                                 *moe.weight_matmuls(w13.reshape(local, h, 2 * i), w2, "xla"))
     rel = ids - first
     mine = (rel >= 0) & (rel < local)
     sel = jnp.where(mine, rel, 0).reshape(-1)
@@ -69,9 +70,10 @@ def test_routed_experts_through_the_fp8_kernel_equal_the_dequantised_reference()
     w2, s2 = fp8.quantize_blockwise(rng.standard_normal((local, h, i)) * 0.05)
     fused = moe.routed_experts(x, ids, weights, local, first,
                                *moe.fp8_matmuls(w13, s13, w2, s2, block_m=16, **INTERPRET))
-    w13_bf16 = fp8.dequantize_blockwise(w13, s13, jnp.bfloat16).transpose(0, 3, 1, 2)
-    w2_bf16 = fp8.dequantize_blockwise(w2, s2, jnp.bfloat16).transpose(0, 2, 1)
-    ref = moe.routed_experts(x, ids, weights, local, first, *moe.dense_matmuls(w13_bf16, w2_bf16, "xla"))
+    w13_bf16 = fp8.dequantize_blockwise(w13, s13, jnp.bfloat16).reshape(local, 2 * i, h)
+    w2_bf16 = fp8.dequantize_blockwise(w2, s2, jnp.bfloat16)
+    ref = moe.routed_experts(x, ids, weights, local, first,
+                             *moe.weight_matmuls(w13_bf16, w2_bf16, "xla", output_major=True))
     scale = np.abs(np.asarray(ref)).max()
     assert scale > 0
     np.testing.assert_allclose(np.asarray(fused), np.asarray(ref), atol=2e-2 * scale)

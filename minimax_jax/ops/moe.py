@@ -15,9 +15,6 @@ import jax.numpy as jnp
 
 from minimax_jax.ops import grouped_gemm_fp8
 
-GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-
-
 def ragged_dot_reference(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
     return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
 
@@ -95,24 +92,19 @@ def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, num_
     return jnp.sum(pair_out.reshape(n, k, hidden) * weights[..., None].astype(jnp.float32), axis=1)
 
 
-def dense_matmuls(w13: jax.Array, w2: jax.Array, kernel: str) -> tuple[RowsMatmul, RowsMatmul]:
-    """gate_up and down over weights in the compute dtype: w13 [E, H, 2, I], w2 [E, I, H]."""
-    matmul = ragged_dot_mosaic if kernel == "mosaic" else ragged_dot_reference
-    num_local, hidden, _, inter = w13.shape
-    w13 = w13.reshape(num_local, hidden, 2 * inter)
-    return (lambda rows, sizes: matmul(rows, w13, sizes)), (lambda rows, sizes: matmul(rows, w2, sizes))
-
-
-def output_major_matmuls(w13: jax.Array, w2: jax.Array, kernel: str) -> tuple[RowsMatmul, RowsMatmul]:
-    """gate_up and down over weights in the compute dtype stored as checkpoints store them, rows =
-    output channels: w13 [E, 2I, H], w2 [E, H, I]. Mosaic reads them as they lie: transposing a
-    dequantised layer made XLA transpose the whole stacked FP8 weights once, outside the layer
-    loop (35 GiB at full size)."""
+def weight_matmuls(w13: jax.Array, w2: jax.Array, kernel: str,
+                   output_major: bool = False) -> tuple[RowsMatmul, RowsMatmul]:
+    """gate_up and down over weights in the compute dtype: w13 [E, H, 2I], w2 [E, I, H]; or with
+    output_major as checkpoints store them (rows = output channels): w13 [E, 2I, H], w2 [E, H, I].
+    Mosaic reads output-major weights as they lie: transposing a dequantised layer made XLA
+    transpose the whole stacked FP8 weights once, outside the layer loop (35 GiB at full size)."""
     if kernel == "mosaic":
-        return (lambda rows, sizes: ragged_dot_mosaic(rows, w13, sizes, transpose_rhs=True),
-                lambda rows, sizes: ragged_dot_mosaic(rows, w2, sizes, transpose_rhs=True))
-    return (lambda rows, sizes: ragged_dot_reference(rows, w13.transpose(0, 2, 1), sizes),
-            lambda rows, sizes: ragged_dot_reference(rows, w2.transpose(0, 2, 1), sizes))
+        matmul = functools.partial(ragged_dot_mosaic, transpose_rhs=output_major)
+    elif output_major:
+        matmul = lambda rows, w, sizes: ragged_dot_reference(rows, w.transpose(0, 2, 1), sizes)  # noqa: E731
+    else:
+        matmul = ragged_dot_reference
+    return (lambda rows, sizes: matmul(rows, w13, sizes)), (lambda rows, sizes: matmul(rows, w2, sizes))
 
 
 def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: jax.Array,
