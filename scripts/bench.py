@@ -226,38 +226,47 @@ def first_step_logits(engine, prompts) -> np.ndarray:
     return np.asarray(logits)[rows][order]
 
 
+def compare_engines(section: str, common: dict, variants: dict, prompts: list) -> list[tuple[str, float, float]]:
+    """Builds each variant's Engine(**common, **flags) in turn, the first being the baseline, and
+    returns for each that ran: (name, max first-step logit difference / max |baseline logit|,
+    fraction of the 16 greedy tokens equal to the baseline's)."""
+    from minimax_jax.engine.engine import Engine
+    params = {"max_new_tokens": 16, "temperature": 0.0}
+    logits, outs = {}, {}
+    for name, flags in variants.items():
+        try:
+            engine = Engine(**common, **flags)
+            logits[name] = first_step_logits(engine, prompts)
+            outs[name] = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
+            del engine
+        except Exception as e:              # report and go on: the other variants still run
+            print(f"[{section}] {name} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    base = next(iter(variants))
+    if base not in logits:
+        return []
+    ref = logits[base]
+    return [(name, float(np.abs(value - ref).max() / np.abs(ref).max()),
+             float(np.mean([a == b for x, y in zip(outs[name], outs[base]) for a, b in zip(x, y)])))
+            for name, value in logits.items()]
+
+
 def bench_check(args) -> None:
     """Greedy tokens and logits of one full-width random model (2 layers, DEP over all devices)
     with the Mosaic grouped GEMM against the XLA reference, and against one device."""
-    from minimax_jax.engine.engine import Engine
     n = len(jax.devices())
     common = dict(model_path=args.preset, load_format="dummy", dtype="bfloat16", page_size=args.page_size,
                   quantization=args.quantization,
                   context_length=256, max_running_requests=8, chunked_prefill_size=128,
                   json_model_override_args=json.dumps({"num_hidden_layers": 2}))
     prompts = [list(range(1 + i, 40 + 7 * i)) for i in range(4)]
-    params = {"max_new_tokens": 16, "temperature": 0.0}
-    outs, logits = {}, {}
     dep = dict(tp_size=n, dp_size=n, enable_dp_attention=True)
-    for name, flags in (("1 device xla", dict(moe_kernel="xla", attention_backend="xla")),
-                        (f"DEP{n} xla", dict(moe_kernel="xla", attention_backend="xla", **dep)),
-                        (f"DEP{n} mosaic", dict(moe_kernel="mosaic", attention_backend="xla", **dep)),
-                        (f"DEP{n} mosaic cudnn-attn", dict(moe_kernel="mosaic", attention_backend="cudnn", **dep))):
-        try:
-            engine = Engine(**common, **flags)
-            logits[name] = first_step_logits(engine, prompts)
-            outs[name] = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
-            del engine
-        except Exception as e:              # report and go on: the other sections still run
-            print(f"[check] {name} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
-    base = outs.get("1 device xla")
-    for name, value in logits.items():
-        ref = logits["1 device xla"]
-        record("check", f"prefill logits {name} vs 1 device xla", float(np.abs(value - ref).max() / np.abs(ref).max()),
-               "x max|logit|", "last prompt token")
-    for name, tokens in outs.items():
-        same = np.mean([a == b for x, y in zip(tokens, base or tokens) for a, b in zip(x, y)])
-        record("check", f"greedy tokens {name} vs 1 device xla", float(same), "fraction equal", "4 prompts x 16 tokens")
+    variants = {"1 device xla": dict(moe_kernel="xla", attention_backend="xla"),
+                f"DEP{n} xla": dict(moe_kernel="xla", attention_backend="xla", **dep),
+                f"DEP{n} mosaic": dict(moe_kernel="mosaic", attention_backend="xla", **dep),
+                f"DEP{n} mosaic cudnn-attn": dict(moe_kernel="mosaic", attention_backend="cudnn", **dep)}
+    for name, diff, same in compare_engines("check", common, variants, prompts):
+        record("check", f"prefill logits {name} vs 1 device xla", diff, "x max|logit|", "last prompt token")
+        record("check", f"greedy tokens {name} vs 1 device xla", same, "fraction equal", "4 prompts x 16 tokens")
 
 
 def bench_layouts(args) -> None:
@@ -265,40 +274,21 @@ def bench_layouts(args) -> None:
     attention; FP4 and bf16 dispatch) against TP (tp = ep = all devices) on one fixed greedy
     workload: first-step logits (criterion 2e-2 x max|logit|) and greedy tokens of the first 16
     positions (criterion >= 95% equal)."""
-    from minimax_jax.engine.engine import Engine
+    from minimax_jax.config import preset
     n = len(jax.devices())
     common = dict(model_path=args.preset, load_format="dummy", dtype="bfloat16", quantization=args.quantization,
                   page_size=args.page_size, context_length=256, max_running_requests=8, chunked_prefill_size=128,
                   kv_cache_dtype=args.kv_cache_dtype, mem_fraction_static=args.mem_fraction_static,
                   max_total_tokens=None if jax.default_backend() == "gpu" else 4096,
                   json_model_override_args=json.dumps({"num_hidden_layers": args.engine_layers}))
-    from minimax_jax.config import preset
     rng = np.random.RandomState(0)
     prompts = [rng.randint(0, preset(args.preset).vocab_size, 24 + 9 * i).tolist() for i in range(8)]
-    params = {"max_new_tokens": 16, "temperature": 0.0}
+    dep = dict(tp_size=n, dp_size=n, ep_size=n, enable_dp_attention=True)
     variants = {f"TP{n}": dict(tp_size=n, ep_size=n),
-                f"DEP{n} fp4-dispatch": dict(tp_size=n, dp_size=n, ep_size=n, enable_dp_attention=True,
-                                              moe_dispatch_fp4=True),
-                f"DEP{n} bf16-dispatch": dict(tp_size=n, dp_size=n, ep_size=n, enable_dp_attention=True,
-                                               moe_dispatch_fp4=False)}
-    outs, logits = {}, {}
-    for name, flags in variants.items():
-        try:
-            engine = Engine(**common, **flags)
-            logits[name] = first_step_logits(engine, prompts)
-            outs[name] = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
-            del engine
-        except Exception as e:
-            print(f"[layouts] {name} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
-    base = f"TP{n}"
-    if base not in logits:
-        return
-    for name in logits:
-        if name == base:
-            continue
-        diff = float(np.abs(logits[name] - logits[base]).max() / np.abs(logits[base]).max())
-        same = float(np.mean([a == b for x, y in zip(outs[name], outs[base]) for a, b in zip(x, y)]))
-        tag = f"{name} vs {base}, {args.engine_layers} layers"
+                f"DEP{n} fp4-dispatch": dict(dep, moe_dispatch_fp4=True),
+                f"DEP{n} bf16-dispatch": dict(dep, moe_dispatch_fp4=False)}
+    for name, diff, same in compare_engines("layouts", common, variants, prompts)[1:]:
+        tag = f"{name} vs TP{n}, {args.engine_layers} layers"
         record("layouts", f"first-step logits {tag}", diff, "x max|logit|",
                f"criterion <= 0.02: {'met' if diff <= 0.02 else 'NOT met'}")
         record("layouts", f"greedy tokens {tag}", same, "fraction equal",
@@ -418,7 +408,7 @@ def bench_engine(args) -> None:
     warm_params = dict(params, max_new_tokens=args.warmup_output or args.output)
     engine.generate(input_ids=warm, sampling_params=warm_params)    # the same shapes compile their buckets
     kv_tokens = engine.schedulers[0].allocator.num_pages * engine.args.page_size
-    record("engine", f"KV capacity per dp rank", kv_tokens, "tokens",
+    record("engine", "KV capacity per dp rank", kv_tokens, "tokens",
            f"{engine.args.kv_cache_dtype} cache, {len(engine.schedulers)} ranks, "
            f"at most {kv_tokens // (args.prompt + args.output)} requests of {args.prompt + args.output} per rank")
     compiles = engine.num_compiles
@@ -530,6 +520,8 @@ def bench_hf(args) -> None:
 # -- main --------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
+    from minimax_jax.engine.engine import KV_CACHE_DTYPES
+    from minimax_jax.ops.attention import BACKENDS as ATTENTION_BACKENDS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default="env,check,kernels,layers", help="comma separated (default: %(default)s)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on 8 simulated CPU devices: checks the script")
@@ -560,8 +552,8 @@ def parse_args(argv=None):
     p.add_argument("--max-running-requests", type=int, help="engine limit (default: --requests)")
     p.add_argument("--warmup-requests", type=int, help="requests of the warm-up run (default: all)")
     p.add_argument("--warmup-output", type=int, help="output tokens per warm-up request (default: --output)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp8_e4m3"])
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "xla", "cudnn"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--moe-dispatch-fp4", action=argparse.BooleanOptionalAction, default=None,
                    help="engine: NVFP4 all-gather of the DEP dispatch (default: on with NVFP4 experts)")
     p.add_argument("--mem-fraction-static", type=float, default=0.85,

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import uvicorn  # noqa: E402
 
 from minimax_jax.engine.async_engine import AsyncEngine  # noqa: E402
-from minimax_jax.engine.engine import DTYPES, EngineArgs  # noqa: E402
+from minimax_jax.engine.engine import DTYPES, KV_CACHE_DTYPES, EngineArgs  # noqa: E402
+from minimax_jax.ops.attention import BACKENDS as ATTENTION_BACKENDS  # noqa: E402
 
 log = logging.getLogger("minimax_jax.serve")
 TINY_MODEL_NAME = "minimax-jax-tiny"
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--enable-ar-fusion", action=argparse.BooleanOptionalAction, default=None,
                      help="fuse reduce-scatter + residual add + RMSNorm + all-gather (engine default: on)")
 
-    par.add_argument("--attention-backend", choices=["auto", "xla", "cudnn"],
+    par.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
                      help="prefill attention: cudnn (flash attention, opt-in) or the XLA reference; auto: the "
                      "reference (default: auto)")
     par.add_argument("--moe-kernel", choices=["auto", "xla", "mosaic"],
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "requests together (default on GPUs: what fits in --mem-fraction-static)")
     sched.add_argument("--mem-fraction-static", type=float, help="share of each device's memory limit for "
                        "weights and KV cache; the rest is left to activations (default: 0.85)")
-    sched.add_argument("--kv-cache-dtype", choices=["auto", "bf16", "fp8_e4m3"],
+    sched.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES),
                        help="KV cache storage: auto (the model dtype) or fp8_e4m3 with unit scale, half the "
                        "bytes (default: auto)")
 
