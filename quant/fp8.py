@@ -28,20 +28,14 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
+from quant.exact import divide
+
 E4M3_MAX = 448.0
 DEFAULT_BLOCK = (128, 128)
 
 
-def _divide(a: jax.Array, b: ArrayLike) -> jax.Array:
-    """a / b rounded once, as the reference implementations divide. Under jit XLA turns a division
-    by a constant or a broadcast into a multiplication by the reciprocal (two roundings, so last-bit
-    differences that can move a rounding tie); operands hidden behind a barrier keep the divide."""
-    a, b = jax.lax.optimization_barrier(tuple(jnp.broadcast_arrays(a, jnp.asarray(b, a.dtype))))
-    return a / b
-
-
 def _scale_from_amax(amax: jax.Array) -> jax.Array:
-    scale = _divide(amax, E4M3_MAX)
+    scale = divide(amax, E4M3_MAX)
     return jnp.where(scale > 0, scale, 1.0).astype(jnp.float32)
 
 
@@ -82,7 +76,7 @@ def quantize_blockwise(w: ArrayLike, block: tuple[int, int] = DEFAULT_BLOCK
     tiles = _to_tiles(w, block)   # zero padding never raises an amax
     n, k = w.shape[-2:]
     scale_inv = _scale_from_amax(jnp.max(_finite_abs(tiles), axis=(-3, -1)))
-    q = _to_e4m3(_divide(tiles, scale_inv[..., :, None, :, None]))
+    q = _to_e4m3(divide(tiles, scale_inv[..., :, None, :, None]))
     return _from_tiles(q, n, k), scale_inv
 
 
@@ -107,7 +101,7 @@ def quantize_per_channel(w: ArrayLike, axis: int = -1) -> tuple[jax.Array, jax.A
     Returns (w_fp8 float8_e4m3fn, scale float32 with `axis` kept as size 1, e.g. [..., N, 1])."""
     w = jnp.asarray(w, jnp.float32)
     scale = _scale_from_amax(jnp.max(_finite_abs(w), axis=axis, keepdims=True))
-    return _to_e4m3(_divide(w, scale)), scale
+    return _to_e4m3(divide(w, scale)), scale
 
 
 def dequantize_per_channel(w_fp8: ArrayLike, scale: ArrayLike,

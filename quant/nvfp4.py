@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
+from quant.exact import divide
+
 BLOCK_SIZE = 16
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
@@ -142,14 +144,6 @@ def scales_from_bytes(raw: ArrayLike) -> jax.Array:
     return jax.lax.bitcast_convert_type(jnp.asarray(raw, jnp.uint8), jnp.float8_e4m3fn)
 
 
-def _divide(a: jax.Array, b: ArrayLike) -> jax.Array:
-    """a / b rounded once, as the reference implementations divide. Under jit XLA turns a division
-    by a constant or a broadcast into a multiplication by the reciprocal (two roundings, so last-bit
-    differences that can move a rounding tie); operands hidden behind a barrier keep the divide."""
-    a, b = jax.lax.optimization_barrier(tuple(jnp.broadcast_arrays(a, jnp.asarray(b, a.dtype))))
-    return a / b
-
-
 def compute_global_scale(x: ArrayLike, per_row: bool = False) -> jax.Array:
     """ModelOpt global scale amax(|x|) / (6 * 448) over finite values, 1.0 where that is 0.
 
@@ -158,7 +152,7 @@ def compute_global_scale(x: ArrayLike, per_row: bool = False) -> jax.Array:
     a = jnp.abs(jnp.asarray(x, jnp.float32))
     a = jnp.where(jnp.isfinite(a), a, 0.0)
     amax = jnp.max(a, axis=-1, keepdims=True) if per_row else jnp.max(a)
-    g = _divide(amax, E2M1_MAX * E4M3_MAX)
+    g = divide(amax, E2M1_MAX * E4M3_MAX)
     return jnp.where(g > 0, g, 1.0).astype(jnp.float32)
 
 
@@ -182,7 +176,7 @@ def quantize(x: ArrayLike, global_scale: ArrayLike | None = None) -> NVFP4Array:
     scale = _block_scales(blocks, g_b)
     denom = scale.astype(jnp.float32) * g_b
     ok = denom > 0       # false for zero (and NaN) scales: those blocks get code 0
-    y = jnp.where(ok, _divide(blocks, jnp.where(ok, denom, 1.0)), 0.0)
+    y = jnp.where(ok, divide(blocks, jnp.where(ok, denom, 1.0)), 0.0)
     codes = encode_e2m1(y).reshape(x.shape)
     return NVFP4Array(codes=pack_e2m1(codes), scales=scale[..., 0], global_scale=g)
 
@@ -194,7 +188,7 @@ def _block_scales(blocks: jax.Array, g_b: jax.Array) -> jax.Array:
     amax = jnp.max(a, axis=-1, keepdims=True)
     # Explicit, so the NaN poisoning does not depend on a backend's max semantics.
     amax = jnp.where(jnp.any(jnp.isnan(blocks), axis=-1, keepdims=True), jnp.nan, amax)
-    s = jnp.minimum(_divide(amax, E2M1_MAX * g_b), E4M3_MAX)
+    s = jnp.minimum(divide(amax, E2M1_MAX * g_b), E4M3_MAX)
     return s.astype(jnp.float8_e4m3fn)
 
 
