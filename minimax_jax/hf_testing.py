@@ -57,15 +57,10 @@ def quantize_checkpoint_fp8(src: str | Path, dst: str | Path) -> Path:
     experts as float8_e4m3fn with a per-128x128-block fp32 `weight_scale_inv`; the router gate,
     norms, embeddings and lm_head stay unquantised (the release's modules_to_not_convert)."""
     import torch
-    from safetensors.torch import load_file, save_file
 
     from quant import fp8
 
-    src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for file in sorted(src.glob("*.safetensors")):
-        tensors.update(load_file(file))
+    tensors, config = _read_checkpoint(src)
     out = {}
     for name, t in tensors.items():
         if _is_fp8_target(name):
@@ -74,14 +69,11 @@ def quantize_checkpoint_fp8(src: str | Path, dst: str | Path) -> Path:
             out[name.removesuffix(".weight") + ".weight_scale_inv"] = torch.from_numpy(np.array(scale, np.float32))
         else:
             out[name] = t
-    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = {
         "quant_method": "fp8", "fmt": "float8_e4m3fn", "activation_scheme": "dynamic",
         "weight_block_size": [128, 128],
         "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"]}
-    (dst / "config.json").write_text(json.dumps(config, indent=2))
-    return dst
+    return _write_checkpoint(dst, out, config)
 
 
 def _is_fp8_target(name: str) -> bool:
@@ -95,16 +87,10 @@ def quantize_checkpoint_nvfp4(src: str | Path, dst: str | Path, without_input_sc
     were. The last `without_input_scale` experts of each layer get no input_scale, like experts
     that calibration never routed to."""
     import torch
-    from safetensors.torch import load_file, save_file
 
     from minimax_jax.loader import quantize_experts_nvfp4
 
-    src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for file in sorted(src.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    config = json.loads((src / "config.json").read_text())
+    tensors, config = _read_checkpoint(src)
     num_experts = config["num_local_experts"]
     out = {}
     for name, t in tensors.items():
@@ -119,11 +105,32 @@ def quantize_checkpoint_nvfp4(src: str | Path, dst: str | Path, without_input_sc
         expert = int(name.split(".experts.")[1].split(".")[0])
         if expert < num_experts - without_input_scale:
             out[prefix + ".input_scale"] = torch.tensor(1.0 / 448.0)
-    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
     config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4"}
-    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    dst = _write_checkpoint(dst, out, config)
     (dst / "hf_quant_config.json").write_text(json.dumps({
         "producer": {"name": "modelopt"},
         "quantization": {"quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": None,
                          "exclude_modules": ["lm_head", "*self_attn*", "*gate"]}}, indent=2))
+    return dst
+
+
+def _read_checkpoint(src: str | Path) -> tuple[dict, dict]:
+    """Every tensor (torch) of a checkpoint directory, and its config.json."""
+    from safetensors.torch import load_file
+
+    src = Path(src)
+    tensors = {}
+    for file in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors, json.loads((src / "config.json").read_text())
+
+
+def _write_checkpoint(dst: str | Path, tensors: dict, config: dict) -> Path:
+    """One model.safetensors and config.json in dst (created)."""
+    from safetensors.torch import save_file
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
     return dst
