@@ -15,7 +15,8 @@ Sections (pick with --sections, comma separated):
   breakdown each piece of one decode layer alone on one device, beside its floor
   engine    offline workload through Engine (GSM8K-shaped: P prompt / O output tokens, all
             submitted at once): output tok/s, TTFT and TPOT percentiles
-  profile   a perfetto trace of a few decode steps, device time per kernel
+  profile   a perfetto trace of a few engine steps (--profile-phase prefill or decode), device
+            time per kernel
   hf        transformers' MiniMaxM2ForCausalLM at the same depth and batch on one GPU, beside
             this engine on one GPU (prefill tok/s and batched greedy decode tok/s)
 
@@ -444,20 +445,21 @@ def bench_engine(args) -> None:
 
 
 def bench_profile(args) -> None:
-    """A perfetto trace of a few decode steps of the engine workload, and the device time per
-    kernel name summed over them (largest first)."""
+    """A perfetto trace of a few prefill or decode steps of the engine workload, and the device
+    time per kernel name summed over them (largest first)."""
     import gzip
     engine = make_bench_engine(args)
     rng = np.random.RandomState(0)
     prompts = [rng.randint(0, engine.cfg.vocab_size, args.prompt).tolist() for _ in range(args.requests)]
     params = {"max_new_tokens": args.output, "temperature": 0.0, "ignore_eos": True}
-    engine.generate(input_ids=prompts, sampling_params=params)
+    engine.generate(input_ids=prompts, sampling_params=params)        # compiles every bucket traced below
     for p in prompts:
         engine.submit(engine.make_request(input_ids=p, sampling_params=params))
-    while any(not r.prefilled for s in engine.schedulers for r in s.running + list(s.waiting)):
-        engine.step()
-    for _ in range(3):
-        engine.step()
+    if args.profile_phase == "decode":
+        while any(not r.prefilled for s in engine.schedulers for r in s.running + list(s.waiting)):
+            engine.step()
+        for _ in range(3):
+            engine.step()
     trace_dir = Path(args.out) / "trace"
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         for _ in range(args.profile_steps):
@@ -475,7 +477,8 @@ def bench_profile(args) -> None:
         if e.get("ph") == "X" and "dur" in e and e.get("pid") in devices:
             totals[e["name"]] = totals.get(e["name"], 0.0) + e["dur"]
     for name, dur in sorted(totals.items(), key=lambda kv: -kv[1])[:25]:
-        record("profile", name[:90], dur / args.profile_steps, "us/step")
+        record("profile", f"{args.profile_phase}: {name[:80]}", dur / args.profile_steps / len(devices),
+               "us/step/device", f"mean over {len(devices)} traced devices")
 
 
 # -- hf baseline -------------------------------------------------------------------------------
@@ -560,6 +563,8 @@ def parse_args(argv=None):
                    help="weights + KV share of device memory; the KV cache takes what fits")
     p.add_argument("--hf-batch", type=int, default=16)
     p.add_argument("--profile-steps", type=int, default=5)
+    p.add_argument("--profile-phase", choices=("prefill", "decode"), default="decode",
+                   help="profile: trace the first steps after submission (prefill) or steps once all are prefilled")
     p.add_argument("--hf-new", type=int, default=32)
     args = p.parse_args(argv)
     if args.smoke:
