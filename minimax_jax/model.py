@@ -198,7 +198,7 @@ class Experts(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs, expert_format: str = "bf16"):
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
-        self.format, self.dtype = expert_format, dtype
+        self.format, self.dtype, self.num_experts = expert_format, dtype, e
         self.kernel = "auto"        # grouped GEMM implementation, see ops.moe.resolve_kernel
         if expert_format == "bf16":
             self.w13 = _normal(rngs, (e, h, 2, i), dtype)
@@ -247,7 +247,9 @@ class Experts(nnx.Module):
     def __call__(self, x: jax.Array, expert_ids: jax.Array, weights: jax.Array,
                  first_expert: jax.Array | int) -> jax.Array:
         inter = self.w13.shape[-1] if self.format == "bf16" else self.w13.shape[2]     # this device's share
-        kernel = moe_ops.resolve_kernel(self.kernel, self.format, x.shape[-1], inter)
+        share = self.num_local / self.num_experts
+        kernel = moe_ops.resolve_kernel(self.kernel, self.format, x.shape[-1], inter,
+                                        local_rows=int(expert_ids.size * share))
         local = expert_ids - first_expert
         if kernel == "mosaic-fp8":                          # reads only the FP8 bytes, any batch
             matmuls = moe_ops.fp8_matmuls(self.w13[...], self.w13_scale[...], self.w2[...], self.w2_scale[...])
@@ -262,7 +264,8 @@ class Experts(nnx.Module):
             w13, w2 = self._dequantized()
             matmuls = moe_ops.weight_matmuls(w13.reshape(w13.shape[0], -1, w13.shape[-1]), w2, kernel,
                                              output_major=True)
-        return moe_ops.routed_experts(x, expert_ids, weights, self.num_local, first_expert, *matmuls)
+        return moe_ops.routed_experts(x, expert_ids, weights, self.num_local, first_expert, *matmuls,
+                                      local_share=share)
 
 
 class DecoderLayer(nnx.Module):

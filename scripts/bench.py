@@ -160,13 +160,14 @@ def bench_fp8_kernels(args, ceilings: dict) -> None:
     if on_gpu:
         kernels["fp8 dequant+mosaic"] = lambda x, w, s, sizes: moe_ops.ragged_dot_mosaic(
             x, fp8.dequantize_blockwise(w, s, jnp.bfloat16), sizes, transpose_rhs=True)
-        # the in-kernel dequantisation is not yet proven on GPUs (docs/quantization.md): only on
-        # request; benchmarks/fp8_kernel_probe.py tries one configuration under a timeout
-        variants = [(64, 64, None, 4), (64, 64, "WGMMA", 4), (128, 64, None, 3)] if args.fp8_fused else []
-        for bm, chunk, layout, steps in variants:
-            kernels[f"fp8 fused bm{bm} c{chunk} {layout} s{steps}"] = functools.partial(
-                grouped_gemm_fp8.grouped_gemm_fp8, block_m=bm, chunk_rows=chunk, load_layout=layout,
-                max_concurrent_steps=steps)
+        # variants of the kernel that dequantises in shared memory (--fp8-fused): block rows,
+        # pipeline depth, rows converted at once (c), conversion overlapped with wgmma (ov)
+        variants = [(64, 4, 64, False), (64, 4, 64, True), (64, 4, 32, False), (64, 4, 128, False),
+                    (128, 3, 64, True)] if args.fp8_fused else []
+        for bm, steps, chunk, overlap in variants:
+            name = f"fp8 fused bm{bm} s{steps} c{chunk}{' ov' if overlap else ''}"
+            kernels[name] = functools.partial(grouped_gemm_fp8.grouped_gemm_fp8, block_m=bm,
+                                              max_concurrent_steps=steps, chunk_rows=chunk, overlap=overlap)
     skip = (lambda name, m: name == "fp8 dequant+xla" and on_gpu and m > 4096)
     time_grouped_gemms(args, kernels, (w, scale), floor, "fp8 floor", skip)
 
@@ -539,8 +540,8 @@ def parse_args(argv=None):
     p.add_argument("--kernel-rows", type=int, nargs="+", default=[512, 2048, 32768])
     p.add_argument("--local-experts", type=int, default=64)
     p.add_argument("--tune", action="store_true", help="time several Mosaic block configurations")
-    p.add_argument("--fp8-fused", action="store_true", help="kernels: also the FP8 kernel that dequantises in "
-                   "shared memory (not yet proven on GPUs)")
+    p.add_argument("--fp8-fused", action="store_true", help="kernels: also variants of the FP8 kernel that "
+                   "dequantises in shared memory (auto picks it at decode sizes)")
     p.add_argument("--hidden", type=int, default=3072)
     p.add_argument("--intermediate", type=int, default=1536)
     p.add_argument("--copy-elems", type=int, default=1 << 30)

@@ -32,6 +32,39 @@ def test_per_pair_experts_equal_the_grouped_gemm_including_foreign_and_padding_p
     assert not np.asarray(pairs[4]).any() and np.asarray(mine).any() and not np.asarray(mine).all()
 
 
+def test_row_capacities_shrink_the_gemm_to_the_local_share_only_for_large_batches():
+    assert moe.row_capacities(131072, 0.25) == (40960, 65536, 131072)
+    assert moe.row_capacities(8192, 0.25) == (8192,)           # decode: no branch
+    assert moe.row_capacities(131072, 1.0) == (131072,)        # every expert local
+
+
+@pytest.mark.parametrize("owner_of_all", [False, True])
+def test_routed_experts_are_exact_in_every_row_bucket(owner_of_all):
+    """Balanced routing takes the smallest bucket; routing every pair to this device overflows
+    it and must take the full one. Both equal the computation over every pair."""
+    rng = np.random.RandomState(5)
+    n, k, local, experts, h, i = 2048, 8, 4, 16, 16, 8
+    first = 0 if owner_of_all else 8
+    ids = rng.randint(0, local if owner_of_all else experts, (n, k))
+    x = jnp.asarray(rng.standard_normal((n, h)), jnp.float32)
+    weights = jnp.asarray(rng.random((n, k)), jnp.float32)
+    w13 = jnp.asarray(rng.standard_normal((local, h, 2 * i)), jnp.float32)
+    w2 = jnp.asarray(rng.standard_normal((local, i, h)), jnp.float32)
+    seen = []
+
+    def gate_up(rows, sizes):
+        seen.append(rows.shape[0])
+        return moe.ragged_dot_reference(rows, w13, sizes)
+
+    down = lambda rows, sizes: moe.ragged_dot_reference(rows, w2, sizes)  # noqa: E731
+    ids = jnp.asarray(ids, jnp.int32)
+    bucketed = moe.routed_experts(x, ids, weights, local, first, gate_up, down, local_share=local / experts)
+    everything = moe.routed_experts(x, ids, weights, local, first, gate_up, down)
+    assert seen[:-1] == list(moe.row_capacities(n * k, local / experts)) and seen[-1] == n * k
+    np.testing.assert_allclose(np.asarray(bucketed), np.asarray(everything), rtol=1e-5, atol=1e-4)
+    assert np.abs(np.asarray(everything)).max() > 0
+
+
 def test_aligned_layout_starts_each_group_on_its_own_block():
     dest, block_group, m_padded = grouped_gemm_fp8.aligned_layout(jnp.array([5, 0, 30, 16]), 54, 16)
     assert m_padded == (4 + 4) * 16
@@ -80,7 +113,7 @@ def test_routed_experts_through_the_fp8_kernel_equal_the_dequantised_reference()
 
 
 def test_auto_kernel_is_the_reference_off_gpu_and_mosaic_fp8_needs_fp8_in_128_blocks():
-    assert moe.resolve_kernel("auto", "fp8", 3072, 1536) == "xla"          # CPU here
+    assert moe.resolve_kernel("auto", "fp8", 3072, 1536, local_rows=64) == "xla"          # CPU here
     assert moe.resolve_kernel("mosaic-fp8", "fp8", 3072, 1536) == "mosaic-fp8"
     with pytest.raises(ValueError, match="multiples of 128"):
         moe.resolve_kernel("mosaic-fp8", "fp8", 64, 32)

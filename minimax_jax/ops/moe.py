@@ -37,59 +37,88 @@ def ragged_dot_mosaic(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
 
 KERNELS = ("auto", "xla", "mosaic", "mosaic-fp8")
 
+# Above this many expected local rows the FP8 kernel's in-kernel conversion costs more than
+# dequantising the layer once: measured on an H100 (docs/benchmarks.md, run O), the fused kernel
+# took 0.84 ms against 1.56 ms at 2048 rows and 4.3 ms against 2.7 ms at 32768.
+FUSED_FP8_MAX_ROWS = 8192
 
-def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int) -> str:
+
+def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, local_rows: int = 0) -> str:
     """"xla" (lax.ragged_dot on weights in the compute dtype, the reference), "mosaic" (the bf16
     Mosaic-GPU grouped GEMM; FP8/NVFP4 experts are dequantised in XLA first), "mosaic-fp8" (FP8
-    experts dequantised inside the kernel, ops/grouped_gemm_fp8.py: correct under the Pallas
-    interpreter, not yet run on a GPU, so never chosen by "auto"), or "auto": "mosaic" on a
-    Hopper GPU (lax.ragged_dot ran at 12 TFLOP/s on an H200), "xla" elsewhere."""
+    experts dequantised inside the kernel, ops/grouped_gemm_fp8.py), or "auto": on a Hopper GPU
+    (lax.ragged_dot ran at 12 TFLOP/s on an H200) "mosaic-fp8" for FP8 experts up to
+    FUSED_FP8_MAX_ROWS expected local rows (decode) and "mosaic" otherwise; "xla" elsewhere."""
     if kernel not in KERNELS:
         raise ValueError(f"moe kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    block = grouped_gemm_fp8.BLOCK
+    fp8_blocks = expert_format == "fp8" and hidden % block == 0 and inter % block == 0
     if kernel == "auto":
         kind = jax.devices()[0].device_kind
         on_hopper = jax.default_backend() == "gpu" and ("H100" in kind or "H200" in kind)
-        kernel = "mosaic" if on_hopper else "xla"
-    if kernel == "mosaic-fp8":
-        block = grouped_gemm_fp8.BLOCK
+        kernel = "xla" if not on_hopper else (
+            "mosaic-fp8" if fp8_blocks and local_rows <= FUSED_FP8_MAX_ROWS else "mosaic")
+    if kernel == "mosaic-fp8" and not fp8_blocks:
         if expert_format != "fp8":
             raise ValueError(f"moe kernel mosaic-fp8 needs FP8 experts, these are {expert_format}")
-        if hidden % block or inter % block:
-            raise ValueError(f"moe kernel mosaic-fp8 needs hidden and intermediate sizes that are "
-                             f"multiples of {block}, got {hidden} and {inter}")
+        raise ValueError(f"moe kernel mosaic-fp8 needs hidden and intermediate sizes that are "
+                         f"multiples of {block}, got {hidden} and {inter}")
     return kernel
+
+
+def row_capacities(pairs: int, local_share: float) -> tuple[int, ...]:
+    """Static row counts the grouped GEMMs are compiled for, smallest first; the last is every
+    pair. Under expert parallelism a device owns local_share of the experts, so about that share
+    of the token-expert pairs is local: computing all pairs would spend most of the GEMM on rows
+    that are thrown away (the Mosaic kernel computes every row block it is given). Small batches
+    (decode) keep one capacity and no branch."""
+    if local_share >= 1.0 or pairs < 16384:
+        return (pairs,)
+    caps = sorted({-(-int(pairs * local_share * f) // 256) * 256 for f in (1.25, 2.0)})
+    return tuple(c for c in caps if c < pairs) + (pairs,)
 
 
 RowsMatmul = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, num_local: int,
-                   first_expert: jax.Array | int, gate_up: RowsMatmul, down: RowsMatmul) -> jax.Array:
+                   first_expert: jax.Array | int, gate_up: RowsMatmul, down: RowsMatmul,
+                   local_share: float = 1.0) -> jax.Array:
     """Weighted sum over each token's routed experts among the local ones.
 
     x: [N, H]; expert_ids, weights: [N, k] (global ids; an id outside
     [first_expert, first_expert + num_local) contributes nothing). gate_up(rows, group_sizes) and
     down(rows, group_sizes) are grouped GEMMs over rows sorted by local expert: gate_up gives
-    [R, 2I] (gate columns first), down gives [R, H]. Returns fp32 [N, H].
+    [R, 2I] (gate columns first), down gives [R, H]. local_share (local experts over all) sizes
+    the row buckets (`row_capacities`): the GEMMs run on the smallest that holds every local
+    pair, chosen on the device, so the result is exact whatever the routing. Returns fp32 [N, H].
     """
     n, k = expert_ids.shape
-    hidden = x.shape[-1]
     local = expert_ids - first_expert
     mine = (local >= 0) & (local < num_local)
     flat = jnp.where(mine, local, num_local).reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    token = order // k
+    order = jnp.argsort(flat, stable=True)                 # local pairs first, by expert
     group_sizes = jnp.bincount(flat, length=num_local + 1)[:num_local].astype(jnp.int32)
-    gate_up_rows = gate_up(x[token], group_sizes)
-    inter = gate_up_rows.shape[-1] // 2
-    act = (jax.nn.silu(gate_up_rows[:, :inter].astype(jnp.float32))
-           * gate_up_rows[:, inter:].astype(jnp.float32)).astype(x.dtype)
-    y = down(act, group_sizes)
-    # back to token order by a gather (each pair's row in the sorted order), then a fixed-order
-    # weighted sum over k: no scatter-add, whose float atomics on GPUs sum in no fixed order
+    # each pair's row in the sorted order: the combine gathers instead of scatter-adding, whose
+    # float atomics on GPUs sum in no fixed order
     sorted_position = jnp.zeros(n * k, jnp.int32).at[order].set(jnp.arange(n * k, dtype=jnp.int32))
-    pair_out = jnp.where(mine.reshape(-1, 1), y[sorted_position].astype(jnp.float32), 0.0)
-    return jnp.sum(pair_out.reshape(n, k, hidden) * weights[..., None].astype(jnp.float32), axis=1)
+
+    def combine(capacity: int) -> jax.Array:
+        rows = x[order[:capacity] // k]
+        gate_up_rows = gate_up(rows, group_sizes)
+        inter = gate_up_rows.shape[-1] // 2
+        act = (jax.nn.silu(gate_up_rows[:, :inter].astype(jnp.float32))
+               * gate_up_rows[:, inter:].astype(jnp.float32)).astype(x.dtype)
+        y = down(act, group_sizes)
+        picked = y[jnp.minimum(sorted_position, capacity - 1)].astype(jnp.float32)
+        pair_out = jnp.where(mine.reshape(-1, 1), picked, 0.0)
+        return jnp.sum(pair_out.reshape(n, k, -1) * weights[..., None].astype(jnp.float32), axis=1)
+
+    capacities = row_capacities(n * k, local_share)
+    if len(capacities) == 1:
+        return combine(capacities[0])
+    bucket = jnp.sum(jnp.sum(group_sizes) > jnp.asarray(capacities[:-1]))
+    return jax.lax.switch(bucket, [functools.partial(combine, c) for c in capacities])
 
 
 def weight_matmuls(w13: jax.Array, w2: jax.Array, kernel: str,
