@@ -463,9 +463,11 @@ def bench_profile(args) -> None:
             engine.step()
     trace_dir = Path(args.out) / "trace"
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        start = time.perf_counter()
         for _ in range(args.profile_steps):
             engine.step()
         jax.block_until_ready(engine.runner.kv)
+        wall = time.perf_counter() - start
     engine.run_until_done()
     files = sorted(trace_dir.rglob("perfetto_trace.json.gz"))
     events = json.loads(gzip.open(files[-1]).read())
@@ -477,6 +479,9 @@ def bench_profile(args) -> None:
     for e in events:
         if e.get("ph") == "X" and "dur" in e and e.get("pid") in devices:
             totals[e["name"]] = totals.get(e["name"], 0.0) + e["dur"]
+    busy = sum(totals.values()) / args.profile_steps / len(devices)
+    record("profile", f"{args.profile_phase}: every kernel", busy, "us/step/device",
+           f"wall {wall / args.profile_steps * 1e6:.0f} us/step (traced); the rest is idle or host-bound")
     for name, dur in sorted(totals.items(), key=lambda kv: -kv[1])[:25]:
         record("profile", f"{args.profile_phase}: {name[:80]}", dur / args.profile_steps / len(devices),
                "us/step/device", f"mean over {len(devices)} traced devices")

@@ -105,3 +105,18 @@ def test_kv_pages_fill_the_memory_left_by_the_weights_on_the_fullest_device():
         kv_pages_that_fit(stats, 0.7, 2**20, None)
     with pytest.raises(ValueError, match="--max-total-tokens"):
         kv_pages_that_fit([None, None], 0.9, 2**20, None)
+
+
+def test_prefill_budget_counts_the_padded_rows_a_step_computes():
+    """Five 900-token prompts in rows of 1024 would compute as 8 rows (8192 tokens) against a
+    budget of 4096: the fifth waits for the next step."""
+    from minimax_jax.engine.sampling import SamplingParams
+    from minimax_jax.engine.scheduler import PageAllocator, Request, Scheduler
+    sched = Scheduler(PageAllocator(10_000), 16, 64, 1024, 4096, [4, 8, 16], [256, 512, 1024])
+    for i in range(6):
+        sched.add(Request(rid=str(i), prompt_ids=list(range(900)), params=SamplingParams(max_new_tokens=4)))
+    assert [len(c) for c in sched.plan().chunks] == [900] * 4
+    unpadded = Scheduler(PageAllocator(10_000), 16, 64, 1024, 4096)
+    for i in range(6):
+        unpadded.add(Request(rid=str(i), prompt_ids=list(range(900)), params=SamplingParams(max_new_tokens=4)))
+    assert [len(c) for c in unpadded.plan().chunks] == [900] * 4 + [496]

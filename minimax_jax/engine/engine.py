@@ -111,11 +111,12 @@ class Engine:
             raise ValueError(f"the KV cache holds {num_pages * args.page_size} tokens per dp rank, less than "
                              f"one sequence of context_length={self.context_length}: lower --context-length "
                              f"or raise --mem-fraction-static")
-        self.schedulers = [Scheduler(PageAllocator(num_pages), args.page_size, per_rank,
-                                     args.chunked_prefill_size, args.max_prefill_tokens)
-                           for _ in range(self.layout.dp)]
         chunk = args.chunked_prefill_size
         self.token_buckets = powers_of_two(16, chunk) if chunk > 16 else [16]
+        self.schedulers = [Scheduler(PageAllocator(num_pages), args.page_size, per_rank,
+                                     args.chunked_prefill_size, args.max_prefill_tokens,
+                                     self.batch_buckets, self.token_buckets)
+                           for _ in range(self.layout.dp)]
         self.eos_ids = set(self.cfg.eos_token_id)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)

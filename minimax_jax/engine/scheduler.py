@@ -110,8 +110,12 @@ class Scheduler:
     """The requests of one dp rank and the pages of its share of the KV cache."""
 
     def __init__(self, allocator: PageAllocator, page_size: int, max_running: int, chunk_size: int,
-                 max_prefill_tokens: int):
+                 max_prefill_tokens: int, row_buckets: list[int] | None = None,
+                 token_buckets: list[int] | None = None):
+        """row_buckets and token_buckets are the padded step shapes (`assemble`): given both, a
+        prefill step's budget counts the tokens it will compute, padding included."""
         self.allocator = allocator
+        self.row_buckets, self.token_buckets = row_buckets, token_buckets
         self.page_size = page_size
         self.max_running = max_running
         self.chunk_size = chunk_size
@@ -176,12 +180,22 @@ class Scheduler:
         return RankPlan(decoding, [[t] for t in last], [r.num_computed for r in decoding],
                         [True] * len(decoding), [r.pending_slot if r.pending else -1 for r in decoding])
 
+    def _padded_tokens(self, rows: int, longest: int) -> int:
+        if self.row_buckets is None or self.token_buckets is None:
+            return 0
+        return bucket(rows, self.row_buckets) * bucket(longest, self.token_buckets)
+
     def _prefill_plan(self, candidates: list[Request]) -> RankPlan:
-        plan, budget = RankPlan([], [], [], []), self.max_prefill_tokens
+        """Chunks of waiting prompts within max_prefill_tokens. One more request is not taken
+        when it would lift the padded step past the budget (5 rows of 1024 compute as 8)."""
+        plan, budget, longest = RankPlan([], [], [], []), self.max_prefill_tokens, 0
         for req in candidates[:self.max_running]:
             n = min(len(req.prompt_ids) - req.num_computed, self.chunk_size, budget)
             if n <= 0:
                 break
+            if plan.requests and self._padded_tokens(len(plan.requests) + 1, max(longest, n)) > self.max_prefill_tokens:
+                break
+            longest = max(longest, n)
             plan.requests.append(req)
             plan.chunks.append(req.prompt_ids[req.num_computed:req.num_computed + n])
             plan.starts.append(req.num_computed)
