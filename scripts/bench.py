@@ -161,13 +161,12 @@ def bench_fp8_kernels(args, ceilings: dict) -> None:
         kernels["fp8 dequant+mosaic"] = lambda x, w, s, sizes: moe_ops.ragged_dot_mosaic(
             x, fp8.dequantize_blockwise(w, s, jnp.bfloat16), sizes, transpose_rhs=True)
         # variants of the kernel that dequantises in shared memory (--fp8-fused): block rows,
-        # pipeline depth, rows converted at once (c), conversion overlapped with wgmma (ov)
-        variants = [(64, 4, 64, False), (64, 4, 64, True), (64, 4, 32, False), (64, 4, 128, False),
-                    (128, 3, 64, True)] if args.fp8_fused else []
-        for bm, steps, chunk, overlap in variants:
-            name = f"fp8 fused bm{bm} s{steps} c{chunk}{' ov' if overlap else ''}"
-            kernels[name] = functools.partial(grouped_gemm_fp8.grouped_gemm_fp8, block_m=bm,
-                                              max_concurrent_steps=steps, chunk_rows=chunk, overlap=overlap)
+        # pipeline depth, thread blocks per SM (the persistent grid over the SM count)
+        sms = getattr(jax.devices()[0], "core_count", 132) or 132
+        variants = [(64, 4, 1), (64, 2, 2), (64, 1, 2)] if args.fp8_fused else []
+        for bm, steps, per_sm in variants:
+            kernels[f"fp8 fused bm{bm} s{steps} x{per_sm}/SM"] = functools.partial(
+                grouped_gemm_fp8.grouped_gemm_fp8, block_m=bm, max_concurrent_steps=steps, num_sms=per_sm * sms)
     skip = (lambda name, m: name == "fp8 dequant+xla" and on_gpu and m > 4096)
     time_grouped_gemms(args, kernels, (w, scale), floor, "fp8 floor", skip)
 

@@ -51,15 +51,15 @@ def aligned_layout(group_sizes: jax.Array, m: int, block_m: int) -> tuple[jax.Ar
 
 def grouped_gemm_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Array, *,
                      block_m: int = 64, max_concurrent_steps: int = 4, chunk_rows: int = 64,
-                     load_layout: str | None = None, overlap: bool = False, num_sms: int | None = None,
+                     load_layout: str | None = None, num_sms: int | None = None,
                      interpret=None) -> jax.Array:
     """`reference` as a Mosaic-GPU kernel (rows past the groups come back 0). Needs N and K
     multiples of 128.
 
     block_m: rows per tile (a multiple of 64, wgmma's M); chunk_rows: weight rows converted at
     once; load_layout: register layout of the loaded FP8 chunk (a plgpu.Layout name, or None to
-    leave it to layout inference); overlap: converts the next weight tile while the previous
-    wgmma runs (two bf16 buffers)."""
+    leave it to layout inference); num_sms: the persistent grid (more than the GPU's SMs puts
+    several thread blocks on one SM, if their shared memory fits)."""
     m, k = x.shape
     g, n, k2 = w.shape
     if k != k2 or n % BLOCK or k % BLOCK or scale.shape != (g, n // BLOCK, k // BLOCK):
@@ -68,13 +68,13 @@ def grouped_gemm_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: 
     dest, block_group, m_padded = aligned_layout(group_sizes, m, block_m)
     x_aligned = jnp.zeros((m_padded, k), x.dtype).at[dest].set(x, mode="drop")
     kernel = _kernel(m_padded, n, k, g, x.dtype, block_m, max_concurrent_steps, chunk_rows, load_layout,
-                     overlap, num_sms or getattr(jax.devices()[0], "core_count", 132) or 132, interpret)
+                     num_sms or getattr(jax.devices()[0], "core_count", 132) or 132, interpret)
     out = kernel(block_group, x_aligned, w, scale)
     return jnp.where((dest < m_padded)[:, None], out[jnp.minimum(dest, m_padded - 1)], 0)
 
 
 def _kernel(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, chunk_rows, load_layout,
-            overlap, num_sms, interpret):
+            num_sms, interpret):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -102,35 +102,24 @@ def _kernel(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, chunk_rows,
 
             @pl.when(group < g)
             def _():
-                def pipeline(acc_ref, *w_bf16):
+                def pipeline(acc_ref, w_bf16):
                     def step(idx, x_smem, w_smem):
-                        kk = idx[0]
-                        s = s_gmem[group, ni, kk]
-                        if not overlap:
-                            plgpu.wgmma(acc_ref, x_smem, convert(w_smem, s, w_bf16[0]))
-                            plgpu.wgmma_wait(0)
-                            return
-                        for parity in (0, 1):      # buffer kk % 2; the wgmma before last has ended
-                            @pl.when(kk % 2 == parity)
-                            def _():
-                                plgpu.wgmma(acc_ref, x_smem, convert(w_smem, s, w_bf16[parity]))
-                                plgpu.wgmma_wait(1)
+                        s = s_gmem[group, ni, idx[0]]
+                        plgpu.wgmma(acc_ref, x_smem, convert(w_smem, s, w_bf16))
+                        plgpu.wgmma_wait(0)
 
                     plgpu.emit_pipeline(
                         step, grid=(steps_k,),
-                        in_specs=[plgpu.BlockSpec((block_m, BLOCK), lambda kk: (mi, kk), delay_release=int(overlap)),
+                        in_specs=[plgpu.BlockSpec((block_m, BLOCK), lambda kk: (mi, kk)),
                                   plgpu.BlockSpec((BLOCK, BLOCK), lambda kk: (ni, kk))],
                         max_concurrent_steps=max_concurrent_steps,
                     )(x_gmem, w_gmem.at[group])
-                    if overlap:
-                        plgpu.wgmma_wait(0)
                     return acc_ref[...]
 
-                buffers = [plgpu.SMEM((BLOCK, BLOCK), jnp.bfloat16)] * (2 if overlap else 1)
                 acc = pl.run_scoped(     # register and shared-memory scopes may not mix
-                    lambda *w_bf16: pl.run_scoped(lambda acc_ref: pipeline(acc_ref, *w_bf16),
-                                                  plgpu.ACC((block_m, BLOCK))),
-                    *buffers)
+                    lambda w_bf16: pl.run_scoped(lambda acc_ref: pipeline(acc_ref, w_bf16),
+                                                 plgpu.ACC((block_m, BLOCK))),
+                    plgpu.SMEM((BLOCK, BLOCK), jnp.bfloat16))
 
                 @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((block_m, BLOCK), o_gmem.dtype))
                 def _(o_smem):
