@@ -394,7 +394,7 @@ def make_bench_engine(args):
                   chunked_prefill_size=args.chunk, max_prefill_tokens=args.max_prefill_tokens,
                   kv_cache_dtype=args.kv_cache_dtype, mem_fraction_static=args.mem_fraction_static,
                   attention_backend=args.attention_backend, moe_dispatch_fp4=args.moe_dispatch_fp4,
-                  max_total_tokens=None if jax.default_backend() == "gpu" else 4096,
+                  moe_kernel=args.moe_kernel, max_total_tokens=None if jax.default_backend() == "gpu" else 4096,
                   json_model_override_args=json.dumps({"num_hidden_layers": args.engine_layers}), **flags)
 
 
@@ -430,7 +430,7 @@ def bench_engine(args) -> None:
     tpot = np.array([(last[r.rid] - first[r.rid]) / max(len(r.output_ids) - 1, 1) for r in reqs])
     fp4 = {True: " fp4-dispatch", False: " bf16-dispatch", None: ""}[args.moe_dispatch_fp4]
     tag = (f"{args.engine_layout.upper()}{n} {args.engine_layers}L {args.requests}x{args.prompt}/{args.output} "
-           f"attn={args.attention_backend}{fp4}")
+           f"attn={args.attention_backend} moe={args.moe_kernel}{fp4}")
     record("engine", f"{tag} output throughput", out_tokens / wall, "tok/s",
            f"wall {wall:.1f} s, {compiles} compiles in warm-up, {engine.num_compiles - compiles} while measured")
     record("engine", f"{tag} TTFT p50/p99", np.percentile(ttft, 50), "s", f"p99 {np.percentile(ttft, 99):.2f} s")
@@ -530,6 +530,7 @@ def bench_hf(args) -> None:
 def parse_args(argv=None):
     from minimax_jax.engine.engine import KV_CACHE_DTYPES
     from minimax_jax.ops.attention import BACKENDS as ATTENTION_BACKENDS
+    from minimax_jax.ops.moe import KERNELS as MOE_KERNELS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default="env,check,kernels,layers", help="comma separated (default: %(default)s)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on 8 simulated CPU devices: checks the script")
@@ -561,6 +562,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup-requests", type=int, help="requests of the warm-up run (default: all)")
     p.add_argument("--warmup-output", type=int, help="output tokens per warm-up request (default: --output)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
+    p.add_argument("--moe-kernel", choices=MOE_KERNELS, default="auto", help="engine and profile sections")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--moe-dispatch-fp4", action=argparse.BooleanOptionalAction, default=None,
                    help="engine: NVFP4 all-gather of the DEP dispatch (default: on with NVFP4 experts)")

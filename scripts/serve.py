@@ -26,6 +26,7 @@ import uvicorn  # noqa: E402
 from minimax_jax.engine.async_engine import AsyncEngine  # noqa: E402
 from minimax_jax.engine.engine import DTYPES, KV_CACHE_DTYPES, EngineArgs  # noqa: E402
 from minimax_jax.ops.attention import BACKENDS as ATTENTION_BACKENDS  # noqa: E402
+from minimax_jax.ops.moe import KERNELS as MOE_KERNELS  # noqa: E402
 
 log = logging.getLogger("minimax_jax.serve")
 TINY_MODEL_NAME = "minimax-jax-tiny"
@@ -88,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
                      help="prefill attention: cudnn (flash attention, opt-in) or the XLA reference; auto: the "
                      "reference (default: auto)")
-    par.add_argument("--moe-kernel", choices=["auto", "xla", "mosaic"],
-                     help="grouped GEMM of the experts: auto = Mosaic GPU on Hopper, XLA elsewhere")
+    par.add_argument("--moe-kernel", choices=MOE_KERNELS,
+                     help="grouped GEMM of the experts: mosaic (bf16 Mosaic GPU; quantised experts dequantised "
+                     "per layer), mosaic-fp8 (FP8 experts dequantised inside the kernel), xla; auto: on Hopper "
+                     "mosaic-fp8 for FP8 experts at decode sizes, else mosaic; xla elsewhere")
 
     sched = p.add_argument_group("scheduling and KV cache")
     sched.add_argument("--max-running-requests", type=int, help="max requests decoded together")
