@@ -24,8 +24,8 @@ def main() -> int:
     p.add_argument("--chunk-rows", type=int, default=64)
     p.add_argument("--block-m", type=int, default=64)
     p.add_argument("--rows", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=4, help="pipeline depth")
-    p.add_argument("--per-sm", type=int, default=1, help="thread blocks per SM")
+    p.add_argument("--steps", type=int, default=2, help="pipeline depth")
+    p.add_argument("--per-sm", type=int, default=2, help="thread blocks per SM")
     args = p.parse_args()
     layout = None if args.load_layout.lower() == "none" else args.load_layout
     g, n, k = 64, 3072, 3072
@@ -34,7 +34,7 @@ def main() -> int:
     sizes = jnp.asarray(np.random.RandomState(3).multinomial(args.rows, np.ones(g) / g), jnp.int32)
     f = jax.jit(lambda x, w, s, sizes: grouped_gemm_fp8.grouped_gemm_fp8(
         x, w, s, sizes, block_m=args.block_m, chunk_rows=args.chunk_rows, load_layout=layout,
-        max_concurrent_steps=args.steps, num_sms=args.per_sm * jax.devices()[0].core_count))
+        max_concurrent_steps=args.steps, num_blocks=args.per_sm * jax.devices()[0].core_count))
     start = time.perf_counter()
     out = jax.block_until_ready(f(x, w, scale, sizes))
     print(f"compiled and ran in {time.perf_counter() - start:.1f} s", flush=True)

@@ -166,7 +166,7 @@ def bench_fp8_kernels(args, ceilings: dict) -> None:
         variants = [(64, 4, 1), (64, 2, 2), (64, 1, 2)] if args.fp8_fused else []
         for bm, steps, per_sm in variants:
             kernels[f"fp8 fused bm{bm} s{steps} x{per_sm}/SM"] = functools.partial(
-                grouped_gemm_fp8.grouped_gemm_fp8, block_m=bm, max_concurrent_steps=steps, num_sms=per_sm * sms)
+                grouped_gemm_fp8.grouped_gemm_fp8, block_m=bm, max_concurrent_steps=steps, num_blocks=per_sm * sms)
     skip = (lambda name, m: name == "fp8 dequant+xla" and on_gpu and m > 4096)
     time_grouped_gemms(args, kernels, (w, scale), floor, "fp8 floor", skip)
 
@@ -265,6 +265,8 @@ def bench_check(args) -> None:
                 f"DEP{n} xla": dict(moe_kernel="xla", attention_backend="xla", **dep),
                 f"DEP{n} mosaic": dict(moe_kernel="mosaic", attention_backend="xla", **dep),
                 f"DEP{n} mosaic cudnn-attn": dict(moe_kernel="mosaic", attention_backend="cudnn", **dep)}
+    if args.quantization == "fp8":
+        variants[f"DEP{n} mosaic-fp8"] = dict(moe_kernel="mosaic-fp8", attention_backend="xla", **dep)
     for name, diff, same in compare_engines("check", common, variants, prompts):
         record("check", f"prefill logits {name} vs 1 device xla", diff, "x max|logit|", "last prompt token")
         record("check", f"greedy tokens {name} vs 1 device xla", same, "fraction equal", "4 prompts x 16 tokens")

@@ -11,7 +11,7 @@ from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 from minimax_jax.ops import grouped_gemm_fp8, moe
 from quant import fp8
 
-INTERPRET = dict(num_sms=2, interpret=InterpretGPUParams())
+INTERPRET = dict(num_blocks=2, interpret=InterpretGPUParams())
 
 
 def test_per_pair_experts_equal_the_grouped_gemm_including_foreign_and_padding_pairs():
@@ -131,7 +131,7 @@ def test_fp8_kernel_lowers_for_gpus_at_full_size(load_layout):
     g, n, k, m = 64, 3072, 3072, 2048
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((g, n, k), jnp.float8_e4m3fn),
             jax.ShapeDtypeStruct((g, n // 128, k // 128), jnp.float32), jax.ShapeDtypeStruct((g,), jnp.int32))
-    f = jax.jit(lambda x, w, s, sizes: grouped_gemm_fp8.grouped_gemm_fp8(x, w, s, sizes, num_sms=132,
+    f = jax.jit(lambda x, w, s, sizes: grouped_gemm_fp8.grouped_gemm_fp8(x, w, s, sizes, num_blocks=132,
                                                                           load_layout=load_layout))
     text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
