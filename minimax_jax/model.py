@@ -254,7 +254,7 @@ class Experts(nnx.Module):
         few_tokens = expert_ids.size * 2 <= self.num_local
         if few_tokens and self.kernel != "mosaic-fp8":
             # read only their experts: one token (W3) ran at 29.3 ms per token this way and at
-            # 38.1 ms through the FP8 kernel, whose few tiles leave most SMs idle (run P)
+            # 38.1 ms through the FP8 kernel, whose few tiles leave most SMs idle (run R)
             mine = (local >= 0) & (local < self.num_local)
             w13, w2 = self.weights(jnp.where(mine, local, 0).reshape(-1))
             return moe_ops.per_pair_experts(x, expert_ids, weights, w13, w2, mine)

@@ -60,7 +60,7 @@ def grouped_gemm_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: 
     once; load_layout: register layout of the loaded FP8 chunk (a plgpu.Layout name, or None to
     leave it to layout inference); num_blocks: thread blocks of the persistent grid. The
     defaults (two blocks per SM, two pipeline stages so that both fit in shared memory) were as
-    fast or faster than one block of four stages at every decode size measured (run Q)."""
+    fast or faster than one block of four stages at every decode size measured (runs S, T)."""
     m, k = x.shape
     g, n, k2 = w.shape
     if k != k2 or n % BLOCK or k % BLOCK or scale.shape != (g, n // BLOCK, k // BLOCK):
