@@ -252,14 +252,15 @@ class Experts(nnx.Module):
                                         local_rows=int(expert_ids.size * share))
         local = expert_ids - first_expert
         few_tokens = expert_ids.size * 2 <= self.num_local
-        if few_tokens and self.kernel != "mosaic-fp8":
+        if few_tokens and self.kernel not in moe_ops.FP8_KERNELS:
             # read only their experts: one token (W3) ran at 29.3 ms per token this way and at
             # 38.1 ms through the FP8 kernel, whose few tiles leave most SMs idle (run R)
             mine = (local >= 0) & (local < self.num_local)
             w13, w2 = self.weights(jnp.where(mine, local, 0).reshape(-1))
             return moe_ops.per_pair_experts(x, expert_ids, weights, w13, w2, mine)
-        if kernel == "mosaic-fp8":                          # reads only the FP8 bytes
-            matmuls = moe_ops.fp8_matmuls(self.w13[...], self.w13_scale[...], self.w2[...], self.w2_scale[...])
+        if kernel in moe_ops.FP8_KERNELS:                   # reads only the FP8 bytes
+            matmuls = moe_ops.fp8_matmuls(self.w13[...], self.w13_scale[...], self.w2[...], self.w2_scale[...],
+                                          kernel=kernel)
         elif self.format == "bf16":
             w13 = self.w13[...]
             matmuls = moe_ops.weight_matmuls(w13.reshape(*w13.shape[:2], -1), self.w2[...], kernel)

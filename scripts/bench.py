@@ -167,6 +167,8 @@ def bench_fp8_kernels(args, ceilings: dict) -> None:
         for bm, steps, per_sm in variants:
             kernels[f"fp8 fused bm{bm} s{steps} x{per_sm}/SM"] = functools.partial(
                 grouped_gemm_fp8.grouped_gemm_fp8, block_m=bm, max_concurrent_steps=steps, num_blocks=per_sm * sms)
+        if args.fp8_fused:     # rows rounded to FP8: its error is against the weight-only reference
+            kernels["fp8 w8a8 (rows in FP8)"] = grouped_gemm_fp8.grouped_gemm_w8a8
     skip = (lambda name, m: name == "fp8 dequant+xla" and on_gpu and m > 4096)
     time_grouped_gemms(args, kernels, (w, scale), floor, "fp8 floor", skip)
 
@@ -266,7 +268,8 @@ def bench_check(args) -> None:
                 f"DEP{n} mosaic": dict(moe_kernel="mosaic", attention_backend="xla", **dep),
                 f"DEP{n} mosaic cudnn-attn": dict(moe_kernel="mosaic", attention_backend="cudnn", **dep)}
     if args.quantization == "fp8":
-        variants[f"DEP{n} mosaic-fp8"] = dict(moe_kernel="mosaic-fp8", attention_backend="xla", **dep)
+        for kernel in ("mosaic-fp8", "mosaic-w8a8"):
+            variants[f"DEP{n} {kernel}"] = dict(moe_kernel=kernel, attention_backend="xla", **dep)
     for name, diff, same in compare_engines("check", common, variants, prompts):
         record("check", f"prefill logits {name} vs 1 device xla", diff, "x max|logit|", "last prompt token")
         record("check", f"greedy tokens {name} vs 1 device xla", same, "fraction equal", "4 prompts x 16 tokens")
@@ -548,7 +551,7 @@ def parse_args(argv=None):
     p.add_argument("--local-experts", type=int, default=64)
     p.add_argument("--tune", action="store_true", help="time several Mosaic block configurations")
     p.add_argument("--fp8-fused", action="store_true", help="kernels: also variants of the FP8 kernel that "
-                   "dequantises in shared memory (auto picks it at decode sizes)")
+                   "dequantises in shared memory (auto picks it at decode sizes) and the W8A8 kernel")
     p.add_argument("--hidden", type=int, default=3072)
     p.add_argument("--intermediate", type=int, default=1536)
     p.add_argument("--copy-elems", type=int, default=1 << 30)

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "reference (default: auto)")
     par.add_argument("--moe-kernel", choices=MOE_KERNELS,
                      help="grouped GEMM of the experts: mosaic (bf16 Mosaic GPU; quantised experts dequantised "
-                     "per layer), mosaic-fp8 (FP8 experts dequantised inside the kernel), xla; auto: on Hopper "
+                     "per layer), mosaic-fp8 (FP8 experts dequantised inside the kernel), mosaic-w8a8 (FP8 "
+                     "experts against rows rounded to FP8, FP8 wgmma; opt-in), xla; auto: on Hopper "
                      "mosaic-fp8 for FP8 experts at decode sizes, else mosaic; xla elsewhere")
 
     sched = p.add_argument_group("scheduling and KV cache")

@@ -7,6 +7,12 @@ weight tile is one scale block, so a tile is converted in registers (exactly, e4
 multiplied by its scale, rounded to bf16 (the same numbers as `quant.fp8.dequantize_blockwise`)
 and stored to shared memory for the Hopper wgmma.
 
+`grouped_gemm_w8a8` is the block-scaled W8A8 form (what sglang runs for this checkpoint): the
+rows are quantised to e4m3 with one scale per row, both operands enter an FP8 wgmma unconverted,
+and each 128-deep partial product is scaled by its weight block's scale in registers. It reads
+the same bytes with no conversion work; its numbers differ from the weight-only kernel by the
+rows' FP8 rounding.
+
 Rows are first laid out group-aligned: each group starts at a multiple of `block_m` in a padded
 buffer (XLA scatters them there and gathers the results back). Every tile then holds rows of one
 group only, so at decode (a few rows per expert) each expert's weights are read once, tiles load
@@ -61,20 +67,51 @@ def grouped_gemm_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: 
     leave it to layout inference); num_blocks: thread blocks of the persistent grid. The
     defaults (two blocks per SM, two pipeline stages so that both fit in shared memory) were as
     fast or faster than one block of four stages at every decode size measured (runs S, T)."""
+    _check_shapes(x, w, scale)
+    kernel = functools.partial(_kernel, chunk_rows=chunk_rows, load_layout=load_layout)
+    return _on_aligned_rows(kernel, x, w, scale, group_sizes, block_m, max_concurrent_steps, num_blocks, interpret)
+
+
+def reference_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """`reference` on the rows as `grouped_gemm_w8a8` sees them: e4m3 with one scale per row."""
+    xq, xs = fp8.quantize_per_channel(x)
+    return reference(fp8.dequantize_per_channel(xq, xs, x.dtype), w, scale, group_sizes)
+
+
+def grouped_gemm_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Array, *,
+                      block_m: int = 64, max_concurrent_steps: int = 4, num_blocks: int | None = None,
+                      interpret=None) -> jax.Array:
+    """`reference_w8a8` as a Mosaic-GPU kernel: FP8 x FP8 wgmma per 128-deep step, scaled by the
+    weight block's scale and summed in fp32 registers; the row scales apply to the output."""
+    _check_shapes(x, w, scale)
+    xq, xs = fp8.quantize_per_channel(x)
+    out = _on_aligned_rows(_kernel_w8a8, xq, w, scale, group_sizes, block_m, max_concurrent_steps,
+                           num_blocks, interpret, out_dtype=jnp.float32)
+    return (out * xs).astype(x.dtype)
+
+
+def _check_shapes(x, w, scale):
     m, k = x.shape
     g, n, k2 = w.shape
     if k != k2 or n % BLOCK or k % BLOCK or scale.shape != (g, n // BLOCK, k // BLOCK):
         raise ValueError(f"fp8 grouped GEMM needs x [M, K], w [G, N, K], scale [G, N/128, K/128] "
                          f"with N, K multiples of 128; got {x.shape}, {w.shape}, {scale.shape}")
+
+
+def _on_aligned_rows(make_kernel, x, w, scale, group_sizes, block_m, max_concurrent_steps, num_blocks,
+                     interpret, out_dtype=None):
+    """Scatters the rows to the group-aligned buffer, runs the kernel, gathers them back."""
+    (m, k), (g, n, _) = x.shape, w.shape
     dest, block_group, m_padded = aligned_layout(group_sizes, m, block_m)
     x_aligned = jnp.zeros((m_padded, k), x.dtype).at[dest].set(x, mode="drop")
-    kernel = _kernel(m_padded, n, k, g, x.dtype, block_m, max_concurrent_steps, chunk_rows, load_layout,
-                     num_blocks or 2 * (getattr(jax.devices()[0], "core_count", 132) or 132), interpret)
+    kernel = make_kernel(m_padded, n, k, g, out_dtype or x.dtype, block_m, max_concurrent_steps,
+                         num_blocks=num_blocks or 2 * (getattr(jax.devices()[0], "core_count", 132) or 132),
+                         interpret=interpret)
     out = kernel(block_group, x_aligned, w, scale)
     return jnp.where((dest < m_padded)[:, None], out[jnp.minimum(dest, m_padded - 1)], 0)
 
 
-def _kernel(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, chunk_rows, load_layout,
+def _kernel(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, chunk_rows, load_layout,
             num_blocks, interpret):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -125,6 +162,57 @@ def _kernel(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, chunk_rows,
                 @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((block_m, BLOCK), o_gmem.dtype))
                 def _(o_smem):
                     o_smem[...] = acc.astype(o_smem.dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * block_m, block_m), pl.ds(ni * BLOCK, BLOCK)])
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    return plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((m_padded, n), dtype), grid=(num_blocks,), grid_names=("sm",),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret)
+
+
+def _kernel_w8a8(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, num_blocks, interpret):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    grid_m, grid_n, steps_k = m_padded // block_m, n // BLOCK, k // BLOCK
+
+    def body(group_ref, x_gmem, w_gmem, s_gmem, o_gmem):
+        @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
+        def tile(info):
+            mi, ni = info.index[0] // grid_n, info.index[0] % grid_n
+            group = group_ref[mi]
+
+            @pl.when(group < g)
+            def _():
+                def step(idx, x_smem, w_smem, total):
+                    def product(acc_ref, *scratch):
+                        if interpret:     # the interpreter's wgmma takes no transposed operand
+                            scratch[0][...] = w_smem[...].T
+                            plgpu.wgmma(acc_ref, x_smem, scratch[0])
+                        else:
+                            plgpu.wgmma(acc_ref, x_smem, plgpu.transpose_ref(w_smem, (1, 0)))
+                        return acc_ref[...]
+
+                    scratch = [plgpu.SMEM((BLOCK, BLOCK), w_smem.dtype)] if interpret else []
+                    p = pl.run_scoped(lambda *refs: pl.run_scoped(lambda acc: product(acc, *refs),
+                                                                  plgpu.ACC((block_m, BLOCK))), *scratch)
+                    return total + p * s_gmem[group, ni, idx[0]]
+
+                zeros = jnp.zeros((block_m, BLOCK), jnp.float32)
+                if not interpret:
+                    zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+                total = plgpu.emit_pipeline(
+                    step, grid=(steps_k,),
+                    in_specs=[plgpu.BlockSpec((block_m, BLOCK), lambda kk: (mi, kk)),
+                              plgpu.BlockSpec((BLOCK, BLOCK), lambda kk: (ni, kk))],
+                    max_concurrent_steps=max_concurrent_steps, init_carry=zeros,
+                )(x_gmem, w_gmem.at[group])
+
+                @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((block_m, BLOCK), o_gmem.dtype))
+                def _(o_smem):
+                    o_smem[...] = total.astype(o_smem.dtype)
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * block_m, block_m), pl.ds(ni * BLOCK, BLOCK)])
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)

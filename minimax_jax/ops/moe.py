@@ -35,7 +35,8 @@ def ragged_dot_mosaic(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
                                       transpose_rhs=transpose_rhs, **MOSAIC_BLOCKS)
 
 
-KERNELS = ("auto", "xla", "mosaic", "mosaic-fp8")
+KERNELS = ("auto", "xla", "mosaic", "mosaic-fp8", "mosaic-w8a8")
+FP8_KERNELS = ("mosaic-fp8", "mosaic-w8a8")
 
 # Above this many expected local rows the FP8 kernel's in-kernel conversion costs more than
 # dequantising the layer once: measured on an H100 (docs/benchmarks.md, run O), the fused kernel
@@ -46,7 +47,9 @@ FUSED_FP8_MAX_ROWS = 8192
 def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, local_rows: int = 0) -> str:
     """"xla" (lax.ragged_dot on weights in the compute dtype, the reference), "mosaic" (the bf16
     Mosaic-GPU grouped GEMM; FP8/NVFP4 experts are dequantised in XLA first), "mosaic-fp8" (FP8
-    experts dequantised inside the kernel, ops/grouped_gemm_fp8.py), or "auto": on a Hopper GPU
+    experts dequantised inside the kernel, ops/grouped_gemm_fp8.py), "mosaic-w8a8" (FP8 experts
+    against rows quantised to FP8 per row, FP8 wgmma; opt-in: its numbers differ from the
+    weight-only reference by the rows' rounding), or "auto": on a Hopper GPU
     (lax.ragged_dot ran at 12 TFLOP/s on an H200) "mosaic-fp8" for FP8 experts up to
     FUSED_FP8_MAX_ROWS expected local rows (decode) and "mosaic" otherwise; "xla" elsewhere."""
     if kernel not in KERNELS:
@@ -58,10 +61,10 @@ def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, loc
         on_hopper = jax.default_backend() == "gpu" and ("H100" in kind or "H200" in kind)
         kernel = "xla" if not on_hopper else (
             "mosaic-fp8" if fp8_blocks and local_rows <= FUSED_FP8_MAX_ROWS else "mosaic")
-    if kernel == "mosaic-fp8" and not fp8_blocks:
+    if kernel in FP8_KERNELS and not fp8_blocks:
         if expert_format != "fp8":
-            raise ValueError(f"moe kernel mosaic-fp8 needs FP8 experts, these are {expert_format}")
-        raise ValueError(f"moe kernel mosaic-fp8 needs hidden and intermediate sizes that are "
+            raise ValueError(f"moe kernel {kernel} needs FP8 experts, these are {expert_format}")
+        raise ValueError(f"moe kernel {kernel} needs hidden and intermediate sizes that are "
                          f"multiples of {block}, got {hidden} and {inter}")
     return kernel
 
@@ -137,13 +140,15 @@ def weight_matmuls(w13: jax.Array, w2: jax.Array, kernel: str,
 
 
 def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: jax.Array,
-                **kernel_options) -> tuple[RowsMatmul, RowsMatmul]:
+                kernel: str = "mosaic-fp8", **kernel_options) -> tuple[RowsMatmul, RowsMatmul]:
     """gate_up and down reading FP8 blocks directly: w13 [E, 2, I, H] with scale [E, 2, I/128,
-    H/128]; w2 [E, H, I] with scale [E, H/128, I/128] (the checkpoint's orientation)."""
+    H/128]; w2 [E, H, I] with scale [E, H/128, I/128] (the checkpoint's orientation). kernel:
+    one of FP8_KERNELS."""
     e, _, inter, hidden = w13.shape
     w13 = w13.reshape(e, 2 * inter, hidden)
     w13_scale = w13_scale.reshape(e, -1, w13_scale.shape[-1])
-    gemm = functools.partial(grouped_gemm_fp8.grouped_gemm_fp8, **kernel_options)
+    gemm = functools.partial(grouped_gemm_fp8.grouped_gemm_w8a8 if kernel == "mosaic-w8a8"
+                             else grouped_gemm_fp8.grouped_gemm_fp8, **kernel_options)
     return (lambda rows, sizes: gemm(rows, w13, w13_scale, sizes),
             lambda rows, sizes: gemm(rows, w2, w2_scale, sizes))
 
