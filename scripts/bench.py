@@ -161,14 +161,18 @@ def bench_fp8_kernels(args, ceilings: dict) -> None:
         kernels["fp8 dequant+mosaic"] = lambda x, w, s, sizes: moe_ops.ragged_dot_mosaic(
             x, fp8.dequantize_blockwise(w, s, jnp.bfloat16), sizes, transpose_rhs=True)
         # variants of the kernel that dequantises in shared memory (--fp8-fused): block rows,
-        # pipeline depth, thread blocks per SM (the persistent grid over the SM count)
+        # pipeline depth, thread blocks per SM (the persistent grid over the SM count), each
+        # step's weight scale loaded one step ahead (pf) or on demand; the W8A8 kernel's error
+        # is against the weight-only reference (its rows are rounded to FP8)
         sms = getattr(jax.devices()[0], "core_count", 132) or 132
-        variants = [(64, 4, 1), (64, 2, 2), (64, 1, 2)] if args.fp8_fused else []
-        for bm, steps, per_sm in variants:
-            kernels[f"fp8 fused bm{bm} s{steps} x{per_sm}/SM"] = functools.partial(
-                grouped_gemm_fp8.grouped_gemm_fp8, block_m=bm, max_concurrent_steps=steps, num_blocks=per_sm * sms)
-        if args.fp8_fused:     # rows rounded to FP8: its error is against the weight-only reference
-            kernels["fp8 w8a8 (rows in FP8)"] = grouped_gemm_fp8.grouped_gemm_w8a8
+        variants = [(64, 4, 1, True), (64, 2, 2, True), (64, 2, 2, False)] if args.fp8_fused else []
+        for bm, steps, per_sm, prefetch in variants:
+            kernels[f"fp8 fused bm{bm} s{steps} x{per_sm}/SM{' pf' if prefetch else ''}"] = functools.partial(
+                grouped_gemm_fp8.grouped_gemm_fp8, block_m=bm, max_concurrent_steps=steps,
+                num_blocks=per_sm * sms, prefetch_scale=prefetch)
+        for prefetch in ((True, False) if args.fp8_fused else ()):
+            kernels[f"fp8 w8a8 (rows in FP8){' pf' if prefetch else ''}"] = functools.partial(
+                grouped_gemm_fp8.grouped_gemm_w8a8, prefetch_scale=prefetch)
     skip = (lambda name, m: name == "fp8 dequant+xla" and on_gpu and m > 4096)
     time_grouped_gemms(args, kernels, (w, scale), floor, "fp8 floor", skip)
 

@@ -57,8 +57,8 @@ def aligned_layout(group_sizes: jax.Array, m: int, block_m: int) -> tuple[jax.Ar
 
 def grouped_gemm_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Array, *,
                      block_m: int = 64, max_concurrent_steps: int = 2, chunk_rows: int = 64,
-                     load_layout: str | None = None, num_blocks: int | None = None,
-                     interpret=None) -> jax.Array:
+                     load_layout: str | None = None, prefetch_scale: bool = True,
+                     num_blocks: int | None = None, interpret=None) -> jax.Array:
     """`reference` as a Mosaic-GPU kernel (rows past the groups come back 0). Needs N and K
     multiples of 128.
 
@@ -66,9 +66,11 @@ def grouped_gemm_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: 
     once; load_layout: register layout of the loaded FP8 chunk (a plgpu.Layout name, or None to
     leave it to layout inference); num_blocks: thread blocks of the persistent grid. The
     defaults (two blocks per SM, two pipeline stages so that both fit in shared memory) were as
-    fast or faster than one block of four stages at every decode size measured (runs S, T)."""
+    fast or faster than one block of four stages at every decode size measured (runs S, T);
+    prefetch_scale: each step's weight scale is loaded one step ahead instead of on demand."""
     _check_shapes(x, w, scale)
-    kernel = functools.partial(_kernel, chunk_rows=chunk_rows, load_layout=load_layout)
+    kernel = functools.partial(_kernel, chunk_rows=chunk_rows, load_layout=load_layout,
+                               prefetch_scale=prefetch_scale)
     return _on_aligned_rows(kernel, x, w, scale, group_sizes, block_m, max_concurrent_steps, num_blocks, interpret)
 
 
@@ -79,13 +81,14 @@ def reference_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: ja
 
 
 def grouped_gemm_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Array, *,
-                      block_m: int = 64, max_concurrent_steps: int = 4, num_blocks: int | None = None,
-                      interpret=None) -> jax.Array:
+                      block_m: int = 64, max_concurrent_steps: int = 4, prefetch_scale: bool = True,
+                      num_blocks: int | None = None, interpret=None) -> jax.Array:
     """`reference_w8a8` as a Mosaic-GPU kernel: FP8 x FP8 wgmma per 128-deep step, scaled by the
     weight block's scale and summed in fp32 registers; the row scales apply to the output."""
     _check_shapes(x, w, scale)
     xq, xs = fp8.quantize_per_channel(x)
-    out = _on_aligned_rows(_kernel_w8a8, xq, w, scale, group_sizes, block_m, max_concurrent_steps,
+    kernel = functools.partial(_kernel_w8a8, prefetch_scale=prefetch_scale)
+    out = _on_aligned_rows(kernel, xq, w, scale, group_sizes, block_m, max_concurrent_steps,
                            num_blocks, interpret, out_dtype=jnp.float32)
     return (out * xs).astype(x.dtype)
 
@@ -112,7 +115,7 @@ def _on_aligned_rows(make_kernel, x, w, scale, group_sizes, block_m, max_concurr
 
 
 def _kernel(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, chunk_rows, load_layout,
-            num_blocks, interpret):
+            prefetch_scale, num_blocks, interpret):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -141,16 +144,19 @@ def _kernel(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, chunk_ro
             @pl.when(group < g)
             def _():
                 def pipeline(acc_ref, w_bf16):
-                    def step(idx, x_smem, w_smem):
-                        s = s_gmem[group, ni, idx[0]]
+                    def step(idx, x_smem, w_smem, s):
+                        if not prefetch_scale:
+                            s = s_gmem[group, ni, idx[0]]
+                        s_next = s_gmem[group, ni, jnp.minimum(idx[0] + 1, steps_k - 1)]
                         plgpu.wgmma(acc_ref, x_smem, convert(w_smem, s, w_bf16))
                         plgpu.wgmma_wait(0)
+                        return s_next
 
                     plgpu.emit_pipeline(
                         step, grid=(steps_k,),
                         in_specs=[plgpu.BlockSpec((block_m, BLOCK), lambda kk: (mi, kk)),
                                   plgpu.BlockSpec((BLOCK, BLOCK), lambda kk: (ni, kk))],
-                        max_concurrent_steps=max_concurrent_steps,
+                        max_concurrent_steps=max_concurrent_steps, init_carry=s_gmem[group, ni, 0],
                     )(x_gmem, w_gmem.at[group])
                     return acc_ref[...]
 
@@ -172,7 +178,8 @@ def _kernel(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, chunk_ro
         interpret=interpret)
 
 
-def _kernel_w8a8(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, num_blocks, interpret):
+def _kernel_w8a8(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, prefetch_scale, num_blocks,
+                 interpret):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -186,7 +193,12 @@ def _kernel_w8a8(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, num
 
             @pl.when(group < g)
             def _():
-                def step(idx, x_smem, w_smem, total):
+                def step(idx, x_smem, w_smem, carry):
+                    total, s = carry
+                    if not prefetch_scale:
+                        s = s_gmem[group, ni, idx[0]]
+                    # the next step's scale is loaded while this step's wgmma runs
+                    s_next = s_gmem[group, ni, jnp.minimum(idx[0] + 1, steps_k - 1)]
                     def product(acc_ref, *scratch):
                         if interpret:     # the interpreter's wgmma takes no transposed operand
                             scratch[0][...] = w_smem[...].T
@@ -198,16 +210,16 @@ def _kernel_w8a8(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, num
                     scratch = [plgpu.SMEM((BLOCK, BLOCK), w_smem.dtype)] if interpret else []
                     p = pl.run_scoped(lambda *refs: pl.run_scoped(lambda acc: product(acc, *refs),
                                                                   plgpu.ACC((block_m, BLOCK))), *scratch)
-                    return total + p * s_gmem[group, ni, idx[0]]
+                    return total + p * s, s_next
 
                 zeros = jnp.zeros((block_m, BLOCK), jnp.float32)
                 if not interpret:
                     zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
-                total = plgpu.emit_pipeline(
+                total, _ = plgpu.emit_pipeline(
                     step, grid=(steps_k,),
                     in_specs=[plgpu.BlockSpec((block_m, BLOCK), lambda kk: (mi, kk)),
                               plgpu.BlockSpec((BLOCK, BLOCK), lambda kk: (ni, kk))],
-                    max_concurrent_steps=max_concurrent_steps, init_carry=zeros,
+                    max_concurrent_steps=max_concurrent_steps, init_carry=(zeros, s_gmem[group, ni, 0]),
                 )(x_gmem, w_gmem.at[group])
 
                 @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((block_m, BLOCK), o_gmem.dtype))
