@@ -57,7 +57,7 @@ def aligned_layout(group_sizes: jax.Array, m: int, block_m: int) -> tuple[jax.Ar
 
 def grouped_gemm_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Array, *,
                      block_m: int = 64, max_concurrent_steps: int = 2, chunk_rows: int = 64,
-                     load_layout: str | None = None, prefetch_scale: bool = True,
+                     load_layout: str | None = None, prefetch_scale: bool = False,
                      num_blocks: int | None = None, interpret=None) -> jax.Array:
     """`reference` as a Mosaic-GPU kernel (rows past the groups come back 0). Needs N and K
     multiples of 128.
@@ -67,7 +67,8 @@ def grouped_gemm_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: 
     leave it to layout inference); num_blocks: thread blocks of the persistent grid. The
     defaults (two blocks per SM, two pipeline stages so that both fit in shared memory) were as
     fast or faster than one block of four stages at every decode size measured (runs S, T);
-    prefetch_scale: each step's weight scale is loaded one step ahead instead of on demand."""
+    prefetch_scale: each step's weight scale is loaded one step ahead instead of on demand
+    (exact under the interpreter and lowered for CUDA here; off until measured on a GPU)."""
     _check_shapes(x, w, scale)
     kernel = functools.partial(_kernel, chunk_rows=chunk_rows, load_layout=load_layout,
                                prefetch_scale=prefetch_scale)
@@ -81,7 +82,7 @@ def reference_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: ja
 
 
 def grouped_gemm_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Array, *,
-                      block_m: int = 64, max_concurrent_steps: int = 4, prefetch_scale: bool = True,
+                      block_m: int = 64, max_concurrent_steps: int = 4, prefetch_scale: bool = False,
                       num_blocks: int | None = None, interpret=None) -> jax.Array:
     """`reference_w8a8` as a Mosaic-GPU kernel: FP8 x FP8 wgmma per 128-deep step, scaled by the
     weight block's scale and summed in fp32 registers; the row scales apply to the output."""
