@@ -117,6 +117,24 @@ def test_w8a8_kernel_equals_the_reference_on_rows_rounded_to_fp8(sizes, block_m)
     assert 1e-3 < rel < 5e-2
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("w8a8", [False, True])
+def test_fp8_kernels_apply_each_k_block_its_own_scale(w8a8, prefetch):
+    """Scales that differ along K catch a step using its neighbour's scale (the prefetched one)."""
+    rng = np.random.RandomState(11)
+    sizes, n, k = [7, 20], 128, 512
+    w_f32 = rng.standard_normal((2, n, k)) * np.repeat(10.0 ** rng.uniform(-2, 2, (2, 1, k // 128)), 128, axis=-1)
+    w, scale = fp8.quantize_blockwise(w_f32)
+    x = jnp.asarray(rng.standard_normal((sum(sizes) + 3, k)), jnp.bfloat16)
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    gemm = grouped_gemm_fp8.grouped_gemm_w8a8 if w8a8 else grouped_gemm_fp8.grouped_gemm_fp8
+    ref = grouped_gemm_fp8.reference_w8a8 if w8a8 else grouped_gemm_fp8.reference
+    out = np.asarray(gemm(x, w, scale, group_sizes, block_m=16, max_concurrent_steps=2,
+                          prefetch_scale=prefetch, **INTERPRET)[:sum(sizes)], np.float32)
+    want = np.asarray(ref(x, w, scale, group_sizes)[:sum(sizes)], np.float32)
+    np.testing.assert_allclose(out, want, rtol=2e-2, atol=1e-2 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("kernel, tolerance", [("mosaic-fp8", 2e-2), ("mosaic-w8a8", 5e-2)])
 def test_routed_experts_through_the_fp8_kernels_equal_the_dequantised_reference(kernel, tolerance):
     rng = np.random.RandomState(1)

@@ -115,12 +115,54 @@ def _on_aligned_rows(make_kernel, x, w, scale, group_sizes, block_m, max_concurr
     return jnp.where((dest < m_padded)[:, None], out[jnp.minimum(dest, m_padded - 1)], 0)
 
 
+def _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, tile_product):
+    """What both kernels share: a persistent loop over the (row block, 128 columns) tiles of the
+    group-aligned rows, skipping row blocks of no group; tile_product(x_gmem, w_gmem, s_gmem,
+    group, mi, ni) gives a tile's fp32 value, which is stored through shared memory."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    grid_m, grid_n = m_padded // block_m, n // BLOCK
+
+    def body(group_ref, x_gmem, w_gmem, s_gmem, o_gmem):
+        @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
+        def tile(info):
+            mi, ni = info.index[0] // grid_n, info.index[0] % grid_n     # a row block's N tiles together
+            group = group_ref[mi]
+
+            @pl.when(group < g)
+            def _():
+                value = tile_product(x_gmem, w_gmem, s_gmem, group, mi, ni)
+
+                @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((block_m, BLOCK), o_gmem.dtype))
+                def _(o_smem):
+                    o_smem[...] = value.astype(o_smem.dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * block_m, block_m), pl.ds(ni * BLOCK, BLOCK)])
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    return plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((m_padded, n), dtype), grid=(num_blocks,), grid_names=("sm",),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret)
+
+
+def _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, init_carry):
+    """Runs step over the 128-deep slices of one tile's rows and weights (copies pipelined)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    return plgpu.emit_pipeline(
+        step, grid=(k // BLOCK,),
+        in_specs=[plgpu.BlockSpec((block_m, BLOCK), lambda kk: (mi, kk)),
+                  plgpu.BlockSpec((BLOCK, BLOCK), lambda kk: (ni, kk))],
+        max_concurrent_steps=max_concurrent_steps, init_carry=init_carry)
+
+
 def _kernel(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, chunk_rows, load_layout,
             prefetch_scale, num_blocks, interpret):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    grid_m, grid_n, steps_k = m_padded // block_m, n // BLOCK, k // BLOCK
+    steps_k = k // BLOCK
 
     def convert(w_smem, s, w_bf16):
         """One FP8 weight tile to scaled bf16 in w_bf16 (wgmma's B operand)."""
@@ -136,47 +178,24 @@ def _kernel(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, chunk_ro
         plgpu.commit_smem()
         return w_bf16 if interpret else _transposed(w_bf16)
 
-    def body(group_ref, x_gmem, w_gmem, s_gmem, o_gmem):
-        @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
-        def tile(info):
-            mi, ni = info.index[0] // grid_n, info.index[0] % grid_n     # a row block's N tiles together
-            group = group_ref[mi]
+    def tile_product(x_gmem, w_gmem, s_gmem, group, mi, ni):
+        def pipeline(acc_ref, w_bf16):
+            def step(idx, x_smem, w_smem, *scale):
+                s = scale[0] if prefetch_scale else s_gmem[group, ni, idx[0]]
+                plgpu.wgmma(acc_ref, x_smem, convert(w_smem, s, w_bf16))
+                plgpu.wgmma_wait(0)
+                if prefetch_scale:      # loaded one step ahead, carried to the next step
+                    return s_gmem[group, ni, jnp.minimum(idx[0] + 1, steps_k - 1)]
 
-            @pl.when(group < g)
-            def _():
-                def pipeline(acc_ref, w_bf16):
-                    def step(idx, x_smem, w_smem, s):
-                        if not prefetch_scale:
-                            s = s_gmem[group, ni, idx[0]]
-                        s_next = s_gmem[group, ni, jnp.minimum(idx[0] + 1, steps_k - 1)]
-                        plgpu.wgmma(acc_ref, x_smem, convert(w_smem, s, w_bf16))
-                        plgpu.wgmma_wait(0)
-                        return s_next
+            first_scale = s_gmem[group, ni, 0] if prefetch_scale else None
+            _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, first_scale)(x_gmem, w_gmem.at[group])
+            return acc_ref[...]
 
-                    plgpu.emit_pipeline(
-                        step, grid=(steps_k,),
-                        in_specs=[plgpu.BlockSpec((block_m, BLOCK), lambda kk: (mi, kk)),
-                                  plgpu.BlockSpec((BLOCK, BLOCK), lambda kk: (ni, kk))],
-                        max_concurrent_steps=max_concurrent_steps, init_carry=s_gmem[group, ni, 0],
-                    )(x_gmem, w_gmem.at[group])
-                    return acc_ref[...]
+        return pl.run_scoped(     # register and shared-memory scopes may not mix
+            lambda w_bf16: pl.run_scoped(lambda acc_ref: pipeline(acc_ref, w_bf16), plgpu.ACC((block_m, BLOCK))),
+            plgpu.SMEM((BLOCK, BLOCK), jnp.bfloat16))
 
-                acc = pl.run_scoped(     # register and shared-memory scopes may not mix
-                    lambda w_bf16: pl.run_scoped(lambda acc_ref: pipeline(acc_ref, w_bf16),
-                                                 plgpu.ACC((block_m, BLOCK))),
-                    plgpu.SMEM((BLOCK, BLOCK), jnp.bfloat16))
-
-                @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((block_m, BLOCK), o_gmem.dtype))
-                def _(o_smem):
-                    o_smem[...] = acc.astype(o_smem.dtype)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * block_m, block_m), pl.ds(ni * BLOCK, BLOCK)])
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    return plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((m_padded, n), dtype), grid=(num_blocks,), grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=interpret)
+    return _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, tile_product)
 
 
 def _kernel_w8a8(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, prefetch_scale, num_blocks,
@@ -184,56 +203,37 @@ def _kernel_w8a8(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, pre
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    grid_m, grid_n, steps_k = m_padded // block_m, n // BLOCK, k // BLOCK
+    steps_k = k // BLOCK
 
-    def body(group_ref, x_gmem, w_gmem, s_gmem, o_gmem):
-        @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
-        def tile(info):
-            mi, ni = info.index[0] // grid_n, info.index[0] % grid_n
-            group = group_ref[mi]
+    def tile_product(x_gmem, w_gmem, s_gmem, group, mi, ni):
+        def step(idx, x_smem, w_smem, carry):
+            total, *scale = carry if prefetch_scale else (carry,)
+            if prefetch_scale:     # the next step's scale is loaded while this step's wgmma runs
+                scale.append(s_gmem[group, ni, jnp.minimum(idx[0] + 1, steps_k - 1)])
 
-            @pl.when(group < g)
-            def _():
-                def step(idx, x_smem, w_smem, carry):
-                    total, s = carry
-                    if not prefetch_scale:
-                        s = s_gmem[group, ni, idx[0]]
-                    # the next step's scale is loaded while this step's wgmma runs
-                    s_next = s_gmem[group, ni, jnp.minimum(idx[0] + 1, steps_k - 1)]
-                    def product(acc_ref, *scratch):
-                        if interpret:     # the interpreter's wgmma takes no transposed operand
-                            scratch[0][...] = w_smem[...].T
-                            plgpu.wgmma(acc_ref, x_smem, scratch[0])
-                        else:
-                            plgpu.wgmma(acc_ref, x_smem, plgpu.transpose_ref(w_smem, (1, 0)))
-                        return acc_ref[...]
+            def product(acc_ref, *scratch):
+                if interpret:     # the interpreter's wgmma takes no transposed operand
+                    scratch[0][...] = w_smem[...].T
+                    plgpu.wgmma(acc_ref, x_smem, scratch[0])
+                else:
+                    plgpu.wgmma(acc_ref, x_smem, plgpu.transpose_ref(w_smem, (1, 0)))
+                return acc_ref[...]
 
-                    scratch = [plgpu.SMEM((BLOCK, BLOCK), w_smem.dtype)] if interpret else []
-                    p = pl.run_scoped(lambda *refs: pl.run_scoped(lambda acc: product(acc, *refs),
-                                                                  plgpu.ACC((block_m, BLOCK))), *scratch)
-                    return total + p * s, s_next
+            scratch = [plgpu.SMEM((BLOCK, BLOCK), w_smem.dtype)] if interpret else []
+            p = pl.run_scoped(lambda *refs: pl.run_scoped(lambda acc: product(acc, *refs),
+                                                          plgpu.ACC((block_m, BLOCK))), *scratch)
+            if prefetch_scale:
+                return total + p * scale[0], scale[1]
+            return total + p * s_gmem[group, ni, idx[0]]
 
-                zeros = jnp.zeros((block_m, BLOCK), jnp.float32)
-                if not interpret:
-                    zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
-                total, _ = plgpu.emit_pipeline(
-                    step, grid=(steps_k,),
-                    in_specs=[plgpu.BlockSpec((block_m, BLOCK), lambda kk: (mi, kk)),
-                              plgpu.BlockSpec((BLOCK, BLOCK), lambda kk: (ni, kk))],
-                    max_concurrent_steps=max_concurrent_steps, init_carry=(zeros, s_gmem[group, ni, 0]),
-                )(x_gmem, w_gmem.at[group])
+        zeros = jnp.zeros((block_m, BLOCK), jnp.float32)
+        if not interpret:
+            zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+        init = (zeros, s_gmem[group, ni, 0]) if prefetch_scale else zeros
+        out = _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, init)(x_gmem, w_gmem.at[group])
+        return out[0] if prefetch_scale else out
 
-                @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((block_m, BLOCK), o_gmem.dtype))
-                def _(o_smem):
-                    o_smem[...] = total.astype(o_smem.dtype)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * block_m, block_m), pl.ds(ni * BLOCK, BLOCK)])
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    return plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((m_padded, n), dtype), grid=(num_blocks,), grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=interpret)
+    return _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, tile_product)
 
 
 def _transposed(ref):
