@@ -120,3 +120,8 @@ def test_prefill_budget_counts_the_padded_rows_a_step_computes():
     for i in range(6):
         unpadded.add(Request(rid=str(i), prompt_ids=list(range(900)), params=SamplingParams(max_new_tokens=4)))
     assert [len(c) for c in unpadded.plan().chunks] == [900] * 4 + [496]
+    # one row already pads to 4 x 1024 > budget: the three rows of padding still fill up
+    wide = Scheduler(PageAllocator(10_000), 16, 64, 1024, 1024, [4, 8, 16], [256, 512, 1024])
+    for i in range(6):
+        wide.add(Request(rid=str(i), prompt_ids=list(range(300)), params=SamplingParams(max_new_tokens=4)))
+    assert [len(c) for c in wide.plan().chunks] == [300, 300, 300, 124]

@@ -187,14 +187,18 @@ class Scheduler:
 
     def _prefill_plan(self, candidates: list[Request]) -> RankPlan:
         """Chunks of waiting prompts within max_prefill_tokens. One more request is not taken
-        when it would lift the padded step past the budget (5 rows of 1024 compute as 8)."""
+        when it would lift the padded step past the budget (5 rows of 1024 compute as 8); it is
+        when it only fills padding the step computes anyway."""
         plan, budget, longest = RankPlan([], [], [], []), self.max_prefill_tokens, 0
         for req in candidates[:self.max_running]:
             n = min(len(req.prompt_ids) - req.num_computed, self.chunk_size, budget)
             if n <= 0:
                 break
-            if plan.requests and self._padded_tokens(len(plan.requests) + 1, max(longest, n)) > self.max_prefill_tokens:
-                break
+            if plan.requests:
+                now = self._padded_tokens(len(plan.requests), longest)
+                after = self._padded_tokens(len(plan.requests) + 1, max(longest, n))
+                if after > max(now, self.max_prefill_tokens):      # rows already padded in are free
+                    break
             longest = max(longest, n)
             plan.requests.append(req)
             plan.chunks.append(req.prompt_ids[req.num_computed:req.num_computed + n])
