@@ -38,9 +38,9 @@ def ragged_dot_mosaic(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
 KERNELS = ("auto", "xla", "mosaic", "mosaic-fp8", "mosaic-w8a8")
 FP8_KERNELS = ("mosaic-fp8", "mosaic-w8a8")
 
-# Above this many expected local rows the FP8 kernel's in-kernel conversion costs more than
-# dequantising the layer once: measured on an H100 (docs/benchmarks.md, run O), the fused kernel
-# took 0.84 ms against 1.56 ms at 2048 rows and 4.3 ms against 2.7 ms at 32768.
+# Above this many expected local rows the FP8 kernel is slower than dequantising the layer once
+# for the bf16 kernel: on an H100 (docs/benchmarks.md, run O) it took 0.84 ms against 1.56 ms at
+# 2048 rows and 4.3 ms against 2.7 ms at 32768.
 FUSED_FP8_MAX_ROWS = 8192
 
 
