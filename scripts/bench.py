@@ -22,6 +22,9 @@ Sections (pick with --sections, comma separated):
 
 Every figure printed is measured in this run; the table at the end is the summary, the full log
 goes to --out (default $OUT or ./bench-out). Multicast stays off in NCCL (NCCL_NVLS_ENABLE=0).
+
+--xla-flag-sets runs the chosen sections once per named set of XLA flags (command buffers,
+latency-hiding scheduler; see XLA_FLAG_SETS), each in its own process, and prints them together.
 """
 
 from __future__ import annotations
@@ -45,6 +48,16 @@ import numpy as np  # noqa: E402
 
 ROWS: list[dict] = []
 
+# XLA GPU options the GPU issue asks to measure on and off, added to any XLA_FLAGS already set
+XLA_FLAG_SETS = {
+    "default": "",
+    "command-buffers-off": "--xla_gpu_enable_command_buffer=",
+    "command-buffers-all": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
+                           "COLLECTIVES,CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1",
+    "latency-hiding-off": "--xla_gpu_enable_latency_hiding_scheduler=false",
+    "latency-hiding-on": "--xla_gpu_enable_latency_hiding_scheduler=true",
+}
+
 
 def record(section: str, variant: str, value: float, unit: str, note: str = "") -> None:
     row = dict(section=section, variant=variant, value=value, unit=unit, note=note)
@@ -67,7 +80,8 @@ def median_time(fn, *args, warmup: int = 2, iters: int = 10) -> float:
 
 def bench_env(args) -> dict:
     devices = jax.devices()
-    print(f"jax {jax.__version__}, {len(devices)} x {devices[0].device_kind}", flush=True)
+    print(f"jax {jax.__version__}, {len(devices)} x {devices[0].device_kind}, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     key = jax.random.PRNGKey(0)
     x = jax.random.normal(key, (args.copy_elems,), jnp.bfloat16)
     t = median_time(jax.jit(lambda x: x * 1.0001), x)
@@ -581,6 +595,8 @@ def parse_args(argv=None):
                    help="weights + KV share of device memory; the KV cache takes what fits")
     p.add_argument("--hf-batch", type=int, default=16)
     p.add_argument("--profile-steps", type=int, default=5)
+    p.add_argument("--xla-flag-sets", nargs="+", choices=list(XLA_FLAG_SETS),
+                   help="run the sections once per named XLA flag set, each in its own process")
     p.add_argument("--profile-phase", choices=("prefill", "decode"), default="decode",
                    help="profile: trace the first steps after submission (prefill) or steps once all are prefilled")
     p.add_argument("--hf-new", type=int, default=32)
@@ -594,8 +610,40 @@ def parse_args(argv=None):
     return args
 
 
+def run_flag_sets(args, argv: list[str]) -> tuple[str, int]:
+    """The same sections once per XLA flag set, each in a child process (a flag this XLA does not
+    know, or a crash, ends only that child); their rows are recorded here under the set's name.
+    This process never touches the devices (the children need all their memory). Returns the
+    children's device kind and count."""
+    device = ("unknown", 0)
+    import subprocess
+    rest, skip = [], False
+    for a in argv:       # drop --xla-flag-sets and its values, and --out
+        if skip and not a.startswith("--"):
+            continue
+        skip = a in ("--xla-flag-sets", "--out")
+        if not skip and not a.startswith("--xla-flag-sets=") and not a.startswith("--out="):
+            rest.append(a)
+    for name in args.xla_flag_sets:
+        out = Path(args.out) / f"xla-{name}"
+        env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAG_SETS[name]}".strip())
+        print(f"== XLA flag set {name}: XLA_FLAGS={env['XLA_FLAGS']!r}", flush=True)
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *rest, "--out", str(out)], env=env)
+        log = out / "bench.json"
+        if proc.returncode != 0 or not log.exists():
+            record("xla-flags", f"{name}", float(proc.returncode), "exit status", "the run failed; see its log above")
+            continue
+        child = json.loads(log.read_text())
+        device = (child["device"], child["devices"])
+        for row in child["rows"]:
+            record(row["section"], f"[{name}] {row['variant']}", row["value"], row["unit"], row["note"])
+    return device
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.xla_flag_sets:
+        return write_summary(args, *run_flag_sets(args, list(sys.argv[1:] if argv is None else argv)))
     if args.smoke:
         jax.config.update("jax_num_cpu_devices", 8)
     sections = args.sections.split(",")
@@ -617,10 +665,16 @@ def main(argv=None) -> int:
         bench_breakdown(args, ceilings)
     if "engine" in sections:
         bench_engine(args)
+    return write_summary(args)
+
+
+def write_summary(args, device: str | None = None, count: int | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({"argv": sys.argv, "device": jax.devices()[0].device_kind,
-                                                "devices": len(jax.devices()), "rows": ROWS}, indent=2))
+    if device is None:
+        device, count = jax.devices()[0].device_kind, len(jax.devices())
+    (out / "bench.json").write_text(json.dumps({"argv": sys.argv, "device": device, "devices": count,
+                                                "rows": ROWS}, indent=2))
     print("\n| section | variant | value | unit | note |\n|---|---|---|---|---|")
     for r in ROWS:
         print(f"| {r['section']} | {r['variant']} | {r['value']:.4g} | {r['unit']} | {r['note']} |")

@@ -30,3 +30,11 @@ def test_fp8_kernel_section_runs_its_reference_on_cpus(tmp_path):
     rows, _ = run_bench(tmp_path, "--sections", "kernels", "--quantization", "fp8")
     assert [r["variant"] for r in rows if r["section"] == "kernels"] == [
         "fp8 dequant+xla m=64 routed=1.00", "fp8 dequant+xla m=64 routed=0.25"]
+
+
+def test_xla_flag_sets_run_each_set_in_its_own_process_and_name_its_rows(tmp_path):
+    rows, stdout = run_bench(tmp_path, "--sections", "kernels", "--xla-flag-sets", "default", "command-buffers-off")
+    names = [r["variant"] for r in rows]
+    assert "[default] xla m=64 routed=1.00" in names, names
+    assert "[command-buffers-off] xla m=64 routed=1.00" in names, names
+    assert "--xla_gpu_enable_command_buffer='" in stdout      # added to the flags already set
