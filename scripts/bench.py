@@ -174,20 +174,22 @@ def bench_fp8_kernels(args, ceilings: dict) -> None:
     if on_gpu:
         kernels["fp8 dequant+mosaic"] = lambda x, w, s, sizes: moe_ops.ragged_dot_mosaic(
             x, fp8.dequantize_blockwise(w, s, jnp.bfloat16), sizes, transpose_rhs=True)
-        # variants of the kernel that dequantises in shared memory (--fp8-fused): block rows,
-        # pipeline depth, thread blocks per SM (the persistent grid over the SM count), each
-        # step's weight scale loaded one step ahead (pf) or on demand; the W8A8 kernel's error
-        # is against the weight-only reference (its rows are rounded to FP8)
+        # variants of the kernel that dequantises in shared memory and of the W8A8 kernel
+        # (--fp8-fused): rows per tile (bm), pipeline depth (s), thread blocks per SM (the
+        # persistent grid over the SM count), each step's weight scale loaded a step ahead (pf),
+        # rows as wgmma's N (sw). Measured configurations first: a kernel that faults ends every
+        # later timing of the run. The W8A8 kernel's error is against the weight-only reference.
         sms = getattr(jax.devices()[0], "core_count", 132) or 132
-        # (measured configurations first: a kernel that faults ends every later timing of the run)
-        variants = [(64, 4, 1, False), (64, 2, 2, False), (64, 2, 2, True)] if args.fp8_fused else []
-        for bm, steps, per_sm, prefetch in variants:
-            kernels[f"fp8 fused bm{bm} s{steps} x{per_sm}/SM{' pf' if prefetch else ''}"] = functools.partial(
-                grouped_gemm_fp8.grouped_gemm_fp8, block_m=bm, max_concurrent_steps=steps,
-                num_blocks=per_sm * sms, prefetch_scale=prefetch)
-        for prefetch in ((False, True) if args.fp8_fused else ()):
-            kernels[f"fp8 w8a8 (rows in FP8){' pf' if prefetch else ''}"] = functools.partial(
-                grouped_gemm_fp8.grouped_gemm_w8a8, prefetch_scale=prefetch)
+        variants = [("fused", 64, 4, 1, {}), ("fused", 64, 2, 2, {}), ("w8a8", 64, 4, 1, {}),
+                    ("fused", 64, 2, 2, {"prefetch_scale": True}), ("w8a8", 64, 4, 1, {"prefetch_scale": True}),
+                    ("fused", 16, 2, 2, {"swap_ab": True}), ("fused", 32, 2, 2, {"swap_ab": True}),
+                    ("w8a8", 16, 4, 1, {"swap_ab": True})] if args.fp8_fused else []
+        tags = {"prefetch_scale": "pf", "swap_ab": "sw"}
+        for kind, bm, steps, per_sm, options in variants:
+            gemm = grouped_gemm_fp8.grouped_gemm_w8a8 if kind == "w8a8" else grouped_gemm_fp8.grouped_gemm_fp8
+            name = f"fp8 {kind} bm{bm} s{steps} x{per_sm}/SM {' '.join(tags[o] for o in options)}".rstrip()
+            kernels[name] = functools.partial(gemm, block_m=bm, max_concurrent_steps=steps,
+                                              num_blocks=per_sm * sms, **options)
     skip = (lambda name, m: name == "fp8 dequant+xla" and on_gpu and m > 4096)
     time_grouped_gemms(args, kernels, (w, scale), floor, "fp8 floor", skip)
 

@@ -117,10 +117,11 @@ def test_w8a8_kernel_equals_the_reference_on_rows_rounded_to_fp8(sizes, block_m)
     assert 1e-3 < rel < 5e-2
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("option", [{}, {"prefetch_scale": True}, {"swap_ab": True}])
 @pytest.mark.parametrize("w8a8", [False, True])
-def test_fp8_kernels_apply_each_k_block_its_own_scale(w8a8, prefetch):
-    """Scales that differ along K catch a step using its neighbour's scale (the prefetched one)."""
+def test_fp8_kernels_apply_each_k_block_its_own_scale(w8a8, option):
+    """Scales that differ along K catch a step using its neighbour's scale (the prefetched one);
+    with swap_ab the rows are wgmma's N and come back transposed."""
     rng = np.random.RandomState(11)
     sizes, n, k = [7, 20], 128, 512
     w_f32 = rng.standard_normal((2, n, k)) * np.repeat(10.0 ** rng.uniform(-2, 2, (2, 1, k // 128)), 128, axis=-1)
@@ -130,7 +131,7 @@ def test_fp8_kernels_apply_each_k_block_its_own_scale(w8a8, prefetch):
     gemm = grouped_gemm_fp8.grouped_gemm_w8a8 if w8a8 else grouped_gemm_fp8.grouped_gemm_fp8
     ref = grouped_gemm_fp8.reference_w8a8 if w8a8 else grouped_gemm_fp8.reference
     out = np.asarray(gemm(x, w, scale, group_sizes, block_m=16, max_concurrent_steps=2,
-                          prefetch_scale=prefetch, **INTERPRET)[:sum(sizes)], np.float32)
+                          **option, **INTERPRET)[:sum(sizes)], np.float32)
     want = np.asarray(ref(x, w, scale, group_sizes)[:sum(sizes)], np.float32)
     np.testing.assert_allclose(out, want, rtol=2e-2, atol=1e-2 * np.abs(want).max())
 
@@ -168,7 +169,7 @@ def test_auto_kernel_is_the_reference_off_gpu_and_mosaic_fp8_needs_fp8_in_128_bl
         moe.resolve_kernel("triton", "bf16", 64, 32)
 
 
-@pytest.mark.parametrize("kernel", ["fp8", "fp8 WGMMA", "w8a8"])
+@pytest.mark.parametrize("kernel", ["fp8", "fp8 WGMMA", "w8a8", "fp8 swap_ab", "w8a8 swap_ab"])
 def test_fp8_kernels_lower_for_gpus_at_full_size(kernel):
     """Mosaic's Python lowering (layout inference included, where earlier versions of this
     kernel failed or searched without end) runs here for the CUDA platform; the GPU's own
@@ -178,7 +179,9 @@ def test_fp8_kernels_lower_for_gpus_at_full_size(kernel):
             jax.ShapeDtypeStruct((g, n // 128, k // 128), jnp.float32), jax.ShapeDtypeStruct((g,), jnp.int32))
     gemm = {"fp8": grouped_gemm_fp8.grouped_gemm_fp8,
             "fp8 WGMMA": functools.partial(grouped_gemm_fp8.grouped_gemm_fp8, load_layout="WGMMA"),
-            "w8a8": grouped_gemm_fp8.grouped_gemm_w8a8}[kernel]
+            "w8a8": grouped_gemm_fp8.grouped_gemm_w8a8,
+            "fp8 swap_ab": functools.partial(grouped_gemm_fp8.grouped_gemm_fp8, swap_ab=True, block_m=16),
+            "w8a8 swap_ab": functools.partial(grouped_gemm_fp8.grouped_gemm_w8a8, swap_ab=True, block_m=16)}[kernel]
     f = jax.jit(lambda x, w, s, sizes: gemm(x, w, s, sizes, num_blocks=132))
     text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

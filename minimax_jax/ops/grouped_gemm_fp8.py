@@ -57,7 +57,7 @@ def aligned_layout(group_sizes: jax.Array, m: int, block_m: int) -> tuple[jax.Ar
 
 def grouped_gemm_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Array, *,
                      block_m: int = 64, max_concurrent_steps: int = 2, chunk_rows: int = 64,
-                     load_layout: str | None = None, prefetch_scale: bool = False,
+                     load_layout: str | None = None, prefetch_scale: bool = False, swap_ab: bool = False,
                      num_blocks: int | None = None, interpret=None) -> jax.Array:
     """`reference` as a Mosaic-GPU kernel (rows past the groups come back 0). Needs N and K
     multiples of 128.
@@ -67,12 +67,16 @@ def grouped_gemm_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: 
     leave it to layout inference); num_blocks: thread blocks of the persistent grid. The
     defaults (two blocks per SM, two pipeline stages so that both fit in shared memory) were as
     fast or faster than one block of four stages at every decode size measured (runs S, T);
-    prefetch_scale: each step's weight scale is loaded one step ahead instead of on demand
-    (exact under the interpreter and lowered for CUDA here; off until measured on a GPU)."""
+    prefetch_scale: each step's weight scale is loaded one step ahead instead of on demand;
+    swap_ab: the weight tile is wgmma's A operand (M = 128 output channels) and the rows its N,
+    which may be as few as 8, so block_m can be 16 or 32 where experts have few rows (decode)
+    and the padded rows read and multiplied shrink with it. Both are exact under the
+    interpreter and lowered for CUDA here, and off until measured on a GPU."""
     _check_shapes(x, w, scale)
     kernel = functools.partial(_kernel, chunk_rows=chunk_rows, load_layout=load_layout,
-                               prefetch_scale=prefetch_scale)
-    return _on_aligned_rows(kernel, x, w, scale, group_sizes, block_m, max_concurrent_steps, num_blocks, interpret)
+                               prefetch_scale=prefetch_scale, swap_ab=swap_ab)
+    return _on_aligned_rows(kernel, x, w, scale, group_sizes, block_m, max_concurrent_steps, num_blocks,
+                            interpret, swap_ab=swap_ab)
 
 
 def reference_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -83,14 +87,15 @@ def reference_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: ja
 
 def grouped_gemm_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Array, *,
                       block_m: int = 64, max_concurrent_steps: int = 4, prefetch_scale: bool = False,
-                      num_blocks: int | None = None, interpret=None) -> jax.Array:
+                      swap_ab: bool = False, num_blocks: int | None = None, interpret=None) -> jax.Array:
     """`reference_w8a8` as a Mosaic-GPU kernel: FP8 x FP8 wgmma per 128-deep step, scaled by the
-    weight block's scale and summed in fp32 registers; the row scales apply to the output."""
+    weight block's scale and summed in fp32 registers; the row scales apply to the output.
+    Options as `grouped_gemm_fp8`."""
     _check_shapes(x, w, scale)
     xq, xs = fp8.quantize_per_channel(x)
-    kernel = functools.partial(_kernel_w8a8, prefetch_scale=prefetch_scale)
+    kernel = functools.partial(_kernel_w8a8, prefetch_scale=prefetch_scale, swap_ab=swap_ab)
     out = _on_aligned_rows(kernel, xq, w, scale, group_sizes, block_m, max_concurrent_steps,
-                           num_blocks, interpret, out_dtype=jnp.float32)
+                           num_blocks, interpret, out_dtype=jnp.float32, swap_ab=swap_ab)
     return (out * xs).astype(x.dtype)
 
 
@@ -103,8 +108,9 @@ def _check_shapes(x, w, scale):
 
 
 def _on_aligned_rows(make_kernel, x, w, scale, group_sizes, block_m, max_concurrent_steps, num_blocks,
-                     interpret, out_dtype=None):
-    """Scatters the rows to the group-aligned buffer, runs the kernel, gathers them back."""
+                     interpret, out_dtype=None, swap_ab=False):
+    """Scatters the rows to the group-aligned buffer, runs the kernel, gathers them back (the
+    kernel writes [N, rows] with swap_ab)."""
     (m, k), (g, n, _) = x.shape, w.shape
     dest, block_group, m_padded = aligned_layout(group_sizes, m, block_m)
     x_aligned = jnp.zeros((m_padded, k), x.dtype).at[dest].set(x, mode="drop")
@@ -112,13 +118,15 @@ def _on_aligned_rows(make_kernel, x, w, scale, group_sizes, block_m, max_concurr
                          num_blocks=num_blocks or 2 * (getattr(jax.devices()[0], "core_count", 132) or 132),
                          interpret=interpret)
     out = kernel(block_group, x_aligned, w, scale)
+    out = out.T if swap_ab else out
     return jnp.where((dest < m_padded)[:, None], out[jnp.minimum(dest, m_padded - 1)], 0)
 
 
-def _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, tile_product):
+def _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, swap_ab, tile_product):
     """What both kernels share: a persistent loop over the (row block, 128 columns) tiles of the
     group-aligned rows, skipping row blocks of no group; tile_product(x_gmem, w_gmem, s_gmem,
-    group, mi, ni) gives a tile's fp32 value, which is stored through shared memory."""
+    group, mi, ni) gives a tile's fp32 value ([128, block_m] with swap_ab), which is stored
+    through shared memory."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -134,15 +142,18 @@ def _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, til
             def _():
                 value = tile_product(x_gmem, w_gmem, s_gmem, group, mi, ni)
 
-                @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((block_m, BLOCK), o_gmem.dtype))
+                rows, cols = pl.ds(mi * block_m, block_m), pl.ds(ni * BLOCK, BLOCK)
+
+                @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM(value.shape, o_gmem.dtype))
                 def _(o_smem):
                     o_smem[...] = value.astype(o_smem.dtype)
                     plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * block_m, block_m), pl.ds(ni * BLOCK, BLOCK)])
+                    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[(cols, rows) if swap_ab else (rows, cols)])
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+    out_shape = (n, m_padded) if swap_ab else (m_padded, n)
     return plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((m_padded, n), dtype), grid=(num_blocks,), grid_names=("sm",),
+        body, out_type=jax.ShapeDtypeStruct(out_shape, dtype), grid=(num_blocks,), grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret)
 
@@ -158,31 +169,36 @@ def _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, init_carry):
 
 
 def _kernel(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, chunk_rows, load_layout,
-            prefetch_scale, num_blocks, interpret):
+            prefetch_scale, swap_ab, num_blocks, interpret):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     steps_k = k // BLOCK
 
     def convert(w_smem, s, w_bf16):
-        """One FP8 weight tile to scaled bf16 in w_bf16 (wgmma's B operand)."""
+        """One FP8 weight tile to scaled bf16 in w_bf16, returned as wgmma's B operand (or as its
+        A operand, untransposed, with swap_ab)."""
         for r in range(0, BLOCK, chunk_rows):      # bounds the registers in use
             chunk = w_smem[pl.ds(r, chunk_rows), :]
             if load_layout is not None and not interpret:
                 chunk = plgpu.layout_cast(chunk, getattr(plgpu.Layout, load_layout))
             chunk = (chunk.astype(jnp.float32) * s).astype(jnp.bfloat16)
-            if interpret:   # the interpreter's wgmma takes no transposed operand
+            if interpret and not swap_ab:   # the interpreter's wgmma takes no transposed operand
                 w_bf16[:, pl.ds(r, chunk_rows)] = chunk.T
             else:
                 w_bf16[pl.ds(r, chunk_rows), :] = chunk
         plgpu.commit_smem()
-        return w_bf16 if interpret else _transposed(w_bf16)
+        return w_bf16 if interpret or swap_ab else _transposed(w_bf16)
 
     def tile_product(x_gmem, w_gmem, s_gmem, group, mi, ni):
-        def pipeline(acc_ref, w_bf16):
+        def pipeline(acc_ref, w_bf16, *x_t):
             def step(idx, x_smem, w_smem, *scale):
                 s = scale[0] if prefetch_scale else s_gmem[group, ni, idx[0]]
-                plgpu.wgmma(acc_ref, x_smem, convert(w_smem, s, w_bf16))
+                w_tile = convert(w_smem, s, w_bf16)
+                if swap_ab:
+                    plgpu.wgmma(acc_ref, w_tile, _rows_as_b(x_smem, x_t, interpret))
+                else:
+                    plgpu.wgmma(acc_ref, x_smem, w_tile)
                 plgpu.wgmma_wait(0)
                 if prefetch_scale:      # loaded one step ahead, carried to the next step
                     return s_gmem[group, ni, jnp.minimum(idx[0] + 1, steps_k - 1)]
@@ -191,19 +207,21 @@ def _kernel(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, chunk_ro
             _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, first_scale)(x_gmem, w_gmem.at[group])
             return acc_ref[...]
 
+        scratch = [plgpu.SMEM((BLOCK, BLOCK), jnp.bfloat16)] + _rows_as_b_scratch(block_m, jnp.bfloat16, swap_ab, interpret)
+        acc_shape = (BLOCK, block_m) if swap_ab else (block_m, BLOCK)
         return pl.run_scoped(     # register and shared-memory scopes may not mix
-            lambda w_bf16: pl.run_scoped(lambda acc_ref: pipeline(acc_ref, w_bf16), plgpu.ACC((block_m, BLOCK))),
-            plgpu.SMEM((BLOCK, BLOCK), jnp.bfloat16))
+            lambda *refs: pl.run_scoped(lambda acc_ref: pipeline(acc_ref, *refs), plgpu.ACC(acc_shape)), *scratch)
 
-    return _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, tile_product)
+    return _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, swap_ab, tile_product)
 
 
-def _kernel_w8a8(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, prefetch_scale, num_blocks,
-                 interpret):
+def _kernel_w8a8(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, prefetch_scale, swap_ab,
+                 num_blocks, interpret):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     steps_k = k // BLOCK
+    acc_shape = (BLOCK, block_m) if swap_ab else (block_m, BLOCK)
 
     def tile_product(x_gmem, w_gmem, s_gmem, group, mi, ni):
         def step(idx, x_smem, w_smem, carry):
@@ -212,28 +230,48 @@ def _kernel_w8a8(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, pre
                 scale.append(s_gmem[group, ni, jnp.minimum(idx[0] + 1, steps_k - 1)])
 
             def product(acc_ref, *scratch):
-                if interpret:     # the interpreter's wgmma takes no transposed operand
+                if swap_ab:
+                    plgpu.wgmma(acc_ref, w_smem, _rows_as_b(x_smem, scratch, interpret))
+                elif interpret:     # the interpreter's wgmma takes no transposed operand
                     scratch[0][...] = w_smem[...].T
                     plgpu.wgmma(acc_ref, x_smem, scratch[0])
                 else:
                     plgpu.wgmma(acc_ref, x_smem, plgpu.transpose_ref(w_smem, (1, 0)))
                 return acc_ref[...]
 
-            scratch = [plgpu.SMEM((BLOCK, BLOCK), w_smem.dtype)] if interpret else []
+            if swap_ab:
+                scratch = _rows_as_b_scratch(block_m, x_smem.dtype, swap_ab, interpret)
+            else:
+                scratch = [plgpu.SMEM((BLOCK, BLOCK), w_smem.dtype)] if interpret else []
             p = pl.run_scoped(lambda *refs: pl.run_scoped(lambda acc: product(acc, *refs),
-                                                          plgpu.ACC((block_m, BLOCK))), *scratch)
+                                                          plgpu.ACC(acc_shape)), *scratch)
             if prefetch_scale:
                 return total + p * scale[0], scale[1]
             return total + p * s_gmem[group, ni, idx[0]]
 
-        zeros = jnp.zeros((block_m, BLOCK), jnp.float32)
+        zeros = jnp.zeros(acc_shape, jnp.float32)
         if not interpret:
             zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
         init = (zeros, s_gmem[group, ni, 0]) if prefetch_scale else zeros
         out = _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, init)(x_gmem, w_gmem.at[group])
         return out[0] if prefetch_scale else out
 
-    return _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, tile_product)
+    return _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, swap_ab, tile_product)
+
+
+def _rows_as_b_scratch(block_m, dtype, swap_ab, interpret):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    return [plgpu.SMEM((BLOCK, block_m), dtype)] if swap_ab and interpret else []
+
+
+def _rows_as_b(x_smem, scratch, interpret):
+    """The [block_m, K] row tile as wgmma's [K, block_m] B operand (a transposed view; the
+    interpreter, which takes no transposed operand, gets a transposed copy in scratch)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    if interpret:
+        scratch[0][...] = x_smem[...].T
+        return scratch[0]
+    return plgpu.transpose_ref(x_smem, (1, 0))
 
 
 def _transposed(ref):
