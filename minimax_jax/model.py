@@ -249,7 +249,7 @@ class Experts(nnx.Module):
         inter = self.w13.shape[-1] if self.format == "bf16" else self.w13.shape[2]     # this device's share
         share = self.num_local / self.num_experts
         kernel = moe_ops.resolve_kernel(self.kernel, self.format, x.shape[-1], inter,
-                                        local_rows=int(expert_ids.size * share))
+                                        local_rows=int(expert_ids.size * share), dtype=self.dtype)
         local = expert_ids - first_expert
         few_tokens = expert_ids.size * 2 <= self.num_local
         if few_tokens and self.kernel not in moe_ops.FP8_KERNELS:

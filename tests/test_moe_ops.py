@@ -156,6 +156,14 @@ def test_routed_experts_through_the_fp8_kernels_equal_the_dequantised_reference(
     np.testing.assert_allclose(np.asarray(fused), np.asarray(ref), atol=tolerance * scale)
 
 
+def test_auto_kernel_on_hopper_is_mosaic_for_bf16_only_and_fp8_kernel_at_decode_sizes(monkeypatch):
+    monkeypatch.setattr(moe, "on_hopper", lambda: True)
+    assert moe.resolve_kernel("auto", "bf16", 3072, 1536, local_rows=64) == "mosaic"
+    assert moe.resolve_kernel("auto", "fp8", 3072, 1536, local_rows=moe.FUSED_FP8_MAX_ROWS) == "mosaic-fp8"
+    assert moe.resolve_kernel("auto", "fp8", 3072, 1536, local_rows=moe.FUSED_FP8_MAX_ROWS + 1) == "mosaic"
+    assert moe.resolve_kernel("auto", "fp8", 3072, 1536, local_rows=64, dtype=jnp.float32) == "xla"
+
+
 def test_auto_kernel_is_the_reference_off_gpu_and_mosaic_fp8_needs_fp8_in_128_blocks():
     assert moe.resolve_kernel("auto", "fp8", 3072, 1536, local_rows=64) == "xla"          # CPU here
     assert moe.resolve_kernel("mosaic-fp8", "fp8", 3072, 1536) == "mosaic-fp8"

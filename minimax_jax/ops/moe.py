@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from minimax_jax.ops import grouped_gemm_fp8
 
+
 def ragged_dot_reference(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
     return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
 
@@ -44,22 +45,27 @@ FP8_KERNELS = ("mosaic-fp8", "mosaic-w8a8")
 FUSED_FP8_MAX_ROWS = 8192
 
 
-def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, local_rows: int = 0) -> str:
+def on_hopper() -> bool:
+    kind = jax.devices()[0].device_kind
+    return jax.default_backend() == "gpu" and ("H100" in kind or "H200" in kind)
+
+
+def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, local_rows: int = 0,
+                   dtype=jnp.bfloat16) -> str:
     """"xla" (lax.ragged_dot on weights in the compute dtype, the reference), "mosaic" (the bf16
     Mosaic-GPU grouped GEMM; FP8/NVFP4 experts are dequantised in XLA first), "mosaic-fp8" (FP8
     experts dequantised inside the kernel, ops/grouped_gemm_fp8.py), "mosaic-w8a8" (FP8 experts
     against rows quantised to FP8 per row, FP8 wgmma; opt-in: its numbers differ from the
-    weight-only reference by the rows' rounding), or "auto": on a Hopper GPU
+    weight-only reference by the rows' rounding), or "auto": on a Hopper GPU computing in bf16
     (lax.ragged_dot ran at 12 TFLOP/s on an H200) "mosaic-fp8" for FP8 experts up to
-    FUSED_FP8_MAX_ROWS expected local rows (decode) and "mosaic" otherwise; "xla" elsewhere."""
+    FUSED_FP8_MAX_ROWS expected local rows (decode) and "mosaic" otherwise; "xla" elsewhere
+    (the Mosaic kernels take bf16 rows)."""
     if kernel not in KERNELS:
         raise ValueError(f"moe kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     block = grouped_gemm_fp8.BLOCK
     fp8_blocks = expert_format == "fp8" and hidden % block == 0 and inter % block == 0
     if kernel == "auto":
-        kind = jax.devices()[0].device_kind
-        on_hopper = jax.default_backend() == "gpu" and ("H100" in kind or "H200" in kind)
-        kernel = "xla" if not on_hopper else (
+        kernel = "xla" if not (dtype == jnp.bfloat16 and on_hopper()) else (
             "mosaic-fp8" if fp8_blocks and local_rows <= FUSED_FP8_MAX_ROWS else "mosaic")
     if kernel in FP8_KERNELS and not fp8_blocks:
         if expert_format != "fp8":
