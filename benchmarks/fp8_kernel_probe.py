@@ -36,7 +36,7 @@ def main() -> int:
     x = jax.random.normal(jax.random.PRNGKey(1), (args.rows, k), jnp.bfloat16)
     sizes = jnp.asarray(np.random.RandomState(3).multinomial(args.rows, np.ones(g) / g), jnp.int32)
     options = dict(block_m=args.block_m, max_concurrent_steps=args.steps, prefetch_scale=args.prefetch_scale,
-                   swap_ab=args.swap_ab, num_blocks=args.per_sm * jax.devices()[0].core_count)
+                   swap_ab=args.swap_ab, num_blocks=args.per_sm * grouped_gemm_fp8.sm_count())
     if args.w8a8:
         f = jax.jit(lambda x, w, s, sizes: grouped_gemm_fp8.grouped_gemm_w8a8(x, w, s, sizes, **options))
     else:

@@ -179,7 +179,7 @@ def bench_fp8_kernels(args, ceilings: dict) -> None:
         # persistent grid over the SM count), each step's weight scale loaded a step ahead (pf),
         # rows as wgmma's N (sw). Measured configurations first: a kernel that faults ends every
         # later timing of the run. The W8A8 kernel's error is against the weight-only reference.
-        sms = getattr(jax.devices()[0], "core_count", 132) or 132
+        sms = grouped_gemm_fp8.sm_count()
         variants = [("fused", 64, 4, 1, {}), ("fused", 64, 2, 2, {}), ("w8a8", 64, 4, 1, {}),
                     ("fused", 64, 2, 2, {"prefetch_scale": True}), ("w8a8", 64, 4, 1, {"prefetch_scale": True}),
                     ("fused", 16, 2, 2, {"swap_ab": True}), ("fused", 32, 2, 2, {"swap_ab": True}),
@@ -305,9 +305,8 @@ def bench_layouts(args) -> None:
     n = len(jax.devices())
     common = dict(model_path=args.preset, load_format="dummy", dtype="bfloat16", quantization=args.quantization,
                   page_size=args.page_size, context_length=256, max_running_requests=8, chunked_prefill_size=128,
-                  kv_cache_dtype=args.kv_cache_dtype, mem_fraction_static=args.mem_fraction_static,
-                  max_total_tokens=None if jax.default_backend() == "gpu" else 4096,
-                  json_model_override_args=json.dumps({"num_hidden_layers": args.engine_layers}))
+                  json_model_override_args=json.dumps({"num_hidden_layers": args.engine_layers}),
+                  **kv_cache_flags(args))
     rng = np.random.RandomState(0)
     prompts = [rng.randint(0, preset(args.preset).vocab_size, 24 + 9 * i).tolist() for i in range(8)]
     dep = dict(tp_size=n, dp_size=n, ep_size=n, enable_dp_attention=True)
@@ -408,6 +407,13 @@ def bench_breakdown(args, ceilings: dict) -> None:
 
 # -- engine ------------------------------------------------------------------------------------
 
+def kv_cache_flags(args) -> dict:
+    """The KV cache of benchmark engines: sized from device memory on GPUs, 4096 tokens per rank
+    on the CPU (which reports no memory statistics)."""
+    return dict(kv_cache_dtype=args.kv_cache_dtype, mem_fraction_static=args.mem_fraction_static,
+                max_total_tokens=None if jax.default_backend() == "gpu" else 4096)
+
+
 def make_bench_engine(args):
     from minimax_jax.engine.engine import Engine
     n = len(jax.devices())
@@ -418,9 +424,8 @@ def make_bench_engine(args):
                   page_size=args.page_size, context_length=args.prompt + args.output + 16,
                   max_running_requests=args.max_running_requests or args.requests,
                   chunked_prefill_size=args.chunk, max_prefill_tokens=args.max_prefill_tokens,
-                  kv_cache_dtype=args.kv_cache_dtype, mem_fraction_static=args.mem_fraction_static,
                   attention_backend=args.attention_backend, moe_dispatch_fp4=args.moe_dispatch_fp4,
-                  moe_kernel=args.moe_kernel, max_total_tokens=None if jax.default_backend() == "gpu" else 4096,
+                  moe_kernel=args.moe_kernel, **kv_cache_flags(args),
                   json_model_override_args=json.dumps({"num_hidden_layers": args.engine_layers}), **flags)
 
 

@@ -41,7 +41,8 @@ ENGINE_FLAGS = {
     "chunked_prefill_size": "chunked_prefill_size", "max_prefill_tokens": "max_prefill_tokens",
     "max_total_tokens": "max_total_tokens", "random_seed": "random_seed",
     "load_format": "load_format", "json_model_override_args": "json_model_override_args",
-    "moe_kernel": "moe_kernel", "attention_backend": "attention_backend", "kv_cache_dtype": "kv_cache_dtype", "mem_fraction_static": "mem_fraction_static",
+    "moe_kernel": "moe_kernel", "attention_backend": "attention_backend", "kv_cache_dtype": "kv_cache_dtype",
+    "mem_fraction_static": "mem_fraction_static",
 }
 
 

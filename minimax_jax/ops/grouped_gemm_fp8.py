@@ -62,7 +62,7 @@ def grouped_gemm_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: 
     """`reference` as a Mosaic-GPU kernel (rows past the groups come back 0). Needs N and K
     multiples of 128.
 
-    block_m: rows per tile (a multiple of 64, wgmma's M); chunk_rows: weight rows converted at
+    block_m: rows per tile (a multiple of 64, wgmma's M; of 8 with swap_ab); chunk_rows: weight rows converted at
     once; load_layout: register layout of the loaded FP8 chunk (a plgpu.Layout name, or None to
     leave it to layout inference); num_blocks: thread blocks of the persistent grid. The
     defaults (two blocks per SM, two pipeline stages so that both fit in shared memory) were as
@@ -99,6 +99,12 @@ def grouped_gemm_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes:
     return (out * xs).astype(x.dtype)
 
 
+def sm_count() -> int:
+    """Streaming multiprocessors of the first device (132 on an H100 or H200 where the device
+    does not say), the unit of the kernels' persistent grid."""
+    return getattr(jax.devices()[0], "core_count", 0) or 132
+
+
 def _check_shapes(x, w, scale):
     m, k = x.shape
     g, n, k2 = w.shape
@@ -115,7 +121,7 @@ def _on_aligned_rows(make_kernel, x, w, scale, group_sizes, block_m, max_concurr
     dest, block_group, m_padded = aligned_layout(group_sizes, m, block_m)
     x_aligned = jnp.zeros((m_padded, k), x.dtype).at[dest].set(x, mode="drop")
     kernel = make_kernel(m_padded, n, k, g, out_dtype or x.dtype, block_m, max_concurrent_steps,
-                         num_blocks=num_blocks or 2 * (getattr(jax.devices()[0], "core_count", 132) or 132),
+                         num_blocks=num_blocks or 2 * sm_count(),
                          interpret=interpret)
     out = kernel(block_group, x_aligned, w, scale)
     out = out.T if swap_ab else out
