@@ -76,8 +76,7 @@ def test_fp8_kv_cache_stores_half_the_bytes_and_follows_the_full_precision_cache
     params = {"max_new_tokens": 8, "temperature": 0.0}
     outs = {}
     for kv in ("auto", "fp8_e4m3"):
-        engine = Engine(model_path=str(tiny_hf_dir), dtype="float32", context_length=64, page_size=4,
-                        kv_cache_dtype=kv)
+        engine = make_engine(tiny_hf_dir, kv_cache_dtype=kv)
         outs[kv] = engine.generate(input_ids=prompt, sampling_params=params, return_logprob=True)
         cache = engine.runner.kv[0]
         assert cache.dtype == (jnp.float8_e4m3fn if kv == "fp8_e4m3" else jnp.float32)
@@ -107,21 +106,21 @@ def test_kv_pages_fill_the_memory_left_by_the_weights_on_the_fullest_device():
         kv_pages_that_fit([None, None], 0.9, 2**20, None)
 
 
+def first_prefill_chunks(budget: int, prompt_len: int, buckets: bool = True) -> list[int]:
+    """Chunk lengths of the first prefill plan of six equal prompts, rows of at most 1024."""
+    from minimax_jax.engine.sampling import SamplingParams
+    from minimax_jax.engine.scheduler import PageAllocator, Request, Scheduler
+    shapes = ([4, 8, 16], [256, 512, 1024]) if buckets else ()
+    sched = Scheduler(PageAllocator(10_000), 16, 64, 1024, budget, *shapes)
+    for i in range(6):
+        sched.add(Request(rid=str(i), prompt_ids=list(range(prompt_len)), params=SamplingParams(max_new_tokens=4)))
+    return [len(c) for c in sched.plan().chunks]
+
+
 def test_prefill_budget_counts_the_padded_rows_a_step_computes():
     """Five 900-token prompts in rows of 1024 would compute as 8 rows (8192 tokens) against a
     budget of 4096: the fifth waits for the next step."""
-    from minimax_jax.engine.sampling import SamplingParams
-    from minimax_jax.engine.scheduler import PageAllocator, Request, Scheduler
-    sched = Scheduler(PageAllocator(10_000), 16, 64, 1024, 4096, [4, 8, 16], [256, 512, 1024])
-    for i in range(6):
-        sched.add(Request(rid=str(i), prompt_ids=list(range(900)), params=SamplingParams(max_new_tokens=4)))
-    assert [len(c) for c in sched.plan().chunks] == [900] * 4
-    unpadded = Scheduler(PageAllocator(10_000), 16, 64, 1024, 4096)
-    for i in range(6):
-        unpadded.add(Request(rid=str(i), prompt_ids=list(range(900)), params=SamplingParams(max_new_tokens=4)))
-    assert [len(c) for c in unpadded.plan().chunks] == [900] * 4 + [496]
+    assert first_prefill_chunks(4096, 900) == [900] * 4
+    assert first_prefill_chunks(4096, 900, buckets=False) == [900] * 4 + [496]
     # one row already pads to 4 x 1024 > budget: the three rows of padding still fill up
-    wide = Scheduler(PageAllocator(10_000), 16, 64, 1024, 1024, [4, 8, 16], [256, 512, 1024])
-    for i in range(6):
-        wide.add(Request(rid=str(i), prompt_ids=list(range(300)), params=SamplingParams(max_new_tokens=4)))
-    assert [len(c) for c in wide.plan().chunks] == [300, 300, 300, 124]
+    assert first_prefill_chunks(1024, 300) == [300, 300, 300, 124]
