@@ -87,11 +87,15 @@ def test_fp8_kv_cache_stores_half_the_bytes_and_follows_the_full_precision_cache
     assert 0 < np.abs(np.subtract(full, fp8)).max() < 0.2
 
 
-def test_bad_cache_options_are_refused_by_name(tiny_hf_dir):
+def test_bad_cache_and_kernel_options_are_refused_by_name_at_construction(tiny_hf_dir):
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         Engine(model_path=str(tiny_hf_dir), kv_cache_dtype="int4")
     with pytest.raises(ValueError, match="mem_fraction_static"):
         Engine(model_path=str(tiny_hf_dir), mem_fraction_static=1.5)
+    with pytest.raises(ValueError, match="moe_kernel must be one of"):
+        Engine(model_path=str(tiny_hf_dir), moe_kernel="triton")
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        Engine(model_path=str(tiny_hf_dir), attention_backend="flashinfer")
 
 
 def test_kv_pages_fill_the_memory_left_by_the_weights_on_the_fullest_device():

@@ -29,6 +29,7 @@ from minimax_jax.engine.tokenizer import find_stop
 from minimax_jax.engine.scheduler import Request, ScheduledStep, Scheduler, assemble, powers_of_two
 from minimax_jax.kv_cache import PageAllocator
 from minimax_jax.model import MiniMaxM2
+from minimax_jax.ops import attention as attention_ops, moe as moe_ops
 from sharding.mesh import Layout
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,9 @@ class Engine:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {args.kv_cache_dtype!r}")
         if not 0 < args.mem_fraction_static <= 1:
             raise ValueError(f"mem_fraction_static must be in (0, 1], got {args.mem_fraction_static}")
+        if args.moe_kernel not in moe_ops.KERNELS:         # else the first step's trace would say so
+            raise ValueError(f"moe_kernel must be one of {', '.join(moe_ops.KERNELS)}, got {args.moe_kernel!r}")
+        attention_ops.resolve_backend(args.attention_backend)
         self.model, self.loaded_from = _load(args)
         self.cfg: ModelConfig = self.model.cfg
         self.tokenizer = _load_tokenizer(args)
