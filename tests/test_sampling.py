@@ -1,4 +1,5 @@
 """On-device sampling: penalties, filters, seeds; and the bf16 compute path."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -96,3 +97,30 @@ def test_draws_follow_the_filtered_distribution(params, candidates):
     tokens = np.asarray(sample(jnp.tile(jnp.asarray(logits), (n, 1)), sb, candidates=candidates)[0])
     freq = np.bincount(tokens, minlength=5) / n
     np.testing.assert_allclose(freq, probs, atol=0.03)
+
+
+def _has_device_branch(logits, sb) -> bool:
+    return "cond[" in str(jax.make_jaxpr(lambda x, b: sample(x, b))(logits, sb))
+
+
+def test_branches_the_host_can_decide_are_not_left_to_the_device():
+    # On GPUs a device-side conditional blocks the launching thread until the device reaches it,
+    # so host and device would not overlap; the host knows these cases from the parameters.
+    logits = jnp.zeros((3, 300), jnp.float32)
+    greedy = batch([SamplingParams(temperature=0.0)] * 2 + [None])
+    top_k_bounded = batch([SamplingParams(temperature=1.0, top_k=40, top_p=0.95), SamplingParams(temperature=0.0)])
+    top_p_only = batch([SamplingParams(temperature=1.0, top_p=0.95)])
+    assert greedy.all_greedy and not _has_device_branch(logits, greedy)
+    assert not _has_device_branch(logits[:2], top_k_bounded)
+    assert _has_device_branch(logits[:1], top_p_only)        # may need the whole vocabulary sorted
+
+
+def test_greedy_slots_take_the_argmax_beside_sampled_ones():
+    rng = np.random.RandomState(1)
+    logits = jnp.asarray(rng.standard_normal((4, 50)) * 2, jnp.float32)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.5, seed=3)] * 2
+    sb = batch(params)
+    assert not sb.all_greedy
+    tokens = np.asarray(sample(logits, sb)[0])
+    best = np.asarray(jnp.argmax(logits, -1))
+    assert tokens[0] == best[0] and tokens[2] == best[2]

@@ -83,6 +83,12 @@ class SamplingBatch:
     presence_penalty: jax.Array
     penalized_ids: jax.Array       # [B, W] output tokens so far of slots with a penalty, -1 padded
     top_logprobs: int = dataclasses.field(default=0, metadata=dict(static=True))   # 0 or TOP_LOGPROBS_MAX
+    # Known on the host, so the step needs no device-side branch: on GPUs a conditional copies
+    # its predicate to the host and blocks the launching thread until the device reaches it.
+    all_greedy: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    # whether a slot's top-p / min-p might keep tokens beyond the CANDIDATES most likely (no
+    # top-k within them bounds it): only then does the draw check, and may sort the vocabulary
+    may_exceed_candidates: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
     @property
     def uses_penalties(self) -> bool:
@@ -107,6 +113,9 @@ class SamplingBatch:
             presence_penalty=column(lambda p: p.presence_penalty, 0.0, np.float32),
             penalized_ids=_penalized_ids(params, outputs, size),
             top_logprobs=TOP_LOGPROBS_MAX if any(p is not None and p.top_logprobs_num for p in params) else 0,
+            all_greedy=all(p is None or p.temperature == 0.0 for p in params),
+            may_exceed_candidates=any(p is not None and p.temperature != 0.0 and (p.top_p < 1.0 or p.min_p > 0.0)
+                                      and not 0 < p.top_k <= CANDIDATES for p in params),
         )
 
 
@@ -123,13 +132,15 @@ def _penalized_ids(params, outputs, size: int) -> np.ndarray:
 
 
 TOP_LOGPROBS_MAX = 20
+CANDIDATES = 256
 
 
-def sample(logits: jax.Array, params: SamplingBatch, candidates: int = 256):
+def sample(logits: jax.Array, params: SamplingBatch, candidates: int = CANDIDATES):
     """logits: fp32 [B, V]. Frequency and presence penalties (OpenAI's definitions) subtract
     penalty * count and penalty * (count > 0) of each token already in the slot's output.
 
-    The draw never sorts the vocabulary when it need not: an all-greedy batch takes the argmax;
+    The draw never sorts the vocabulary when it need not: an all-greedy batch (known on the host,
+    `params.all_greedy`) takes the argmax;
     plain temperature sampling is a Gumbel-max over the whole vocabulary; top-k / top-p / min-p
     filter the `candidates` most likely tokens, which is exact whenever the kept set lies among
     them, and falls back to sorting the whole vocabulary for the batch when it might not.
@@ -147,9 +158,10 @@ def sample(logits: jax.Array, params: SamplingBatch, candidates: int = 256):
         logits = logits - params.frequency_penalty[:, None] * counts
         logits = logits - params.presence_penalty[:, None] * (counts > 0)
     greedy_tokens = jnp.argmax(logits, axis=-1)
-    sampled = jax.lax.cond(jnp.all(params.temperature == 0.0), lambda: greedy_tokens,
-                           lambda: _draw(logits, params, candidates))
-    tokens = jnp.where(params.temperature == 0.0, greedy_tokens, sampled).astype(jnp.int32)
+    if params.all_greedy:
+        tokens = greedy_tokens.astype(jnp.int32)
+    else:
+        tokens = jnp.where(params.temperature == 0.0, greedy_tokens, _draw(logits, params, candidates)).astype(jnp.int32)
     token_logprobs = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
     if params.top_logprobs:            # a sort of the vocabulary: only when a request asks
         top_values, top_ids = jax.lax.top_k(logprobs_all, min(params.top_logprobs, logits.shape[-1]))
@@ -178,6 +190,8 @@ def _draw(logits: jax.Array, params: SamplingBatch, candidates: int) -> jax.Arra
              ((params.top_p < 1.0) & (jnp.sum(probs, axis=-1) >= params.top_p)) | \
              ((params.min_p > 0.0) & (probs[:, -1] < params.min_p * probs[:, 0]))
     exact = jnp.where(is_filtered, filtered, unfiltered)
+    if not params.may_exceed_candidates and candidates >= CANDIDATES:
+        return exact
     return jax.lax.cond(jnp.all(~is_filtered | inside), lambda: exact,
                         lambda: jax.vmap(_sample_one)(logits, params.temperature, params.top_p, params.top_k,
                                                       params.min_p, params.seed, params.position))
