@@ -506,16 +506,27 @@ def bench_profile(args) -> None:
                  if e.get("ph") == "M" and e.get("name") == "process_name"}
     devices = {pid for pid, name in processes.items() if "GPU" in name or "gpu" in name} or set(processes)
     totals: dict[str, float] = {}
+    host: dict[str, float] = {}
+    kernels = 0
     for e in events:
-        if e.get("ph") == "X" and "dur" in e and e.get("pid") in devices:
-            totals[e["name"]] = totals.get(e["name"], 0.0) + e["dur"]
+        if e.get("ph") == "X" and "dur" in e:
+            if e.get("pid") in devices:
+                totals[e["name"]] = totals.get(e["name"], 0.0) + e["dur"]
+                kernels += 1
+            else:
+                host[e["name"]] = host.get(e["name"], 0.0) + e["dur"]
     busy = sum(totals.values()) / args.profile_steps / len(devices)
     record("profile", f"{args.profile_phase}: every kernel", busy, "us/step/device",
            f"wall {wall / args.profile_steps * 1e6:.0f} us/step (traced); below the wall: idle or host-bound; "
-           "kernels on concurrent streams (NCCL) add up")
+           f"kernels on concurrent streams (NCCL) add up; {kernels / args.profile_steps / len(devices):.0f} "
+           "kernels/step/device")
     for name, dur in sorted(totals.items(), key=lambda kv: -kv[1])[:25]:
         record("profile", f"{args.profile_phase}: {name[:80]}", dur / args.profile_steps / len(devices),
                "us/step/device", f"mean over {len(devices)} traced devices")
+    # where the host threads spend the steps (a launch that waits on the device shows here)
+    for name, dur in sorted(host.items(), key=lambda kv: -kv[1])[:12]:
+        record("profile", f"{args.profile_phase} host: {name[:80]}", dur / args.profile_steps, "us/step",
+               "summed over host threads")
 
 
 # -- hf baseline -------------------------------------------------------------------------------
