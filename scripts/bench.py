@@ -417,7 +417,7 @@ def kv_cache_flags(args) -> dict:
 def make_bench_engine(args):
     from minimax_jax.engine.engine import Engine
     n = len(jax.devices())
-    flags = dict(tp_size=n, ep_size=n)
+    flags = dict(tp_size=n, ep_size=args.ep_size or n)
     if args.engine_layout == "dep":
         flags.update(dp_size=n, enable_dp_attention=True)
     return Engine(model_path=args.preset, load_format="dummy", dtype="bfloat16", quantization=args.quantization,
@@ -460,7 +460,8 @@ def bench_engine(args) -> None:
     ttft = np.array([first[r.rid] - start for r in reqs])
     tpot = np.array([(last[r.rid] - first[r.rid]) / max(len(r.output_ids) - 1, 1) for r in reqs])
     fp4 = {True: " fp4-dispatch", False: " bf16-dispatch", None: ""}[args.moe_dispatch_fp4]
-    tag = (f"{args.engine_layout.upper()}{n} {args.engine_layers}L {args.requests}x{args.prompt}/{args.output} "
+    moe_tp = " moe-tp" if args.ep_size == 1 else ""
+    tag = (f"{args.engine_layout.upper()}{n}{moe_tp} {args.engine_layers}L {args.requests}x{args.prompt}/{args.output} "
            f"attn={args.attention_backend} moe={args.moe_kernel}{fp4}")
     record("engine", f"{tag} output throughput", out_tokens / wall, "tok/s",
            f"wall {wall:.1f} s, {compiles} compiles in warm-up, {engine.num_compiles - compiles} while measured")
@@ -605,6 +606,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup-requests", type=int, help="requests of the warm-up run (default: all)")
     p.add_argument("--warmup-output", type=int, help="output tokens per warm-up request (default: --output)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
+    p.add_argument("--ep-size", type=int, choices=(1,), default=None,
+                   help="engine and profile sections: 1 splits every expert over the devices (MoE-TP); "
+                        "default: experts over all devices (EP)")
     p.add_argument("--moe-kernel", choices=MOE_KERNELS, default="auto", help="engine and profile sections")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--moe-dispatch-fp4", action=argparse.BooleanOptionalAction, default=None,

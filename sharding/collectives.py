@@ -14,6 +14,9 @@
     moe dispatch       all_gather(packed rows, "dp")          tokens are already on every tp rank
     moe combine        psum(y, ("dp", "tp")) + slice          or psum_scatter + all_gather("tp")
 
+A step whose tokens do not divide over tp (one decode token on TP4) runs as "ar_fusion off"
+(sharding/forward.py), and a combine over fewer rows than devices is a psum + slice.
+
 Every device issues the same collectives whatever its token count: an idle dp rank runs the same
 program on padding, so no rank can skip a collective and hang the others.
 """
@@ -138,7 +141,8 @@ class MeshComm:
         everyone = tuple(a for a in EXPERT_AXES if getattr(self.layout, a) > 1)
         if not everyone:
             return y
-        if self.layout.combine == "reduce_scatter":
+        devices = math.prod(getattr(self.layout, a) for a in everyone)
+        if self.layout.combine == "reduce_scatter" and y.shape[0] % devices == 0:   # else: fewer rows than devices
             part = jax.lax.psum_scatter(y, everyone, scatter_dimension=0, tiled=True)
             return part if self.scatter or self.tp == 1 else jax.lax.all_gather(part, "tp", axis=0, tiled=True)
         full = jax.lax.psum(y, everyone)

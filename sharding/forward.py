@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -23,10 +24,16 @@ def sharded_forward(cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, 
 
     Step inputs stack every dp rank's B slots along the first axis; `state` only gives the tree
     structure for the parameter specs."""
-    comm = MeshComm(layout, cfg.num_kv_heads, combine_dtype)
+    fused = MeshComm(layout, cfg.num_kv_heads, combine_dtype)
+    replicated = MeshComm(dataclasses.replace(layout, ar_fusion=False), cfg.num_kv_heads, combine_dtype)
     step_specs = StepInput(tokens=STEP_SPEC, positions=STEP_SPEC, valid=STEP_SPEC, page_table=STEP_SPEC)
 
     def local(state, kv, step, logit_index):
+        # The scattered residual needs the rank's tokens to divide over tp; a step that does not
+        # (one decode token on TP4) keeps it replicated: padding it to tp rows would route and
+        # compute the padding too, and AR fusion's two collectives cost more than one all-reduce
+        # at a few tokens anyway.
+        comm = fused if step.tokens.size % layout.tp == 0 else replicated
         model = nnx.merge(graphdef, state)
         logits, kv, counts = model(step, kv, logit_index, comm)
         if not comm.scatter and layout.tp > 1:      # every tp rank routed the same tokens

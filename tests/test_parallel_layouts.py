@@ -161,6 +161,24 @@ def test_tp4_hlo_with_and_without_ar_fusion(model):
         ["f32[4,2]{1,0}", f"f32[4,{h}]{{1,0}}", f"f32[8,{h}]{{1,0}}"])
 
 
+def test_a_step_whose_tokens_do_not_divide_over_tp_keeps_the_residual_replicated(model):
+    """One decode token on tp=2: no padding to 2 rows, no reduce-scatter; equals one device."""
+    layout = Layout(1, 2)
+    rng = np.random.RandomState(11)
+    tokens, valid = rng.randint(0, 512, (1, 1)), np.ones((1, 1), bool)
+    kv_fill = rng.standard_normal((model.cfg.num_layers, PAGES_PER_SLOT, PAGE, model.cfg.num_kv_heads,
+                                   model.cfg.head_dim)).astype(np.float32)
+    runner = LayoutRunner(model, layout, PAGES_PER_SLOT, PAGE, kv_fill)
+    table = np.arange(PAGES_PER_SLOT, dtype=np.int32)[None]
+    step = make_step(tokens, valid, table, start=5)
+    logits, _ = runner(step, np.zeros(1))
+    reference = LayoutRunner(model, Layout(1, 1), PAGES_PER_SLOT, PAGE, kv_fill)
+    expected, _ = reference(step, np.zeros(1))
+    assert np.abs(logits - expected).max() <= 1e-5 * np.abs(expected).max()
+    ops = _collectives_in_layer_loop(runner.lowered_text(step, np.zeros(1)))
+    assert {op for op, _, _ in ops} == {"all-reduce"}
+
+
 ENGINE_LAYOUTS = {
     "tp8": dict(tp_size=8),
     "tp8-no-ar-fusion": dict(tp_size=8, enable_ar_fusion=False),
