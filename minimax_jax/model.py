@@ -87,6 +87,17 @@ class LocalComm:
         return logits
 
 
+def project(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [N, K] @ w [K, M]. A single row is computed as two: XLA's GPU compiler rewrites a
+    one-row dot into an elementwise multiply and a reduction, writing the [K, M] product out and
+    reading it back (three times the weight bytes, two kernels), which measured 75 us per layer
+    for one decode token's attention projections on an H200 against about 10 us as a GEMM."""
+    if x.shape[0] != 1:
+        return x @ w
+    # the barrier keeps the simplifier from moving the slice back into the dot
+    return jax.lax.optimization_barrier(jnp.concatenate([x, x]) @ w)[:1]
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm as transformers computes it: fp32 statistics, cast back, then scale."""
     xf = x.astype(jnp.float32)
@@ -127,7 +138,7 @@ class Attention(nnx.Module):
         """h: [B*T, H] all tokens of this rank. Returns o_proj partial sums and the new cache."""
         cfg = self.cfg
         b, t = step.tokens.shape
-        q, k, v = h @ self.wq[...], h @ self.wk[...], h @ self.wv[...]
+        q, k, v = project(h, self.wq[...]), project(h, self.wk[...]), project(h, self.wv[...])
         q, k = self._joint_qk_norm(q, k, comm)
         d = cfg.head_dim
         q = rope(q.reshape(b, t, -1, d), step.positions, cfg.rotary_dim, cfg.rope_theta)
@@ -140,7 +151,7 @@ class Attention(nnx.Module):
         v_cache = attn_ops.write_kv(v_cache, v.reshape(b * t, -1, d), slots.reshape(-1), layer)
         out = attn_ops.paged_attention(q, k_cache, v_cache, step.page_table, step.positions, layer,
                                        attn_ops.resolve_backend(self.backend))
-        return out.reshape(b * t, -1) @ self.wo[...], (k_cache, v_cache)
+        return project(out.reshape(b * t, -1), self.wo[...]), (k_cache, v_cache)
 
     def _joint_qk_norm(self, q: jax.Array, k: jax.Array, comm: Comm) -> tuple[jax.Array, jax.Array]:
         """One RMSNorm over the whole q projection and one over the whole k projection.
@@ -170,7 +181,7 @@ class Router(nnx.Module):
         self.scaling = cfg.routed_scaling_factor
 
     def __call__(self, h: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-        scores = jax.nn.sigmoid(h.astype(jnp.float32) @ self.weight[...])
+        scores = jax.nn.sigmoid(project(h.astype(jnp.float32), self.weight[...]))
         _, ids = jax.lax.top_k(scores + self.bias[...], self.top_k)
         weights = jnp.take_along_axis(scores, ids, axis=-1)
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True) * self.scaling

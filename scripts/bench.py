@@ -54,6 +54,9 @@ XLA_FLAG_SETS = {
     "command-buffers-off": "--xla_gpu_enable_command_buffer=",
     "command-buffers-all": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
                            "COLLECTIVES,CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1",
+    # cuBLAS reads a layer's weights in place in the stacked array instead of copying them out
+    "dynamic-slice-fusion": "--xla_gpu_enable_dynamic_slice_fusion=true",
+    "cublas-dynamic-slice": "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_dynamic_slice_fusion=true",
     "latency-hiding-off": "--xla_gpu_enable_latency_hiding_scheduler=false",
     "latency-hiding-on": "--xla_gpu_enable_latency_hiding_scheduler=true",
 }
