@@ -113,6 +113,8 @@ def test_branches_the_host_can_decide_are_not_left_to_the_device():
     assert greedy.all_greedy and not _has_device_branch(logits, greedy)
     assert not _has_device_branch(logits[:2], top_k_bounded)
     assert _has_device_branch(logits[:1], top_p_only)        # may need the whole vocabulary sorted
+    assert _has_device_branch(logits[:1], batch([SamplingParams(temperature=1.0, top_k=280)]))  # beyond 256
+    assert not _has_device_branch(logits[:1], batch([SamplingParams(temperature=1.0)]))         # Gumbel-max
 
 
 def test_greedy_slots_take_the_argmax_beside_sampled_ones():

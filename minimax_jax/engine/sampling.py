@@ -86,8 +86,8 @@ class SamplingBatch:
     # Known on the host, so the step needs no device-side branch: on GPUs a conditional copies
     # its predicate to the host and blocks the launching thread until the device reaches it.
     all_greedy: bool = dataclasses.field(default=False, metadata=dict(static=True))
-    # whether a slot's top-p / min-p might keep tokens beyond the CANDIDATES most likely (no
-    # top-k within them bounds it): only then does the draw check, and may sort the vocabulary
+    # whether a sampled slot's filters might keep tokens beyond the CANDIDATES most likely (no
+    # top-k within them bounds them): only then does the draw check, and may sort the vocabulary
     may_exceed_candidates: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
     @property
@@ -114,8 +114,8 @@ class SamplingBatch:
             penalized_ids=_penalized_ids(params, outputs, size),
             top_logprobs=TOP_LOGPROBS_MAX if any(p is not None and p.top_logprobs_num for p in params) else 0,
             all_greedy=all(p is None or p.temperature == 0.0 for p in params),
-            may_exceed_candidates=any(p is not None and p.temperature != 0.0 and (p.top_p < 1.0 or p.min_p > 0.0)
-                                      and not 0 < p.top_k <= CANDIDATES for p in params),
+            may_exceed_candidates=any(p is not None and p.temperature != 0.0 and not 0 < p.top_k <= CANDIDATES
+                                      and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0) for p in params),
         )
 
 
