@@ -83,8 +83,7 @@ class Engine:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {args.kv_cache_dtype!r}")
         if not 0 < args.mem_fraction_static <= 1:
             raise ValueError(f"mem_fraction_static must be in (0, 1], got {args.mem_fraction_static}")
-        if args.moe_kernel not in moe_ops.KERNELS:         # else the first step's trace would say so
-            raise ValueError(f"moe_kernel must be one of {', '.join(moe_ops.KERNELS)}, got {args.moe_kernel!r}")
+        moe_ops.check_kernel(args.moe_kernel)              # else the first step's trace would say so
         attention_ops.resolve_backend(args.attention_backend)
         self.model, self.loaded_from = _load(args)
         self.cfg: ModelConfig = self.model.cfg

@@ -202,7 +202,7 @@ def _kernel(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, chunk_ro
                 s = scale[0] if prefetch_scale else s_gmem[group, ni, idx[0]]
                 w_tile = convert(w_smem, s, w_bf16)
                 if swap_ab:
-                    plgpu.wgmma(acc_ref, w_tile, _rows_as_b(x_smem, x_t, interpret))
+                    plgpu.wgmma(acc_ref, w_tile, _transposed_operand(x_smem, x_t, interpret))
                 else:
                     plgpu.wgmma(acc_ref, x_smem, w_tile)
                 plgpu.wgmma_wait(0)
@@ -213,7 +213,9 @@ def _kernel(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, chunk_ro
             _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, first_scale)(x_gmem, w_gmem.at[group])
             return acc_ref[...]
 
-        scratch = [plgpu.SMEM((BLOCK, BLOCK), jnp.bfloat16)] + _rows_as_b_scratch(block_m, jnp.bfloat16, swap_ab, interpret)
+        scratch = [plgpu.SMEM((BLOCK, BLOCK), jnp.bfloat16)]
+        if swap_ab:
+            scratch += _transpose_scratch((BLOCK, block_m), jnp.bfloat16, interpret)
         acc_shape = (BLOCK, block_m) if swap_ab else (block_m, BLOCK)
         return pl.run_scoped(     # register and shared-memory scopes may not mix
             lambda *refs: pl.run_scoped(lambda acc_ref: pipeline(acc_ref, *refs), plgpu.ACC(acc_shape)), *scratch)
@@ -237,18 +239,13 @@ def _kernel_w8a8(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, pre
 
             def product(acc_ref, *scratch):
                 if swap_ab:
-                    plgpu.wgmma(acc_ref, w_smem, _rows_as_b(x_smem, scratch, interpret))
-                elif interpret:     # the interpreter's wgmma takes no transposed operand
-                    scratch[0][...] = w_smem[...].T
-                    plgpu.wgmma(acc_ref, x_smem, scratch[0])
+                    plgpu.wgmma(acc_ref, w_smem, _transposed_operand(x_smem, scratch, interpret))
                 else:
-                    plgpu.wgmma(acc_ref, x_smem, plgpu.transpose_ref(w_smem, (1, 0)))
+                    plgpu.wgmma(acc_ref, x_smem, _transposed_operand(w_smem, scratch, interpret))
                 return acc_ref[...]
 
-            if swap_ab:
-                scratch = _rows_as_b_scratch(block_m, x_smem.dtype, swap_ab, interpret)
-            else:
-                scratch = [plgpu.SMEM((BLOCK, BLOCK), w_smem.dtype)] if interpret else []
+            transposed = x_smem if swap_ab else w_smem
+            scratch = _transpose_scratch(transposed.shape[::-1], transposed.dtype, interpret)
             p = pl.run_scoped(lambda *refs: pl.run_scoped(lambda acc: product(acc, *refs),
                                                           plgpu.ACC(acc_shape)), *scratch)
             if prefetch_scale:
@@ -265,19 +262,20 @@ def _kernel_w8a8(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, pre
     return _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, swap_ab, tile_product)
 
 
-def _rows_as_b_scratch(block_m, dtype, swap_ab, interpret):
+def _transpose_scratch(shape, dtype, interpret):
+    """Scratch for `_transposed_operand`: needed under the interpreter only."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
-    return [plgpu.SMEM((BLOCK, block_m), dtype)] if swap_ab and interpret else []
+    return [plgpu.SMEM(tuple(shape), dtype)] if interpret else []
 
 
-def _rows_as_b(x_smem, scratch, interpret):
-    """The [block_m, K] row tile as wgmma's [K, block_m] B operand (a transposed view; the
-    interpreter, which takes no transposed operand, gets a transposed copy in scratch)."""
+def _transposed_operand(ref, scratch, interpret):
+    """A [R, K] shared-memory tile as a [K, R] wgmma operand: a transposed view, or under the
+    interpreter, whose wgmma takes no transposed operand, a transposed copy in scratch."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     if interpret:
-        scratch[0][...] = x_smem[...].T
+        scratch[0][...] = ref[...].T
         return scratch[0]
-    return plgpu.transpose_ref(x_smem, (1, 0))
+    return plgpu.transpose_ref(ref, (1, 0))
 
 
 def _transposed(ref):

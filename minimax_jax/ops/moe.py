@@ -50,6 +50,11 @@ def on_hopper() -> bool:
     return jax.default_backend() == "gpu" and ("H100" in kind or "H200" in kind)
 
 
+def check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"moe_kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+
+
 def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, local_rows: int = 0,
                    dtype=jnp.bfloat16) -> str:
     """"xla" (lax.ragged_dot on weights in the compute dtype, the reference), "mosaic" (the bf16
@@ -60,8 +65,7 @@ def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, loc
     (lax.ragged_dot ran at 12 TFLOP/s on an H200) "mosaic-fp8" for FP8 experts up to
     FUSED_FP8_MAX_ROWS expected local rows (decode) and "mosaic" otherwise; "xla" elsewhere
     (the Mosaic kernels take bf16 rows)."""
-    if kernel not in KERNELS:
-        raise ValueError(f"moe kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    check_kernel(kernel)
     block = grouped_gemm_fp8.BLOCK
     fp8_blocks = expert_format == "fp8" and hidden % block == 0 and inter % block == 0
     if kernel == "auto":
