@@ -119,13 +119,17 @@ def _on_aligned_rows(make_kernel, x, w, scale, group_sizes, block_m, max_concurr
     kernel writes [N, rows] with swap_ab)."""
     (m, k), (g, n, _) = x.shape, w.shape
     dest, block_group, m_padded = aligned_layout(group_sizes, m, block_m)
-    x_aligned = jnp.zeros((m_padded, k), x.dtype).at[dest].set(x, mode="drop")
+    # Materialised once: fused into the row copies, XLA recomputed this index arithmetic (the
+    # searchsorted and cumsums) for every element copied, 0.7 ms per layer at a DEP4 decode step.
+    dest, block_group = jax.lax.optimization_barrier((dest, block_group))
+    source = jnp.full((m_padded,), m, jnp.int32).at[dest].set(jnp.arange(m, dtype=jnp.int32), mode="drop")
+    x_aligned = jnp.take(x, source, axis=0, mode="fill", fill_value=0)    # a gather: no zeroed buffer
     kernel = make_kernel(m_padded, n, k, g, out_dtype or x.dtype, block_m, max_concurrent_steps,
                          num_blocks=num_blocks or 2 * sm_count(),
                          interpret=interpret)
     out = kernel(block_group, x_aligned, w, scale)
     out = out.T if swap_ab else out
-    return jnp.where((dest < m_padded)[:, None], out[jnp.minimum(dest, m_padded - 1)], 0)
+    return jnp.take(out, dest, axis=0, mode="fill", fill_value=0)         # dest == m_padded: past the groups
 
 
 def _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, swap_ab, tile_product):
