@@ -7,6 +7,8 @@ Sections (pick with --sections, comma separated):
   kernels   expert grouped GEMM: lax.ragged_dot vs Mosaic GPU at decode and prefill sizes,
             checked against each other, beside the weight-read floor; FP8 experts dequantised
             in XLA vs dequantised inside the Mosaic kernel
+  attention prefill-chunk attention over the paged cache on one device, XLA reference vs
+            cuDNN flash attention, each against an fp32 reference
   layouts   DEP (FP4 and bf16 dispatch) against TP over all devices at --engine-layers depth:
             first-step logits and 16 greedy tokens of 8 prompts (the 8-GPU issue's criteria)
   layers    one decode step of a full-width model at two depths on each layout (DEP with FP4
@@ -195,6 +197,41 @@ def bench_fp8_kernels(args, ceilings: dict) -> None:
                                               num_blocks=per_sm * sms, **options)
     skip = (lambda name, m: name == "fp8 dequant+xla" and on_gpu and m > 4096)
     time_grouped_gemms(args, kernels, (w, scale), floor, "fp8 floor", skip)
+
+
+# -- attention ---------------------------------------------------------------------------------
+
+def bench_attention(args) -> None:
+    """Prefill-chunk attention over the paged cache on one device, each backend beside an fp32
+    reference on the same inputs: a first chunk (keys 0..T-1) and one continuing it (the mask
+    must see the earlier chunk). Shapes of the engine workload: 4 slots of --chunk tokens, the
+    model's 48 query and 8 KV heads of 128, --page-size pages in --kv-cache-dtype."""
+    from minimax_jax.engine.engine import KV_CACHE_DTYPES
+    from minimax_jax.ops import attention as attn_ops
+    b, t, hq, hk, d, ps = 4, args.chunk, 48, 8, 128, args.page_size
+    cache_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype] or jnp.bfloat16
+    for start in (0, t):
+        s = start + t
+        keys = jax.random.split(jax.random.PRNGKey(start), 4)
+        pages = b * s // ps
+        k_cache, v_cache = (jax.random.normal(key, (1, pages, ps, hk, d), jnp.float32).astype(cache_dtype)
+                            for key in keys[:2])
+        page_table = jax.random.permutation(keys[2], pages).reshape(b, s // ps).astype(jnp.int32)
+        q = jax.random.normal(keys[3], (b, t, hq, d), jnp.bfloat16)
+        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        layer = jnp.int32(0)
+        with jax.default_matmul_precision("highest"):
+            ref = np.asarray(attn_ops.paged_attention_reference(q.astype(jnp.float32), k_cache, v_cache, page_table,
+                                                                positions, layer))
+        flops = 4 * b * hq * d * (t * start + t * t / 2)        # QK^T and PV over the visible keys
+        for backend in ("xla", "cudnn"):
+            f = jax.jit(lambda *a, backend=backend: attn_ops.paged_attention(*a, backend=backend))
+            inputs = (q, k_cache, v_cache, page_table, positions, layer)
+            out = np.asarray(f(*inputs).astype(jnp.float32))
+            err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+            t_s = median_time(f, *inputs)
+            record("attention", f"prefill {backend} {b}x{t} queries, keys from {start}", t_s * 1e3, "ms",
+                   f"rel err vs fp32 {err:.1e}, {flops / t_s / 1e12:.0f} TFLOP/s, {args.kv_cache_dtype} cache")
 
 
 # -- layers ------------------------------------------------------------------------------------
@@ -682,6 +719,8 @@ def main(argv=None) -> int:
         bench_check(args)
     if "kernels" in sections:
         bench_kernels(args, ceilings)
+    if "attention" in sections:
+        bench_attention(args)
     if "layouts" in sections:
         bench_layouts(args)
     if "layers" in sections:

@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fuse reduce-scatter + residual add + RMSNorm + all-gather (engine default: on)")
 
     par.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
-                     help="prefill attention: cudnn (flash attention, opt-in) or the XLA reference; auto: the "
-                     "reference (default: auto)")
+                     help="prefill attention: cudnn (flash attention) or the XLA reference; auto: cudnn on "
+                     "GPUs, the reference elsewhere (default: auto)")
     par.add_argument("--moe-kernel", choices=MOE_KERNELS,
                      help="grouped GEMM of the experts: mosaic (bf16 Mosaic GPU; quantised experts dequantised "
                      "per layer), mosaic-fp8 (FP8 experts dequantised inside the kernel), mosaic-w8a8 (FP8 "

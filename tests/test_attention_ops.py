@@ -41,6 +41,6 @@ def test_decode_uses_the_reference_and_backends_resolve():
     np.testing.assert_array_equal(
         np.asarray(attention.paged_attention(one, k, v, table, positions[:, :1], jnp.int32(0), "cudnn")),
         np.asarray(attention.paged_attention_reference(one, k, v, table, positions[:, :1], jnp.int32(0))))
-    assert attention.resolve_backend("auto") == "xla"           # CPU here
+    assert attention.resolve_backend("auto") == "xla"           # CPU here; "cudnn" on GPUs
     with pytest.raises(ValueError, match="must be one of"):
         attention.resolve_backend("flashinfer")
