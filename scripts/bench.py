@@ -7,8 +7,9 @@ Sections (pick with --sections, comma separated):
   kernels   expert grouped GEMM: lax.ragged_dot vs Mosaic GPU at decode and prefill sizes,
             checked against each other, beside the weight-read floor; FP8 experts dequantised
             in XLA vs dequantised inside the Mosaic kernel
-  attention prefill-chunk attention over the paged cache on one device, XLA reference vs
-            cuDNN flash attention, each against an fp32 reference
+  attention attention over the paged cache on one device, each against an fp32 reference:
+            prefill chunks (XLA reference vs cuDNN flash attention) and decode (XLA reference
+            vs the Pallas kernel)
   layouts   DEP (FP4 and bf16 dispatch) against TP over all devices at --engine-layers depth:
             first-step logits and 16 greedy tokens of 8 prompts (the 8-GPU issue's criteria)
   layers    one decode step of a full-width model at two depths on each layout (DEP with FP4
@@ -32,6 +33,7 @@ latency-hiding scheduler; see XLA_FLAG_SETS), each in its own process, and print
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -202,36 +204,63 @@ def bench_fp8_kernels(args, ceilings: dict) -> None:
 # -- attention ---------------------------------------------------------------------------------
 
 def bench_attention(args) -> None:
-    """Prefill-chunk attention over the paged cache on one device, each backend beside an fp32
-    reference on the same inputs: a first chunk (keys 0..T-1) and one continuing it (the mask
-    must see the earlier chunk). Shapes of the engine workload: 4 slots of --chunk tokens, the
-    model's 48 query and 8 KV heads of 128, --page-size pages in --kv-cache-dtype."""
+    """Attention over the paged cache on one device, each backend beside an fp32 reference on the
+    same inputs, at the model's 48 query and 8 KV heads of 128 with --page-size pages in
+    --kv-cache-dtype. Prefill: 4 slots of --chunk tokens, a first chunk (keys 0..T-1) and one
+    continuing it (the mask must see the earlier chunk). Decode: --decode-tokens slots with
+    contexts drawn up to --context, read from the second layer of the cache."""
     from minimax_jax.engine.engine import KV_CACHE_DTYPES
-    from minimax_jax.ops import attention as attn_ops
-    b, t, hq, hk, d, ps = 4, args.chunk, 48, 8, 128, args.page_size
     cache_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype] or jnp.bfloat16
+    t = args.chunk
     for start in (0, t):
-        s = start + t
-        keys = jax.random.split(jax.random.PRNGKey(start), 4)
-        pages = b * s // ps
-        k_cache, v_cache = (jax.random.normal(key, (1, pages, ps, hk, d), jnp.float32).astype(cache_dtype)
-                            for key in keys[:2])
-        page_table = jax.random.permutation(keys[2], pages).reshape(b, s // ps).astype(jnp.int32)
-        q = jax.random.normal(keys[3], (b, t, hq, d), jnp.bfloat16)
-        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        layer = jnp.int32(0)
-        with jax.default_matmul_precision("highest"):
-            ref = np.asarray(attn_ops.paged_attention_reference(q.astype(jnp.float32), k_cache, v_cache, page_table,
-                                                                positions, layer))
-        flops = 4 * b * hq * d * (t * start + t * t / 2)        # QK^T and PV over the visible keys
+        flops = 4 * 4 * 48 * 128 * (t * start + t * t / 2)        # QK^T and PV over the visible keys
+        case = _attention_case(4, t, start + t, cache_dtype, args.page_size, seed=start)
+        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (4, t))
         for backend in ("xla", "cudnn"):
-            f = jax.jit(lambda *a, backend=backend: attn_ops.paged_attention(*a, backend=backend))
-            inputs = (q, k_cache, v_cache, page_table, positions, layer)
-            out = np.asarray(f(*inputs).astype(jnp.float32))
-            err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-            t_s = median_time(f, *inputs)
-            record("attention", f"prefill {backend} {b}x{t} queries, keys from {start}", t_s * 1e3, "ms",
+            t_s, err = _time_attention(case, positions, dict(backend=backend))
+            record("attention", f"prefill {backend} 4x{t} queries, keys from {start}", t_s * 1e3, "ms",
                    f"rel err vs fp32 {err:.1e}, {flops / t_s / 1e12:.0f} TFLOP/s, {args.kv_cache_dtype} cache")
+    b, context = args.decode_tokens, args.context
+    case = _attention_case(b, 1, context, cache_dtype, args.page_size, seed=1)
+    positions = jnp.asarray(np.random.RandomState(2).randint(context // 2, context, (b, 1)), jnp.int32)
+    kv_bytes = 2 * int(jnp.sum(positions + 1)) * 8 * 128 * jnp.dtype(cache_dtype).itemsize
+    for backend in ("xla", "pallas"):
+        t_s, err = _time_attention(case, positions, dict(decode_backend=backend))
+        record("attention", f"decode {backend} {b} slots, contexts up to {context}", t_s * 1e3, "ms",
+               f"rel err vs fp32 {err:.1e}, keys and values read at {kv_bytes / t_s / 1e12:.2f} TB/s")
+    if jax.default_backend() == "gpu":      # the kernel's keys per block and warps (default: 128, 4)
+        from minimax_jax.ops import decode_attention
+        for block_keys, warps in ((64, 4), (256, 4), (128, 8), (256, 8)):
+            kernel = functools.partial(decode_attention.paged_decode_attention, block_keys=block_keys,
+                                       num_warps=warps)
+            t_s, err = _time_attention(case, positions, {}, kernel)
+            record("attention", f"decode pallas {block_keys} keys/block {warps} warps", t_s * 1e3, "ms",
+                   f"rel err vs fp32 {err:.1e}, keys and values read at {kv_bytes / t_s / 1e12:.2f} TB/s")
+
+
+def _attention_case(slots: int, queries: int, keys: int, cache_dtype, page_size: int, seed: int):
+    """q [slots, queries, 48, 128] and a two-layer cache whose second layer holds each slot's
+    keys on shuffled pages."""
+    rng = jax.random.split(jax.random.PRNGKey(seed), 4)
+    per_slot = -(-keys // page_size)
+    pages = slots * per_slot
+    k_cache, v_cache = (jax.random.normal(key, (2, pages, page_size, 8, 128), jnp.float32).astype(cache_dtype)
+                        for key in rng[:2])
+    page_table = jax.random.permutation(rng[2], pages).reshape(slots, per_slot).astype(jnp.int32)
+    q = jax.random.normal(rng[3], (slots, queries, 48, 128), jnp.bfloat16)
+    return q, k_cache, v_cache, page_table
+
+
+def _time_attention(case, positions, backends: dict, attention=None) -> tuple[float, float]:
+    """Time and error against fp32 of attention (default: paged_attention with these backends)."""
+    from minimax_jax.ops import attention as attn_ops
+    q, k_cache, v_cache, page_table = case
+    inputs = (q, k_cache, v_cache, page_table, positions, jnp.int32(1))
+    with jax.default_matmul_precision("highest"):
+        ref = np.asarray(attn_ops.paged_attention_reference(q.astype(jnp.float32), *inputs[1:]))
+    f = jax.jit(attention or (lambda *a: attn_ops.paged_attention(*a, **backends)))
+    out = np.asarray(f(*inputs).astype(jnp.float32))
+    return median_time(f, *inputs), float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 # -- layers ------------------------------------------------------------------------------------
@@ -465,6 +494,7 @@ def make_bench_engine(args):
                   max_running_requests=args.max_running_requests or args.requests,
                   chunked_prefill_size=args.chunk, max_prefill_tokens=args.max_prefill_tokens,
                   attention_backend=args.attention_backend, moe_dispatch_fp4=args.moe_dispatch_fp4,
+                  decode_attention_backend=args.decode_attention_backend,
                   moe_kernel=args.moe_kernel, **kv_cache_flags(args),
                   json_model_override_args=json.dumps({"num_hidden_layers": args.engine_layers}), **flags)
 
@@ -613,7 +643,7 @@ def bench_hf(args) -> None:
 
 def parse_args(argv=None):
     from minimax_jax.engine.engine import KV_CACHE_DTYPES
-    from minimax_jax.ops.attention import BACKENDS as ATTENTION_BACKENDS
+    from minimax_jax.ops.attention import BACKENDS as ATTENTION_BACKENDS, DECODE_BACKENDS
     from minimax_jax.ops.moe import KERNELS as MOE_KERNELS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default="env,check,kernels,layers", help="comma separated (default: %(default)s)")
@@ -651,6 +681,7 @@ def parse_args(argv=None):
                         "default: experts over all devices (EP)")
     p.add_argument("--moe-kernel", choices=MOE_KERNELS, default="auto", help="engine and profile sections")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
+    p.add_argument("--decode-attention-backend", default="auto", choices=DECODE_BACKENDS)
     p.add_argument("--moe-dispatch-fp4", action=argparse.BooleanOptionalAction, default=None,
                    help="engine: NVFP4 all-gather of the DEP dispatch (default: on with NVFP4 experts)")
     p.add_argument("--mem-fraction-static", type=float, default=0.85,

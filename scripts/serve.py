@@ -25,7 +25,7 @@ import uvicorn  # noqa: E402
 
 from minimax_jax.engine.async_engine import AsyncEngine  # noqa: E402
 from minimax_jax.engine.engine import DTYPES, KV_CACHE_DTYPES, EngineArgs  # noqa: E402
-from minimax_jax.ops.attention import BACKENDS as ATTENTION_BACKENDS  # noqa: E402
+from minimax_jax.ops.attention import BACKENDS as ATTENTION_BACKENDS, DECODE_BACKENDS  # noqa: E402
 from minimax_jax.ops.moe import KERNELS as MOE_KERNELS  # noqa: E402
 
 log = logging.getLogger("minimax_jax.serve")
@@ -42,6 +42,7 @@ ENGINE_FLAGS = {
     "max_total_tokens": "max_total_tokens", "random_seed": "random_seed",
     "load_format": "load_format", "json_model_override_args": "json_model_override_args",
     "moe_kernel": "moe_kernel", "attention_backend": "attention_backend", "kv_cache_dtype": "kv_cache_dtype",
+    "decode_attention_backend": "decode_attention_backend",
     "mem_fraction_static": "mem_fraction_static",
 }
 
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
                      help="prefill attention: cudnn (flash attention) or the XLA reference; auto: cudnn on "
                      "GPUs, the reference elsewhere (default: auto)")
+    par.add_argument("--decode-attention-backend", choices=DECODE_BACKENDS,
+                     help="decode attention: pallas (a Triton kernel that reads the KV pages in place) or the "
+                     "XLA reference; auto: pallas on GPUs, the reference elsewhere (default: auto)")
     par.add_argument("--moe-kernel", choices=MOE_KERNELS,
                      help="grouped GEMM of the experts: mosaic (bf16 Mosaic GPU; quantised experts dequantised "
                      "per layer), mosaic-fp8 (FP8 experts dequantised inside the kernel), mosaic-w8a8 (FP8 "

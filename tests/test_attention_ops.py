@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minimax_jax.ops import attention
+from minimax_jax.ops import attention, decode_attention
 
 
 def paged_case(cache_dtype, seed=0):
@@ -44,3 +44,40 @@ def test_decode_uses_the_reference_and_backends_resolve():
     assert attention.resolve_backend("auto") == "xla"           # CPU here; "cudnn" on GPUs
     with pytest.raises(ValueError, match="must be one of"):
         attention.resolve_backend("flashinfer")
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_decode_kernel_equals_the_reference_in_each_layer_and_context(cache_dtype):
+    """Contexts of one key, one that ends inside a block of pages, one that ends on a block's
+    boundary, and one longer than the pages handed out before the table's padding; the kernel
+    runs under Pallas's interpreter here."""
+    rng = np.random.RandomState(1)
+    layers, pages, page_size, hk, g, d = 2, 24, 8, 2, 6, 16
+    k, v = (jnp.asarray(rng.standard_normal((layers, pages, page_size, hk, d)), jnp.float32).astype(cache_dtype)
+            for _ in range(2))
+    table = jnp.asarray(rng.permutation(pages)[:20].reshape(4, 5), jnp.int32)
+    positions = jnp.asarray([[0], [20], [31], [39]], jnp.int32)
+    q = jnp.asarray(rng.standard_normal((4, 1, hk * g, d)), jnp.bfloat16)
+    for layer in (0, 1):
+        ref = attention.paged_attention_reference(q, k, v, table, positions, jnp.int32(layer))
+        out = decode_attention.paged_decode_attention(q, k, v, table, positions, jnp.int32(layer),
+                                                      block_keys=16, interpret=True)
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+    # the other layer's keys give another answer: the layer offset is read
+    other = decode_attention.paged_decode_attention(q, k, v, table, positions, jnp.int32(0), block_keys=16,
+                                                    interpret=True)
+    assert not np.allclose(np.asarray(other, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+    assert attention.resolve_decode_backend("auto") == "xla"    # CPU here; "pallas" on GPUs
+    with pytest.raises(ValueError, match="must be one of"):
+        attention.resolve_decode_backend("flashinfer")
+
+
+def test_decode_kernel_lowers_to_triton_for_gpus_at_full_size():
+    """Pallas's Triton lowering runs here for the CUDA platform (a DEP4 rank's decode step:
+    303 slots, 62 layers of an FP8 cache); the GPU's compile is left to the device benchmarks."""
+    args = (jax.ShapeDtypeStruct((303, 1, 48, 128), jnp.bfloat16),
+            *[jax.ShapeDtypeStruct((62, 4096, 64, 8, 128), jnp.float8_e4m3fn)] * 2,
+            jax.ShapeDtypeStruct((303, 16), jnp.int32), jax.ShapeDtypeStruct((303, 1), jnp.int32),
+            jax.ShapeDtypeStruct((), jnp.int32))
+    text = jax.jit(decode_attention.paged_decode_attention).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text

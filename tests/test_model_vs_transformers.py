@@ -48,8 +48,9 @@ def test_prefill_logits_match_transformers(hf_pair):
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("attention_backend", ["xla", "cudnn"])   # cudnn: jax.nn's XLA implementation here
-def test_greedy_decode_matches_transformers_generate(hf_pair, attention_backend):
+# cudnn: jax.nn's XLA implementation here; pallas: the decode kernel under Pallas's interpreter
+@pytest.mark.parametrize("attention_backend,decode_backend", [("xla", "xla"), ("cudnn", "pallas")])
+def test_greedy_decode_matches_transformers_generate(hf_pair, attention_backend, decode_backend):
     hf, path = hf_pair
     prompt = np.random.RandomState(2).randint(0, hf.config.vocab_size, (1, 13))
     with torch.no_grad():
@@ -59,7 +60,8 @@ def test_greedy_decode_matches_transformers_generate(hf_pair, attention_backend)
     ref_logprobs = [torch.log_softmax(step[0].float(), -1)[tok].item() for step, tok in zip(gen.logits, ref_tokens)]
     # small chunks and pages: the prompt is prefilled in several chunks across page boundaries
     engine = Engine(model_path=str(path), dtype="float32", context_length=64, page_size=4,
-                    chunked_prefill_size=16, max_running_requests=4, attention_backend=attention_backend)
+                    chunked_prefill_size=16, max_running_requests=4, attention_backend=attention_backend,
+                    decode_attention_backend=decode_backend)
     for scheduler in engine.schedulers:
         scheduler.chunk_size = 5
     out = engine.generate(input_ids=prompt[0].tolist(),

@@ -69,6 +69,7 @@ class EngineArgs:
     json_model_override_args: str | None = None   # JSON dict over config.json, e.g. '{"num_hidden_layers": 4}'
     moe_kernel: str = "auto"                 # expert grouped GEMM: one of ops.moe.KERNELS (resolve_kernel)
     attention_backend: str = "auto"          # prefill attention: "xla" (the reference), "cudnn"; auto: cudnn on GPUs
+    decode_attention_backend: str = "auto"   # decode attention: "xla" (the reference), "pallas"; auto: pallas on GPUs
     kv_cache_dtype: str = "auto"             # "auto" (the model dtype), "bf16", "fp8_e4m3" (scale 1)
     mem_fraction_static: float = 0.85        # of each device's memory limit: weights + KV cache (GPUs,
                                              # when max_total_tokens is not given)
@@ -85,6 +86,7 @@ class Engine:
             raise ValueError(f"mem_fraction_static must be in (0, 1], got {args.mem_fraction_static}")
         moe_ops.check_kernel(args.moe_kernel)              # else the first step's trace would say so
         attention_ops.resolve_backend(args.attention_backend)
+        attention_ops.resolve_decode_backend(args.decode_attention_backend)
         self.model, self.loaded_from = _load(args)
         self.cfg: ModelConfig = self.model.cfg
         self.tokenizer = _load_tokenizer(args)
@@ -108,7 +110,8 @@ class Engine:
                                   kv_dtype=KV_CACHE_DTYPES[args.kv_cache_dtype] or DTYPES[args.dtype],
                                   mem_fraction_static=args.mem_fraction_static,
                                   max_pages_per_rank=per_rank * self.pages_per_seq,
-                                  attention_backend=args.attention_backend)
+                                  attention_backend=args.attention_backend,
+                                  decode_attention_backend=args.decode_attention_backend)
         num_pages = self.runner.pages_per_rank
         if num_pages < self.pages_per_seq:
             raise ValueError(f"the KV cache holds {num_pages * args.page_size} tokens per dp rank, less than "

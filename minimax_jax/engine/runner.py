@@ -36,7 +36,7 @@ class ModelRunner:
     def __init__(self, model: MiniMaxM2, layout: Layout, pages_per_rank: int | None, page_size: int,
                  kv_dtype: Any = None, devices: list | None = None, seed: int = 0, moe_kernel: str = "auto",
                  max_slots: int = 1024, mem_fraction_static: float = 0.85, max_pages_per_rank: int | None = None,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", decode_attention_backend: str = "auto"):
         """pages_per_rank None: as many pages as fit in `mem_fraction_static` of the device
         memory left to JAX once the weights are placed (at most `max_pages_per_rank`)."""
         cfg = self.cfg = model.cfg
@@ -47,6 +47,7 @@ class ModelRunner:
         self.pages_per_rank = pages_per_rank
         model.layers.experts.kernel = moe_kernel
         model.layers.attn.backend = attention_backend
+        model.layers.attn.decode_backend = decode_attention_backend
         graphdef, state = nnx.split(model)
         if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):
             self.state = random_sharded_state(model, layout, self.mesh, seed)

@@ -10,13 +10,17 @@ the cache because a step writes its keys before it attends.
 `paged_attention` picks the implementation: the reference, or for prefill chunks on GPUs cuDNN's
 flash attention (jax.nn.dot_product_attention) over the same gathered pages, with the visibility
 mask passed as a mask, so a chunk that continues an earlier one (its queries start past 0) is
-exact too; cuDNN's own causal mask aligns queries to key 0 and would not be.
+exact too; cuDNN's own causal mask aligns queries to key 0 and would not be. Decode steps (one
+query per slot) take the reference or a Pallas kernel that reads the pages in place
+(`ops.decode_attention`).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from minimax_jax.ops import decode_attention
 
 
 def write_kv(cache: jax.Array, new: jax.Array, slots: jax.Array, layer: jax.Array) -> jax.Array:
@@ -40,6 +44,7 @@ def kv_slots(positions: jax.Array, valid: jax.Array, page_table: jax.Array, page
 
 
 BACKENDS = ("auto", "xla", "cudnn")
+DECODE_BACKENDS = ("auto", "xla", "pallas")
 
 
 def resolve_backend(backend: str) -> str:
@@ -55,12 +60,30 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def resolve_decode_backend(backend: str) -> str:
+    """"xla" (the reference) or "pallas" (`ops.decode_attention`: a Triton kernel on GPUs, its
+    interpreter elsewhere); "auto" is "pallas" on GPUs and "xla" elsewhere."""
+    if backend not in DECODE_BACKENDS:
+        raise ValueError(f"decode attention backend must be one of {', '.join(DECODE_BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return backend
+
+
 def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, page_table: jax.Array,
-                    positions: jax.Array, layer: jax.Array, backend: str = "xla") -> jax.Array:
-    """As `paged_attention_reference`; backend "cudnn" runs prefill chunks (T > 1) through
-    jax.nn.dot_product_attention: cuDNN's flash attention on GPUs, the same call's XLA
-    implementation elsewhere (which is how CPU tests check the masks and head grouping)."""
-    if backend == "xla" or q.shape[1] == 1:
+                    positions: jax.Array, layer: jax.Array, backend: str = "xla",
+                    decode_backend: str = "xla") -> jax.Array:
+    """As `paged_attention_reference`. backend (prefill chunks, T > 1): "cudnn" runs them through
+    jax.nn.dot_product_attention, cuDNN's flash attention on GPUs and the same call's XLA
+    implementation elsewhere (which is how CPU tests check the masks and head grouping);
+    decode_backend (T == 1): "pallas" runs `decode_attention.paged_decode_attention` (pages of a
+    size that is not a power of two take the reference)."""
+    if q.shape[1] == 1:
+        if decode_backend == "pallas" and decode_attention.supports(k_cache.shape[2], k_cache.shape[4]):
+            return decode_attention.paged_decode_attention(q, k_cache, v_cache, page_table, positions, layer,
+                                                           interpret=jax.default_backend() != "gpu")
+        return paged_attention_reference(q, k_cache, v_cache, page_table, positions, layer)
+    if backend == "xla":
         return paged_attention_reference(q, k_cache, v_cache, page_table, positions, layer)
     keys, values = _gather_pages(k_cache, v_cache, page_table, layer, q.dtype)
     visible = _visible(positions, keys.shape[1])

@@ -1,0 +1,105 @@
+"""Decode attention over the paged KV cache as one Pallas (Triton) kernel on GPUs.
+
+The reference (`attention.paged_attention_reference`) gathers every slot's pages into a
+contiguous copy, transposes it for the two einsums and materialises the scores: at a DEP4 decode
+step of 303 slots with 960-token contexts that was about 0.75 ms per layer on an H200, against
+0.12 ms to read the FP8 keys and values once. Here one program per (slot, KV head) walks the
+slot's pages in place (the cache's layer and page are folded into one index, so no layer slice
+is copied), widens FP8 entries in registers and keeps an online softmax, so keys and values are
+read once and nothing else touches memory.
+
+Query heads that share a KV head (6 for MiniMax-M2) are padded to the 16 rows a Triton dot
+needs; the probabilities enter the PV product in the value dtype, as in the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+MIN_ROWS = 16            # a Triton dot's smallest M
+MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, page_table: jax.Array,
+                           positions: jax.Array, layer: jax.Array, *, block_keys: int = 128,
+                           num_warps: int = 4, num_stages: int = 2, interpret: bool = False) -> jax.Array:
+    """q: [B, 1, q_heads, D]; caches: [layers, pages, page_size, kv_heads, D]; page_table: [B, P];
+    positions: [B, 1] (the token at position p sees keys 0..p). Returns [B, 1, q_heads, D] in
+    q's dtype, as `attention.paged_attention_reference`. Keys are taken block_keys at a time
+    (whole pages); page_size and D must be powers of two (`supports`)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    b, t, hq, d = q.shape
+    layers, pages, page_size, hk, _ = k_cache.shape
+    if t != 1:
+        raise ValueError(f"decode attention takes one query per slot, got {t}")
+    if not supports(page_size, d):
+        raise ValueError(f"decode attention kernel needs a power-of-two page size and head dim, got {page_size}, {d}")
+    pages_per_block = max(1, block_keys // page_size)
+    group = hq // hk
+    rows = max(MIN_ROWS, 1 << (group - 1).bit_length())
+    qg = jnp.pad(q.reshape(b, hk, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    # one flat page index over (layer, page): the kernel reads this layer's pages in place
+    per_slot = -(-page_table.shape[1] // pages_per_block) * pages_per_block
+    table = jnp.pad(page_table, ((0, 0), (0, per_slot - page_table.shape[1])))
+    flat_pages = (layer * pages + jnp.clip(table, 0, pages - 1)).astype(jnp.int32)
+    lengths = jnp.minimum(positions[:, :1] + 1, per_slot * page_size).astype(jnp.int32)
+    k_flat = k_cache.reshape(layers * pages, page_size, hk, d)
+    v_flat = v_cache.reshape(layers * pages, page_size, hk, d)
+
+    kernel = functools.partial(_kernel, pages_per_block=pages_per_block, page_size=page_size,
+                               scale=d ** -0.5)
+    cache_spec = pl.BlockSpec((layers * pages, page_size, None, d), lambda i, h: (0, 0, h, 0))
+    out = pl.pallas_call(
+        kernel,
+        grid=(b, hk),
+        in_specs=[pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0)),
+                  cache_spec, cache_spec,
+                  pl.BlockSpec((None, per_slot), lambda i, h: (i, 0)),
+                  pl.BlockSpec((None, 1), lambda i, h: (i, 0))],
+        out_specs=pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="paged_decode_attention",
+    )(qg, k_flat, v_flat, flat_pages, lengths)
+    return out[:, :, :group].reshape(b, 1, hq, d)
+
+
+def supports(page_size: int, head_dim: int) -> bool:
+    """Triton's blocks are powers of two: a block of whole pages and the head dim."""
+    return all(n >= 1 and n & (n - 1) == 0 for n in (page_size, head_dim)) and head_dim >= MIN_ROWS
+
+
+def _kernel(q_ref, k_ref, v_ref, pages_ref, length_ref, o_ref, *, pages_per_block, page_size, scale):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    q = q_ref[...]
+    rows, d = q.shape
+    block_k = pages_per_block * page_size
+    length = length_ref[0]
+
+    def block(i, carry):
+        o, m, l = carry
+        pages = pages_ref[pl.ds(i * pages_per_block, pages_per_block)]
+        k = k_ref[pages].reshape(block_k, d).astype(q.dtype)
+        v = v_ref[pages].reshape(block_k, d).astype(q.dtype)
+        s = pltriton.dot(q, k.T).astype(jnp.float32) * scale
+        visible = i * block_k + jnp.arange(block_k) < length
+        s = jnp.where(visible[None, :], s, MASKED)
+        m_next = jnp.maximum(m, s.max(axis=-1))
+        correction = jnp.exp(m - m_next)
+        p = jnp.exp(s - m_next[:, None])
+        l = l * correction + p.sum(axis=-1)
+        o = o * correction[:, None] + pltriton.dot(p.astype(v.dtype), v).astype(jnp.float32)
+        return o, m_next, l
+
+    init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), MASKED, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    o, _, l = jax.lax.fori_loop(0, pl.cdiv(length, block_k), block, init)
+    o_ref[...] = (o / l[:, None]).astype(o_ref.dtype)
