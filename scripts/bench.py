@@ -16,8 +16,9 @@ Sections (pick with --sections, comma separated):
             or bf16 all-gather, TP with and without the fused reduce-scatter + norm): per-layer
             time from the difference, beside its floor (weights + KV bytes over bandwidth)
   breakdown each piece of one decode layer alone on one device, beside its floor
-  engine    offline workload through Engine (GSM8K-shaped: P prompt / O output tokens, all
-            submitted at once): output tok/s, TTFT and TPOT percentiles
+  engine    a workload (--workload W1, W2, W3 or --requests/--prompt/--output/
+            --max-running-requests) through Engine, or with --url through a running server's
+            OpenAI API: output tok/s, TTFT and TPOT percentiles, the decode step beside its floor
   profile   a perfetto trace of a few engine steps (--profile-phase prefill or decode), device
             time per kernel
   hf        transformers' MiniMaxM2ForCausalLM at the same depth and batch on one GPU, beside
@@ -343,6 +344,18 @@ def compare_engines(section: str, common: dict, variants: dict, prompts: list) -
             for name, value in logits.items()]
 
 
+# the GPU issue's workloads (random token prompts, greedy, ignore_eos)
+WORKLOADS = {
+    "W1": dict(what="GSM8K-shaped, 1209 requests of 900 in / 100 out submitted at once, DEP",
+               requests=1209, prompt=900, output=100, engine_layout="dep"),
+    "W2": dict(what="512 requests of 1000 in / 1000 out, 256 in flight, DEP",
+               requests=512, prompt=1000, output=1000, max_running_requests=256, engine_layout="dep"),
+    "W3": dict(what="one request of 1000 in / 1000 out, TP with every expert split over the devices",
+               requests=1, prompt=1000, output=1000, engine_layout="tp", ep_size=1),
+}
+ENGINE_DEFAULTS = dict(requests=256, prompt=900, output=100, engine_layout="dep")
+
+
 def bench_check(args) -> None:
     """Greedy tokens and logits of one full-width random model (2 layers, DEP over all devices)
     with the Mosaic grouped GEMM against the XLA reference, and against one device."""
@@ -499,13 +512,27 @@ def make_bench_engine(args):
                   json_model_override_args=json.dumps({"num_hidden_layers": args.engine_layers}), **flags)
 
 
-def bench_engine(args) -> None:
-    n = len(jax.devices())
-    engine = make_bench_engine(args)
+def workload_prompts(args, vocab: int) -> list[list[int]]:
     rng = np.random.RandomState(0)
-    vocab = engine.cfg.vocab_size
+    return [rng.randint(0, vocab, args.prompt).tolist() for _ in range(args.requests)]
+
+
+def concurrency(args) -> int:
+    return min(args.max_running_requests or args.requests, args.requests)
+
+
+def bench_engine(args) -> None:
+    """The workload through Engine: at most --max-running-requests in flight (a finished
+    request lets the next in, as a client at that concurrency would); TTFT counts from each
+    request's submission. The decode step is printed beside its floor: this device's weights
+    and the KV entries the step reads, over the copy bandwidth measured here first."""
+    if args.url:
+        return bench_url(args)
+    n = len(jax.devices())
+    bandwidth = copy_bandwidth()
+    engine = make_bench_engine(args)
     params = {"max_new_tokens": args.output, "temperature": 0.0, "ignore_eos": True}
-    prompts = [rng.randint(0, vocab, args.prompt).tolist() for _ in range(args.requests)]
+    prompts = workload_prompts(args, engine.cfg.vocab_size)
     warm = prompts[:args.warmup_requests] if args.warmup_requests else prompts
     warm_params = dict(params, max_new_tokens=args.warmup_output or args.output)
     engine.generate(input_ids=warm, sampling_params=warm_params)    # the same shapes compile their buckets
@@ -515,28 +542,34 @@ def bench_engine(args) -> None:
            f"at most {kv_tokens // (args.prompt + args.output)} requests of {args.prompt + args.output} per rank")
     compiles = engine.num_compiles
     engine.step_times.clear()
+    floors: list[float] = []
+    engine.on_step.append(decode_floor_hook(engine, bandwidth, floors))
     reqs = [engine.make_request(input_ids=p, sampling_params=params) for p in prompts]
-    first, last = {}, {}
+    submitted, first, last = {}, {}, {}
+    waiting = list(reversed(reqs))
     start = time.perf_counter()
-    for req in reqs:
-        engine.submit(req)
+
+    def submit(count: int) -> None:
+        for _ in range(min(count, len(waiting))):
+            req = waiting.pop()
+            submitted[req.rid] = time.perf_counter()
+            engine.submit(req)
+
+    submit(concurrency(args))
     while engine.has_work():
         for req in engine.step():
             now = time.perf_counter()
             first.setdefault(req.rid, now)
             last[req.rid] = now
+            if req.finished:
+                submit(1)
     wall = time.perf_counter() - start
-    out_tokens = sum(len(r.output_ids) for r in reqs)
-    ttft = np.array([first[r.rid] - start for r in reqs])
-    tpot = np.array([(last[r.rid] - first[r.rid]) / max(len(r.output_ids) - 1, 1) for r in reqs])
     fp4 = {True: " fp4-dispatch", False: " bf16-dispatch", None: ""}[args.moe_dispatch_fp4]
     moe_tp = " moe-tp" if args.ep_size == 1 else ""
-    tag = (f"{args.engine_layout.upper()}{n}{moe_tp} {args.engine_layers}L {args.requests}x{args.prompt}/{args.output} "
+    tag = (f"{args.engine_layout.upper()}{n}{moe_tp} {args.engine_layers}L {workload_name(args)} "
            f"attn={args.attention_backend} moe={args.moe_kernel}{fp4}")
-    record("engine", f"{tag} output throughput", out_tokens / wall, "tok/s",
-           f"wall {wall:.1f} s, {compiles} compiles in warm-up, {engine.num_compiles - compiles} while measured")
-    record("engine", f"{tag} TTFT p50/p99", np.percentile(ttft, 50), "s", f"p99 {np.percentile(ttft, 99):.2f} s")
-    record("engine", f"{tag} TPOT p50/p99", np.percentile(tpot, 50) * 1e3, "ms", f"p99 {np.percentile(tpot, 99) * 1e3:.1f} ms")
+    record_latencies(tag, wall, [(submitted[r.rid], first[r.rid], last[r.rid], len(r.output_ids)) for r in reqs],
+                     f"{compiles} compiles in warm-up, {engine.num_compiles - compiles} while measured")
     for kind in ("prefill", "decode"):
         steps = [s for s in engine.step_times if s["kind"] == kind]
         if steps:
@@ -544,6 +577,99 @@ def bench_engine(args) -> None:
             record("engine", f"{tag} {kind} step, launch to result", mean("device"), "ms",
                    f"plan {mean('plan'):.1f}, launch {mean('launch'):.1f}, wait {mean('wait'):.1f}, "
                    f"post {mean('post'):.1f} ms; {len(steps)} steps, shapes {sorted({s['shape'] for s in steps})[:4]}")
+    decode = [s["device"] for s in engine.step_times if s["kind"] == "decode"]
+    if floors and decode:
+        floor = float(np.mean(floors))
+        record("engine", f"{tag} decode step floor", floor * 1e3, "ms",
+               f"measured {np.mean(decode) / floor:.2f}x; weights + KV read per device over "
+               f"{bandwidth / 1e12:.2f} TB/s (collectives not included: see the profile section)")
+
+
+def workload_name(args) -> str:
+    c = concurrency(args)
+    name = f"{args.workload} " if args.workload else ""
+    return f"{name}{args.requests}x{args.prompt}/{args.output}" + (f" at {c} in flight" if c < args.requests else "")
+
+
+def record_latencies(tag: str, wall: float, times: list[tuple[float, float, float, int]], note: str) -> None:
+    """times: (submitted, first token, last token, output tokens) of each request."""
+    out_tokens = sum(t[3] for t in times)
+    ttft = np.array([f - s for s, f, _, _ in times])
+    tpot = np.array([(l - f) / max(k - 1, 1) for _, f, l, k in times])
+    record("engine", f"{tag} output throughput", out_tokens / wall, "tok/s",
+           f"wall {wall:.1f} s, {out_tokens} tokens; {note}")
+    record("engine", f"{tag} TTFT p50/p99", np.percentile(ttft, 50), "s", f"p99 {np.percentile(ttft, 99):.2f} s")
+    record("engine", f"{tag} TPOT p50/p99", np.percentile(tpot, 50) * 1e3, "ms", f"p99 {np.percentile(tpot, 99) * 1e3:.1f} ms")
+
+
+def copy_bandwidth() -> float:
+    """Read + write bytes per second of a 512 MiB bf16 copy on the first device."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (1 << 28 if jax.default_backend() == "gpu" else 1 << 20,), jnp.bfloat16)
+    bandwidth = 2 * x.nbytes / median_time(jax.jit(lambda x: x * 1.0001), x)
+    del x
+    return bandwidth
+
+
+def decode_floor_hook(engine, bandwidth: float, floors: list):
+    """An Engine.on_step hook appending each decode step's floor: the bytes of one device's
+    weights (the embedding table only gathers rows) and of the KV entries its fullest rank
+    reads, over bandwidth."""
+    leaves = jax.tree_util.tree_flatten_with_path(engine.runner.state)[0]
+    weights = sum(a.addressable_shards[0].data.nbytes for path, a in leaves
+                  if hasattr(a, "addressable_shards") and "embed" not in jax.tree_util.keystr(path))
+    k_local = engine.runner.kv[0].addressable_shards[0].data
+    layers, _, _, heads, head_dim = k_local.shape
+    kv_per_token = 2 * layers * heads * head_dim * k_local.dtype.itemsize
+    dp = engine.layout.dp
+
+    def hook(scheduled, seconds: float) -> None:
+        if scheduled.step.tokens.shape[1] != 1:
+            return
+        context = np.where(scheduled.step.valid, scheduled.step.positions + 1, 0).reshape(dp, -1).sum(axis=1)
+        floors.append((weights + int(context.max()) * kv_per_token) / bandwidth)
+    return hook
+
+
+def bench_url(args) -> None:
+    """The workload against a running server (scripts/serve.py, or any OpenAI-compatible one that
+    takes token-id prompts and `ignore_eos`) through the openai client: streamed completions of
+    random token ids, at most --max-running-requests in flight; TTFT counts from each request's
+    send to its first streamed token. The API key comes from OPENAI_API_KEY."""
+    import asyncio
+    import openai
+    from minimax_jax.config import PRESETS
+    vocab = PRESETS[args.preset].vocab_size if args.preset in PRESETS else args.url_vocab
+    prompts = workload_prompts(args, vocab)
+    client = openai.AsyncOpenAI(base_url=args.url.rstrip("/") + "/v1", max_retries=0, timeout=3600,
+                                api_key=os.environ.get("OPENAI_API_KEY", "none"))
+
+    async def one(model: str, prompt: list[int], output: int, gate: asyncio.Semaphore):
+        async with gate:
+            sent, first, last, tokens = time.perf_counter(), None, None, 0
+            stream = await client.completions.create(
+                model=model, prompt=prompt, max_tokens=output, temperature=0.0, stream=True,
+                extra_body={"ignore_eos": True, "return_token_ids": True})
+            async for chunk in stream:
+                new = sum(len((c.model_extra or {}).get("token_ids") or []) for c in chunk.choices)
+                if new:
+                    now = time.perf_counter()
+                    first, last, tokens = first or now, now, tokens + new
+            return sent, first or sent, last or sent, tokens
+
+    async def run(model: str, batch: list[list[int]], output: int):
+        gate = asyncio.Semaphore(concurrency(args))
+        return await asyncio.gather(*[one(model, p, output, gate) for p in batch])
+
+    async def main():
+        model = (await client.models.list()).data[0].id
+        warm = prompts[:args.warmup_requests or concurrency(args)]
+        await run(model, warm, args.warmup_output or args.output)     # the server compiles its buckets
+        start = time.perf_counter()
+        times = await run(model, prompts, args.output)
+        return model, time.perf_counter() - start, times
+
+    model, wall, times = asyncio.run(main())
+    record_latencies(f"{args.url} {model} {workload_name(args)}", wall, list(times), "streamed over HTTP")
 
 
 def bench_profile(args) -> None:
@@ -665,14 +791,22 @@ def parse_args(argv=None):
     p.add_argument("--intermediate", type=int, default=1536)
     p.add_argument("--copy-elems", type=int, default=1 << 30)
     p.add_argument("--matmul-n", type=int, default=8192)
-    p.add_argument("--engine-layout", choices=["dep", "tp"], default="dep")
+    p.add_argument("--workload", choices=list(WORKLOADS),
+                   help="engine section: " + "; ".join(f"{k}: {v['what']}" for k, v in WORKLOADS.items())
+                   + " (flags given beside it win)")
+    p.add_argument("--url", help="engine section: send the workload to the server at this address "
+                   "(e.g. http://127.0.0.1:30000) through the OpenAI API instead of building an engine")
+    p.add_argument("--url-vocab", type=int, default=200064,
+                   help="--url: prompt token ids are drawn below this when --preset names no preset")
+    p.add_argument("--engine-layout", choices=["dep", "tp"], help="default: dep, or the workload's")
     p.add_argument("--engine-layers", type=int, default=4)
-    p.add_argument("--requests", type=int, default=256)
-    p.add_argument("--prompt", type=int, default=900)
-    p.add_argument("--output", type=int, default=100)
+    p.add_argument("--requests", type=int, help="default: 256, or the workload's")
+    p.add_argument("--prompt", type=int, help="prompt tokens of each request (default: 900, or the workload's)")
+    p.add_argument("--output", type=int, help="output tokens of each request (default: 100, or the workload's)")
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--max-prefill-tokens", type=int, default=8192)
-    p.add_argument("--max-running-requests", type=int, help="engine limit (default: --requests)")
+    p.add_argument("--max-running-requests", type=int,
+                   help="requests in flight, the engine's limit (default: all, or the workload's)")
     p.add_argument("--warmup-requests", type=int, help="requests of the warm-up run (default: all)")
     p.add_argument("--warmup-output", type=int, help="output tokens per warm-up request (default: --output)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
@@ -694,12 +828,19 @@ def parse_args(argv=None):
                    help="profile: trace the first steps after submission (prefill) or steps once all are prefilled")
     p.add_argument("--hf-new", type=int, default=32)
     args = p.parse_args(argv)
+    given = {k for k, v in vars(args).items() if v is not None}
     if args.smoke:
         args.preset, args.depths, args.decode_tokens, args.context = "tiny", [1, 2], 16, 32
         args.kernel_rows, args.local_experts, args.hidden, args.intermediate = [64], 4, 64, 32
         args.copy_elems, args.matmul_n, args.iters, args.page_size = 1 << 16, 128, 2, 8
-        args.engine_layers, args.requests, args.prompt, args.output, args.chunk = 2, 16, 24, 8, 32
-        args.max_prefill_tokens = 256
+        args.engine_layers, args.chunk, args.max_prefill_tokens = 2, 32, 256
+        for k, v in dict(requests=16, prompt=24, output=8).items():
+            setattr(args, k, v if k not in given else getattr(args, k))
+            given.add(k)
+    preset = WORKLOADS[args.workload] if args.workload else {}
+    for k, v in {**ENGINE_DEFAULTS, **{k: v for k, v in preset.items() if k != "what"}}.items():
+        if k not in given:
+            setattr(args, k, v)
     return args
 
 

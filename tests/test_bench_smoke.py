@@ -38,3 +38,23 @@ def test_xla_flag_sets_run_each_set_in_its_own_process_and_name_its_rows(tmp_pat
     assert "[default] xla m=64 routed=1.00" in names, names
     assert "[command-buffers-off] xla m=64 routed=1.00" in names, names
     assert "--xla_gpu_enable_command_buffer='" in stdout      # added to the flags already set
+
+
+def load_bench():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_workloads_set_the_issue_shapes_and_flags_beside_them_win():
+    bench = load_bench()
+    w2 = bench.parse_args(["--workload", "W2"])
+    assert (w2.requests, w2.prompt, w2.output, w2.max_running_requests, w2.engine_layout) == (512, 1000, 1000, 256, "dep")
+    w3 = bench.parse_args(["--workload", "W3", "--output", "200"])
+    assert (w3.requests, w3.prompt, w3.output, w3.engine_layout, w3.ep_size) == (1, 1000, 200, "tp", 1)
+    plain = bench.parse_args([])
+    assert (plain.requests, plain.prompt, plain.output, plain.max_running_requests, plain.engine_layout) == (
+        256, 900, 100, None, "dep")
+    assert bench.workload_name(w2) == "W2 512x1000/1000 at 256 in flight"

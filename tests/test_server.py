@@ -312,6 +312,24 @@ def test_64_concurrent_streams_each_equal_the_request_run_alone(client, server):
         assert (tokens, text) == (alone.token_ids, alone.text)
 
 
+def test_bench_url_mode_streams_the_workload_and_counts_every_token(server, tmp_path):
+    """scripts/bench.py --url drives this server through the openai client: 6 requests of 5
+    tokens at 3 in flight, every token counted from the streamed token ids."""
+    import json
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--sections", "engine", "--url",
+                           server.url, "--preset", "tiny", "--requests", "6", "--prompt", "20", "--output", "5",
+                           "--max-running-requests", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OPENAI_API_KEY": API_KEY, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["variant"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}
+    tag = f"{server.url} {MODEL} 6x20/5 at 3 in flight"
+    assert rows[f"{tag} output throughput"]["value"] > 0
+    assert "30 tokens" in rows[f"{tag} output throughput"]["note"]
+    assert 0 < rows[f"{tag} TTFT p50/p99"]["value"] < 60
+
+
 # -- bad input ----------------------------------------------------------------------------------------
 
 def _body(**fields) -> dict:
