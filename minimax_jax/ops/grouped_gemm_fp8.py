@@ -14,7 +14,7 @@ the same bytes with no conversion work; its numbers differ from the weight-only 
 rows' FP8 rounding.
 
 Rows are first laid out group-aligned: each group starts at a multiple of `block_m` in a padded
-buffer (XLA scatters them there and gathers the results back). Every tile then holds rows of one
+buffer (XLA gathers them there and gathers the results back). Every tile then holds rows of one
 group only, so at decode (a few rows per expert) each expert's weights are read once, tiles load
 and store whole blocks, and no row-ragged stores are needed.
 """
