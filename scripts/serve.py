@@ -103,10 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     sched = p.add_argument_group("scheduling and KV cache")
     sched.add_argument("--max-running-requests", type=int, help="max requests decoded together")
     sched.add_argument("--page-size", type=int, help="tokens per KV cache page")
-    sched.add_argument("--chunked-prefill-size", type=int, help="max prompt tokens of one request per prefill step")
+    sched.add_argument("--chunked-prefill-size", type=int, help="max prompt tokens of one request per prefill step "
+                       "(default: 8192 on GPUs, 256 elsewhere)")
     sched.add_argument("--max-prefill-tokens", type=int,
                        help="max prompt tokens of one prefill step per dp rank; nor may a request grow the "
-                       "step's padded shape past it")
+                       "step's padded shape past it (default: 8192 on GPUs, 1024 elsewhere)")
     sched.add_argument("--max-total-tokens", type=int, help="KV cache capacity in tokens of each dp rank, all its "
                        "requests together (default on GPUs: what fits in --mem-fraction-static)")
     sched.add_argument("--mem-fraction-static", type=float, help="share of each device's memory limit for "

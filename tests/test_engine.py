@@ -128,3 +128,13 @@ def test_prefill_budget_counts_the_padded_rows_a_step_computes():
     assert first_prefill_chunks(4096, 900, buckets=False) == [900] * 4 + [496]
     # one row already pads to 4 x 1024 > budget: the three rows of padding still fill up
     assert first_prefill_chunks(1024, 300) == [300, 300, 300, 124]
+
+
+def test_prefill_sizes_default_by_platform_and_given_sizes_stay():
+    from minimax_jax.engine.engine import EngineArgs, prefill_defaults
+    gpu = prefill_defaults(EngineArgs(), "gpu")
+    assert (gpu.chunked_prefill_size, gpu.max_prefill_tokens) == (8192, 8192)
+    cpu = prefill_defaults(EngineArgs(), "cpu")
+    assert (cpu.chunked_prefill_size, cpu.max_prefill_tokens) == (256, 1024)
+    given = prefill_defaults(EngineArgs(chunked_prefill_size=512, max_prefill_tokens=2048), "gpu")
+    assert (given.chunked_prefill_size, given.max_prefill_tokens) == (512, 2048)
