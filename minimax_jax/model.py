@@ -151,8 +151,8 @@ class Attention(nnx.Module):
         k_cache = attn_ops.write_kv(k_cache, k.reshape(b * t, -1, d), slots.reshape(-1), layer)
         v_cache = attn_ops.write_kv(v_cache, v.reshape(b * t, -1, d), slots.reshape(-1), layer)
         out = attn_ops.paged_attention(q, k_cache, v_cache, step.page_table, step.positions, layer,
-                                       attn_ops.resolve_backend(self.backend),
-                                       attn_ops.resolve_decode_backend(self.decode_backend))
+                                       attn_ops.resolve_backend(self.backend, q.dtype),
+                                       attn_ops.resolve_decode_backend(self.decode_backend, q.dtype))
         return project(out.reshape(b * t, -1), self.wo[...]), (k_cache, v_cache)
 
     def _joint_qk_norm(self, q: jax.Array, k: jax.Array, comm: Comm) -> tuple[jax.Array, jax.Array]:

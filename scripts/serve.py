@@ -90,10 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     par.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
                      help="prefill attention: cudnn (flash attention) or the XLA reference; auto: cudnn on "
-                     "GPUs, the reference elsewhere (default: auto)")
+                     "GPUs for 16-bit models, the reference otherwise (default: auto)")
     par.add_argument("--decode-attention-backend", choices=DECODE_BACKENDS,
                      help="decode attention: pallas (a Triton kernel that reads the KV pages in place) or the "
-                     "XLA reference; auto: pallas on GPUs, the reference elsewhere (default: auto)")
+                     "XLA reference; auto: pallas on GPUs for 16-bit models, the reference otherwise (default: auto)")
     par.add_argument("--moe-kernel", choices=MOE_KERNELS,
                      help="grouped GEMM of the experts: mosaic (bf16 Mosaic GPU; quantised experts dequantised "
                      "per layer), mosaic-fp8 (FP8 experts dequantised inside the kernel), mosaic-w8a8 (FP8 "

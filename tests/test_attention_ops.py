@@ -81,3 +81,13 @@ def test_decode_kernel_lowers_to_triton_for_gpus_at_full_size():
             jax.ShapeDtypeStruct((), jnp.int32))
     text = jax.jit(decode_attention.paged_decode_attention).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "xla.gpu.triton" in text
+
+
+def test_auto_backends_are_the_kernels_on_gpus_for_16_bit_models_only(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attention.resolve_backend("auto", jnp.bfloat16) == "cudnn"
+    assert attention.resolve_decode_backend("auto", jnp.bfloat16) == "pallas"
+    # cuDNN's flash attention takes no float32; a float32 model keeps full-precision products
+    assert attention.resolve_backend("auto", jnp.float32) == "xla"
+    assert attention.resolve_decode_backend("auto", jnp.float32) == "xla"
+    assert attention.resolve_backend("cudnn", jnp.float32) == "cudnn"      # named: as asked

@@ -68,8 +68,8 @@ class EngineArgs:
     load_format: str = "auto"                # "dummy": random weights of the config's shapes, made on device
     json_model_override_args: str | None = None   # JSON dict over config.json, e.g. '{"num_hidden_layers": 4}'
     moe_kernel: str = "auto"                 # expert grouped GEMM: one of ops.moe.KERNELS (resolve_kernel)
-    attention_backend: str = "auto"          # prefill attention: "xla" (the reference), "cudnn"; auto: cudnn on GPUs
-    decode_attention_backend: str = "auto"   # decode attention: "xla" (the reference), "pallas"; auto: pallas on GPUs
+    attention_backend: str = "auto"          # prefill attention: "xla" (the reference), "cudnn"; auto: cudnn on GPUs (16-bit)
+    decode_attention_backend: str = "auto"   # decode attention: "xla" (the reference), "pallas"; auto: pallas on GPUs (16-bit)
     kv_cache_dtype: str = "auto"             # "auto" (the model dtype), "bf16", "fp8_e4m3" (scale 1)
     mem_fraction_static: float = 0.85        # of each device's memory limit: weights + KV cache (GPUs,
                                              # when max_total_tokens is not given)

@@ -47,27 +47,33 @@ BACKENDS = ("auto", "xla", "cudnn")
 DECODE_BACKENDS = ("auto", "xla", "pallas")
 
 
-def resolve_backend(backend: str) -> str:
+def resolve_backend(backend: str, dtype=jnp.bfloat16) -> str:
     """"xla" (the reference), "cudnn" (flash attention for prefill chunks, the reference for
-    decode), or "auto": "cudnn" on GPUs, "xla" elsewhere. On an H200, at the engine's prefill
-    shapes (4 slots of 1024 queries, FP8 cache), cuDNN took 0.61 ms against 2.11 ms with an error
-    against an fp32 reference of 2.0e-3 against the reference's 2.3e-3 (docs/benchmarks.md,
-    `scripts/bench.py --sections attention`)."""
+    decode), or "auto": "cudnn" on GPUs for 16-bit models (cuDNN's flash attention takes no
+    float32), "xla" otherwise. On an H200, at the engine's prefill shapes (4 slots of 1024
+    queries, FP8 cache), cuDNN took 0.61 ms against 2.11 ms with an error against an fp32
+    reference of 2.0e-3 against the reference's 2.3e-3 (docs/benchmarks.md, `scripts/bench.py
+    --sections attention`)."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+        return "cudnn" if _gpu_16_bit(dtype) else "xla"
     return backend
 
 
-def resolve_decode_backend(backend: str) -> str:
+def resolve_decode_backend(backend: str, dtype=jnp.bfloat16) -> str:
     """"xla" (the reference) or "pallas" (`ops.decode_attention`: a Triton kernel on GPUs, its
-    interpreter elsewhere); "auto" is "pallas" on GPUs and "xla" elsewhere."""
+    interpreter elsewhere); "auto" is "pallas" on GPUs for 16-bit models (a float32 model keeps
+    the reference's full-precision products) and "xla" otherwise."""
     if backend not in DECODE_BACKENDS:
         raise ValueError(f"decode attention backend must be one of {', '.join(DECODE_BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
+        return "pallas" if _gpu_16_bit(dtype) else "xla"
     return backend
+
+
+def _gpu_16_bit(dtype) -> bool:
+    return jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2
 
 
 def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, page_table: jax.Array,
