@@ -72,12 +72,14 @@ def test_decode_kernel_equals_the_reference_in_each_layer_and_context(cache_dtyp
         attention.resolve_decode_backend("flashinfer")
 
 
-def test_decode_kernel_lowers_to_triton_for_gpus_at_full_size():
+@pytest.mark.parametrize("page_size,cache_dtype", [(64, jnp.float8_e4m3fn), (16, jnp.bfloat16)])
+def test_decode_kernel_lowers_to_triton_for_gpus_at_full_size(page_size, cache_dtype):
     """Pallas's Triton lowering runs here for the CUDA platform (a DEP4 rank's decode step:
-    303 slots, 62 layers of an FP8 cache); the GPU's compile is left to the device benchmarks."""
+    303 slots of 1024 tokens, 62 layers; the benchmarks' FP8 cache of 64-token pages and the
+    engine's default bf16 cache of 16); the GPU's compile is left to the device benchmarks."""
     args = (jax.ShapeDtypeStruct((303, 1, 48, 128), jnp.bfloat16),
-            *[jax.ShapeDtypeStruct((62, 4096, 64, 8, 128), jnp.float8_e4m3fn)] * 2,
-            jax.ShapeDtypeStruct((303, 16), jnp.int32), jax.ShapeDtypeStruct((303, 1), jnp.int32),
+            *[jax.ShapeDtypeStruct((62, 4096, page_size, 8, 128), cache_dtype)] * 2,
+            jax.ShapeDtypeStruct((303, 1024 // page_size), jnp.int32), jax.ShapeDtypeStruct((303, 1), jnp.int32),
             jax.ShapeDtypeStruct((), jnp.int32))
     text = jax.jit(decode_attention.paged_decode_attention).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "xla.gpu.triton" in text
