@@ -91,10 +91,8 @@ def bench_env(args) -> dict:
     print(f"jax {jax.__version__}, {len(devices)} x {devices[0].device_kind}, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     key = jax.random.PRNGKey(0)
-    x = jax.random.normal(key, (args.copy_elems,), jnp.bfloat16)
-    t = median_time(jax.jit(lambda x: x * 1.0001), x)
-    bandwidth = 2 * x.nbytes / t
-    record("env", "copy bandwidth (read+write)", bandwidth / 1e12, "TB/s", f"{x.nbytes / 2**30:.1f} GiB bf16")
+    bandwidth = copy_bandwidth(args.copy_elems)
+    record("env", "copy bandwidth (read+write)", bandwidth / 1e12, "TB/s", f"{args.copy_elems * 2 / 2**30:.1f} GiB bf16")
     n = args.matmul_n
     a = jax.random.normal(key, (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
@@ -529,7 +527,7 @@ def bench_engine(args) -> None:
     if args.url:
         return bench_url(args)
     n = len(jax.devices())
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(args.copy_elems)
     engine = make_bench_engine(args)
     params = {"max_new_tokens": args.output, "temperature": 0.0, "ignore_eos": True}
     prompts = workload_prompts(args, engine.cfg.vocab_size)
@@ -602,13 +600,12 @@ def record_latencies(tag: str, wall: float, times: list[tuple[float, float, floa
     record("engine", f"{tag} TPOT p50/p99", np.percentile(tpot, 50) * 1e3, "ms", f"p99 {np.percentile(tpot, 99) * 1e3:.1f} ms")
 
 
-def copy_bandwidth() -> float:
-    """Read + write bytes per second of a 2 GiB bf16 copy on the first device (as the env
-    section; a 512 MiB copy measured 2.29 TB/s on an H200 where 2 GiB measured 2.98)."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (1 << 30 if jax.default_backend() == "gpu" else 1 << 20,), jnp.bfloat16)
-    bandwidth = 2 * x.nbytes / median_time(jax.jit(lambda x: x * 1.0001), x)
-    del x
-    return bandwidth
+def copy_bandwidth(elems: int) -> float:
+    """Read + write bytes per second of a copy of elems bf16 values on the first device (the
+    default --copy-elems is 2 GiB: a 512 MiB copy measured 2.29 TB/s on an H200 where 2 GiB
+    measured 2.98)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (elems,), jnp.bfloat16)
+    return 2 * x.nbytes / median_time(jax.jit(lambda x: x * 1.0001), x)
 
 
 def decode_floor_hook(engine, bandwidth: float, floors: list):
@@ -836,8 +833,9 @@ def parse_args(argv=None):
         args.copy_elems, args.matmul_n, args.iters, args.page_size = 1 << 16, 128, 2, 8
         args.engine_layers, args.chunk, args.max_prefill_tokens = 2, 32, 256
         for k, v in dict(requests=16, prompt=24, output=8).items():
-            setattr(args, k, v if k not in given else getattr(args, k))
-            given.add(k)
+            if k not in given:
+                setattr(args, k, v)
+                given.add(k)
     preset = WORKLOADS[args.workload] if args.workload else {}
     for k, v in {**ENGINE_DEFAULTS, **{k: v for k, v in preset.items() if k != "what"}}.items():
         if k not in given:
