@@ -54,26 +54,23 @@ def resolve_backend(backend: str, dtype=jnp.bfloat16) -> str:
     queries, FP8 cache), cuDNN took 0.61 ms against 2.11 ms with an error against an fp32
     reference of 2.0e-3 against the reference's 2.3e-3 (docs/benchmarks.md, `scripts/bench.py
     --sections attention`)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "auto":
-        return "cudnn" if _gpu_16_bit(dtype) else "xla"
-    return backend
+    return _resolve("attention backend", backend, BACKENDS, "cudnn", dtype)
 
 
 def resolve_decode_backend(backend: str, dtype=jnp.bfloat16) -> str:
     """"xla" (the reference) or "pallas" (`ops.decode_attention`: a Triton kernel on GPUs, its
     interpreter elsewhere); "auto" is "pallas" on GPUs for 16-bit models (a float32 model keeps
     the reference's full-precision products) and "xla" otherwise."""
-    if backend not in DECODE_BACKENDS:
-        raise ValueError(f"decode attention backend must be one of {', '.join(DECODE_BACKENDS)}, got {backend!r}")
-    if backend == "auto":
-        return "pallas" if _gpu_16_bit(dtype) else "xla"
-    return backend
+    return _resolve("decode attention backend", backend, DECODE_BACKENDS, "pallas", dtype)
 
 
-def _gpu_16_bit(dtype) -> bool:
-    return jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2
+def _resolve(what: str, backend: str, choices: tuple[str, ...], kernel: str, dtype) -> str:
+    """backend checked against choices; "auto" is kernel on GPUs for 16-bit models, else "xla"."""
+    if backend not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(choices)}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    return kernel if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2 else "xla"
 
 
 def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, page_table: jax.Array,

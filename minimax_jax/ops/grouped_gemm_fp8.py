@@ -115,7 +115,7 @@ def _check_shapes(x, w, scale):
 
 def _on_aligned_rows(make_kernel, x, w, scale, group_sizes, block_m, max_concurrent_steps, num_blocks,
                      interpret, out_dtype=None, swap_ab=False):
-    """Scatters the rows to the group-aligned buffer, runs the kernel, gathers them back (the
+    """Gathers the rows into the group-aligned buffer, runs the kernel, gathers them back (the
     kernel writes [N, rows] with swap_ab)."""
     (m, k), (g, n, _) = x.shape, w.shape
     dest, block_group, m_padded = aligned_layout(group_sizes, m, block_m)
