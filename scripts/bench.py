@@ -130,13 +130,15 @@ def bench_kernels(args, ceilings: dict) -> None:
     key = jax.random.PRNGKey(0)
     w = (jax.random.normal(key, (g, k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
     skip = (lambda name, m: name == "xla" and args.tune and m > 4096)
-    time_grouped_gemms(args, kernels, (w,), w.nbytes / ceilings["bandwidth"], "floor", skip)
+    time_grouped_gemms(args, kernels, (w,), (k, n), w.nbytes / ceilings["bandwidth"], "floor", skip)
 
 
-def time_grouped_gemms(args, kernels: dict, weights: tuple, floor: float, floor_name: str, skip) -> None:
-    """Times each kernel fn(x, *weights, group_sizes) at each --kernel-rows, with all rows or a
-    quarter routed to this device, checked against the first kernel that ran."""
-    g, k, n = args.local_experts, args.hidden, 2 * args.intermediate
+def time_grouped_gemms(args, kernels: dict, weights: tuple, k_n: tuple[int, int], floor: float,
+                       floor_name: str, skip, label: str = "") -> None:
+    """Times each kernel fn(x, *weights, group_sizes) ([M, K] rows into [M, N]) at each
+    --kernel-rows, with all rows or a quarter routed to this device, checked against the first
+    kernel that ran."""
+    g, (k, n) = args.local_experts, k_n
     failed: set = set()
     for m in args.kernel_rows:
         x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
@@ -161,18 +163,27 @@ def time_grouped_gemms(args, kernels: dict, weights: tuple, floor: float, floor_
                 err = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
                 t = median_time(f, x, *weights, sizes)
                 flops = 2 * int(sizes.sum()) * k * n
-                record("kernels", f"{name} m={m} routed={share:.2f}", t * 1e3, "ms",
+                record("kernels", f"{label}{name} m={m} routed={share:.2f}", t * 1e3, "ms",
                        f"{floor_name} {floor * 1e3:.3f} ms ({floor / t:.0%}), {flops / t / 1e12:.0f} TFLOP/s, "
                        f"rel err {err:.1e}")
 
 
 def bench_fp8_kernels(args, ceilings: dict) -> None:
     """FP8 block-scaled experts: dequantise in XLA then the bf16 grouped GEMM, against the
-    kernel that dequantises in shared memory; floor = the FP8 bytes over bandwidth."""
+    kernels that read FP8 weights; floor = the FP8 bytes over bandwidth. The gate/up shape, and
+    with --fp8-fused the down projection's too."""
+    shapes = [("", 2 * args.intermediate, args.hidden)]
+    if args.fp8_fused:
+        shapes.append(("down: ", args.hidden, args.intermediate))
+    for label, n, k in shapes:
+        _bench_fp8_kernels(args, ceilings, label, n, k)
+
+
+def _bench_fp8_kernels(args, ceilings: dict, label: str, n: int, k: int) -> None:
     import functools
     from minimax_jax.ops import grouped_gemm_fp8, moe as moe_ops
     from quant import fp8
-    g, k, n = args.local_experts, args.hidden, 2 * args.intermediate
+    g = args.local_experts
     w, scale = fp8.quantize_blockwise(jax.random.normal(jax.random.PRNGKey(0), (g, n, k), jnp.float32) * 0.02)
     floor = w.nbytes / ceilings["bandwidth"]
     on_gpu = jax.default_backend() == "gpu"
@@ -180,24 +191,53 @@ def bench_fp8_kernels(args, ceilings: dict) -> None:
     if on_gpu:
         kernels["fp8 dequant+mosaic"] = lambda x, w, s, sizes: moe_ops.ragged_dot_mosaic(
             x, fp8.dequantize_blockwise(w, s, jnp.bfloat16), sizes, transpose_rhs=True)
-        # variants of the kernel that dequantises in shared memory and of the W8A8 kernel
-        # (--fp8-fused): rows per tile (bm), pipeline depth (s), thread blocks per SM (the
-        # persistent grid over the SM count), each step's weight scale loaded a step ahead (pf),
-        # rows as wgmma's N (sw). Measured configurations first: a kernel that faults ends every
-        # later timing of the run. The W8A8 kernel's error is against the weight-only reference.
+        # variants of the kernels that read FP8 weights (--fp8-fused): rows per tile (bm),
+        # pipeline depth (s), thread blocks per SM (the persistent grid over the SM count),
+        # two conversion buffers (db: a step's wgmma runs on while the next converts),
+        # warp-specialised (ws: a memory warpgroup and two compute warpgroups, the weights
+        # converted in registers), W8A8 (rows rounded to FP8; its error is against the
+        # weight-only reference). Measured configurations first: a kernel that faults ends every
+        # later timing of the run.
         sms = grouped_gemm_fp8.sm_count()
-        variants = [("fused", 64, 4, 1, {}), ("fused", 64, 2, 2, {}), ("w8a8", 64, 4, 1, {}),
-                    ("fused", 64, 2, 2, {"prefetch_scale": True}), ("w8a8", 64, 4, 1, {"prefetch_scale": True}),
-                    ("fused", 16, 2, 2, {"swap_ab": True}), ("fused", 32, 2, 2, {"swap_ab": True}),
-                    ("w8a8", 16, 4, 1, {"swap_ab": True})] if args.fp8_fused else []
-        tags = {"prefetch_scale": "pf", "swap_ab": "sw"}
+        db, ws = {"double_buffer": True}, {"warp_specialized": True}
+        variants = [("fused", 64, 2, 2, {}), ("fused", 32, 4, 1, db), ("fused", 64, 3, 1, db),
+                    ("fused", 64, 4, 1, db), ("fused", 128, 2, 1, db), ("fused", 16, 4, 1, ws),
+                    ("fused", 32, 4, 1, ws), ("fused", 64, 4, 1, ws), ("fused", 256, 2, 1, ws),
+                    ("w8a8", 64, 4, 1, {}), ("w8a8", 128, 4, 1, ws)] if args.fp8_fused else []
+        tags = {"warp_specialized": "ws", "double_buffer": "db"}
         for kind, bm, steps, per_sm, options in variants:
             gemm = grouped_gemm_fp8.grouped_gemm_w8a8 if kind == "w8a8" else grouped_gemm_fp8.grouped_gemm_fp8
             name = f"fp8 {kind} bm{bm} s{steps} x{per_sm}/SM {' '.join(tags[o] for o in options)}".rstrip()
             kernels[name] = functools.partial(gemm, block_m=bm, max_concurrent_steps=steps,
                                               num_blocks=per_sm * sms, **options)
     skip = (lambda name, m: name == "fp8 dequant+xla" and on_gpu and m > 4096)
-    time_grouped_gemms(args, kernels, (w, scale), floor, "fp8 floor", skip)
+    time_grouped_gemms(args, kernels, (w, scale), (k, n), floor, "fp8 floor", skip, label)
+    if on_gpu and args.fp8_fused:
+        _time_fp8_fixed_costs(args, w, scale, label, n, k)
+
+
+def _time_fp8_fixed_costs(args, w, scale, label: str, n: int, k: int) -> None:
+    """What the default FP8 kernel's call costs besides its work on rows: the same call with no
+    rows routed (every tile skipped), and the group-aligned row layout alone (its index
+    arithmetic and both gathers, the kernel replaced by a copy of the rows), beside a trivial
+    jitted op (the timing's own dispatch floor)."""
+    from minimax_jax.ops import grouped_gemm_fp8
+
+    def copy_kernel(m_padded, n_out, k_in, *_, **__):
+        return lambda block_group, x_aligned, w, s: jnp.tile(x_aligned, (1, n_out // k_in))
+
+    layout_only = jax.jit(lambda x, w, s, sizes: grouped_gemm_fp8._on_aligned_rows(
+        copy_kernel, x, w, s, sizes, 64, 2, 1, None))
+    default = jax.jit(grouped_gemm_fp8.grouped_gemm_fp8)
+    for m in args.kernel_rows:
+        x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
+        sizes = jnp.asarray(np.random.RandomState(3).multinomial(m // 4, np.ones(len(w)) / len(w)), jnp.int32)
+        no_rows = jnp.zeros_like(sizes)
+        for name, f, group_sizes in (("fp8 fused default, no rows routed", default, no_rows),
+                                     ("fp8 fused default", default, sizes),
+                                     ("row layout alone (kernel replaced by a copy)", layout_only, sizes)):
+            record("kernels", f"{label}{name} m={m} routed=0.25", median_time(f, x, w, scale, group_sizes) * 1e3, "ms")
+        record("kernels", f"{label}dispatch floor (x + 1, jitted) m={m}", median_time(jax.jit(lambda x: x + 1), x) * 1e3, "ms")
 
 
 # -- attention ---------------------------------------------------------------------------------

@@ -117,11 +117,15 @@ def test_w8a8_kernel_equals_the_reference_on_rows_rounded_to_fp8(sizes, block_m)
     assert 1e-3 < rel < 5e-2
 
 
-@pytest.mark.parametrize("option", [{}, {"prefetch_scale": True}, {"swap_ab": True}])
-@pytest.mark.parametrize("w8a8", [False, True])
+FP8_KERNEL_OPTIONS = [{}, {"prefetch_scale": True}, {"swap_ab": True}, {"warp_specialized": True}]
+
+
+@pytest.mark.parametrize("w8a8, option", [(w8a8, option) for w8a8 in (False, True) for option in FP8_KERNEL_OPTIONS]
+                         + [(False, {"double_buffer": True})])    # an option of the weight-only kernel
 def test_fp8_kernels_apply_each_k_block_its_own_scale(w8a8, option):
-    """Scales that differ along K catch a step using its neighbour's scale (the prefetched one);
-    with swap_ab the rows are wgmma's N and come back transposed."""
+    """Scales that differ along K catch a step using its neighbour's scale (the prefetched one)
+    or a conversion buffer read before it is written (double_buffer); with swap_ab and
+    warp_specialized the rows are wgmma's N and come back transposed."""
     rng = np.random.RandomState(11)
     sizes, n, k = [7, 20], 128, 512
     w_f32 = rng.standard_normal((2, n, k)) * np.repeat(10.0 ** rng.uniform(-2, 2, (2, 1, k // 128)), 128, axis=-1)
@@ -177,7 +181,8 @@ def test_auto_kernel_is_the_reference_off_gpu_and_mosaic_fp8_needs_fp8_in_128_bl
         moe.resolve_kernel("triton", "bf16", 64, 32)
 
 
-@pytest.mark.parametrize("kernel", ["fp8", "fp8 WGMMA", "w8a8", "fp8 swap_ab", "w8a8 swap_ab"])
+@pytest.mark.parametrize("kernel", ["fp8", "fp8 WGMMA", "w8a8", "fp8 swap_ab", "w8a8 swap_ab", "fp8 double_buffer",
+                                    "fp8 warp_specialized", "w8a8 warp_specialized"])
 def test_fp8_kernels_lower_for_gpus_at_full_size(kernel):
     """Mosaic's Python lowering (layout inference included, where earlier versions of this
     kernel failed or searched without end) runs here for the CUDA platform; the GPU's own
@@ -189,7 +194,13 @@ def test_fp8_kernels_lower_for_gpus_at_full_size(kernel):
             "fp8 WGMMA": functools.partial(grouped_gemm_fp8.grouped_gemm_fp8, load_layout="WGMMA"),
             "w8a8": grouped_gemm_fp8.grouped_gemm_w8a8,
             "fp8 swap_ab": functools.partial(grouped_gemm_fp8.grouped_gemm_fp8, swap_ab=True, block_m=16),
-            "w8a8 swap_ab": functools.partial(grouped_gemm_fp8.grouped_gemm_w8a8, swap_ab=True, block_m=16)}[kernel]
+            "w8a8 swap_ab": functools.partial(grouped_gemm_fp8.grouped_gemm_w8a8, swap_ab=True, block_m=16),
+            "fp8 double_buffer": functools.partial(grouped_gemm_fp8.grouped_gemm_fp8, double_buffer=True,
+                                                   max_concurrent_steps=4),
+            "fp8 warp_specialized": functools.partial(grouped_gemm_fp8.grouped_gemm_fp8, warp_specialized=True,
+                                                      block_m=256, max_concurrent_steps=2),
+            "w8a8 warp_specialized": functools.partial(grouped_gemm_fp8.grouped_gemm_w8a8, warp_specialized=True,
+                                                       block_m=128)}[kernel]
     f = jax.jit(lambda x, w, s, sizes: gemm(x, w, s, sizes, num_blocks=132))
     text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

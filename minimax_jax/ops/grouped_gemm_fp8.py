@@ -58,7 +58,8 @@ def aligned_layout(group_sizes: jax.Array, m: int, block_m: int) -> tuple[jax.Ar
 def grouped_gemm_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Array, *,
                      block_m: int = 64, max_concurrent_steps: int = 2, chunk_rows: int = 64,
                      load_layout: str | None = None, prefetch_scale: bool = False, swap_ab: bool = False,
-                     num_blocks: int | None = None, interpret=None) -> jax.Array:
+                     double_buffer: bool = False, warp_specialized: bool = False, num_blocks: int | None = None,
+                     interpret=None) -> jax.Array:
     """`reference` as a Mosaic-GPU kernel (rows past the groups come back 0). Needs N and K
     multiples of 128.
 
@@ -71,12 +72,24 @@ def grouped_gemm_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: 
     swap_ab: the weight tile is wgmma's A operand (M = 128 output channels) and the rows its N,
     which may be as few as 8, so block_m can be 16 or 32 where experts have few rows (decode)
     and the padded rows read and multiplied shrink with it. Both are exact under the
-    interpreter and lowered for CUDA here, and off until measured on a GPU."""
+    interpreter and lowered for CUDA here, and off until measured on a GPU.
+
+    double_buffer: two conversion buffers, so that a step's wgmma runs on while the next step
+    converts (wgmma_wait(1), the copies released a step late); warp_specialized: `_kernel_ws`
+    instead (block_m rows per tile, up to 256; the other options do not apply). Neither was
+    faster than the defaults across sizes on an H200 (docs/benchmarks.md, runs AK-AM), so both
+    are off: the call's fixed costs, not the work on rows, dominate at decode sizes."""
     _check_shapes(x, w, scale)
+    if warp_specialized:
+        kernel = functools.partial(_kernel_ws, w8a8=False)
+        return _on_aligned_rows(kernel, x, w, scale, group_sizes, block_m, max_concurrent_steps,
+                                num_blocks or sm_count(), interpret, swap_ab=True)
+    if double_buffer and (swap_ab or prefetch_scale):
+        raise ValueError("double_buffer goes with neither swap_ab nor prefetch_scale")
     kernel = functools.partial(_kernel, chunk_rows=chunk_rows, load_layout=load_layout,
-                               prefetch_scale=prefetch_scale, swap_ab=swap_ab)
-    return _on_aligned_rows(kernel, x, w, scale, group_sizes, block_m, max_concurrent_steps, num_blocks,
-                            interpret, swap_ab=swap_ab)
+                               prefetch_scale=prefetch_scale, swap_ab=swap_ab, double_buffer=double_buffer)
+    return _on_aligned_rows(kernel, x, w, scale, group_sizes, block_m, max_concurrent_steps,
+                            num_blocks or 2 * sm_count(), interpret, swap_ab=swap_ab)
 
 
 def reference_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -87,13 +100,19 @@ def reference_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: ja
 
 def grouped_gemm_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Array, *,
                       block_m: int = 64, max_concurrent_steps: int = 4, prefetch_scale: bool = False,
-                      swap_ab: bool = False, num_blocks: int | None = None, interpret=None) -> jax.Array:
+                      swap_ab: bool = False, warp_specialized: bool = False, num_blocks: int | None = None,
+                      interpret=None) -> jax.Array:
     """`reference_w8a8` as a Mosaic-GPU kernel: FP8 x FP8 wgmma per 128-deep step, scaled by the
     weight block's scale and summed in fp32 registers; the row scales apply to the output.
-    Options as `grouped_gemm_fp8`."""
+    Options as `grouped_gemm_fp8` (warp_specialized: block_m up to 128)."""
     _check_shapes(x, w, scale)
     xq, xs = fp8.quantize_per_channel(x)
-    kernel = functools.partial(_kernel_w8a8, prefetch_scale=prefetch_scale, swap_ab=swap_ab)
+    if warp_specialized:
+        kernel = functools.partial(_kernel_ws, w8a8=True)
+        swap_ab, num_blocks = True, num_blocks or sm_count()
+    else:
+        kernel = functools.partial(_kernel_w8a8, prefetch_scale=prefetch_scale, swap_ab=swap_ab)
+        num_blocks = num_blocks or 2 * sm_count()
     out = _on_aligned_rows(kernel, xq, w, scale, group_sizes, block_m, max_concurrent_steps,
                            num_blocks, interpret, out_dtype=jnp.float32, swap_ab=swap_ab)
     return (out * xs).astype(x.dtype)
@@ -125,8 +144,7 @@ def _on_aligned_rows(make_kernel, x, w, scale, group_sizes, block_m, max_concurr
     source = jnp.full((m_padded,), m, jnp.int32).at[dest].set(jnp.arange(m, dtype=jnp.int32), mode="drop")
     x_aligned = jnp.take(x, source, axis=0, mode="fill", fill_value=0)    # a gather: no zeroed buffer
     kernel = make_kernel(m_padded, n, k, g, out_dtype or x.dtype, block_m, max_concurrent_steps,
-                         num_blocks=num_blocks or 2 * sm_count(),
-                         interpret=interpret)
+                         num_blocks=num_blocks, interpret=interpret)
     out = kernel(block_group, x_aligned, w, scale)
     out = out.T if swap_ab else out
     return jnp.take(out, dest, axis=0, mode="fill", fill_value=0)         # dest == m_padded: past the groups
@@ -168,18 +186,20 @@ def _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, swa
         interpret=interpret)
 
 
-def _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, init_carry):
-    """Runs step over the 128-deep slices of one tile's rows and weights (copies pipelined)."""
+def _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, init_carry, delay_release=0):
+    """Runs step over the 128-deep slices of one tile's rows and weights (copies pipelined;
+    delay_release=1 keeps each step's slices until the next step ends, for a wgmma still
+    reading them)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     return plgpu.emit_pipeline(
         step, grid=(k // BLOCK,),
-        in_specs=[plgpu.BlockSpec((block_m, BLOCK), lambda kk: (mi, kk)),
-                  plgpu.BlockSpec((BLOCK, BLOCK), lambda kk: (ni, kk))],
+        in_specs=[plgpu.BlockSpec((block_m, BLOCK), lambda kk: (mi, kk), delay_release=delay_release),
+                  plgpu.BlockSpec((BLOCK, BLOCK), lambda kk: (ni, kk), delay_release=delay_release)],
         max_concurrent_steps=max_concurrent_steps, init_carry=init_carry)
 
 
 def _kernel(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, chunk_rows, load_layout,
-            prefetch_scale, swap_ab, num_blocks, interpret):
+            prefetch_scale, swap_ab, double_buffer, num_blocks, interpret):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -204,20 +224,25 @@ def _kernel(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, chunk_ro
         def pipeline(acc_ref, w_bf16, *x_t):
             def step(idx, x_smem, w_smem, *scale):
                 s = scale[0] if prefetch_scale else s_gmem[group, ni, idx[0]]
-                w_tile = convert(w_smem, s, w_bf16)
+                # double_buffer: this step converts into the buffer the step before last read,
+                # and leaves its wgmma running while the next step converts into the other
+                w_tile = convert(w_smem, s, w_bf16.at[idx[0] % 2] if double_buffer else w_bf16)
                 if swap_ab:
                     plgpu.wgmma(acc_ref, w_tile, _transposed_operand(x_smem, x_t, interpret))
                 else:
                     plgpu.wgmma(acc_ref, x_smem, w_tile)
-                plgpu.wgmma_wait(0)
+                plgpu.wgmma_wait(1 if double_buffer else 0)
                 if prefetch_scale:      # loaded one step ahead, carried to the next step
                     return s_gmem[group, ni, jnp.minimum(idx[0] + 1, steps_k - 1)]
 
             first_scale = s_gmem[group, ni, 0] if prefetch_scale else None
-            _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, first_scale)(x_gmem, w_gmem.at[group])
+            _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, first_scale,
+                        delay_release=int(double_buffer))(x_gmem, w_gmem.at[group])
+            if double_buffer:
+                plgpu.wgmma_wait(0)
             return acc_ref[...]
 
-        scratch = [plgpu.SMEM((BLOCK, BLOCK), jnp.bfloat16)]
+        scratch = [plgpu.SMEM((2, BLOCK, BLOCK) if double_buffer else (BLOCK, BLOCK), jnp.bfloat16)]
         if swap_ab:
             scratch += _transpose_scratch((BLOCK, block_m), jnp.bfloat16, interpret)
         acc_shape = (BLOCK, block_m) if swap_ab else (block_m, BLOCK)
@@ -264,6 +289,105 @@ def _kernel_w8a8(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, pre
         return out[0] if prefetch_scale else out
 
     return _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, swap_ab, tile_product)
+
+
+def _kernel_ws(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, w8a8, num_blocks, interpret):
+    """Warp-specialised: per thread block a memory warpgroup streams each tile's 128-deep slices
+    of rows and weights through a ring of shared-memory stages, and two compute warpgroups take
+    64 output channels each of the tile's 128. The weight slice is wgmma's A operand: converted
+    from FP8 in registers (times its block scale, rounded to bf16, no shared-memory round trip)
+    or, with w8a8, read as FP8 from shared memory against FP8 rows and scaled in registers after
+    each step. The rows are the B operand (N = block_m). Output is [N, m_padded]."""
+    from jax import lax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    steps_k, grid_m, grid_n = k // BLOCK, m_padded // block_m, n // BLOCK
+    row_bits = 8 if w8a8 else 16
+    out_bits = jnp.dtype(dtype).itemsize * 8
+
+    def transforms(row_bytes, bits):
+        swizzle = plgpu.find_swizzle(row_bytes * 8)
+        return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
+
+    def get_pipeline(step, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            step, grid=(steps_k,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+            in_specs=[plgpu.BlockSpec((block_m, BLOCK), lambda kk: (0, kk),
+                                      transforms=transforms(BLOCK * row_bits // 8, row_bits)),
+                      plgpu.BlockSpec((BLOCK, BLOCK), lambda kk: (0, kk), transforms=transforms(BLOCK, 8))],
+            max_concurrent_steps=max_concurrent_steps, compute_context=compute_context)
+
+    def body(group_ref, x_gmem, w_gmem, s_gmem, o_gmem, o_smem, *interpret_scratch):
+        def slices(mi, ni, group):
+            return (x_gmem.at[pl.ds(mi * block_m, block_m)], w_gmem.at[group, pl.ds(ni * BLOCK, BLOCK)])
+
+        ignore = lambda *_, **__: None      # noqa: E731 (allocations do not depend on the bodies)
+
+        @functools.partial(pl.run_scoped, collective_axes="wg",
+                           allocations=get_pipeline(ignore, ignore).get_allocations(*slices(0, 0, 0)))
+        def _(allocations):
+            wg = lax.axis_index("wg")
+            channels = pl.ds(wg * 64, 64)
+
+            @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
+            def _(info):
+                mi, ni = info.index[0] // grid_n, info.index[0] % grid_n    # a row block's N tiles together
+                group = group_ref[mi]
+
+                def weights_times_rows(acc_ref, x_smem, w_smem, s):
+                    if w8a8:
+                        a = w_smem.at[channels]
+                    else:
+                        a = (w_smem[channels, :].astype(jnp.float32) * s).astype(jnp.bfloat16)
+                    if interpret:   # the interpreter's wgmma takes operands in shared memory, untransposed
+                        a_smem, x_t = interpret_scratch
+                        a_smem[wg] = a[...].astype(jnp.bfloat16) if w8a8 else a
+                        x_t[wg] = x_smem[...].T.astype(jnp.bfloat16)
+                        plgpu.wgmma(acc_ref, a_smem.at[wg], x_t.at[wg])
+                    else:
+                        plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(x_smem, (1, 0)))
+                    plgpu.wgmma_wait(0)
+
+                def step(idx, x_smem, w_smem, carry):
+                    s = s_gmem[group, ni, idx[0]]
+                    if not w8a8:
+                        weights_times_rows(carry, x_smem, w_smem, s)
+                        return carry
+
+                    def product(acc_ref):
+                        weights_times_rows(acc_ref, x_smem, w_smem, s)
+                        return acc_ref[...]
+                    return carry + pl.run_scoped(product, plgpu.ACC((64, block_m))) * s
+
+                def compute_context(run_pipeline):
+                    def store(value):
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)    # the previous tile's store
+                        o_smem[wg] = value.astype(dtype)
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[pl.ds(ni * BLOCK + wg * 64, 64),
+                                                                         pl.ds(mi * block_m, block_m)])
+                    if w8a8:
+                        zeros = jnp.zeros((64, block_m), jnp.float32)
+                        store(run_pipeline(zeros if interpret else plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)))
+                    else:
+                        pl.run_scoped(lambda acc_ref: store(run_pipeline(acc_ref)[...]),
+                                      plgpu.ACC((64, block_m)))
+
+                @pl.when(group < g)
+                def _():
+                    get_pipeline(step, compute_context)(*slices(mi, ni, group), allocations=allocations)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    scratch = [plgpu.SMEM((2, 64, block_m), dtype, transforms=transforms(block_m * out_bits // 8, out_bits))]
+    if interpret:
+        scratch += [plgpu.SMEM((2, 64, BLOCK), jnp.bfloat16), plgpu.SMEM((2, BLOCK, block_m), jnp.bfloat16)]
+    return plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((n, m_padded), dtype), grid=(num_blocks,), grid_names=("sm",),
+        num_threads=3, thread_name="wg", scratch_types=scratch,
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret)
 
 
 def _transpose_scratch(shape, dtype, interpret):
