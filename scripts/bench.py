@@ -823,8 +823,9 @@ def parse_args(argv=None):
     p.add_argument("--kernel-rows", type=int, nargs="+", default=[512, 2048, 32768])
     p.add_argument("--local-experts", type=int, default=64)
     p.add_argument("--tune", action="store_true", help="time several Mosaic block configurations")
-    p.add_argument("--fp8-fused", action="store_true", help="kernels: also variants of the FP8 kernel that "
-                   "dequantises in shared memory (auto picks it at decode sizes) and the W8A8 kernel")
+    p.add_argument("--fp8-fused", action="store_true", help="kernels: also variants of the FP8 kernels "
+                   "(tile rows, pipeline depth, double-buffered, warp-specialised, W8A8), the down projection's "
+                   "shape, and the default kernel's fixed costs")
     p.add_argument("--hidden", type=int, default=3072)
     p.add_argument("--intermediate", type=int, default=1536)
     p.add_argument("--copy-elems", type=int, default=1 << 30)
