@@ -340,13 +340,13 @@ def _kernel_ws(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, w8a8,
                         a = w_smem.at[channels]
                     else:
                         a = (w_smem[channels, :].astype(jnp.float32) * s).astype(jnp.bfloat16)
-                    if interpret:   # the interpreter's wgmma takes operands in shared memory, untransposed
+                    if interpret:   # the interpreter's wgmma takes its A operand from shared memory only
                         a_smem, x_t = interpret_scratch
-                        a_smem[wg] = a[...].astype(jnp.bfloat16) if w8a8 else a
-                        x_t[wg] = x_smem[...].T.astype(jnp.bfloat16)
-                        plgpu.wgmma(acc_ref, a_smem.at[wg], x_t.at[wg])
+                        a_smem[wg] = a[...]
+                        a, scratch = a_smem.at[wg], [x_t.at[wg]]
                     else:
-                        plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(x_smem, (1, 0)))
+                        scratch = []
+                    plgpu.wgmma(acc_ref, a, _transposed_operand(x_smem, scratch, interpret))
                     plgpu.wgmma_wait(0)
 
                 def step(idx, x_smem, w_smem, carry):
@@ -382,7 +382,8 @@ def _kernel_ws(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, w8a8,
 
     scratch = [plgpu.SMEM((2, 64, block_m), dtype, transforms=transforms(block_m * out_bits // 8, out_bits))]
     if interpret:
-        scratch += [plgpu.SMEM((2, 64, BLOCK), jnp.bfloat16), plgpu.SMEM((2, BLOCK, block_m), jnp.bfloat16)]
+        operand_dtype = jnp.float8_e4m3fn if w8a8 else jnp.bfloat16
+        scratch += [plgpu.SMEM((2, 64, BLOCK), operand_dtype), plgpu.SMEM((2, BLOCK, block_m), operand_dtype)]
     return plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((n, m_padded), dtype), grid=(num_blocks,), grid_names=("sm",),
         num_threads=3, thread_name="wg", scratch_types=scratch,
