@@ -109,7 +109,6 @@ MOSAIC_CONFIGS = [  # block_m, block_n, block_k, max_concurrent_steps, grid_bloc
 
 
 def mosaic_variants() -> dict:
-    import functools
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
     out = {}
     for bm, bn, bk, steps, gbn in MOSAIC_CONFIGS:
@@ -180,7 +179,6 @@ def bench_fp8_kernels(args, ceilings: dict) -> None:
 
 
 def _bench_fp8_kernels(args, ceilings: dict, label: str, n: int, k: int) -> None:
-    import functools
     from minimax_jax.ops import grouped_gemm_fp8, moe as moe_ops
     from quant import fp8
     g = args.local_experts
@@ -227,7 +225,7 @@ def _time_fp8_fixed_costs(args, w, scale, label: str, n: int, k: int) -> None:
         return lambda block_group, x_aligned, w, s: jnp.tile(x_aligned, (1, n_out // k_in))
 
     layout_only = jax.jit(lambda x, w, s, sizes: grouped_gemm_fp8._on_aligned_rows(
-        copy_kernel, x, w, s, sizes, 64, 2, 1, None))
+        copy_kernel, x, w, s, sizes, block_m=64, max_concurrent_steps=2, num_blocks=1, interpret=None))
     default = jax.jit(grouped_gemm_fp8.grouped_gemm_fp8)
     for m in args.kernel_rows:
         x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import uvicorn  # noqa: E402
 
 from minimax_jax.engine.async_engine import AsyncEngine  # noqa: E402
-from minimax_jax.engine.engine import DTYPES, KV_CACHE_DTYPES, EngineArgs  # noqa: E402
+from minimax_jax.engine.engine import DTYPES, KV_CACHE_DTYPES, PREFILL_DEFAULTS, EngineArgs  # noqa: E402
 from minimax_jax.ops.attention import BACKENDS as ATTENTION_BACKENDS, DECODE_BACKENDS  # noqa: E402
 from minimax_jax.ops.moe import KERNELS as MOE_KERNELS  # noqa: E402
 
@@ -103,11 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     sched = p.add_argument_group("scheduling and KV cache")
     sched.add_argument("--max-running-requests", type=int, help="max requests decoded together")
     sched.add_argument("--page-size", type=int, help="tokens per KV cache page")
+    (gpu_chunk, gpu_budget), (other_chunk, other_budget) = PREFILL_DEFAULTS["gpu"], PREFILL_DEFAULTS["other"]
     sched.add_argument("--chunked-prefill-size", type=int, help="max prompt tokens of one request per prefill step "
-                       "(default: 8192 on GPUs, 256 elsewhere)")
+                       f"(default: {gpu_chunk} on GPUs, {other_chunk} elsewhere)")
     sched.add_argument("--max-prefill-tokens", type=int,
                        help="max prompt tokens of one prefill step per dp rank; nor may a request grow the "
-                       "step's padded shape past it (default: 8192 on GPUs, 1024 elsewhere)")
+                       f"step's padded shape past it (default: {gpu_budget} on GPUs, {other_budget} elsewhere)")
     sched.add_argument("--max-total-tokens", type=int, help="KV cache capacity in tokens of each dp rank, all its "
                        "requests together (default on GPUs: what fits in --mem-fraction-static)")
     sched.add_argument("--mem-fraction-static", type=float, help="share of each device's memory limit for "
