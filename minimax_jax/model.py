@@ -281,7 +281,7 @@ class Experts(nnx.Module):
             w13, w2 = self._dequantized()
             matmuls = moe_ops.weight_matmuls(w13.reshape(w13.shape[0], -1, w13.shape[-1]), w2, kernel,
                                              output_major=True)
-        return moe_ops.routed_experts(x, expert_ids, weights, self.num_local, first_expert, *matmuls,
+        return moe_ops.routed_experts(x, expert_ids, weights, self.num_local, first_expert, matmuls,
                                       local_share=share)
 
 

@@ -19,6 +19,9 @@ Sections (pick with --sections, comma separated):
   engine    a workload (--workload W1, W2, W3 or --requests/--prompt/--output/
             --max-running-requests) through Engine, or with --url through a running server's
             OpenAI API: output tok/s, TTFT and TPOT percentiles, the decode step beside its floor
+  moe       the routed-experts block of one decode layer alone (sort, row layout, both grouped
+            GEMMs, combine) as one expert-parallel rank sees it, FP8 experts: device time per
+            call from a profiler trace, its largest kernels, beside the weight-read floor
   profile   a perfetto trace of a few engine steps (--profile-phase prefill or decode), device
             time per kernel
   hf        transformers' MiniMaxM2ForCausalLM at the same depth and batch on one GPU, beside
@@ -34,6 +37,7 @@ latency-hiding scheduler; see XLA_FLAG_SETS), each in its own process, and print
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -190,24 +194,16 @@ def _bench_fp8_kernels(args, ceilings: dict, label: str, n: int, k: int) -> None
         kernels["fp8 dequant+mosaic"] = lambda x, w, s, sizes: moe_ops.ragged_dot_mosaic(
             x, fp8.dequantize_blockwise(w, s, jnp.bfloat16), sizes, transpose_rhs=True)
         # variants of the kernels that read FP8 weights (--fp8-fused): rows per tile (bm),
-        # pipeline depth (s), thread blocks per SM (the persistent grid over the SM count),
-        # two conversion buffers (db: a step's wgmma runs on while the next converts),
-        # warp-specialised (ws: a memory warpgroup and two compute warpgroups, the weights
-        # converted in registers), W8A8 (rows rounded to FP8; its error is against the
-        # weight-only reference). Measured configurations first: a kernel that faults ends every
-        # later timing of the run.
+        # pipeline depth (s), thread blocks per SM (the persistent grid over the SM count), W8A8
+        # (rows rounded to FP8; its error is against the weight-only reference). Measured
+        # configurations first: a kernel that faults ends every later timing of the run.
         sms = grouped_gemm_fp8.sm_count()
-        db, ws = {"double_buffer": True}, {"warp_specialized": True}
-        variants = [("fused", 64, 2, 2, {}), ("fused", 32, 4, 1, db), ("fused", 64, 3, 1, db),
-                    ("fused", 64, 4, 1, db), ("fused", 128, 2, 1, db), ("fused", 16, 4, 1, ws),
-                    ("fused", 32, 4, 1, ws), ("fused", 64, 4, 1, ws), ("fused", 256, 2, 1, ws),
-                    ("w8a8", 64, 4, 1, {}), ("w8a8", 128, 4, 1, ws)] if args.fp8_fused else []
-        tags = {"warp_specialized": "ws", "double_buffer": "db"}
-        for kind, bm, steps, per_sm, options in variants:
+        variants = [("fused", 64, 2, 2), ("fused", 128, 2, 1), ("w8a8", 64, 4, 1), ("w8a8", 64, 2, 2),
+                    ("w8a8", 128, 2, 1)] if args.fp8_fused else []
+        for kind, bm, steps, per_sm in variants:
             gemm = grouped_gemm_fp8.grouped_gemm_w8a8 if kind == "w8a8" else grouped_gemm_fp8.grouped_gemm_fp8
-            name = f"fp8 {kind} bm{bm} s{steps} x{per_sm}/SM {' '.join(tags[o] for o in options)}".rstrip()
-            kernels[name] = functools.partial(gemm, block_m=bm, max_concurrent_steps=steps,
-                                              num_blocks=per_sm * sms, **options)
+            kernels[f"fp8 {kind} bm{bm} s{steps} x{per_sm}/SM"] = functools.partial(
+                gemm, block_m=bm, max_concurrent_steps=steps, num_blocks=per_sm * sms)
     skip = (lambda name, m: name == "fp8 dequant+xla" and on_gpu and m > 4096)
     time_grouped_gemms(args, kernels, (w, scale), (k, n), floor, "fp8 floor", skip, label)
     if on_gpu and args.fp8_fused:
@@ -221,11 +217,8 @@ def _time_fp8_fixed_costs(args, w, scale, label: str, n: int, k: int) -> None:
     jitted op (the timing's own dispatch floor)."""
     from minimax_jax.ops import grouped_gemm_fp8
 
-    def copy_kernel(m_padded, n_out, k_in, *_, **__):
-        return lambda block_group, x_aligned, w, s: jnp.tile(x_aligned, (1, n_out // k_in))
-
-    layout_only = jax.jit(lambda x, w, s, sizes: grouped_gemm_fp8._on_aligned_rows(
-        copy_kernel, x, w, s, sizes, block_m=64, max_concurrent_steps=2, num_blocks=1, interpret=None))
+    layout_only = jax.jit(lambda x, w, s, sizes: grouped_gemm_fp8.on_aligned_rows(
+        lambda x_aligned, block_group: jnp.tile(x_aligned, (1, n // k)), x, sizes, block_m=64))
     default = jax.jit(grouped_gemm_fp8.grouped_gemm_fp8)
     for m in args.kernel_rows:
         x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
@@ -265,14 +258,14 @@ def bench_attention(args) -> None:
         t_s, err = _time_attention(case, positions, dict(decode_backend=backend))
         record("attention", f"decode {backend} {b} slots, contexts up to {context}", t_s * 1e3, "ms",
                f"rel err vs fp32 {err:.1e}, keys and values read at {kv_bytes / t_s / 1e12:.2f} TB/s")
-    if jax.default_backend() == "gpu":      # the kernel's keys per block and warps (default: 128, 4)
+    if jax.default_backend() == "gpu":      # keys per block, warps, pipeline stages (default: 128, 4, 2)
         from minimax_jax.ops import decode_attention
-        for block_keys, warps in ((64, 4), (256, 4), (128, 8), (256, 8)):
+        for block_keys, warps, stages in ((64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 4, 4), (64, 4, 4), (32, 4, 4)):
             kernel = functools.partial(decode_attention.paged_decode_attention, block_keys=block_keys,
-                                       num_warps=warps)
+                                       num_warps=warps, num_stages=stages)
             t_s, err = _time_attention(case, positions, {}, kernel)
-            record("attention", f"decode pallas {block_keys} keys/block {warps} warps", t_s * 1e3, "ms",
-                   f"rel err vs fp32 {err:.1e}, keys and values read at {kv_bytes / t_s / 1e12:.2f} TB/s")
+            record("attention", f"decode pallas {block_keys} keys/block {warps} warps {stages} stages", t_s * 1e3,
+                   "ms", f"rel err vs fp32 {err:.1e}, keys and values read at {kv_bytes / t_s / 1e12:.2f} TB/s")
 
 
 def _attention_case(slots: int, queries: int, keys: int, cache_dtype, page_size: int, seed: int):
@@ -708,10 +701,84 @@ def bench_url(args) -> None:
     record_latencies(f"{args.url} {model} {workload_name(args)}", wall, list(times), "streamed over HTTP")
 
 
+@dataclasses.dataclass
+class Trace:
+    device: dict[str, float]       # microseconds per kernel name, summed over the traced devices
+    host: dict[str, float]         # microseconds per host event name, summed over host threads
+    kernels: int                   # kernels launched on the devices
+    devices: set
+
+
+def read_trace(trace_dir: Path) -> Trace:
+    """Sums the newest perfetto trace under trace_dir by event name, devices apart from host."""
+    import gzip
+    files = sorted(Path(trace_dir).rglob("perfetto_trace.json.gz"))
+    events = json.loads(gzip.open(files[-1]).read())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    processes = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    # without a GPU in the trace (the CPU smoke run) every process counts as a device
+    devices = {pid for pid, name in processes.items() if "GPU" in name or "gpu" in name} or set(processes)
+    trace = Trace({}, {}, 0, devices)
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            totals = trace.device if e.get("pid") in devices else trace.host
+            totals[e["name"]] = totals.get(e["name"], 0.0) + e["dur"]
+            trace.kernels += e.get("pid") in devices
+    return trace
+
+
+def device_time(fn, *args, trace_dir: Path, iters: int = 10) -> Trace:
+    """fn(*args) run iters times inside a profiler trace (after a warm-up): the device time of
+    each kernel per call, free of the host's dispatch that a wall-clock timing of one call
+    includes."""
+    jax.block_until_ready(fn(*args))
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+    trace = read_trace(trace_dir)
+    trace.device = {name: us / iters for name, us in trace.device.items()}
+    return trace
+
+
+def bench_moe(args, ceilings: dict) -> None:
+    """The routed-experts block of one decode layer alone on one device, as one rank of expert
+    parallelism sees it: --moe-tokens tokens (all ranks' tokens, as DEP gathers them) routed to
+    8 of the preset's experts each, of which --local-experts live here (ids outside contribute
+    nothing). Device time per call from a profiler trace, its largest kernels, and the floor:
+    the local experts' FP8 bytes over the copy bandwidth."""
+    from flax import nnx
+    from minimax_jax.config import preset
+    from minimax_jax.model import Experts
+    cfg = preset(args.preset)
+    local_cfg = dataclasses.replace(cfg, num_experts=args.local_experts)
+    experts = Experts(local_cfg, jnp.bfloat16, nnx.Rngs(0), expert_format="fp8")
+    floor_bytes = args.local_experts * 3 * cfg.hidden_size * cfg.intermediate_size
+    for kernel in args.moe_kernels:
+        experts.kernel = kernel
+        graphdef, state = nnx.split(experts)
+        block = jax.jit(lambda state, x, ids, w: nnx.merge(graphdef, state)(x, ids, w, first_expert=0))
+        for tokens in args.moe_tokens:
+            rng = np.random.RandomState(tokens)
+            ids = jnp.asarray(np.argsort(rng.random((tokens, cfg.num_experts)), axis=1)[:, :cfg.num_experts_per_tok],
+                              jnp.int32)
+            x = jax.random.normal(jax.random.PRNGKey(tokens), (tokens, cfg.hidden_size), jnp.bfloat16)
+            w = jnp.asarray(rng.random((tokens, cfg.num_experts_per_tok)), jnp.float32)
+            trace = device_time(block, state, x, ids, w, iters=args.iters,
+                                trace_dir=Path(args.out) / f"trace-moe-{kernel}-{tokens}")
+            total = sum(trace.device.values())
+            floor = floor_bytes / ceilings["bandwidth"] * 1e6
+            record("moe", f"{kernel} {tokens} tok, {args.local_experts} local experts", total, "us/call",
+                   f"device time; floor {floor:.0f} us ({floor / total:.0%}); "
+                   f"{trace.kernels / args.iters:.0f} kernels/call")
+            for name, us in sorted(trace.device.items(), key=lambda kv: -kv[1])[:8]:
+                record("moe", f"  {kernel} {tokens} tok: {name[:70]}", us, "us/call")
+
+
 def bench_profile(args) -> None:
     """A perfetto trace of a few prefill or decode steps of the engine workload, and the device
     time per kernel name summed over them (largest first)."""
-    import gzip
     engine = make_bench_engine(args)
     rng = np.random.RandomState(0)
     prompts = [rng.randint(0, engine.cfg.vocab_size, args.prompt).tolist() for _ in range(args.requests)]
@@ -732,30 +799,16 @@ def bench_profile(args) -> None:
         jax.block_until_ready(engine.runner.kv)
         wall = time.perf_counter() - start
     engine.run_until_done()
-    files = sorted(trace_dir.rglob("perfetto_trace.json.gz"))
-    events = json.loads(gzip.open(files[-1]).read())
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    processes = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-                 if e.get("ph") == "M" and e.get("name") == "process_name"}
-    devices = {pid for pid, name in processes.items() if "GPU" in name or "gpu" in name} or set(processes)
-    totals: dict[str, float] = {}
-    host: dict[str, float] = {}
-    kernels = 0
-    for e in events:
-        if e.get("ph") == "X" and "dur" in e:
-            if e.get("pid") in devices:
-                totals[e["name"]] = totals.get(e["name"], 0.0) + e["dur"]
-                kernels += 1
-            else:
-                host[e["name"]] = host.get(e["name"], 0.0) + e["dur"]
-    busy = sum(totals.values()) / args.profile_steps / len(devices)
+    trace = read_trace(trace_dir)
+    devices, totals, host = len(trace.devices), trace.device, trace.host
+    busy = sum(totals.values()) / args.profile_steps / devices
     record("profile", f"{args.profile_phase}: every kernel", busy, "us/step/device",
            f"wall {wall / args.profile_steps * 1e6:.0f} us/step (traced); below the wall: idle or host-bound; "
-           f"kernels on concurrent streams (NCCL) add up; {kernels / args.profile_steps / len(devices):.0f} "
+           f"kernels on concurrent streams (NCCL) add up; {trace.kernels / args.profile_steps / devices:.0f} "
            "kernels/step/device")
     for name, dur in sorted(totals.items(), key=lambda kv: -kv[1])[:25]:
-        record("profile", f"{args.profile_phase}: {name[:80]}", dur / args.profile_steps / len(devices),
-               "us/step/device", f"mean over {len(devices)} traced devices")
+        record("profile", f"{args.profile_phase}: {name[:80]}", dur / args.profile_steps / devices,
+               "us/step/device", f"mean over {devices} traced devices")
     # where the host threads spend the steps (a launch that waits on the device shows here)
     for name, dur in sorted(host.items(), key=lambda kv: -kv[1])[:12]:
         record("profile", f"{args.profile_phase} host: {name[:80]}", dur / args.profile_steps, "us/step",
@@ -820,6 +873,10 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--kernel-rows", type=int, nargs="+", default=[512, 2048, 32768])
     p.add_argument("--local-experts", type=int, default=64)
+    p.add_argument("--moe-tokens", type=int, nargs="+", default=[256, 1212],
+                   help="moe section: tokens of a decode step over all ranks (W2: 4 x 64, W1: 4 x 303)")
+    p.add_argument("--moe-kernels", nargs="+", choices=MOE_KERNELS[1:], default=["mosaic-fp8", "mosaic"],
+                   help="moe section: the expert GEMMs to time")
     p.add_argument("--tune", action="store_true", help="time several Mosaic block configurations")
     p.add_argument("--fp8-fused", action="store_true", help="kernels: also variants of the FP8 kernels "
                    "(tile rows, pipeline depth, double-buffered, warp-specialised, W8A8), the down projection's "
@@ -871,6 +928,7 @@ def parse_args(argv=None):
         args.kernel_rows, args.local_experts, args.hidden, args.intermediate = [64], 4, 64, 32
         args.copy_elems, args.matmul_n, args.iters, args.page_size = 1 << 16, 128, 2, 8
         args.engine_layers, args.chunk, args.max_prefill_tokens = 2, 32, 256
+        args.moe_tokens, args.moe_kernels = [16], ["xla"]
         for k, v in dict(requests=16, prompt=24, output=8).items():
             if k not in given:
                 setattr(args, k, v)
@@ -924,11 +982,13 @@ def main(argv=None) -> int:
     if "hf" in sections:            # torch shares the GPU: JAX takes memory as it goes
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
         bench_hf(args)
-    ceilings = bench_env(args) if {"env", "kernels", "layers", "breakdown"} & set(sections) else {}
+    ceilings = bench_env(args) if {"env", "kernels", "moe", "layers", "breakdown"} & set(sections) else {}
     if "check" in sections:
         bench_check(args)
     if "kernels" in sections:
         bench_kernels(args, ceilings)
+    if "moe" in sections:
+        bench_moe(args, ceilings)
     if "attention" in sections:
         bench_attention(args)
     if "layouts" in sections:

@@ -13,15 +13,18 @@ and each 128-deep partial product is scaled by its weight block's scale in regis
 the same bytes with no conversion work; its numbers differ from the weight-only kernel by the
 rows' FP8 rounding.
 
-Rows are first laid out group-aligned: each group starts at a multiple of `block_m` in a padded
-buffer (XLA gathers them there and gathers the results back). Every tile then holds rows of one
+The kernels take rows laid out group-aligned: each group starts at a multiple of `block_m` in a
+padded buffer (`aligned_layout`; XLA gathers the rows there). Every tile then holds rows of one
 group only, so at decode (a few rows per expert) each expert's weights are read once, tiles load
-and store whole blocks, and no row-ragged stores are needed.
+and store whole blocks, and no row-ragged stores are needed. `grouped_gemm_fp8` and
+`grouped_gemm_w8a8` take rows contiguous by group and gather them there and back;
+`ops.moe.routed_experts` lays a layer's rows out once for both of its GEMMs instead.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,55 +44,73 @@ def reference(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Arr
 
 def aligned_layout(group_sizes: jax.Array, m: int, block_m: int) -> tuple[jax.Array, jax.Array, int]:
     """Where each of the m sorted rows goes in the group-aligned buffer (m_padded for rows past
-    the groups), the group of each block of that buffer, and the buffer's static row count."""
+    the groups), the group of each block of that buffer (g: no rows), and the buffer's static
+    row count.
+
+    Every search compares against all g group boundaries at once (`compare_all`): the default
+    binary search is a loop, which XLA runs as a kernel launch or more per halving on GPUs."""
     sizes = group_sizes.astype(jnp.int32)
     g = sizes.shape[0]
     padded = -(-sizes // block_m) * block_m
-    start, padded_start = jnp.cumsum(sizes) - sizes, jnp.cumsum(padded) - padded
+    end, padded_end = jnp.cumsum(sizes), jnp.cumsum(padded)
+    start, padded_start = end - sizes, padded_end - padded
     m_padded = (-(-m // block_m) + g) * block_m          # >= m + g * (block_m - 1)
     r = jnp.arange(m, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes), r, side="right"), g - 1)
-    dest = jnp.where(r < jnp.sum(sizes), padded_start[group] + r - start[group], m_padded)
+    group = jnp.minimum(jnp.searchsorted(end, r, side="right", method="compare_all"), g - 1)
+    dest = jnp.where(r < end[-1], padded_start[group] + r - start[group], m_padded)
     block_start = jnp.arange(m_padded // block_m, dtype=jnp.int32) * block_m
-    block_group = jnp.searchsorted(jnp.cumsum(padded), block_start, side="right").astype(jnp.int32)
-    return dest.astype(jnp.int32), block_group, m_padded     # block_group == g: no rows
+    block_group = jnp.searchsorted(padded_end, block_start, side="right", method="compare_all")
+    return dest.astype(jnp.int32), block_group.astype(jnp.int32), m_padded
+
+
+def scatter_to_aligned(values: jax.Array, dest: jax.Array, m_padded: int, fill: int) -> jax.Array:
+    """[m_padded] int32: values[r] at dest[r] (rows past the groups dropped), fill elsewhere.
+    With the sorted rows' source indices as values it is what a gather into the aligned buffer
+    reads (a gather needs no zeroed buffer, unlike a scatter of the rows themselves)."""
+    return jnp.full((m_padded,), fill, jnp.int32).at[dest].set(values.astype(jnp.int32), mode="drop")
+
+
+def on_aligned_rows(gemm: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, group_sizes: jax.Array,
+                    block_m: int) -> jax.Array:
+    """gemm(x_aligned, block_group) on x's rows (contiguous by group) laid out group-aligned,
+    the result gathered back to x's rows (rows past the groups come back 0)."""
+    m = x.shape[0]
+    dest, block_group, m_padded = aligned_layout(group_sizes, m, block_m)
+    # Materialised once: fused into the row copies, XLA recomputed this index arithmetic for
+    # every element copied, 0.7 ms per layer at a DEP4 decode step.
+    dest, block_group = jax.lax.optimization_barrier((dest, block_group))
+    source = scatter_to_aligned(jnp.arange(m), dest, m_padded, fill=m)
+    x_aligned = jnp.take(x, source, axis=0, mode="fill", fill_value=0)
+    return jnp.take(gemm(x_aligned, block_group), dest, axis=0, mode="fill", fill_value=0)
 
 
 def grouped_gemm_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Array, *,
-                     block_m: int = 64, max_concurrent_steps: int = 2, chunk_rows: int = 64,
-                     load_layout: str | None = None, prefetch_scale: bool = False, swap_ab: bool = False,
-                     double_buffer: bool = False, warp_specialized: bool = False, num_blocks: int | None = None,
-                     interpret=None) -> jax.Array:
-    """`reference` as a Mosaic-GPU kernel (rows past the groups come back 0). Needs N and K
-    multiples of 128.
+                     block_m: int = 64, **options) -> jax.Array:
+    """`reference` as a Mosaic-GPU kernel (rows past the groups come back 0): the rows laid out
+    group-aligned, then `aligned_gemm_fp8` (its options). Needs N and K multiples of 128."""
+    gemm = functools.partial(aligned_gemm_fp8, w=w, scale=scale, block_m=block_m, **options)
+    return on_aligned_rows(gemm, x, group_sizes, block_m)
 
-    block_m: rows per tile (a multiple of 64, wgmma's M; of 8 with swap_ab); chunk_rows: weight rows converted at
+
+def aligned_gemm_fp8(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, scale: jax.Array, *,
+                     block_m: int = 64, max_concurrent_steps: int = 2, chunk_rows: int = 64,
+                     load_layout: str | None = None, num_blocks: int | None = None, interpret=None) -> jax.Array:
+    """The weight-only kernel on rows already group-aligned: x_aligned [m_padded, K] (see
+    `aligned_layout`), block_group [m_padded / block_m]. Returns [m_padded, N]; blocks of no
+    group are left unwritten.
+
+    block_m: rows per tile (a multiple of 64, wgmma's M); chunk_rows: weight rows converted at
     once; load_layout: register layout of the loaded FP8 chunk (a plgpu.Layout name, or None to
     leave it to layout inference); num_blocks: thread blocks of the persistent grid. The
     defaults (two blocks per SM, two pipeline stages so that both fit in shared memory) were as
-    fast or faster than one block of four stages at every decode size measured (runs S, T);
-    prefetch_scale: each step's weight scale is loaded one step ahead instead of on demand;
-    swap_ab: the weight tile is wgmma's A operand (M = 128 output channels) and the rows its N,
-    which may be as few as 8, so block_m can be 16 or 32 where experts have few rows (decode)
-    and the padded rows read and multiplied shrink with it. Both are exact under the
-    interpreter and lowered for CUDA here, and off until measured on a GPU.
-
-    double_buffer: two conversion buffers, so that a step's wgmma runs on while the next step
-    converts (wgmma_wait(1), the copies released a step late); warp_specialized: `_kernel_ws`
-    instead (block_m rows per tile, up to 256; the other options do not apply). Neither was
-    faster than the defaults across sizes on an H200 (docs/benchmarks.md, runs AK-AM), so both
-    are off: the call's fixed costs, not the work on rows, dominate at decode sizes."""
-    _check_shapes(x, w, scale)
-    if warp_specialized:
-        kernel = functools.partial(_kernel_ws, w8a8=False)
-        return _on_aligned_rows(kernel, x, w, scale, group_sizes, block_m, max_concurrent_steps,
-                                num_blocks or sm_count(), interpret, swap_ab=True)
-    if double_buffer and (swap_ab or prefetch_scale):
-        raise ValueError("double_buffer goes with neither swap_ab nor prefetch_scale")
-    kernel = functools.partial(_kernel, chunk_rows=chunk_rows, load_layout=load_layout,
-                               prefetch_scale=prefetch_scale, swap_ab=swap_ab, double_buffer=double_buffer)
-    return _on_aligned_rows(kernel, x, w, scale, group_sizes, block_m, max_concurrent_steps,
-                            num_blocks or 2 * sm_count(), interpret, swap_ab=swap_ab)
+    fast or faster than one block of four stages at every decode size measured (runs S, T), and
+    than a prefetched scale, swapped operands, two conversion buffers and a warp-specialised
+    form (runs V, W, AK-AM; those options were removed)."""
+    _check_shapes(x_aligned, w, scale, block_group, block_m)
+    kernel = _kernel(x_aligned.shape[0], w.shape[1], w.shape[2], w.shape[0], x_aligned.dtype, block_m,
+                     max_concurrent_steps, chunk_rows=chunk_rows, load_layout=load_layout,
+                     num_blocks=num_blocks or 2 * sm_count(), interpret=interpret)
+    return kernel(block_group, x_aligned, w, scale)
 
 
 def reference_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -99,23 +120,23 @@ def reference_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: ja
 
 
 def grouped_gemm_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Array, *,
-                      block_m: int = 64, max_concurrent_steps: int = 4, prefetch_scale: bool = False,
-                      swap_ab: bool = False, warp_specialized: bool = False, num_blocks: int | None = None,
+                      block_m: int = 64, **options) -> jax.Array:
+    """`reference_w8a8` as a Mosaic-GPU kernel: `aligned_gemm_w8a8` on the group-aligned rows."""
+    gemm = functools.partial(aligned_gemm_w8a8, w=w, scale=scale, block_m=block_m, **options)
+    return on_aligned_rows(gemm, x, group_sizes, block_m)
+
+
+def aligned_gemm_w8a8(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, scale: jax.Array, *,
+                      block_m: int = 64, max_concurrent_steps: int = 4, num_blocks: int | None = None,
                       interpret=None) -> jax.Array:
-    """`reference_w8a8` as a Mosaic-GPU kernel: FP8 x FP8 wgmma per 128-deep step, scaled by the
-    weight block's scale and summed in fp32 registers; the row scales apply to the output.
-    Options as `grouped_gemm_fp8` (warp_specialized: block_m up to 128)."""
-    _check_shapes(x, w, scale)
-    xq, xs = fp8.quantize_per_channel(x)
-    if warp_specialized:
-        kernel = functools.partial(_kernel_ws, w8a8=True)
-        swap_ab, num_blocks = True, num_blocks or sm_count()
-    else:
-        kernel = functools.partial(_kernel_w8a8, prefetch_scale=prefetch_scale, swap_ab=swap_ab)
-        num_blocks = num_blocks or 2 * sm_count()
-    out = _on_aligned_rows(kernel, xq, w, scale, group_sizes, block_m, max_concurrent_steps,
-                           num_blocks, interpret, out_dtype=jnp.float32, swap_ab=swap_ab)
-    return (out * xs).astype(x.dtype)
+    """The W8A8 kernel on group-aligned rows (as `aligned_gemm_fp8`): the rows are quantised to
+    e4m3 with one scale per row, each 128-deep FP8 x FP8 wgmma is scaled by its weight block's
+    scale and summed in fp32 registers, and the row scales apply to the output."""
+    _check_shapes(x_aligned, w, scale, block_group, block_m)
+    xq, xs = fp8.quantize_per_channel(x_aligned)
+    kernel = _kernel_w8a8(x_aligned.shape[0], w.shape[1], w.shape[2], w.shape[0], jnp.float32, block_m,
+                          max_concurrent_steps, num_blocks=num_blocks or 2 * sm_count(), interpret=interpret)
+    return (kernel(block_group, xq, w, scale) * xs).astype(x_aligned.dtype)
 
 
 def sm_count() -> int:
@@ -124,37 +145,21 @@ def sm_count() -> int:
     return getattr(jax.devices()[0], "core_count", 0) or 132
 
 
-def _check_shapes(x, w, scale):
+def _check_shapes(x, w, scale, block_group, block_m):
     m, k = x.shape
     g, n, k2 = w.shape
     if k != k2 or n % BLOCK or k % BLOCK or scale.shape != (g, n // BLOCK, k // BLOCK):
         raise ValueError(f"fp8 grouped GEMM needs x [M, K], w [G, N, K], scale [G, N/128, K/128] "
                          f"with N, K multiples of 128; got {x.shape}, {w.shape}, {scale.shape}")
+    if m % block_m or block_group.shape != (m // block_m,):
+        raise ValueError(f"group-aligned rows need a multiple of block_m={block_m} rows and one group "
+                         f"per block; got {m} rows and block_group {block_group.shape}")
 
 
-def _on_aligned_rows(make_kernel, x, w, scale, group_sizes, block_m, max_concurrent_steps, num_blocks,
-                     interpret, out_dtype=None, swap_ab=False):
-    """Gathers the rows into the group-aligned buffer, runs the kernel, gathers them back (the
-    kernel writes [N, rows] with swap_ab)."""
-    (m, k), (g, n, _) = x.shape, w.shape
-    dest, block_group, m_padded = aligned_layout(group_sizes, m, block_m)
-    # Materialised once: fused into the row copies, XLA recomputed this index arithmetic (the
-    # searchsorted and cumsums) for every element copied, 0.7 ms per layer at a DEP4 decode step.
-    dest, block_group = jax.lax.optimization_barrier((dest, block_group))
-    source = jnp.full((m_padded,), m, jnp.int32).at[dest].set(jnp.arange(m, dtype=jnp.int32), mode="drop")
-    x_aligned = jnp.take(x, source, axis=0, mode="fill", fill_value=0)    # a gather: no zeroed buffer
-    kernel = make_kernel(m_padded, n, k, g, out_dtype or x.dtype, block_m, max_concurrent_steps,
-                         num_blocks=num_blocks, interpret=interpret)
-    out = kernel(block_group, x_aligned, w, scale)
-    out = out.T if swap_ab else out
-    return jnp.take(out, dest, axis=0, mode="fill", fill_value=0)         # dest == m_padded: past the groups
-
-
-def _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, swap_ab, tile_product):
+def _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, tile_product):
     """What both kernels share: a persistent loop over the (row block, 128 columns) tiles of the
     group-aligned rows, skipping row blocks of no group; tile_product(x_gmem, w_gmem, s_gmem,
-    group, mi, ni) gives a tile's fp32 value ([128, block_m] with swap_ab), which is stored
-    through shared memory."""
+    group, mi, ni) gives a tile's fp32 value, which is stored through shared memory."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -170,225 +175,87 @@ def _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, swa
             def _():
                 value = tile_product(x_gmem, w_gmem, s_gmem, group, mi, ni)
 
-                rows, cols = pl.ds(mi * block_m, block_m), pl.ds(ni * BLOCK, BLOCK)
-
                 @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM(value.shape, o_gmem.dtype))
                 def _(o_smem):
                     o_smem[...] = value.astype(o_smem.dtype)
                     plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[(cols, rows) if swap_ab else (rows, cols)])
+                    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * block_m, block_m), pl.ds(ni * BLOCK, BLOCK)])
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    out_shape = (n, m_padded) if swap_ab else (m_padded, n)
     return plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct(out_shape, dtype), grid=(num_blocks,), grid_names=("sm",),
+        body, out_type=jax.ShapeDtypeStruct((m_padded, n), dtype), grid=(num_blocks,), grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret)
 
 
-def _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, init_carry, delay_release=0):
-    """Runs step over the 128-deep slices of one tile's rows and weights (copies pipelined;
-    delay_release=1 keeps each step's slices until the next step ends, for a wgmma still
-    reading them)."""
+def _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, init_carry):
+    """Runs step over the 128-deep slices of one tile's rows and weights (copies pipelined)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     return plgpu.emit_pipeline(
         step, grid=(k // BLOCK,),
-        in_specs=[plgpu.BlockSpec((block_m, BLOCK), lambda kk: (mi, kk), delay_release=delay_release),
-                  plgpu.BlockSpec((BLOCK, BLOCK), lambda kk: (ni, kk), delay_release=delay_release)],
+        in_specs=[plgpu.BlockSpec((block_m, BLOCK), lambda kk: (mi, kk)),
+                  plgpu.BlockSpec((BLOCK, BLOCK), lambda kk: (ni, kk))],
         max_concurrent_steps=max_concurrent_steps, init_carry=init_carry)
 
 
 def _kernel(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, chunk_rows, load_layout,
-            prefetch_scale, swap_ab, double_buffer, num_blocks, interpret):
+            num_blocks, interpret):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    steps_k = k // BLOCK
-
     def convert(w_smem, s, w_bf16):
-        """One FP8 weight tile to scaled bf16 in w_bf16, returned as wgmma's B operand (or as its
-        A operand, untransposed, with swap_ab)."""
+        """One FP8 weight tile to scaled bf16 in w_bf16, returned as wgmma's B operand."""
         for r in range(0, BLOCK, chunk_rows):      # bounds the registers in use
             chunk = w_smem[pl.ds(r, chunk_rows), :]
             if load_layout is not None and not interpret:
                 chunk = plgpu.layout_cast(chunk, getattr(plgpu.Layout, load_layout))
             chunk = (chunk.astype(jnp.float32) * s).astype(jnp.bfloat16)
-            if interpret and not swap_ab:   # the interpreter's wgmma takes no transposed operand
+            if interpret:   # the interpreter's wgmma takes no transposed operand
                 w_bf16[:, pl.ds(r, chunk_rows)] = chunk.T
             else:
                 w_bf16[pl.ds(r, chunk_rows), :] = chunk
         plgpu.commit_smem()
-        return w_bf16 if interpret or swap_ab else _transposed(w_bf16)
+        return w_bf16 if interpret else _transposed(w_bf16)
 
     def tile_product(x_gmem, w_gmem, s_gmem, group, mi, ni):
-        def pipeline(acc_ref, w_bf16, *x_t):
-            def step(idx, x_smem, w_smem, *scale):
-                s = scale[0] if prefetch_scale else s_gmem[group, ni, idx[0]]
-                # double_buffer: this step converts into the buffer the step before last read,
-                # and leaves its wgmma running while the next step converts into the other
-                w_tile = convert(w_smem, s, w_bf16.at[idx[0] % 2] if double_buffer else w_bf16)
-                if swap_ab:
-                    plgpu.wgmma(acc_ref, w_tile, _transposed_operand(x_smem, x_t, interpret))
-                else:
-                    plgpu.wgmma(acc_ref, x_smem, w_tile)
-                plgpu.wgmma_wait(1 if double_buffer else 0)
-                if prefetch_scale:      # loaded one step ahead, carried to the next step
-                    return s_gmem[group, ni, jnp.minimum(idx[0] + 1, steps_k - 1)]
-
-            first_scale = s_gmem[group, ni, 0] if prefetch_scale else None
-            _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, first_scale,
-                        delay_release=int(double_buffer))(x_gmem, w_gmem.at[group])
-            if double_buffer:
+        def pipeline(acc_ref, w_bf16):
+            def step(idx, x_smem, w_smem):
+                plgpu.wgmma(acc_ref, x_smem, convert(w_smem, s_gmem[group, ni, idx[0]], w_bf16))
                 plgpu.wgmma_wait(0)
+
+            _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, None)(x_gmem, w_gmem.at[group])
             return acc_ref[...]
 
-        scratch = [plgpu.SMEM((2, BLOCK, BLOCK) if double_buffer else (BLOCK, BLOCK), jnp.bfloat16)]
-        if swap_ab:
-            scratch += _transpose_scratch((BLOCK, block_m), jnp.bfloat16, interpret)
-        acc_shape = (BLOCK, block_m) if swap_ab else (block_m, BLOCK)
         return pl.run_scoped(     # register and shared-memory scopes may not mix
-            lambda *refs: pl.run_scoped(lambda acc_ref: pipeline(acc_ref, *refs), plgpu.ACC(acc_shape)), *scratch)
+            lambda w_bf16: pl.run_scoped(lambda acc_ref: pipeline(acc_ref, w_bf16), plgpu.ACC((block_m, BLOCK))),
+            plgpu.SMEM((BLOCK, BLOCK), jnp.bfloat16))
 
-    return _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, swap_ab, tile_product)
+    return _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, tile_product)
 
 
-def _kernel_w8a8(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, prefetch_scale, swap_ab,
-                 num_blocks, interpret):
+def _kernel_w8a8(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, num_blocks, interpret):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    steps_k = k // BLOCK
-    acc_shape = (BLOCK, block_m) if swap_ab else (block_m, BLOCK)
+    acc_shape = (block_m, BLOCK)
 
     def tile_product(x_gmem, w_gmem, s_gmem, group, mi, ni):
-        def step(idx, x_smem, w_smem, carry):
-            total, *scale = carry if prefetch_scale else (carry,)
-            if prefetch_scale:     # the next step's scale is loaded while this step's wgmma runs
-                scale.append(s_gmem[group, ni, jnp.minimum(idx[0] + 1, steps_k - 1)])
-
+        def step(idx, x_smem, w_smem, total):
             def product(acc_ref, *scratch):
-                if swap_ab:
-                    plgpu.wgmma(acc_ref, w_smem, _transposed_operand(x_smem, scratch, interpret))
-                else:
-                    plgpu.wgmma(acc_ref, x_smem, _transposed_operand(w_smem, scratch, interpret))
+                plgpu.wgmma(acc_ref, x_smem, _transposed_operand(w_smem, scratch, interpret))
                 return acc_ref[...]
 
-            transposed = x_smem if swap_ab else w_smem
-            scratch = _transpose_scratch(transposed.shape[::-1], transposed.dtype, interpret)
+            scratch = _transpose_scratch(w_smem.shape[::-1], w_smem.dtype, interpret)
             p = pl.run_scoped(lambda *refs: pl.run_scoped(lambda acc: product(acc, *refs),
                                                           plgpu.ACC(acc_shape)), *scratch)
-            if prefetch_scale:
-                return total + p * scale[0], scale[1]
             return total + p * s_gmem[group, ni, idx[0]]
 
         zeros = jnp.zeros(acc_shape, jnp.float32)
         if not interpret:
             zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
-        init = (zeros, s_gmem[group, ni, 0]) if prefetch_scale else zeros
-        out = _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, init)(x_gmem, w_gmem.at[group])
-        return out[0] if prefetch_scale else out
+        return _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, zeros)(x_gmem, w_gmem.at[group])
 
-    return _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, swap_ab, tile_product)
-
-
-def _kernel_ws(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, w8a8, num_blocks, interpret):
-    """Warp-specialised: per thread block a memory warpgroup streams each tile's 128-deep slices
-    of rows and weights through a ring of shared-memory stages, and two compute warpgroups take
-    64 output channels each of the tile's 128. The weight slice is wgmma's A operand: converted
-    from FP8 in registers (times its block scale, rounded to bf16, no shared-memory round trip)
-    or, with w8a8, read as FP8 from shared memory against FP8 rows and scaled in registers after
-    each step. The rows are the B operand (N = block_m). Output is [N, m_padded]."""
-    from jax import lax
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    steps_k, grid_m, grid_n = k // BLOCK, m_padded // block_m, n // BLOCK
-    row_bits = 8 if w8a8 else 16
-    out_bits = jnp.dtype(dtype).itemsize * 8
-
-    def transforms(row_bytes, bits):
-        swizzle = plgpu.find_swizzle(row_bytes * 8)
-        return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
-
-    def get_pipeline(step, compute_context):
-        return plgpu.emit_pipeline_warp_specialized(
-            step, grid=(steps_k,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
-            in_specs=[plgpu.BlockSpec((block_m, BLOCK), lambda kk: (0, kk),
-                                      transforms=transforms(BLOCK * row_bits // 8, row_bits)),
-                      plgpu.BlockSpec((BLOCK, BLOCK), lambda kk: (0, kk), transforms=transforms(BLOCK, 8))],
-            max_concurrent_steps=max_concurrent_steps, compute_context=compute_context)
-
-    def body(group_ref, x_gmem, w_gmem, s_gmem, o_gmem, o_smem, *interpret_scratch):
-        def slices(mi, ni, group):
-            return (x_gmem.at[pl.ds(mi * block_m, block_m)], w_gmem.at[group, pl.ds(ni * BLOCK, BLOCK)])
-
-        ignore = lambda *_, **__: None      # noqa: E731 (allocations do not depend on the bodies)
-
-        @functools.partial(pl.run_scoped, collective_axes="wg",
-                           allocations=get_pipeline(ignore, ignore).get_allocations(*slices(0, 0, 0)))
-        def _(allocations):
-            wg = lax.axis_index("wg")
-            channels = pl.ds(wg * 64, 64)
-
-            @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
-            def _(info):
-                mi, ni = info.index[0] // grid_n, info.index[0] % grid_n    # a row block's N tiles together
-                group = group_ref[mi]
-
-                def weights_times_rows(acc_ref, x_smem, w_smem, s):
-                    if w8a8:
-                        a = w_smem.at[channels]
-                    else:
-                        a = (w_smem[channels, :].astype(jnp.float32) * s).astype(jnp.bfloat16)
-                    if interpret:   # the interpreter's wgmma takes its A operand from shared memory only
-                        a_smem, x_t = interpret_scratch
-                        a_smem[wg] = a[...]
-                        a, scratch = a_smem.at[wg], [x_t.at[wg]]
-                    else:
-                        scratch = []
-                    plgpu.wgmma(acc_ref, a, _transposed_operand(x_smem, scratch, interpret))
-                    plgpu.wgmma_wait(0)
-
-                def step(idx, x_smem, w_smem, carry):
-                    s = s_gmem[group, ni, idx[0]]
-                    if not w8a8:
-                        weights_times_rows(carry, x_smem, w_smem, s)
-                        return carry
-
-                    def product(acc_ref):
-                        weights_times_rows(acc_ref, x_smem, w_smem, s)
-                        return acc_ref[...]
-                    return carry + pl.run_scoped(product, plgpu.ACC((64, block_m))) * s
-
-                def compute_context(run_pipeline):
-                    def store(value):
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)    # the previous tile's store
-                        o_smem[wg] = value.astype(dtype)
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[pl.ds(ni * BLOCK + wg * 64, 64),
-                                                                         pl.ds(mi * block_m, block_m)])
-                    if w8a8:
-                        zeros = jnp.zeros((64, block_m), jnp.float32)
-                        store(run_pipeline(zeros if interpret else plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)))
-                    else:
-                        pl.run_scoped(lambda acc_ref: store(run_pipeline(acc_ref)[...]),
-                                      plgpu.ACC((64, block_m)))
-
-                @pl.when(group < g)
-                def _():
-                    get_pipeline(step, compute_context)(*slices(mi, ni, group), allocations=allocations)
-
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    scratch = [plgpu.SMEM((2, 64, block_m), dtype, transforms=transforms(block_m * out_bits // 8, out_bits))]
-    if interpret:
-        operand_dtype = jnp.float8_e4m3fn if w8a8 else jnp.bfloat16
-        scratch += [plgpu.SMEM((2, 64, BLOCK), operand_dtype), plgpu.SMEM((2, BLOCK, block_m), operand_dtype)]
-    return plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((n, m_padded), dtype), grid=(num_blocks,), grid_names=("sm",),
-        num_threads=3, thread_name="wg", scratch_types=scratch,
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=interpret)
+    return _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, tile_product)
 
 
 def _transpose_scratch(shape, dtype, interpret):
