@@ -34,6 +34,15 @@ def test_per_pair_experts_equal_the_grouped_gemm_including_foreign_and_padding_p
     assert not np.asarray(pairs[4]).any() and np.asarray(mine).any() and not np.asarray(mine).all()
 
 
+def test_counting_sort_puts_each_pair_where_a_stable_argsort_does():
+    keys = np.random.RandomState(4).randint(0, 9, 3000)
+    keys[:40] = 8                                           # the past-the-groups key, first
+    positions, counts = moe._stable_sort_positions(jnp.asarray(keys, jnp.int32), 9)
+    order = np.argsort(keys, kind="stable")
+    assert (np.asarray(positions)[order] == np.arange(len(keys))).all()
+    assert np.asarray(counts).tolist() == np.bincount(keys, minlength=9).tolist()
+
+
 def test_row_capacities_shrink_the_gemm_to_the_local_share_only_for_large_batches():
     assert moe.row_capacities(131072, 0.25) == (40960, 65536, 131072)
     assert moe.row_capacities(8192, 0.25) == (8192,)           # decode: no branch

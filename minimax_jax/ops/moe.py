@@ -41,9 +41,10 @@ KERNELS = ("auto", "xla", "mosaic", "mosaic-fp8", "mosaic-w8a8")
 FP8_KERNELS = ("mosaic-fp8", "mosaic-w8a8")
 
 # Above this many expected local rows the FP8 kernel is slower than dequantising the layer once
-# for the bf16 kernel: on an H100 (docs/benchmarks.md, run O) it took 0.84 ms against 1.56 ms at
-# 2048 rows and 4.3 ms against 2.7 ms at 32768.
-FUSED_FP8_MAX_ROWS = 8192
+# for the bf16 kernel (docs/benchmarks.md): on an H100 0.84 against 1.56 ms at 2048 rows and 4.3
+# against 2.7 ms at 32768 (run O); on an H200, gate/up over 64 experts, 1.87 against 3.17 ms at
+# 16384 rows and 2.79 against 2.37 ms at 32768 (runs AO, AP).
+FUSED_FP8_MAX_ROWS = 16384
 
 
 def on_hopper() -> bool:
@@ -124,11 +125,13 @@ def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, num_
     local = expert_ids - first_expert
     mine = (local >= 0) & (local < num_local)
     flat = jnp.where(mine, local, num_local).reshape(-1)
-    order = jnp.argsort(flat, stable=True)                 # local pairs first, by expert
-    group_sizes = jnp.bincount(flat, length=num_local + 1)[:num_local].astype(jnp.int32)
-    # each pair's row in the sorted order: the combine gathers instead of scatter-adding, whose
-    # float atomics on GPUs sum in no fixed order
-    sorted_position = jnp.zeros(n * k, jnp.int32).at[order].set(jnp.arange(n * k, dtype=jnp.int32))
+    # local pairs first, by expert: each pair's row in that order (the combine gathers by it
+    # instead of scatter-adding, whose float atomics on GPUs sum in no fixed order) and the pair
+    # on each row
+    sorted_position, group_sizes = _stable_sort_positions(flat, num_local + 1)
+    group_sizes = group_sizes[:num_local]
+    order = jnp.zeros(n * k, jnp.int32).at[sorted_position].set(jnp.arange(n * k, dtype=jnp.int32),
+                                                               unique_indices=True)
 
     def combine(capacity: int) -> jax.Array:
         token = order[:capacity] // k                      # the token of each sorted row
@@ -157,6 +160,19 @@ def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, num_
         return combine(capacities[0])
     bucket = jnp.sum(jnp.sum(group_sizes) > jnp.asarray(capacities[:-1]))
     return jax.lax.switch(bucket, [functools.partial(combine, c) for c in capacities])
+
+
+def _stable_sort_positions(keys: jax.Array, num_keys: int) -> tuple[jax.Array, jax.Array]:
+    """Where a stable sort puts each of keys (ints in [0, num_keys)), and each key's count: a
+    counting sort (the keys before it, plus the equal keys before it), one pass over a
+    [len(keys), num_keys] one-hot. XLA's sort of the ~10k pairs of a DEP4 decode step took 35 us
+    a layer on an H200 (docs/benchmarks.md, run AN)."""
+    one_hot = (keys[:, None] == jnp.arange(num_keys, dtype=keys.dtype)).astype(jnp.int32)
+    equal_before = jnp.cumsum(one_hot, axis=0) - one_hot
+    counts = jnp.sum(one_hot, axis=0)
+    starts = jnp.cumsum(counts) - counts
+    rank = jnp.take_along_axis(equal_before, keys[:, None], axis=1)[:, 0]
+    return (starts[keys] + rank).astype(jnp.int32), counts.astype(jnp.int32)
 
 
 def weight_matmuls(w13: jax.Array, w2: jax.Array, kernel: str, output_major: bool = False) -> GroupedMatmuls:
