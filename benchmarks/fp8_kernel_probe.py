@@ -27,16 +27,14 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=2, help="pipeline depth")
     p.add_argument("--per-sm", type=int, default=2, help="thread blocks per SM")
     p.add_argument("--w8a8", action="store_true", help="the W8A8 kernel (rows rounded to FP8) instead")
-    p.add_argument("--prefetch-scale", action="store_true", help="each step's scale loaded a step ahead")
-    p.add_argument("--swap-ab", action="store_true", help="rows as wgmma's N (use --block-m 16 or 32)")
     args = p.parse_args()
     layout = None if args.load_layout.lower() == "none" else args.load_layout
     g, n, k = 64, 3072, 3072
     w, scale = fp8.quantize_blockwise(jax.random.normal(jax.random.PRNGKey(0), (g, n, k), jnp.float32) * 0.02)
     x = jax.random.normal(jax.random.PRNGKey(1), (args.rows, k), jnp.bfloat16)
     sizes = jnp.asarray(np.random.RandomState(3).multinomial(args.rows, np.ones(g) / g), jnp.int32)
-    options = dict(block_m=args.block_m, max_concurrent_steps=args.steps, prefetch_scale=args.prefetch_scale,
-                   swap_ab=args.swap_ab, num_blocks=args.per_sm * grouped_gemm_fp8.sm_count())
+    options = dict(block_m=args.block_m, max_concurrent_steps=args.steps,
+                   num_blocks=args.per_sm * grouped_gemm_fp8.sm_count())
     if args.w8a8:
         f = jax.jit(lambda x, w, s, sizes: grouped_gemm_fp8.grouped_gemm_w8a8(x, w, s, sizes, **options))
     else:
@@ -53,8 +51,7 @@ def main() -> int:
         jax.block_until_ready(f(x, w, scale, sizes))
         times.append(time.perf_counter() - t)
     print(f"layout={layout} chunk={args.chunk_rows} bm={args.block_m} rows={args.rows} "
-          f"steps={args.steps} per_sm={args.per_sm} w8a8={args.w8a8} prefetch_scale={args.prefetch_scale} "
-          f"swap_ab={args.swap_ab}: "
+          f"steps={args.steps} per_sm={args.per_sm} w8a8={args.w8a8}: "
           f"{np.median(times) * 1e3:.3f} ms, rel err {err:.1e}, floor {w.nbytes / 3.0e12 * 1e3:.3f} ms at 3 TB/s")
     return 0
 
