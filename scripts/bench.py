@@ -5,8 +5,9 @@ Sections (pick with --sections, comma separated):
   check     greedy tokens of a 2-layer full-width model (experts as --quantization): Mosaic vs
             XLA expert GEMM, DEP vs 1 device
   kernels   expert grouped GEMM: lax.ragged_dot vs Mosaic GPU at decode and prefill sizes,
-            checked against each other, beside the weight-read floor; FP8 experts dequantised
-            in XLA vs dequantised inside the Mosaic kernel
+            checked against each other, beside the weight-read floor and a dense batched matmul
+            of equal groups (the rate a grouped kernel could reach); FP8 experts dequantised in
+            XLA vs dequantised inside the Mosaic kernel
   attention attention over the paged cache on one device, each against an fp32 reference:
             prefill chunks (XLA reference vs cuDNN flash attention) and decode (XLA reference
             vs the Pallas kernel)
@@ -134,6 +135,8 @@ def bench_kernels(args, ceilings: dict) -> None:
     w = (jax.random.normal(key, (g, k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
     skip = (lambda name, m: name == "xla" and args.tune and m > 4096)
     time_grouped_gemms(args, kernels, (w,), (k, n), w.nbytes / ceilings["bandwidth"], "floor", skip)
+    if jax.default_backend() == "gpu":
+        time_dense_batched(args, k, n)
 
 
 def time_grouped_gemms(args, kernels: dict, weights: tuple, k_n: tuple[int, int], floor: float,
@@ -206,8 +209,23 @@ def _bench_fp8_kernels(args, ceilings: dict, label: str, n: int, k: int) -> None
                 gemm, block_m=bm, max_concurrent_steps=steps, num_blocks=per_sm * sms)
     skip = (lambda name, m: name == "fp8 dequant+xla" and on_gpu and m > 4096)
     time_grouped_gemms(args, kernels, (w, scale), (k, n), floor, "fp8 floor", skip, label)
+    if on_gpu:
+        time_dense_batched(args, k, n, label)
     if on_gpu and args.fp8_fused:
         _time_fp8_fixed_costs(args, w, scale, label, n, k)
+
+
+def time_dense_batched(args, k: int, n: int, label: str = "") -> None:
+    """The rate a grouped GEMM could reach at these shapes: every expert given the same number of
+    rows (--kernel-rows over --local-experts), one batched bf16 matmul through XLA (cuBLAS)."""
+    g = args.local_experts
+    for m in args.kernel_rows:
+        x = jax.random.normal(jax.random.PRNGKey(m), (g, m // g, k), jnp.bfloat16)
+        w = jax.random.normal(jax.random.PRNGKey(1), (g, n, k), jnp.bfloat16)
+        f = jax.jit(lambda x, w: jnp.einsum("gmk,gnk->gmn", x, w, preferred_element_type=jnp.float32).astype(x.dtype))
+        t = median_time(f, x, w)
+        record("kernels", f"{label}dense batched bf16 (XLA), {g} x {m // g} rows", t * 1e3, "ms",
+               f"{2 * m * k * n / t / 1e12:.0f} TFLOP/s: the ceiling for equal groups")
 
 
 def _time_fp8_fixed_costs(args, w, scale, label: str, n: int, k: int) -> None:
