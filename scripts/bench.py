@@ -123,6 +123,11 @@ def mosaic_variants() -> dict:
     return out
 
 
+# block_m, block_n (per compute warpgroup), block_k, stages of the warp-specialised kernel; the
+# first is moe.WS_BLOCK_ROWS's
+WS_CONFIGS = [(128, 128, 64, 3), (128, 128, 64, 4), (256, 64, 64, 3)]
+
+
 def bench_kernels(args, ceilings: dict) -> None:
     from minimax_jax.ops import moe as moe_ops
     if args.quantization == "fp8":
@@ -200,6 +205,15 @@ def _bench_fp8_kernels(args, ceilings: dict, label: str, n: int, k: int) -> None
         # pipeline depth (s), thread blocks per SM (the persistent grid over the SM count), W8A8
         # (rows rounded to FP8; its error is against the weight-only reference). Measured
         # configurations first: a kernel that faults ends every later timing of the run.
+        # the warp-specialised bf16 kernel on dequantised weights: rows per tile, columns per
+        # compute warpgroup, depth per stage, stages
+        from minimax_jax.ops import grouped_gemm_ws
+        for bm, bn, bk, steps in WS_CONFIGS:
+            def dequant_ws(x, w, s, sizes, bm=bm, bn=bn, bk=bk, steps=steps):
+                gemm = functools.partial(grouped_gemm_ws.aligned_gemm, w=fp8.dequantize_blockwise(w, s, jnp.bfloat16),
+                                         block_m=bm, block_n=bn, block_k=bk, max_concurrent_steps=steps)
+                return grouped_gemm_fp8.on_aligned_rows(gemm, x, sizes, bm)
+            kernels[f"fp8 dequant+ws bm{bm} bn{bn} bk{bk} s{steps}"] = dequant_ws
         sms = grouped_gemm_fp8.sm_count()
         variants = [("fused", 64, 2, 2), ("fused", 128, 2, 1), ("w8a8", 64, 4, 1), ("w8a8", 64, 2, 2),
                     ("w8a8", 128, 2, 1)] if args.fp8_fused else []
@@ -772,6 +786,7 @@ def bench_moe(args, ceilings: dict) -> None:
     cfg = preset(args.preset)
     local_cfg = dataclasses.replace(cfg, num_experts=args.local_experts)
     experts = Experts(local_cfg, jnp.bfloat16, nnx.Rngs(0), expert_format="fp8")
+    experts.num_experts = cfg.num_experts       # this rank's share of all experts sizes its row buckets
     floor_bytes = args.local_experts * 3 * cfg.hidden_size * cfg.intermediate_size
     for kernel in args.moe_kernels:
         experts.kernel = kernel

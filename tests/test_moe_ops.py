@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-from minimax_jax.ops import grouped_gemm_fp8, moe
+from minimax_jax.ops import grouped_gemm_fp8, grouped_gemm_ws, moe
 from quant import fp8
 
 INTERPRET = dict(num_blocks=2, interpret=InterpretGPUParams())
@@ -201,6 +201,35 @@ def test_routed_experts_through_the_fp8_kernels_equal_the_dequantised_reference(
     scale = np.abs(np.asarray(ref)).max()
     assert scale > 0
     np.testing.assert_allclose(np.asarray(fused), np.asarray(ref), atol=tolerance * scale)
+
+
+def test_routed_experts_through_the_warp_specialised_kernel_equal_the_reference():
+    """Dequantised experts in the checkpoint's orientation on group-aligned rows of 128, under
+    the interpreter; the row blocks' last one is partial and some experts get no rows."""
+    rng = np.random.RandomState(2)
+    n, k, local, h, i, first = 40, 2, 4, 256, 128, 4       # experts 4..7 here, ids up to 11
+    x = jnp.asarray(rng.standard_normal((n, h)), jnp.bfloat16)
+    ids = jnp.asarray(rng.choice([4, 6, 9, 11], (n, k)), jnp.int32)
+    weights = jnp.asarray(rng.random((n, k)), jnp.float32)
+    w13 = jnp.asarray(rng.standard_normal((local, 2 * i, h)) * 0.05, jnp.bfloat16)
+    w2 = jnp.asarray(rng.standard_normal((local, h, i)) * 0.05, jnp.bfloat16)
+    matmuls = moe.weight_matmuls(w13, w2, "mosaic-ws", output_major=True, **INTERPRET)
+    out = moe.routed_experts(x, ids, weights, local, first, matmuls)
+    ref = moe.routed_experts(x, ids, weights, local, first, moe.weight_matmuls(w13, w2, "xla", output_major=True))
+    scale = np.abs(np.asarray(ref)).max()
+    assert scale > 0
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-2 * scale)
+
+
+def test_warp_specialised_kernel_lowers_for_gpus_and_takes_checkpoint_layout_experts_only():
+    g, n, k, m = 64, 3072, 3072, 81920 + 64 * 128
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((m // 128,), jnp.int32),
+            jax.ShapeDtypeStruct((g, n, k), jnp.bfloat16))
+    f = jax.jit(functools.partial(grouped_gemm_ws.aligned_gemm, num_blocks=132))
+    assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert moe.resolve_kernel("mosaic-ws", "fp8", 3072, 1536) == "mosaic-ws"
+    with pytest.raises(ValueError, match="mosaic-ws needs FP8 or NVFP4"):
+        moe.resolve_kernel("mosaic-ws", "bf16", 3072, 1536)
 
 
 def test_auto_kernel_on_hopper_is_mosaic_for_bf16_only_and_fp8_kernel_at_decode_sizes(monkeypatch):

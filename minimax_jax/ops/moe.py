@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from minimax_jax.ops import grouped_gemm_fp8
+from minimax_jax.ops import grouped_gemm_fp8, grouped_gemm_ws
 
 
 def ragged_dot_reference(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -37,7 +37,7 @@ def ragged_dot_mosaic(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
                                       transpose_rhs=transpose_rhs, **MOSAIC_BLOCKS)
 
 
-KERNELS = ("auto", "xla", "mosaic", "mosaic-fp8", "mosaic-w8a8")
+KERNELS = ("auto", "xla", "mosaic", "mosaic-ws", "mosaic-fp8", "mosaic-w8a8")
 FP8_KERNELS = ("mosaic-fp8", "mosaic-w8a8")
 
 # Above this many expected local rows the FP8 kernel is slower than dequantising the layer once
@@ -63,7 +63,9 @@ def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, loc
     Mosaic-GPU grouped GEMM; FP8/NVFP4 experts are dequantised in XLA first), "mosaic-fp8" (FP8
     experts dequantised inside the kernel, ops/grouped_gemm_fp8.py), "mosaic-w8a8" (FP8 experts
     against rows quantised to FP8 per row, FP8 wgmma; opt-in: its numbers differ from the
-    weight-only reference by the rows' rounding), or "auto": on a Hopper GPU computing in bf16
+    weight-only reference by the rows' rounding), "mosaic-ws" (FP8/NVFP4 experts dequantised
+    in XLA, then the warp-specialised grouped GEMM on group-aligned rows, ops/grouped_gemm_ws.py),
+    or "auto": on a Hopper GPU computing in bf16
     (lax.ragged_dot ran at 12 TFLOP/s on an H200) "mosaic-fp8" for FP8 experts up to
     FUSED_FP8_MAX_ROWS expected local rows (decode) and "mosaic" otherwise; "xla" elsewhere
     (the Mosaic kernels take bf16 rows)."""
@@ -73,6 +75,11 @@ def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, loc
     if kernel == "auto":
         kernel = "xla" if not (dtype == jnp.bfloat16 and on_hopper()) else (
             "mosaic-fp8" if fp8_blocks and local_rows <= FUSED_FP8_MAX_ROWS else "mosaic")
+    if kernel == "mosaic-ws" and (expert_format not in ("fp8", "nvfp4") or hidden % 256 or (2 * inter) % 256
+                                  or inter % 64):
+        raise ValueError(f"moe kernel mosaic-ws needs FP8 or NVFP4 experts (read as the checkpoint lays them "
+                         f"out) with hidden and 2 x intermediate multiples of 256; got {expert_format}, "
+                         f"{hidden}, {inter}")
     if kernel in FP8_KERNELS and not fp8_blocks:
         if expert_format != "fp8":
             raise ValueError(f"moe kernel {kernel} needs FP8 experts, these are {expert_format}")
@@ -94,6 +101,7 @@ def row_capacities(pairs: int, local_share: float) -> tuple[int, ...]:
 
 
 RowsMatmul = Callable[[jax.Array, jax.Array], jax.Array]
+WS_BLOCK_ROWS = 128      # rows per tile of the warp-specialised kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,11 +183,19 @@ def _stable_sort_positions(keys: jax.Array, num_keys: int) -> tuple[jax.Array, j
     return (starts[keys] + rank).astype(jnp.int32), counts.astype(jnp.int32)
 
 
-def weight_matmuls(w13: jax.Array, w2: jax.Array, kernel: str, output_major: bool = False) -> GroupedMatmuls:
+def weight_matmuls(w13: jax.Array, w2: jax.Array, kernel: str, output_major: bool = False,
+                   **ws_options) -> GroupedMatmuls:
     """gate_up and down over weights in the compute dtype: w13 [E, H, 2I], w2 [E, I, H]; or with
     output_major as checkpoints store them (rows = output channels): w13 [E, 2I, H], w2 [E, H, I].
     Mosaic reads output-major weights as they lie: transposing a dequantised layer made XLA
-    transpose the whole stacked FP8 weights once, outside the layer loop (35 GiB at full size)."""
+    transpose the whole stacked FP8 weights once, outside the layer loop (35 GiB at full size).
+    ws_options go to the mosaic-ws kernel."""
+    if kernel == "mosaic-ws":
+        if not output_major:
+            raise ValueError("mosaic-ws reads weights as checkpoints store them (output_major)")
+        gemm = functools.partial(grouped_gemm_ws.aligned_gemm, block_m=WS_BLOCK_ROWS, **ws_options)
+        return GroupedMatmuls(lambda rows, groups: gemm(rows, groups, w13), lambda rows, groups: gemm(rows, groups, w2),
+                              block_rows=WS_BLOCK_ROWS)
     if kernel == "mosaic":
         matmul = functools.partial(ragged_dot_mosaic, transpose_rhs=output_major)
     elif output_major:

@@ -1,0 +1,111 @@
+"""Warp-specialised grouped GEMM on group-aligned rows (bf16), for prefill sizes.
+
+Rows come laid out as `grouped_gemm_fp8.aligned_layout` puts them (each expert's rows start on a
+block of block_m), so every (row block, output columns) tile belongs to one expert, read from
+`block_group`. Per thread block a memory warpgroup streams each tile's rows and weights through a
+ring of shared-memory stages while two compute warpgroups each multiply the rows by half of the
+tile's output columns: one warpgroup's wgmma runs while the other waits on its own, which a
+single warpgroup per tile (the other grouped kernels here) cannot do.
+
+Weights are [G, N, K] as checkpoints store them (rows = output channels) in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def aligned_gemm(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, *, block_m: int = 128,
+                 block_n: int = 128, block_k: int = 64, max_concurrent_steps: int = 3,
+                 num_blocks: int | None = None, interpret=None) -> jax.Array:
+    """x_aligned [m_padded, K] @ w[group].T for each block of block_m rows -> [m_padded, N] in
+    x's dtype; blocks of no group (block_group == G) are left unwritten. Each thread block's
+    tile is block_m rows by 2 * block_n columns (block_n per compute warpgroup)."""
+    from jax import lax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    m_padded, k = x_aligned.shape
+    g, n, k2 = w.shape
+    tile_n = 2 * block_n
+    if (k != k2 or m_padded % block_m or n % tile_n or k % block_k or block_m % 64
+            or block_group.shape != (m_padded // block_m,) or w.dtype != x_aligned.dtype):
+        raise ValueError(f"warp-specialised grouped GEMM needs x [M, K] with M a multiple of block_m={block_m} "
+                         f"(itself of 64), w [G, N, K] of x's dtype with N a multiple of {tile_n} and K of "
+                         f"{block_k}, one group per row block; got {x_aligned.shape} {x_aligned.dtype}, "
+                         f"{w.shape} {w.dtype}, block_group {block_group.shape}")
+    dtype = x_aligned.dtype
+    bits = jnp.dtype(dtype).itemsize * 8
+    grid_m, grid_n = m_padded // block_m, n // tile_n
+    epilogue_rows = 64
+
+    def transforms(minor: int):
+        swizzle = plgpu.find_swizzle(minor * bits)
+        return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
+
+    def get_pipeline(step, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            step, grid=(k // block_k,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+            in_specs=[plgpu.BlockSpec((block_m, block_k), lambda kk: (0, kk), transforms=transforms(block_k)),
+                      plgpu.BlockSpec((tile_n, block_k), lambda kk: (0, kk), transforms=transforms(block_k))],
+            max_concurrent_steps=max_concurrent_steps, compute_context=compute_context)
+
+    def body(group_ref, x_gmem, w_gmem, o_gmem, o_smem, *interpret_scratch):
+        def slices(mi, ni, group):
+            return x_gmem.at[pl.ds(mi * block_m, block_m)], w_gmem.at[group, pl.ds(ni * tile_n, tile_n)]
+
+        ignore = lambda *_, **__: None      # noqa: E731 (allocations do not depend on the bodies)
+
+        @functools.partial(pl.run_scoped, collective_axes="wg",
+                           allocations=get_pipeline(ignore, ignore).get_allocations(*slices(0, 0, 0)))
+        def _(allocations):
+            wg = lax.axis_index("wg")
+            my_columns = pl.ds(wg * block_n, block_n)
+
+            @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
+            def _(info):
+                mi, ni = info.index[0] // grid_n, info.index[0] % grid_n    # a row block's tiles together
+                group = group_ref[mi]
+
+                def step(idx, x_smem, w_smem, acc_ref):
+                    if interpret:   # the interpreter's wgmma takes no transposed operand
+                        (w_t,) = interpret_scratch
+                        w_t[wg] = w_smem[my_columns, :].T
+                        plgpu.wgmma(acc_ref, x_smem, w_t.at[wg])
+                    else:
+                        plgpu.wgmma(acc_ref, x_smem, plgpu.transpose_ref(w_smem.at[my_columns], (1, 0)))
+                    plgpu.wgmma_wait(0)
+                    return acc_ref
+
+                def compute_context(run_pipeline):
+                    def store(acc_ref):
+                        run_pipeline(acc_ref)
+                        acc = acc_ref[...]
+                        for half in range(block_m // epilogue_rows):
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)    # the slot's last store
+                            o_smem[wg] = acc[half * epilogue_rows:(half + 1) * epilogue_rows].astype(dtype)
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(
+                                o_smem.at[wg], o_gmem.at[pl.ds(mi * block_m + half * epilogue_rows, epilogue_rows),
+                                                         pl.ds(ni * tile_n + wg * block_n, block_n)])
+                    pl.run_scoped(store, plgpu.ACC((block_m, block_n)))
+
+                @pl.when(group < g)
+                def _():
+                    get_pipeline(step, compute_context)(*slices(mi, ni, group), allocations=allocations)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    scratch = [plgpu.SMEM((2, epilogue_rows, block_n), dtype, transforms=transforms(block_n))]
+    if interpret:
+        scratch.append(plgpu.SMEM((2, block_k, block_n), dtype))
+    num_blocks = num_blocks or getattr(jax.devices()[0], "core_count", 0) or 132
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((m_padded, n), dtype), grid=(num_blocks,), grid_names=("sm",),
+        num_threads=3, thread_name="wg", scratch_types=scratch,
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret)
+    return kernel(block_group.astype(jnp.int32), x_aligned, w)
