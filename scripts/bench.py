@@ -432,7 +432,7 @@ def bench_check(args) -> None:
                 f"DEP{n} mosaic": dict(moe_kernel="mosaic", attention_backend="xla", **dep),
                 f"DEP{n} mosaic cudnn-attn": dict(moe_kernel="mosaic", attention_backend="cudnn", **dep)}
     if args.quantization == "fp8":
-        for kernel in ("mosaic-fp8", "mosaic-w8a8"):
+        for kernel in ("mosaic-ws", "mosaic-fp8", "mosaic-w8a8"):
             variants[f"DEP{n} {kernel}"] = dict(moe_kernel=kernel, attention_backend="xla", **dep)
     for name, diff, same in compare_engines("check", common, variants, prompts):
         record("check", f"prefill logits {name} vs 1 device xla", diff, "x max|logit|", "last prompt token")

@@ -96,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "XLA reference; auto: pallas on GPUs for 16-bit models, the reference otherwise (default: auto)")
     par.add_argument("--moe-kernel", choices=MOE_KERNELS,
                      help="grouped GEMM of the experts: mosaic (bf16 Mosaic GPU; quantised experts dequantised "
-                     "per layer), mosaic-fp8 (FP8 experts dequantised inside the kernel), mosaic-w8a8 (FP8 "
-                     "experts against rows rounded to FP8, FP8 wgmma; opt-in), xla; auto: on Hopper "
-                     "mosaic-fp8 for FP8 experts at decode sizes, else mosaic; xla elsewhere")
+                     "per layer), mosaic-ws (quantised experts dequantised per layer, then a warp-specialised "
+                     "Mosaic GPU kernel on group-aligned rows), mosaic-fp8 (FP8 experts dequantised inside the "
+                     "kernel), mosaic-w8a8 (FP8 experts against rows rounded to FP8, FP8 wgmma; opt-in), xla; "
+                     "auto: on Hopper, for FP8 experts mosaic-fp8 at decode sizes and mosaic-ws at prefill "
+                     "sizes, else mosaic; xla elsewhere")
 
     sched = p.add_argument_group("scheduling and KV cache")
     sched.add_argument("--max-running-requests", type=int, help="max requests decoded together")

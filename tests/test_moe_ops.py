@@ -232,11 +232,12 @@ def test_warp_specialised_kernel_lowers_for_gpus_and_takes_checkpoint_layout_exp
         moe.resolve_kernel("mosaic-ws", "bf16", 3072, 1536)
 
 
-def test_auto_kernel_on_hopper_is_mosaic_for_bf16_only_and_fp8_kernel_at_decode_sizes(monkeypatch):
+def test_auto_kernel_on_hopper_is_mosaic_for_bf16_the_fp8_kernel_at_decode_and_ws_at_prefill(monkeypatch):
     monkeypatch.setattr(moe, "on_hopper", lambda: True)
     assert moe.resolve_kernel("auto", "bf16", 3072, 1536, local_rows=64) == "mosaic"
     assert moe.resolve_kernel("auto", "fp8", 3072, 1536, local_rows=moe.FUSED_FP8_MAX_ROWS) == "mosaic-fp8"
-    assert moe.resolve_kernel("auto", "fp8", 3072, 1536, local_rows=moe.FUSED_FP8_MAX_ROWS + 1) == "mosaic"
+    assert moe.resolve_kernel("auto", "fp8", 3072, 1536, local_rows=moe.FUSED_FP8_MAX_ROWS + 1) == "mosaic-ws"
+    assert moe.resolve_kernel("auto", "nvfp4", 3072, 1536, local_rows=moe.FUSED_FP8_MAX_ROWS + 1) == "mosaic"
     assert moe.resolve_kernel("auto", "fp8", 3072, 1536, local_rows=64, dtype=jnp.float32) == "xla"
 
 
