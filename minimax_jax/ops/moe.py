@@ -74,16 +74,16 @@ def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, loc
     check_kernel(kernel)
     block = grouped_gemm_fp8.BLOCK
     fp8_blocks = expert_format == "fp8" and hidden % block == 0 and inter % block == 0
+    # the warp-specialised kernel's tiles: 256 output columns, 64-deep steps
+    ws_shapes = hidden % 256 == 0 and (2 * inter) % 256 == 0 and inter % 64 == 0
     if kernel == "auto":
-        ws_shapes = hidden % 256 == 0 and (2 * inter) % 256 == 0 and inter % 64 == 0
         kernel = "xla" if not (dtype == jnp.bfloat16 and on_hopper()) else (
             "mosaic-fp8" if fp8_blocks and local_rows <= FUSED_FP8_MAX_ROWS
             else "mosaic-ws" if expert_format == "fp8" and ws_shapes else "mosaic")
-    if kernel == "mosaic-ws" and (expert_format not in ("fp8", "nvfp4") or hidden % 256 or (2 * inter) % 256
-                                  or inter % 64):
+    if kernel == "mosaic-ws" and not (expert_format in ("fp8", "nvfp4") and ws_shapes):
         raise ValueError(f"moe kernel mosaic-ws needs FP8 or NVFP4 experts (read as the checkpoint lays them "
-                         f"out) with hidden and 2 x intermediate multiples of 256; got {expert_format}, "
-                         f"{hidden}, {inter}")
+                         f"out) with hidden and 2 x intermediate multiples of 256 and intermediate of 64; got "
+                         f"{expert_format}, {hidden}, {inter}")
     if kernel in FP8_KERNELS and not fp8_blocks:
         if expert_format != "fp8":
             raise ValueError(f"moe kernel {kernel} needs FP8 experts, these are {expert_format}")
