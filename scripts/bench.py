@@ -201,10 +201,6 @@ def _bench_fp8_kernels(args, ceilings: dict, label: str, n: int, k: int) -> None
     if on_gpu:
         kernels["fp8 dequant+mosaic"] = lambda x, w, s, sizes: moe_ops.ragged_dot_mosaic(
             x, fp8.dequantize_blockwise(w, s, jnp.bfloat16), sizes, transpose_rhs=True)
-        # variants of the kernels that read FP8 weights (--fp8-fused): rows per tile (bm),
-        # pipeline depth (s), thread blocks per SM (the persistent grid over the SM count), W8A8
-        # (rows rounded to FP8; its error is against the weight-only reference). Measured
-        # configurations first: a kernel that faults ends every later timing of the run.
         # the warp-specialised bf16 kernel on dequantised weights: rows per tile, columns per
         # compute warpgroup, depth per stage, stages
         from minimax_jax.ops import grouped_gemm_ws
@@ -214,6 +210,10 @@ def _bench_fp8_kernels(args, ceilings: dict, label: str, n: int, k: int) -> None
                                          block_m=bm, block_n=bn, block_k=bk, max_concurrent_steps=steps)
                 return grouped_gemm_fp8.on_aligned_rows(gemm, x, sizes, bm)
             kernels[f"fp8 dequant+ws bm{bm} bn{bn} bk{bk} s{steps}"] = dequant_ws
+        # variants of the kernels that read FP8 weights (--fp8-fused): rows per tile (bm),
+        # pipeline depth (s), thread blocks per SM (the persistent grid over the SM count), W8A8
+        # (rows rounded to FP8; its error is against the weight-only reference). Measured
+        # configurations first: a kernel that faults ends every later timing of the run.
         sms = grouped_gemm_fp8.sm_count()
         variants = [("fused", 64, 2, 2), ("fused", 128, 2, 1), ("w8a8", 64, 4, 1), ("w8a8", 64, 2, 2),
                     ("w8a8", 128, 2, 1)] if args.fp8_fused else []
