@@ -20,9 +20,10 @@ Sections (pick with --sections, comma separated):
   engine    a workload (--workload W1, W2, W3 or --requests/--prompt/--output/
             --max-running-requests) through Engine, or with --url through a running server's
             OpenAI API: output tok/s, TTFT and TPOT percentiles, the decode step beside its floor
-  moe       the routed-experts block of one decode layer alone (sort, row layout, both grouped
-            GEMMs, combine) as one expert-parallel rank sees it, FP8 experts: device time per
-            call from a profiler trace, its largest kernels, beside the weight-read floor
+  moe       the routed-experts block of one layer alone (sort, row layout, both grouped GEMMs,
+            combine) as one expert-parallel rank sees it, FP8 experts, at --moe-tokens (decode
+            or prefill sizes): device time per call from a profiler trace, its largest kernels,
+            beside the weight-read floor
   profile   a perfetto trace of a few engine steps (--profile-phase prefill or decode), device
             time per kernel
   hf        transformers' MiniMaxM2ForCausalLM at the same depth and batch on one GPU, beside
@@ -775,7 +776,7 @@ def device_time(fn, *args, trace_dir: Path, iters: int = 10) -> Trace:
 
 
 def bench_moe(args, ceilings: dict) -> None:
-    """The routed-experts block of one decode layer alone on one device, as one rank of expert
+    """The routed-experts block of one layer alone on one device, as one rank of expert
     parallelism sees it: --moe-tokens tokens (all ranks' tokens, as DEP gathers them) routed to
     8 of the preset's experts each, of which --local-experts live here (ids outside contribute
     nothing). Device time per call from a profiler trace, its largest kernels, and the floor:
@@ -907,7 +908,8 @@ def parse_args(argv=None):
     p.add_argument("--kernel-rows", type=int, nargs="+", default=[512, 2048, 32768])
     p.add_argument("--local-experts", type=int, default=64)
     p.add_argument("--moe-tokens", type=int, nargs="+", default=[256, 1212],
-                   help="moe section: tokens of a decode step over all ranks (W2: 4 x 64, W1: 4 x 303)")
+                   help="moe section: tokens of a step over all ranks (decode: W2 4 x 64, W1 4 x 303; "
+                   "prefill: 4 x 8192)")
     p.add_argument("--moe-kernels", nargs="+", choices=MOE_KERNELS[1:], default=["mosaic-fp8", "mosaic"],
                    help="moe section: the expert GEMMs to time")
     p.add_argument("--tune", action="store_true", help="time several Mosaic block configurations")
