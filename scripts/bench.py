@@ -192,7 +192,7 @@ def bench_fp8_kernels(args, ceilings: dict) -> None:
 
 
 def _bench_fp8_kernels(args, ceilings: dict, label: str, n: int, k: int) -> None:
-    from minimax_jax.ops import grouped_gemm_fp8, moe as moe_ops
+    from minimax_jax.ops import aligned_rows, grouped_gemm_fp8, grouped_gemm_ws, moe as moe_ops
     from quant import fp8
     g = args.local_experts
     w, scale = fp8.quantize_blockwise(jax.random.normal(jax.random.PRNGKey(0), (g, n, k), jnp.float32) * 0.02)
@@ -204,12 +204,11 @@ def _bench_fp8_kernels(args, ceilings: dict, label: str, n: int, k: int) -> None
             x, fp8.dequantize_blockwise(w, s, jnp.bfloat16), sizes, transpose_rhs=True)
         # the warp-specialised bf16 kernel on dequantised weights: rows per tile, columns per
         # compute warpgroup, depth per stage, stages
-        from minimax_jax.ops import grouped_gemm_ws
         for bm, bn, bk, steps in WS_CONFIGS:
             def dequant_ws(x, w, s, sizes, bm=bm, bn=bn, bk=bk, steps=steps):
                 gemm = functools.partial(grouped_gemm_ws.aligned_gemm, w=fp8.dequantize_blockwise(w, s, jnp.bfloat16),
                                          block_m=bm, block_n=bn, block_k=bk, max_concurrent_steps=steps)
-                return grouped_gemm_fp8.on_aligned_rows(gemm, x, sizes, bm)
+                return aligned_rows.on_aligned_rows(gemm, x, sizes, bm)
             kernels[f"fp8 dequant+ws bm{bm} bn{bn} bk{bk} s{steps}"] = dequant_ws
         # variants of the kernels that read FP8 weights (--fp8-fused): rows per tile (bm),
         # pipeline depth (s), thread blocks per SM (the persistent grid over the SM count), W8A8
@@ -248,9 +247,9 @@ def _time_fp8_fixed_costs(args, w, scale, label: str, n: int, k: int) -> None:
     rows routed (every tile skipped), and the group-aligned row layout alone (its index
     arithmetic and both gathers, the kernel replaced by a copy of the rows), beside a trivial
     jitted op (the timing's own dispatch floor)."""
-    from minimax_jax.ops import grouped_gemm_fp8
+    from minimax_jax.ops import aligned_rows, grouped_gemm_fp8
 
-    layout_only = jax.jit(lambda x, w, s, sizes: grouped_gemm_fp8.on_aligned_rows(
+    layout_only = jax.jit(lambda x, w, s, sizes: aligned_rows.on_aligned_rows(
         lambda x_aligned, block_group: jnp.tile(x_aligned, (1, n // k)), x, sizes, block_m=64))
     default = jax.jit(grouped_gemm_fp8.grouped_gemm_fp8)
     for m in args.kernel_rows:

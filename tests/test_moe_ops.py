@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-from minimax_jax.ops import grouped_gemm_fp8, grouped_gemm_ws, moe
+from minimax_jax.ops import aligned_rows, grouped_gemm_fp8, grouped_gemm_ws, moe
 from quant import fp8
 
 INTERPRET = dict(num_blocks=2, interpret=InterpretGPUParams())
@@ -78,7 +78,7 @@ def test_routed_experts_are_exact_in_every_row_bucket(owner_of_all):
 
 
 def test_aligned_layout_starts_each_group_on_its_own_block():
-    dest, block_group, m_padded = grouped_gemm_fp8.aligned_layout(jnp.array([5, 0, 30, 16]), 54, 16)
+    dest, block_group, m_padded = aligned_rows.layout(jnp.array([5, 0, 30, 16]), 54, 16)
     assert m_padded == (4 + 4) * 16
     dest = np.asarray(dest).tolist()
     assert dest[:5] == [0, 1, 2, 3, 4]                     # group 0 from row 0
@@ -178,7 +178,7 @@ def test_routed_experts_on_group_aligned_rows_equal_contiguous_rows(owner_of_all
 
 def test_aligned_layout_has_no_loop():
     """A binary search is a loop, which XLA runs as kernel launches per halving on GPUs."""
-    jaxpr = jax.make_jaxpr(lambda sizes: grouped_gemm_fp8.aligned_layout(sizes, 4096, 64)[:2])(
+    jaxpr = jax.make_jaxpr(lambda sizes: aligned_rows.layout(sizes, 4096, 64)[:2])(
         jnp.ones((256,), jnp.int32))
     assert "while" not in str(jaxpr) and "scan" not in str(jaxpr)
 

@@ -14,7 +14,7 @@ the same bytes with no conversion work; its numbers differ from the weight-only 
 rows' FP8 rounding.
 
 The kernels take rows laid out group-aligned: each group starts at a multiple of `block_m` in a
-padded buffer (`aligned_layout`; XLA gathers the rows there). Every tile then holds rows of one
+padded buffer (`ops.aligned_rows`; XLA gathers the rows there). Every tile then holds rows of one
 group only, so at decode (a few rows per expert) each expert's weights are read once, tiles load
 and store whole blocks, and no row-ragged stores are needed. `grouped_gemm_fp8` and
 `grouped_gemm_w8a8` take rows contiguous by group and gather them there and back;
@@ -24,11 +24,11 @@ and store whole blocks, and no row-ragged stores are needed. `grouped_gemm_fp8` 
 from __future__ import annotations
 
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from minimax_jax.ops.aligned_rows import on_aligned_rows
 from quant import fp8
 
 BLOCK = 128          # the checkpoint's scale block; also the kernel's N and K tile
@@ -40,48 +40,6 @@ def reference(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Arr
     wd = fp8.dequantize_blockwise(w, scale, x.dtype)
     return jax.lax.ragged_dot(x, wd.transpose(0, 2, 1), group_sizes,
                               preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-def aligned_layout(group_sizes: jax.Array, m: int, block_m: int) -> tuple[jax.Array, jax.Array, int]:
-    """Where each of the m sorted rows goes in the group-aligned buffer (m_padded for rows past
-    the groups), the group of each block of that buffer (g: no rows), and the buffer's static
-    row count.
-
-    Every search compares against all g group boundaries at once (`compare_all`): the default
-    binary search is a loop, which XLA runs as a kernel launch or more per halving on GPUs."""
-    sizes = group_sizes.astype(jnp.int32)
-    g = sizes.shape[0]
-    padded = -(-sizes // block_m) * block_m
-    end, padded_end = jnp.cumsum(sizes), jnp.cumsum(padded)
-    start, padded_start = end - sizes, padded_end - padded
-    m_padded = (-(-m // block_m) + g) * block_m          # >= m + g * (block_m - 1)
-    r = jnp.arange(m, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(end, r, side="right", method="compare_all"), g - 1)
-    dest = jnp.where(r < end[-1], padded_start[group] + r - start[group], m_padded)
-    block_start = jnp.arange(m_padded // block_m, dtype=jnp.int32) * block_m
-    block_group = jnp.searchsorted(padded_end, block_start, side="right", method="compare_all")
-    return dest.astype(jnp.int32), block_group.astype(jnp.int32), m_padded
-
-
-def scatter_to_aligned(values: jax.Array, dest: jax.Array, m_padded: int, fill: int) -> jax.Array:
-    """[m_padded] int32: values[r] at dest[r] (rows past the groups dropped), fill elsewhere.
-    With the sorted rows' source indices as values it is what a gather into the aligned buffer
-    reads (a gather needs no zeroed buffer, unlike a scatter of the rows themselves)."""
-    return jnp.full((m_padded,), fill, jnp.int32).at[dest].set(values.astype(jnp.int32), mode="drop")
-
-
-def on_aligned_rows(gemm: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, group_sizes: jax.Array,
-                    block_m: int) -> jax.Array:
-    """gemm(x_aligned, block_group) on x's rows (contiguous by group) laid out group-aligned,
-    the result gathered back to x's rows (rows past the groups come back 0)."""
-    m = x.shape[0]
-    dest, block_group, m_padded = aligned_layout(group_sizes, m, block_m)
-    # Materialised once: fused into the row copies, XLA recomputed this index arithmetic for
-    # every element copied, 0.7 ms per layer at a DEP4 decode step.
-    dest, block_group = jax.lax.optimization_barrier((dest, block_group))
-    source = scatter_to_aligned(jnp.arange(m), dest, m_padded, fill=m)
-    x_aligned = jnp.take(x, source, axis=0, mode="fill", fill_value=0)
-    return jnp.take(gemm(x_aligned, block_group), dest, axis=0, mode="fill", fill_value=0)
 
 
 def grouped_gemm_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Array, *,
@@ -96,7 +54,7 @@ def aligned_gemm_fp8(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array,
                      block_m: int = 64, max_concurrent_steps: int = 2, chunk_rows: int = 64,
                      load_layout: str | None = None, num_blocks: int | None = None, interpret=None) -> jax.Array:
     """The weight-only kernel on rows already group-aligned: x_aligned [m_padded, K] (see
-    `aligned_layout`), block_group [m_padded / block_m]. Returns [m_padded, N]; blocks of no
+    `aligned_rows.layout`), block_group [m_padded / block_m]. Returns [m_padded, N]; blocks of no
     group are left unwritten.
 
     block_m: rows per tile (a multiple of 64, wgmma's M); chunk_rows: weight rows converted at

@@ -1,6 +1,6 @@
 """Warp-specialised grouped GEMM on group-aligned rows (bf16), for prefill sizes.
 
-Rows come laid out as `grouped_gemm_fp8.aligned_layout` puts them (each expert's rows start on a
+Rows come laid out as `aligned_rows.layout` puts them (each expert's rows start on a
 block of block_m), so every (row block, output columns) tile belongs to one expert, read from
 `block_group`. Per thread block a memory warpgroup streams each tile's rows and weights through a
 ring of shared-memory stages while two compute warpgroups each multiply the rows by half of the

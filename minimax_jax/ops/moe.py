@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from minimax_jax.ops import grouped_gemm_fp8, grouped_gemm_ws
+from minimax_jax.ops import aligned_rows, grouped_gemm_fp8, grouped_gemm_ws
 
 
 def ragged_dot_reference(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -114,7 +114,7 @@ class GroupedMatmuls:
     [R, 2I] (gate columns first), down(rows, groups) gives [R, H].
 
     block_rows = 0: each group's rows are contiguous and `groups` are the group sizes.
-    block_rows > 0: the rows are group-aligned (`grouped_gemm_fp8.aligned_layout`: each group
+    block_rows > 0: the rows are group-aligned (`aligned_rows.layout`: each group
     from a multiple of block_rows, zero rows between) and `groups` is each block's group; the
     layout is built once for both GEMMs, and the rows are gathered into it straight from the
     tokens."""
@@ -149,12 +149,8 @@ def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, num_
         token = order[:capacity] // k                      # the token of each sorted row
         row_of_pair = jnp.minimum(sorted_position, capacity - 1)
         if matmuls.block_rows:
-            dest, groups, m_padded = grouped_gemm_fp8.aligned_layout(group_sizes, capacity, matmuls.block_rows)
-            # materialised once: fused into the row copies, XLA recomputed the index arithmetic
-            # for every element copied (0.7 ms per layer at a DEP4 decode step)
-            dest, groups = jax.lax.optimization_barrier((dest, groups))
-            source = grouped_gemm_fp8.scatter_to_aligned(token, dest, m_padded, fill=n)
-            rows = jnp.take(x, source, axis=0, mode="fill", fill_value=0)
+            dest, groups, m_padded = aligned_rows.layout(group_sizes, capacity, matmuls.block_rows)
+            rows = jnp.take(x, aligned_rows.sources(token, dest, m_padded, fill=n), axis=0, mode="fill", fill_value=0)
             row_of_pair = dest[row_of_pair]
         else:
             rows, groups = x[token], group_sizes
