@@ -14,7 +14,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from minimax_jax.ops import grouped_gemm_fp8  # noqa: E402
+from minimax_jax.ops import grouped_gemm_fp8, mosaic_common  # noqa: E402
 from quant import fp8  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def main() -> int:
     x = jax.random.normal(jax.random.PRNGKey(1), (args.rows, k), jnp.bfloat16)
     sizes = jnp.asarray(np.random.RandomState(3).multinomial(args.rows, np.ones(g) / g), jnp.int32)
     options = dict(block_m=args.block_m, max_concurrent_steps=args.steps,
-                   num_blocks=args.per_sm * grouped_gemm_fp8.sm_count())
+                   num_blocks=args.per_sm * mosaic_common.sm_count())
     if args.w8a8:
         f = jax.jit(lambda x, w, s, sizes: grouped_gemm_fp8.grouped_gemm_w8a8(x, w, s, sizes, **options))
     else:

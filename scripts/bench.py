@@ -192,7 +192,7 @@ def bench_fp8_kernels(args, ceilings: dict) -> None:
 
 
 def _bench_fp8_kernels(args, ceilings: dict, label: str, n: int, k: int) -> None:
-    from minimax_jax.ops import aligned_rows, grouped_gemm_fp8, grouped_gemm_ws, moe as moe_ops
+    from minimax_jax.ops import aligned_rows, grouped_gemm_fp8, grouped_gemm_ws, mosaic_common, moe as moe_ops
     from quant import fp8
     g = args.local_experts
     w, scale = fp8.quantize_blockwise(jax.random.normal(jax.random.PRNGKey(0), (g, n, k), jnp.float32) * 0.02)
@@ -214,7 +214,7 @@ def _bench_fp8_kernels(args, ceilings: dict, label: str, n: int, k: int) -> None
         # pipeline depth (s), thread blocks per SM (the persistent grid over the SM count), W8A8
         # (rows rounded to FP8; its error is against the weight-only reference). Measured
         # configurations first: a kernel that faults ends every later timing of the run.
-        sms = grouped_gemm_fp8.sm_count()
+        sms = mosaic_common.sm_count()
         variants = [("fused", 64, 2, 2), ("fused", 128, 2, 1), ("w8a8", 64, 4, 1), ("w8a8", 64, 2, 2),
                     ("w8a8", 128, 2, 1)] if args.fp8_fused else []
         for kind, bm, steps, per_sm in variants:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from minimax_jax.ops.aligned_rows import on_aligned_rows
+from minimax_jax.ops.mosaic_common import sm_count, transpose_scratch, transposed_operand
 from quant import fp8
 
 BLOCK = 128          # the checkpoint's scale block; also the kernel's N and K tile
@@ -95,12 +96,6 @@ def aligned_gemm_w8a8(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array
     kernel = _kernel_w8a8(x_aligned.shape[0], w.shape[1], w.shape[2], w.shape[0], jnp.float32, block_m,
                           max_concurrent_steps, num_blocks=num_blocks or 2 * sm_count(), interpret=interpret)
     return (kernel(block_group, xq, w, scale) * xs).astype(x_aligned.dtype)
-
-
-def sm_count() -> int:
-    """Streaming multiprocessors of the first device (132 on an H100 or H200 where the device
-    does not say), the unit of the kernels' persistent grid."""
-    return getattr(jax.devices()[0], "core_count", 0) or 132
 
 
 def _check_shapes(x, w, scale, block_group, block_m):
@@ -200,10 +195,10 @@ def _kernel_w8a8(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, num
     def tile_product(x_gmem, w_gmem, s_gmem, group, mi, ni):
         def step(idx, x_smem, w_smem, total):
             def product(acc_ref, *scratch):
-                plgpu.wgmma(acc_ref, x_smem, _transposed_operand(w_smem, scratch, interpret))
+                plgpu.wgmma(acc_ref, x_smem, transposed_operand(w_smem, scratch, interpret))
                 return acc_ref[...]
 
-            scratch = _transpose_scratch(w_smem.shape[::-1], w_smem.dtype, interpret)
+            scratch = transpose_scratch(w_smem.shape[::-1], w_smem.dtype, interpret)
             p = pl.run_scoped(lambda *refs: pl.run_scoped(lambda acc: product(acc, *refs),
                                                           plgpu.ACC(acc_shape)), *scratch)
             return total + p * s_gmem[group, ni, idx[0]]
@@ -214,22 +209,6 @@ def _kernel_w8a8(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, num
         return _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, zeros)(x_gmem, w_gmem.at[group])
 
     return _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, tile_product)
-
-
-def _transpose_scratch(shape, dtype, interpret):
-    """Scratch for `_transposed_operand`: needed under the interpreter only."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-    return [plgpu.SMEM(tuple(shape), dtype)] if interpret else []
-
-
-def _transposed_operand(ref, scratch, interpret):
-    """A [R, K] shared-memory tile as a [K, R] wgmma operand: a transposed view, or under the
-    interpreter, whose wgmma takes no transposed operand, a transposed copy in scratch."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-    if interpret:
-        scratch[0][...] = ref[...].T
-        return scratch[0]
-    return plgpu.transpose_ref(ref, (1, 0))
 
 
 def _transposed(ref):

@@ -17,6 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from minimax_jax.ops.mosaic_common import sm_count, transpose_scratch, transposed_operand
+
 
 def aligned_gemm(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, *, block_m: int = 128,
                  block_n: int = 128, block_k: int = 64, max_concurrent_steps: int = 3,
@@ -71,12 +73,8 @@ def aligned_gemm(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, *, 
                 group = group_ref[mi]
 
                 def step(idx, x_smem, w_smem, acc_ref):
-                    if interpret:   # the interpreter's wgmma takes no transposed operand
-                        (w_t,) = interpret_scratch
-                        w_t[wg] = w_smem[my_columns, :].T
-                        plgpu.wgmma(acc_ref, x_smem, w_t.at[wg])
-                    else:
-                        plgpu.wgmma(acc_ref, x_smem, plgpu.transpose_ref(w_smem.at[my_columns], (1, 0)))
+                    my_scratch = [ref.at[wg] for ref in interpret_scratch]
+                    plgpu.wgmma(acc_ref, x_smem, transposed_operand(w_smem.at[my_columns], my_scratch, interpret))
                     plgpu.wgmma_wait(0)
                     return acc_ref
 
@@ -99,13 +97,11 @@ def aligned_gemm(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, *, 
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    scratch = [plgpu.SMEM((2, epilogue_rows, block_n), dtype, transforms=transforms(block_n))]
-    if interpret:
-        scratch.append(plgpu.SMEM((2, block_k, block_n), dtype))
-    num_blocks = num_blocks or getattr(jax.devices()[0], "core_count", 0) or 132
+    scratch = [plgpu.SMEM((2, epilogue_rows, block_n), dtype, transforms=transforms(block_n)),
+               *transpose_scratch((2, block_k, block_n), dtype, interpret)]       # one per compute warpgroup
     kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((m_padded, n), dtype), grid=(num_blocks,), grid_names=("sm",),
-        num_threads=3, thread_name="wg", scratch_types=scratch,
+        body, out_type=jax.ShapeDtypeStruct((m_padded, n), dtype), grid=(num_blocks or sm_count(),),
+        grid_names=("sm",), num_threads=3, thread_name="wg", scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret)
     return kernel(block_group.astype(jnp.int32), x_aligned, w)

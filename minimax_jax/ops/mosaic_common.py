@@ -1,0 +1,29 @@
+"""What the Mosaic GPU kernels share: the SM count their persistent grids are sized by, and
+transposed wgmma operands that also run under Pallas' GPU interpreter (whose wgmma takes no
+transposed operand)."""
+
+from __future__ import annotations
+
+import jax
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the first device (132 on an H100 or H200 where the device
+    does not say), the unit of the kernels' persistent grid."""
+    return getattr(jax.devices()[0], "core_count", 0) or 132
+
+
+def transpose_scratch(shape, dtype, interpret) -> list:
+    """Scratch for `transposed_operand`: needed under the interpreter only."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    return [plgpu.SMEM(tuple(shape), dtype)] if interpret else []
+
+
+def transposed_operand(ref, scratch, interpret):
+    """A [R, K] shared-memory tile as a [K, R] wgmma operand: a transposed view, or under the
+    interpreter a transposed copy in scratch (`transpose_scratch`)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    if interpret:
+        scratch[0][...] = ref[...].T
+        return scratch[0]
+    return plgpu.transpose_ref(ref, (1, 0))
