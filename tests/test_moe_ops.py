@@ -146,7 +146,7 @@ def test_fp8_kernels_apply_each_k_block_its_own_scale(w8a8):
 
 def _aligned_reference_matmuls(w13: jax.Array, w2: jax.Array, block_rows: int) -> moe.GroupedMatmuls:
     """GEMMs on group-aligned rows in XLA: each block of rows times its group's weights
-    ([G, N, K]); blocks of no group give garbage-free zeros here (the kernels leave them unset)."""
+    ([G, N, K]); blocks of no group come back NaN (the kernels leave them unset)."""
     def matmul(w):
         def on_blocks(rows, block_group):
             blocks = rows.reshape(-1, block_rows, rows.shape[-1])
