@@ -104,6 +104,30 @@ def quantize_per_channel(w: ArrayLike, axis: int = -1) -> tuple[jax.Array, jax.A
     return _to_e4m3(divide(w, scale)), scale
 
 
+def quantize_groups(x: ArrayLike, group: int = 128) -> tuple[jax.Array, jax.Array]:
+    """One scale per row and `group` consecutive columns of [..., M, K] (the dynamic activation
+    scheme of the FP8 checkpoints: per token and 128 channels). K must be a multiple of group.
+
+    Returns (x_fp8 float8_e4m3fn [..., M, K], scale float32 [..., M, K / group]). It runs on the
+    serving path, so it divides plainly (no `exact.divide` barrier, which would keep XLA from
+    fusing it into the pass that produced x)."""
+    x = jnp.asarray(x, jnp.float32)
+    if x.shape[-1] % group:
+        raise ValueError(f"quantize_groups needs a last axis that is a multiple of {group}, got shape {x.shape}")
+    tiles = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+    scale = _scale_from_amax(jnp.max(_finite_abs(tiles), axis=-1))
+    return _to_e4m3(tiles / scale[..., None]).reshape(x.shape), scale
+
+
+def dequantize_groups(x_fp8: ArrayLike, scale: ArrayLike, dtype: DTypeLike = jnp.float32) -> jax.Array:
+    """Inverse of `quantize_groups`, as `dtype`."""
+    x = jnp.asarray(x_fp8).astype(jnp.float32)
+    scale = jnp.asarray(scale, jnp.float32)
+    group = x.shape[-1] // scale.shape[-1]
+    tiles = x.reshape(*x.shape[:-1], scale.shape[-1], group) * scale[..., None]
+    return tiles.reshape(x.shape).astype(dtype)
+
+
 def dequantize_per_channel(w_fp8: ArrayLike, scale: ArrayLike,
                            dtype: DTypeLike = jnp.float32) -> jax.Array:
     """f32(w_fp8) * scale (broadcast), as `dtype`."""

@@ -183,7 +183,7 @@ def test_aligned_layout_has_no_loop():
     assert "while" not in str(jaxpr) and "scan" not in str(jaxpr)
 
 
-@pytest.mark.parametrize("kernel, tolerance", [("mosaic-fp8", 2e-2), ("mosaic-w8a8", 5e-2)])
+@pytest.mark.parametrize("kernel, tolerance", [("mosaic-fp8", 2e-2), ("mosaic-w8a8", 5e-2), ("mosaic-ws-w8a8", 5e-2)])
 def test_routed_experts_through_the_fp8_kernels_equal_the_dequantised_reference(kernel, tolerance):
     rng = np.random.RandomState(1)
     n, k, local, h, i, first = 12, 2, 4, 128, 128, 4      # experts 4..7 here, ids up to 11
@@ -193,7 +193,8 @@ def test_routed_experts_through_the_fp8_kernels_equal_the_dequantised_reference(
     w13, s13 = fp8.quantize_blockwise(rng.standard_normal((local, 2, i, h)) * 0.05)
     w2, s2 = fp8.quantize_blockwise(rng.standard_normal((local, h, i)) * 0.05)
     fused = moe.routed_experts(x, ids, weights, local, first,
-                               moe.fp8_matmuls(w13, s13, w2, s2, kernel=kernel, block_m=16, **INTERPRET))
+                               moe.fp8_matmuls(w13, s13, w2, s2, kernel=kernel, **INTERPRET,
+                                               block_m=128 if kernel == "mosaic-ws-w8a8" else 16))
     w13_bf16 = fp8.dequantize_blockwise(w13, s13, jnp.bfloat16).reshape(local, 2 * i, h)
     w2_bf16 = fp8.dequantize_blockwise(w2, s2, jnp.bfloat16)
     ref = moe.routed_experts(x, ids, weights, local, first,
@@ -221,6 +222,31 @@ def test_routed_experts_through_the_warp_specialised_kernel_equal_the_reference(
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-2 * scale)
 
 
+@pytest.mark.parametrize("sizes", [[5, 0, 130, 17], [0, 0, 0]])
+def test_w8a8_warp_specialised_kernel_equals_fp32_products_of_the_fp8_operands(sizes):
+    """Rows spanning four decades, weight scales that differ along K by four decades (a step
+    using another step's scale shows), rows rounded per 128 columns: against the product of the
+    same FP8 operands in fp32, only the fp32 summation order and the bf16 output differ."""
+    rng = np.random.RandomState(12)
+    g, n, k, m = len(sizes), 256, 384, sum(sizes) + 9
+    w_f32 = (rng.standard_normal((g, n, k)) * rng.uniform(0.1, 10, (g, n, 1))
+             * np.repeat(10.0 ** rng.uniform(-2, 2, (g, 1, k // 128)), 128, axis=-1))
+    w, scale = fp8.quantize_blockwise(w_f32)
+    x = jnp.asarray(rng.standard_normal((m, k)) * rng.uniform(0.01, 100, (m, 1)), jnp.bfloat16)
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    gemm = functools.partial(grouped_gemm_ws.aligned_gemm_w8a8, w=w, w_scale=scale, max_concurrent_steps=2,
+                             **INTERPRET)
+    out = np.asarray(aligned_rows.on_aligned_rows(gemm, x, group_sizes, 128), np.float32)
+    xq, xs = fp8.quantize_groups(x)
+    ref = jax.lax.ragged_dot(fp8.dequantize_groups(xq, xs), fp8.dequantize_blockwise(w, scale).transpose(0, 2, 1),
+                             group_sizes, precision="highest")
+    valid = sum(sizes)
+    assert not out[valid:].any()
+    ref = np.asarray(ref[:valid])
+    row_scale = np.maximum(np.abs(ref).max(axis=1, keepdims=True), 1e-30)
+    np.testing.assert_array_less(np.abs(out[:valid] - ref) / row_scale, 8e-3)
+
+
 def test_warp_specialised_kernel_lowers_for_gpus_and_takes_checkpoint_layout_experts_only():
     g, n, k, m = 64, 3072, 3072, 81920 + 64 * 128
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((m // 128,), jnp.int32),
@@ -228,6 +254,11 @@ def test_warp_specialised_kernel_lowers_for_gpus_and_takes_checkpoint_layout_exp
     f = jax.jit(functools.partial(grouped_gemm_ws.aligned_gemm, num_blocks=132))
     assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert moe.resolve_kernel("mosaic-ws", "fp8", 3072, 1536) == "mosaic-ws"
+    w8a8_args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((m // 128,), jnp.int32),
+                 jax.ShapeDtypeStruct((g, n, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((g, n // 128, k // 128),
+                                                                                         jnp.float32))
+    f = jax.jit(functools.partial(grouped_gemm_ws.aligned_gemm_w8a8, num_blocks=132))
+    assert "mosaic_gpu" in f.trace(*w8a8_args).lower(lowering_platforms=("cuda",)).as_text()
     with pytest.raises(ValueError, match="mosaic-ws needs FP8 or NVFP4"):
         moe.resolve_kernel("mosaic-ws", "bf16", 3072, 1536)
 

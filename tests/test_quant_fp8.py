@@ -127,6 +127,23 @@ def test_per_channel_round_trip_bounds_on_gaussian_data():
         w / np.abs(w).max(-1, keepdims=True)) < 0.03
 
 
+def test_token_groups_round_trip_within_the_bound_of_their_own_128_columns():
+    """The dynamic activation scheme: one scale per row and 128 columns, so a group of large
+    values leaves its row's other groups at their own precision."""
+    x = np.random.default_rng(6).standard_normal((5, 384)).astype(F32)
+    x *= (10.0 ** np.random.default_rng(7).uniform(-3, 3, (5, 3))).repeat(128, axis=1).astype(F32)
+    x[2, 128:256] = 0.0                                          # an all-zero group: scale 1
+    q, scale = fp8.quantize_groups(x)
+    assert q.dtype == jnp.float8_e4m3fn and scale.shape == (5, 3)
+    want = np.abs(x).reshape(5, 3, 128).max(-1) / F32(448)
+    want[2, 1] = 1.0
+    np.testing.assert_allclose(np.asarray(scale), want, rtol=1e-6)
+    err = abs_error(x, fp8.dequantize_groups(q, scale))
+    assert np.all(err <= fp8_bound(x, np.repeat(np.asarray(scale, np.float64), 128, axis=1)) * SLACK)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fp8.quantize_groups(np.ones((2, 100), F32))
+
+
 def test_per_channel_along_other_axis_keeps_that_axis():
     w = np.random.default_rng(5).standard_normal((6, 10)).astype(F32)
     q, scale = fp8.quantize_per_channel(w, axis=0)

@@ -7,7 +7,11 @@ ring of shared-memory stages while two compute warpgroups each multiply the rows
 tile's output columns: one warpgroup's wgmma runs while the other waits on its own, which a
 single warpgroup per tile (the other grouped kernels here) cannot do.
 
-Weights are [G, N, K] as checkpoints store them (rows = output channels) in the compute dtype.
+Weights are [G, N, K] as checkpoints store them (rows = output channels): `aligned_gemm` takes
+them in the compute dtype; `aligned_gemm_w8a8` takes the checkpoint's FP8 blocks as they are and
+quantises the rows to FP8 with one scale per row and 128 columns (the checkpoint's dynamic
+activation scheme, as sglang runs it), so both operands enter an FP8 wgmma and no layer is
+dequantised per step.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from minimax_jax.ops.mosaic_common import sm_count, transpose_scratch, transposed_operand
+from quant import fp8
+
+SCALE_BLOCK = 128     # the FP8 checkpoint's scale block, along N and K of the weights
 
 
 def aligned_gemm(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, *, block_m: int = 128,
@@ -105,3 +112,108 @@ def aligned_gemm(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, *, 
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret)
     return kernel(block_group.astype(jnp.int32), x_aligned, w)
+
+
+def aligned_gemm_w8a8(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, w_scale: jax.Array, *,
+                      block_m: int = 128, max_concurrent_steps: int = 4, num_blocks: int | None = None,
+                      interpret=None) -> jax.Array:
+    """x_aligned [m_padded, K] (bf16, group-aligned rows) @ dequantised w[group].T -> [m_padded, N]
+    in x's dtype, with w [G, N, K] float8_e4m3fn and w_scale [G, N/128, K/128] as the checkpoint
+    stores them. The rows are rounded to FP8 per row and 128 columns (`quant.fp8.quantize_groups`;
+    XLA fuses that into whatever produced the rows); each 128-deep FP8 wgmma is scaled by its
+    row scales times its weight block's scale and summed in fp32 registers (two accumulators of
+    64 rows per compute warpgroup, which is why a tile is 128 x 128 here against 128 x 256 in
+    `aligned_gemm`). Blocks of no group are left unwritten."""
+    xq, xs = fp8.quantize_groups(x_aligned, SCALE_BLOCK)
+    return _w8a8_kernel(xq, xs.T, block_group, w, w_scale, dtype=x_aligned.dtype, block_m=block_m,
+                        max_concurrent_steps=max_concurrent_steps, num_blocks=num_blocks, interpret=interpret)
+
+
+def _w8a8_kernel(xq, xs_t, block_group, w, w_scale, *, dtype, block_m, max_concurrent_steps, num_blocks,
+                 interpret):
+    from jax import lax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    m_padded, k = xq.shape
+    g, n, k2 = w.shape
+    block = SCALE_BLOCK
+    wg_rows = block_m // 2                       # each compute warpgroup's rows of the tile
+    if (k != k2 or m_padded % block_m or block_m % 128 or n % block or k % block
+            or w.dtype != jnp.float8_e4m3fn or w_scale.shape != (g, n // block, k // block)
+            or block_group.shape != (m_padded // block_m,)):
+        raise ValueError(f"W8A8 warp-specialised grouped GEMM needs x [M, K] with M a multiple of block_m={block_m} "
+                         f"(itself of 128), w [G, N, K] float8_e4m3fn with N and K multiples of {block}, w_scale "
+                         f"[G, N/{block}, K/{block}], one group per row block; got {xq.shape}, {w.shape} {w.dtype}, "
+                         f"{w_scale.shape}, block_group {block_group.shape}")
+    grid_m, grid_n = m_padded // block_m, n // block
+    swizzled = (plgpu.TilingTransform((8, block)), plgpu.SwizzleTransform(128))    # 128 one-byte columns
+
+    def get_pipeline(step, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            step, grid=(k // block,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
+            in_specs=[plgpu.BlockSpec((block_m, block), lambda kk: (0, kk), transforms=swizzled),
+                      plgpu.BlockSpec((block, block), lambda kk: (0, kk), transforms=swizzled),
+                      plgpu.BlockSpec((1, block_m), lambda kk: (kk, 0))],
+            max_concurrent_steps=max_concurrent_steps, compute_context=compute_context)
+
+    def body(group_ref, x_gmem, xs_gmem, w_gmem, s_gmem, o_gmem, o_smem, *interpret_scratch):
+        def slices(mi, ni, group):
+            rows = pl.ds(mi * block_m, block_m)
+            return x_gmem.at[rows], w_gmem.at[group, pl.ds(ni * block, block)], xs_gmem.at[:, rows]
+
+        ignore = lambda *_, **__: None      # noqa: E731 (allocations do not depend on the bodies)
+
+        @functools.partial(pl.run_scoped, collective_axes="wg",
+                           allocations=get_pipeline(ignore, ignore).get_allocations(*slices(0, 0, 0)))
+        def _(allocations):
+            wg = lax.axis_index("wg")
+            my_rows = pl.ds(wg * wg_rows, wg_rows)
+
+            @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
+            def _(info):
+                mi, ni = info.index[0] // grid_n, info.index[0] % grid_n
+                group = group_ref[mi]
+
+                def step(idx, x_smem, w_smem, xs_smem, total):
+                    weight_scale = s_gmem[group, ni, idx[0]]
+
+                    def product(acc_ref):
+                        my_scratch = [ref.at[wg] for ref in interpret_scratch]
+                        plgpu.wgmma(acc_ref, x_smem.at[my_rows], transposed_operand(w_smem, my_scratch, interpret))
+                        plgpu.wgmma_wait(0)
+                        return acc_ref[...]
+
+                    p = pl.run_scoped(product, plgpu.ACC((wg_rows, block)))
+                    row_scale = xs_smem[0, my_rows] * weight_scale
+                    return total + p * lax.broadcast_in_dim(row_scale, p.shape, [0])
+
+                def compute_context(run_pipeline):
+                    zeros = jnp.zeros((wg_rows, block), jnp.float32)
+                    if not interpret:
+                        zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+                    total = run_pipeline(zeros)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)      # the slot's last store
+                    o_smem[wg] = total.astype(dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[pl.ds(mi * block_m + wg * wg_rows, wg_rows),
+                                                                     pl.ds(ni * block, block)])
+
+                @pl.when(group < g)
+                def _():
+                    get_pipeline(step, compute_context)(*slices(mi, ni, group), allocations=allocations)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    bits = jnp.dtype(dtype).itemsize * 8
+    out_swizzle = plgpu.find_swizzle(block * bits)
+    scratch = [plgpu.SMEM((2, wg_rows, block), dtype,
+                          transforms=(plgpu.TilingTransform((8, out_swizzle * 8 // bits)),
+                                      plgpu.SwizzleTransform(out_swizzle))),
+               *transpose_scratch((2, block, block), jnp.float8_e4m3fn, interpret)]
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((m_padded, n), dtype), grid=(num_blocks or sm_count(),),
+        grid_names=("sm",), num_threads=3, thread_name="wg", scratch_types=scratch,
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret)
+    return kernel(block_group.astype(jnp.int32), xq, xs_t, w, w_scale)

@@ -37,8 +37,8 @@ def ragged_dot_mosaic(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
                                       transpose_rhs=transpose_rhs, **MOSAIC_BLOCKS)
 
 
-KERNELS = ("auto", "xla", "mosaic", "mosaic-ws", "mosaic-fp8", "mosaic-w8a8")
-FP8_KERNELS = ("mosaic-fp8", "mosaic-w8a8")
+KERNELS = ("auto", "xla", "mosaic", "mosaic-ws", "mosaic-fp8", "mosaic-w8a8", "mosaic-ws-w8a8")
+FP8_KERNELS = ("mosaic-fp8", "mosaic-w8a8", "mosaic-ws-w8a8")
 
 # Above this many expected local rows the FP8 kernel is slower than dequantising the layer once
 # for the bf16 kernel (docs/benchmarks.md): on an H100 0.84 against 1.56 ms at 2048 rows and 4.3
@@ -65,7 +65,9 @@ def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, loc
     against rows quantised to FP8 per row, FP8 wgmma; opt-in: its numbers differ from the
     weight-only reference by the rows' rounding), "mosaic-ws" (FP8/NVFP4 experts dequantised
     in XLA, then the warp-specialised grouped GEMM on group-aligned rows, ops/grouped_gemm_ws.py),
-    or "auto": on a Hopper GPU computing in bf16
+    "mosaic-ws-w8a8" (FP8 experts as stored against rows rounded to FP8 per row and 128
+    columns, the checkpoint's dynamic activation scheme, in the warp-specialised form; opt-in like
+    mosaic-w8a8), or "auto": on a Hopper GPU computing in bf16
     (lax.ragged_dot ran at 12 TFLOP/s on an H200) "mosaic-fp8" for FP8 experts up to
     FUSED_FP8_MAX_ROWS expected local rows (decode), "mosaic-ws" for them above (prefill: its
     MoE block took 4.7 against 6.5 ms for "mosaic" at a DEP4 prefill step of 8192 tokens per
@@ -206,15 +208,18 @@ def weight_matmuls(w13: jax.Array, w2: jax.Array, kernel: str, output_major: boo
 
 
 def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: jax.Array,
-                kernel: str = "mosaic-fp8", block_m: int = 64, **kernel_options) -> GroupedMatmuls:
+                kernel: str = "mosaic-fp8", block_m: int | None = None, **kernel_options) -> GroupedMatmuls:
     """gate_up and down reading FP8 blocks directly, on group-aligned rows of block_m: w13
     [E, 2, I, H] with scale [E, 2, I/128, H/128]; w2 [E, H, I] with scale [E, H/128, I/128] (the
-    checkpoint's orientation). kernel: one of FP8_KERNELS."""
+    checkpoint's orientation). kernel: one of FP8_KERNELS; block_m defaults to 64 rows, 128
+    (WS_BLOCK_ROWS) for the warp-specialised kernel."""
     e, _, inter, hidden = w13.shape
     w13 = w13.reshape(e, 2 * inter, hidden)
     w13_scale = w13_scale.reshape(e, -1, w13_scale.shape[-1])
-    gemm = functools.partial(grouped_gemm_fp8.aligned_gemm_w8a8 if kernel == "mosaic-w8a8"
-                             else grouped_gemm_fp8.aligned_gemm_fp8, block_m=block_m, **kernel_options)
+    aligned_gemm = {"mosaic-fp8": grouped_gemm_fp8.aligned_gemm_fp8, "mosaic-w8a8": grouped_gemm_fp8.aligned_gemm_w8a8,
+                    "mosaic-ws-w8a8": grouped_gemm_ws.aligned_gemm_w8a8}[kernel]
+    block_m = block_m or (WS_BLOCK_ROWS if kernel == "mosaic-ws-w8a8" else 64)
+    gemm = functools.partial(aligned_gemm, block_m=block_m, **kernel_options)
     return GroupedMatmuls(lambda rows, groups: gemm(rows, groups, w13, w13_scale),
                           lambda rows, groups: gemm(rows, groups, w2, w2_scale), block_rows=block_m)
 
