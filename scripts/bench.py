@@ -221,6 +221,13 @@ def _bench_fp8_kernels(args, ceilings: dict, label: str, n: int, k: int) -> None
             gemm = grouped_gemm_fp8.grouped_gemm_w8a8 if kind == "w8a8" else grouped_gemm_fp8.grouped_gemm_fp8
             kernels[f"fp8 {kind} bm{bm} s{steps} x{per_sm}/SM"] = functools.partial(
                 gemm, block_m=bm, max_concurrent_steps=steps, num_blocks=per_sm * sms)
+        # the W8A8 warp-specialised kernel (rows rounded to FP8 per 128 columns; its error is
+        # against the weight-only reference) by pipeline stages
+        for steps in (3, 4, 5):
+            def w8a8_ws(x, w, s, sizes, steps=steps):
+                gemm = functools.partial(grouped_gemm_ws.aligned_gemm_w8a8, w=w, w_scale=s, max_concurrent_steps=steps)
+                return aligned_rows.on_aligned_rows(gemm, x, sizes, moe_ops.WS_BLOCK_ROWS)
+            kernels[f"fp8 w8a8-ws s{steps}"] = w8a8_ws
     skip = (lambda name, m: name == "fp8 dequant+xla" and on_gpu and m > 4096)
     time_grouped_gemms(args, kernels, (w, scale), (k, n), floor, "fp8 floor", skip, label)
     if on_gpu:
@@ -432,7 +439,7 @@ def bench_check(args) -> None:
                 f"DEP{n} mosaic": dict(moe_kernel="mosaic", attention_backend="xla", **dep),
                 f"DEP{n} mosaic cudnn-attn": dict(moe_kernel="mosaic", attention_backend="cudnn", **dep)}
     if args.quantization == "fp8":
-        for kernel in ("mosaic-ws", "mosaic-fp8", "mosaic-w8a8"):
+        for kernel in ("mosaic-ws", "mosaic-fp8", "mosaic-w8a8", "mosaic-ws-w8a8"):
             variants[f"DEP{n} {kernel}"] = dict(moe_kernel=kernel, attention_backend="xla", **dep)
     for name, diff, same in compare_engines("check", common, variants, prompts):
         record("check", f"prefill logits {name} vs 1 device xla", diff, "x max|logit|", "last prompt token")

@@ -204,6 +204,15 @@ def test_routed_experts_through_the_fp8_kernels_equal_the_dequantised_reference(
     np.testing.assert_allclose(np.asarray(fused), np.asarray(ref), atol=tolerance * scale)
 
 
+@pytest.mark.parametrize("kernel, block_rows", [("mosaic-fp8", 64), ("mosaic-w8a8", 64), ("mosaic-ws-w8a8", 128)])
+def test_fp8_matmuls_lay_rows_out_in_their_kernels_default_blocks(kernel, block_rows):
+    w13, s13 = fp8.quantize_blockwise(np.ones((2, 2, 128, 256), np.float32))
+    w2, s2 = fp8.quantize_blockwise(np.ones((2, 256, 128), np.float32))
+    matmuls = moe.fp8_matmuls(w13, s13, w2, s2, kernel=kernel)
+    assert matmuls.block_rows == block_rows
+    assert (matmuls.prepare is not None) == (kernel == "mosaic-ws-w8a8")
+
+
 def test_routed_experts_through_the_warp_specialised_kernel_equal_the_reference():
     """Dequantised experts in the checkpoint's orientation on group-aligned rows of 128, under
     the interpreter; the row blocks' last one is partial and some experts get no rows."""
@@ -263,11 +272,12 @@ def test_warp_specialised_kernel_lowers_for_gpus_and_takes_checkpoint_layout_exp
         moe.resolve_kernel("mosaic-ws", "bf16", 3072, 1536)
 
 
-def test_auto_kernel_on_hopper_is_mosaic_for_bf16_the_fp8_kernel_at_decode_and_ws_at_prefill(monkeypatch):
+def test_auto_kernel_on_hopper_is_mosaic_for_bf16_the_fp8_kernel_at_decode_and_w8a8_ws_at_prefill(monkeypatch):
     monkeypatch.setattr(moe, "on_hopper", lambda: True)
     assert moe.resolve_kernel("auto", "bf16", 3072, 1536, local_rows=64) == "mosaic"
     assert moe.resolve_kernel("auto", "fp8", 3072, 1536, local_rows=moe.FUSED_FP8_MAX_ROWS) == "mosaic-fp8"
-    assert moe.resolve_kernel("auto", "fp8", 3072, 1536, local_rows=moe.FUSED_FP8_MAX_ROWS + 1) == "mosaic-ws"
+    assert moe.resolve_kernel("auto", "fp8", 3072, 1536, local_rows=moe.FUSED_FP8_MAX_ROWS + 1) == "mosaic-ws-w8a8"
+    assert moe.resolve_kernel("auto", "fp8", 3072, 384, local_rows=65536) == "mosaic-ws-w8a8"    # TP4 experts
     assert moe.resolve_kernel("auto", "nvfp4", 3072, 1536, local_rows=moe.FUSED_FP8_MAX_ROWS + 1) == "mosaic"
     assert moe.resolve_kernel("auto", "fp8", 3072, 1536, local_rows=64, dtype=jnp.float32) == "xla"
 

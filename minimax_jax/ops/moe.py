@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from minimax_jax.ops import aligned_rows, grouped_gemm_fp8, grouped_gemm_ws
+from quant import fp8
 
 
 def ragged_dot_reference(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -40,11 +41,11 @@ def ragged_dot_mosaic(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
 KERNELS = ("auto", "xla", "mosaic", "mosaic-ws", "mosaic-fp8", "mosaic-w8a8", "mosaic-ws-w8a8")
 FP8_KERNELS = ("mosaic-fp8", "mosaic-w8a8", "mosaic-ws-w8a8")
 
-# Above this many expected local rows the FP8 kernel is slower than dequantising the layer once
-# for the bf16 kernel (docs/benchmarks.md): on an H100 0.84 against 1.56 ms at 2048 rows and 4.3
-# against 2.7 ms at 32768 (run O); on an H200, gate/up over 64 experts, 1.87 against 3.17 ms at
-# 16384 rows and 2.79 against 2.37 ms at 32768 (runs AO, AP).
-FUSED_FP8_MAX_ROWS = 16384
+# Above this many expected local rows the W8A8 warp-specialised kernel beats the weight-only FP8
+# kernel (docs/benchmarks.md, runs AW, AY, AZ on an H200: the MoE block of 64 local experts on
+# the device timeline, weight-only against W8A8): 489 against 522 us at 2424 rows (W1's DEP4
+# decode step), 632 against 500 us at 4096 rows, 1744 against 1080 us at 16384.
+FUSED_FP8_MAX_ROWS = 3072
 
 
 def on_hopper() -> bool:
@@ -66,13 +67,13 @@ def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, loc
     weight-only reference by the rows' rounding), "mosaic-ws" (FP8/NVFP4 experts dequantised
     in XLA, then the warp-specialised grouped GEMM on group-aligned rows, ops/grouped_gemm_ws.py),
     "mosaic-ws-w8a8" (FP8 experts as stored against rows rounded to FP8 per row and 128
-    columns, the checkpoint's dynamic activation scheme, in the warp-specialised form; opt-in like
-    mosaic-w8a8), or "auto": on a Hopper GPU computing in bf16
+    columns, the checkpoint's dynamic activation scheme, in the warp-specialised form), or
+    "auto": on a Hopper GPU computing in bf16
     (lax.ragged_dot ran at 12 TFLOP/s on an H200) "mosaic-fp8" for FP8 experts up to
-    FUSED_FP8_MAX_ROWS expected local rows (decode), "mosaic-ws" for them above (prefill: its
-    MoE block took 4.7 against 6.5 ms for "mosaic" at a DEP4 prefill step of 8192 tokens per
-    rank on an H200, run AV), "mosaic" for the other formats; "xla" elsewhere (the Mosaic
-    kernels take bf16 rows)."""
+    FUSED_FP8_MAX_ROWS expected local rows (decode), "mosaic-ws-w8a8" for them above (prefill,
+    as the checkpoint's `activation_scheme: dynamic` prescribes: its MoE block took 3.3 against
+    4.7 ms for "mosaic-ws" at a DEP4 prefill step of 8192 tokens per rank on an H200, run AY),
+    "mosaic" for the other formats; "xla" elsewhere (the Mosaic kernels take bf16 rows)."""
     check_kernel(kernel)
     block = grouped_gemm_fp8.BLOCK
     fp8_blocks = expert_format == "fp8" and hidden % block == 0 and inter % block == 0
@@ -81,7 +82,7 @@ def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, loc
     if kernel == "auto":
         kernel = "xla" if not (dtype == jnp.bfloat16 and on_hopper()) else (
             "mosaic-fp8" if fp8_blocks and local_rows <= FUSED_FP8_MAX_ROWS
-            else "mosaic-ws" if expert_format == "fp8" and ws_shapes else "mosaic")
+            else "mosaic-ws-w8a8" if fp8_blocks else "mosaic")
     if kernel == "mosaic-ws" and not (expert_format in ("fp8", "nvfp4") and ws_shapes):
         raise ValueError(f"moe kernel mosaic-ws needs FP8 or NVFP4 experts (read as the checkpoint lays them "
                          f"out) with hidden and 2 x intermediate multiples of 256 and intermediate of 64; got "
@@ -119,10 +120,15 @@ class GroupedMatmuls:
     block_rows > 0: the rows are group-aligned (`aligned_rows.layout`: each group
     from a multiple of block_rows, zero rows between) and `groups` is each block's group; the
     layout is built once for both GEMMs, and the rows are gathered into it straight from the
-    tokens."""
+    tokens.
+
+    prepare(tokens), when given, runs once on the layer's tokens before they are gathered into
+    rows; gate_up then gets the gathered result (any pytree of [N, ...] arrays), e.g. tokens
+    rounded to FP8 with their scales."""
     gate_up: RowsMatmul
     down: RowsMatmul
     block_rows: int = 0
+    prepare: Callable[[jax.Array], Any] | None = None
 
 
 def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, num_local: int,
@@ -147,15 +153,18 @@ def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, num_
     order = jnp.zeros(n * k, jnp.int32).at[sorted_position].set(jnp.arange(n * k, dtype=jnp.int32),
                                                                unique_indices=True)
 
+    tokens = matmuls.prepare(x) if matmuls.prepare else x
+
     def combine(capacity: int) -> jax.Array:
         token = order[:capacity] // k                      # the token of each sorted row
         row_of_pair = jnp.minimum(sorted_position, capacity - 1)
         if matmuls.block_rows:
             dest, groups, m_padded = aligned_rows.layout(group_sizes, capacity, matmuls.block_rows)
-            rows = jnp.take(x, aligned_rows.sources(token, dest, m_padded, fill=n), axis=0, mode="fill", fill_value=0)
+            source = aligned_rows.sources(token, dest, m_padded, fill=n)
+            rows = jax.tree.map(lambda a: jnp.take(a, source, axis=0, mode="fill", fill_value=0), tokens)
             row_of_pair = dest[row_of_pair]
         else:
-            rows, groups = x[token], group_sizes
+            rows, groups = jax.tree.map(lambda a: a[token], tokens), group_sizes
         gate_up_rows = matmuls.gate_up(rows, groups)
         inter = gate_up_rows.shape[-1] // 2
         act = (jax.nn.silu(gate_up_rows[:, :inter].astype(jnp.float32))
@@ -216,9 +225,16 @@ def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: j
     e, _, inter, hidden = w13.shape
     w13 = w13.reshape(e, 2 * inter, hidden)
     w13_scale = w13_scale.reshape(e, -1, w13_scale.shape[-1])
-    aligned_gemm = {"mosaic-fp8": grouped_gemm_fp8.aligned_gemm_fp8, "mosaic-w8a8": grouped_gemm_fp8.aligned_gemm_w8a8,
-                    "mosaic-ws-w8a8": grouped_gemm_ws.aligned_gemm_w8a8}[kernel]
-    block_m = block_m or (WS_BLOCK_ROWS if kernel == "mosaic-ws-w8a8" else 64)
+
+    if kernel == "mosaic-ws-w8a8":     # the tokens are rounded to FP8 once, before the gather
+        options = dict(block_m=block_m or WS_BLOCK_ROWS, **kernel_options)
+        gate_up = functools.partial(grouped_gemm_ws.aligned_gemm_w8a8_quantized, w=w13, w_scale=w13_scale, **options)
+        down = functools.partial(grouped_gemm_ws.aligned_gemm_w8a8, w=w2, w_scale=w2_scale, **options)
+        return GroupedMatmuls(lambda rows, groups: gate_up(*rows, groups), lambda rows, groups: down(rows, groups),
+                              block_rows=options["block_m"],
+                              prepare=lambda x: fp8.quantize_groups(x, grouped_gemm_ws.SCALE_BLOCK))
+    aligned_gemm = {"mosaic-fp8": grouped_gemm_fp8.aligned_gemm_fp8, "mosaic-w8a8": grouped_gemm_fp8.aligned_gemm_w8a8}[kernel]
+    block_m = block_m or 64
     gemm = functools.partial(aligned_gemm, block_m=block_m, **kernel_options)
     return GroupedMatmuls(lambda rows, groups: gemm(rows, groups, w13, w13_scale),
                           lambda rows, groups: gemm(rows, groups, w2, w2_scale), block_rows=block_m)
