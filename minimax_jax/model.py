@@ -48,7 +48,7 @@ class Comm(Protocol):
     def qk_sum_squares(self, ss: jax.Array) -> jax.Array: ...
     def reduce_attention(self, o: jax.Array) -> jax.Array: ...
     def moe(self, h: jax.Array, expert_ids: jax.Array, weights: jax.Array,
-            experts: "Experts") -> jax.Array: ...
+            experts: "Experts", layer: jax.Array | None = None) -> jax.Array: ...
     def finish_residual(self, r: jax.Array, m: jax.Array) -> jax.Array: ...
     def gather_logits(self, logits: jax.Array) -> jax.Array: ...
 
@@ -74,11 +74,11 @@ class LocalComm:
     def reduce_attention(self, o):
         return o
 
-    def moe(self, h, expert_ids, weights, experts):
+    def moe(self, h, expert_ids, weights, experts, layer=None):
         if self.fp4_dispatch:
             payload, scale = nvfp4.quantize_activations(h)
             h = nvfp4.dequantize_activations(payload, scale, h.shape[-1], h.dtype)
-        return experts(h, expert_ids, weights, first_expert=0)
+        return experts(h, expert_ids, weights, first_expert=0, layer=layer)
 
     def finish_residual(self, r, m):
         return r + m.astype(r.dtype)
@@ -255,14 +255,19 @@ class Experts(nnx.Module):
 
     @property
     def num_local(self) -> int:
-        return self.w13.shape[0]
+        return self.w13.shape[-4]          # every format's w13 is 4-D per layer
 
     def __call__(self, x: jax.Array, expert_ids: jax.Array, weights: jax.Array,
-                 first_expert: jax.Array | int) -> jax.Array:
-        inter = self.w13.shape[-1] if self.format == "bf16" else self.w13.shape[2]     # this device's share
+                 first_expert: jax.Array | int, layer: jax.Array | None = None) -> jax.Array:
+        """layer: this module's arrays hold every layer's experts ([L, ...]) and this layer's
+        run; the FP8 W8A8 kernel reads them in place, every other path takes the layer's slice."""
+        inter = self.w13.shape[-1] if self.format == "bf16" else self.w13.shape[-2]    # this device's share
         share = self.num_local / self.num_experts
         kernel = moe_ops.resolve_kernel(self.kernel, self.format, x.shape[-1], inter,
                                         local_rows=int(expert_ids.size * share), dtype=self.dtype)
+        if layer is not None and kernel != "mosaic-ws-w8a8":
+            graphdef, state = nnx.split(self)
+            return nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], state))(x, expert_ids, weights, first_expert)
         local = expert_ids - first_expert
         few_tokens = expert_ids.size * 2 <= self.num_local
         if few_tokens and self.kernel not in moe_ops.FP8_KERNELS:
@@ -273,7 +278,7 @@ class Experts(nnx.Module):
             return moe_ops.per_pair_experts(x, expert_ids, weights, w13, w2, mine)
         if kernel in moe_ops.FP8_KERNELS:                   # reads only the FP8 bytes
             matmuls = moe_ops.fp8_matmuls(self.w13[...], self.w13_scale[...], self.w2[...], self.w2_scale[...],
-                                          kernel=kernel)
+                                          kernel=kernel, layer=layer)
         elif self.format == "bf16":
             w13 = self.w13[...]
             matmuls = moe_ops.weight_matmuls(w13.reshape(*w13.shape[:2], -1), self.w2[...], kernel)
@@ -307,7 +312,7 @@ class DecoderLayer(nnx.Module):
         r = r + comm.reduce_attention(o).astype(r.dtype)
         h = rms_norm(r, self.mlp_norm[...], self.eps)
         expert_ids, weights = self.router(h, valid)
-        m = comm.moe(h, expert_ids, weights, self.experts).astype(r.dtype)
+        m = comm.moe(h, expert_ids, weights, self.experts, layer=index).astype(r.dtype)
         counts = jnp.bincount(expert_ids.reshape(-1), length=self.router.weight.shape[-1] + 1)
         return r, m, kv, counts
 
@@ -344,12 +349,14 @@ class MiniMaxM2(nnx.Module):
         b, t = step.tokens.shape
         x = self.embed[...][comm.own_tokens(step.tokens.reshape(-1))]
         valid = comm.own_tokens(step.valid.reshape(-1))
-        graphdef, layer_state = nnx.split(self.layers)
+        # the experts' weights stay stacked and each layer's MoE block is told its index (see
+        # Experts.__call__); the rest is sliced by the scan
+        graphdef, expert_state, layer_state = nnx.split(self.layers, nnx.PathContains("experts"), ...)
 
         def one_layer(carry, xs):
             r, m, kv = carry
             state, index = xs
-            layer = nnx.merge(graphdef, state)
+            layer = nnx.merge(graphdef, expert_state, state)
             r, m, kv, counts = layer(r, m, kv, index, step, valid, comm)
             return (r, m, kv), counts
 

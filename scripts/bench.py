@@ -4,6 +4,9 @@ Sections (pick with --sections, comma separated):
   env       versions, devices, measured copy bandwidth and bf16 matmul rate (the ceilings)
   check     greedy tokens of a 2-layer full-width model (experts as --quantization): Mosaic vs
             XLA expert GEMM, DEP vs 1 device
+  check-long the same at a prefill of 4 x 1000 tokens over DEP on all devices, where the
+            expert-parallel row buckets (a switch over row counts) run: XLA against the kernels
+            `auto` takes at prefill
   kernels   expert grouped GEMM: lax.ragged_dot vs Mosaic GPU at decode and prefill sizes,
             checked against each other, beside the weight-read floor and a dense batched matmul
             of equal groups (the rate a grouped kernel could reach); FP8 experts dequantised in
@@ -444,6 +447,27 @@ def bench_check(args) -> None:
     for name, diff, same in compare_engines("check", common, variants, prompts):
         record("check", f"prefill logits {name} vs 1 device xla", diff, "x max|logit|", "last prompt token")
         record("check", f"greedy tokens {name} vs 1 device xla", same, "fraction equal", "4 prompts x 16 tokens")
+
+
+def bench_check_long(args) -> None:
+    """bench_check's comparison at prefill size: 4 prompts of 1000 tokens in one step over DEP on
+    all devices (32000 token-expert pairs: above 16384 the row buckets of
+    ops.moe.row_capacities run under a switch when the experts are split)."""
+    n = len(jax.devices())
+    common = dict(model_path=args.preset, load_format="dummy", dtype="bfloat16", page_size=args.page_size,
+                  quantization=args.quantization, context_length=2048, max_running_requests=8,
+                  chunked_prefill_size=4096, json_model_override_args=json.dumps({"num_hidden_layers": 2}),
+                  tp_size=n, dp_size=n, enable_dp_attention=True, attention_backend="xla")
+    from minimax_jax.config import preset
+    rng = np.random.RandomState(1)
+    prompts = [rng.randint(1, preset(args.preset).vocab_size, 1000).tolist() for _ in range(4)]
+    kernels = ["mosaic-ws-w8a8", "mosaic-ws"] if args.quantization == "fp8" else ["mosaic"]
+    variants = {f"DEP{n} {kernel}": dict(moe_kernel=kernel) for kernel in ["xla"] + kernels}
+    if jax.default_backend() != "gpu":       # the Mosaic kernels need a GPU; the path still runs
+        variants = {f"DEP{n} xla": dict(moe_kernel="xla"), f"DEP{n} xla, again": dict(moe_kernel="xla")}
+    for name, diff, same in compare_engines("check-long", common, variants, prompts)[1:]:
+        record("check-long", f"prefill logits {name} vs DEP{n} xla", diff, "x max|logit|", "4 x 1000-token prompts")
+        record("check-long", f"greedy tokens {name} vs DEP{n} xla", same, "fraction equal", "4 prompts x 16 tokens")
 
 
 def bench_layouts(args) -> None:
@@ -1026,6 +1050,8 @@ def main(argv=None) -> int:
     ceilings = bench_env(args) if {"env", "kernels", "moe", "layers", "breakdown"} & set(sections) else {}
     if "check" in sections:
         bench_check(args)
+    if "check-long" in sections:
+        bench_check_long(args)
     if "kernels" in sections:
         bench_kernels(args, ceilings)
     if "moe" in sections:

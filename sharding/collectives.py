@@ -104,14 +104,15 @@ class MeshComm:
 
     # -- MoE -----------------------------------------------------------------------------------
 
-    def moe(self, h: jax.Array, expert_ids: jax.Array, weights: jax.Array, experts) -> jax.Array:
+    def moe(self, h: jax.Array, expert_ids: jax.Array, weights: jax.Array, experts,
+            layer: jax.Array | None = None) -> jax.Array:
         x, ids, w = self.dispatch(h, expert_ids, weights)
         if self.layout.moe == "ep":
             local = experts.num_local
             first = jax.lax.axis_index(EXPERT_AXES) * local
         else:
             first = 0
-        y = experts(x, ids, w, first_expert=first)
+        y = experts(x, ids, w, first_expert=first, layer=layer)
         return self.combine(y.astype(self.combine_dtype), h.shape[0])
 
     def _dispatch_axes(self) -> tuple[str, ...]:

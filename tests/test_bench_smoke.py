@@ -17,9 +17,9 @@ def run_bench(tmp_path, *argv):
 
 
 def test_every_cpu_section_of_the_benchmark_records_its_rows(tmp_path):
-    rows, stdout = run_bench(tmp_path, "--sections", "env,kernels,moe,layouts,breakdown,engine")
+    rows, stdout = run_bench(tmp_path, "--sections", "env,kernels,moe,layouts,breakdown,engine,check-long")
     sections = {r["section"] for r in rows}
-    assert sections == {"env", "kernels", "moe", "layouts", "breakdown", "engine"}, stdout[-2000:]
+    assert sections == {"env", "kernels", "moe", "layouts", "breakdown", "engine", "check-long"}, stdout[-2000:]
     layouts = {r["variant"]: r["value"] for r in rows if r["section"] == "layouts"}
     # bf16 dispatch is the same arithmetic as TP on one host: logits agree to rounding
     assert layouts["first-step logits DEP8 bf16-dispatch vs TP8, 2 layers"] < 1e-3

@@ -256,6 +256,24 @@ def test_w8a8_warp_specialised_kernel_equals_fp32_products_of_the_fp8_operands(s
     np.testing.assert_array_less(np.abs(out[:valid] - ref) / row_scale, 8e-3)
 
 
+def test_w8a8_warp_specialised_matmuls_read_a_layer_of_stacked_weights_as_its_slice():
+    """Given every layer's experts and an index, the kernel reads that layer in place; the
+    result equals running on the layer's slice, bit for bit."""
+    rng = np.random.RandomState(13)
+    layers, local, h, i, n, k, first = 3, 4, 256, 128, 40, 2, 0
+    w13, s13 = fp8.quantize_blockwise(rng.standard_normal((layers, local, 2, i, h)) * rng.uniform(0.01, 1, (layers, 1, 1, 1, 1)))
+    w2, s2 = fp8.quantize_blockwise(rng.standard_normal((layers, local, h, i)) * rng.uniform(0.01, 1, (layers, 1, 1, 1)))
+    x = jnp.asarray(rng.standard_normal((n, h)), jnp.bfloat16)
+    ids = jnp.asarray(rng.randint(0, local, (n, k)), jnp.int32)
+    weights = jnp.asarray(rng.random((n, k)), jnp.float32)
+    opts = dict(kernel="mosaic-ws-w8a8", **INTERPRET)
+    stacked = moe.routed_experts(x, ids, weights, local, first, moe.fp8_matmuls(w13, s13, w2, s2, layer=jnp.int32(1), **opts))
+    sliced = moe.routed_experts(x, ids, weights, local, first, moe.fp8_matmuls(w13[1], s13[1], w2[1], s2[1], **opts))
+    other = moe.routed_experts(x, ids, weights, local, first, moe.fp8_matmuls(w13[2], s13[2], w2[2], s2[2], **opts))
+    np.testing.assert_array_equal(np.asarray(stacked), np.asarray(sliced))
+    assert np.abs(np.asarray(stacked) - np.asarray(other)).max() > 1e-3 * np.abs(np.asarray(sliced)).max()
+
+
 def test_warp_specialised_kernel_lowers_for_gpus_and_takes_checkpoint_layout_experts_only():
     g, n, k, m = 64, 3072, 3072, 81920 + 64 * 128
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((m // 128,), jnp.int32),

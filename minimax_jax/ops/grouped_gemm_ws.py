@@ -115,48 +115,56 @@ def aligned_gemm(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, *, 
 
 
 def aligned_gemm_w8a8(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, w_scale: jax.Array, *,
-                      block_m: int = 128, max_concurrent_steps: int = 4, num_blocks: int | None = None,
-                      interpret=None) -> jax.Array:
+                      layer: jax.Array | int | None = None, block_m: int = 128, max_concurrent_steps: int = 4,
+                      num_blocks: int | None = None, interpret=None) -> jax.Array:
     """x_aligned [m_padded, K] (bf16, group-aligned rows) @ dequantised w[group].T -> [m_padded, N]
     in x's dtype, with w [G, N, K] float8_e4m3fn and w_scale [G, N/128, K/128] as the checkpoint
     stores them. The rows are rounded to FP8 per row and 128 columns (`quant.fp8.quantize_groups`;
     XLA fuses that into whatever produced the rows); each 128-deep FP8 wgmma is scaled by its
     row scales times its weight block's scale and summed in fp32 registers (two accumulators of
     64 rows per compute warpgroup, which is why a tile is 128 x 128 here against 128 x 256 in
-    `aligned_gemm`). Blocks of no group are left unwritten."""
+    `aligned_gemm`). Blocks of no group are left unwritten.
+
+    layer: w [L, G, N, K] and w_scale [L, G, N/128, K/128] hold every layer's experts and the
+    kernel reads this layer's (a slice of the stacked weights passed into the row buckets' switch
+    was copied first by XLA, docs/benchmarks.md run BE)."""
     xq, xs = fp8.quantize_groups(x_aligned, SCALE_BLOCK)
-    return aligned_gemm_w8a8_quantized(xq, xs, block_group, w, w_scale, out_dtype=x_aligned.dtype, block_m=block_m,
-                                       max_concurrent_steps=max_concurrent_steps, num_blocks=num_blocks,
-                                       interpret=interpret)
+    return aligned_gemm_w8a8_quantized(xq, xs, block_group, w, w_scale, layer=layer, out_dtype=x_aligned.dtype,
+                                       block_m=block_m, max_concurrent_steps=max_concurrent_steps,
+                                       num_blocks=num_blocks, interpret=interpret)
 
 
 def aligned_gemm_w8a8_quantized(xq: jax.Array, xs: jax.Array, block_group: jax.Array, w: jax.Array,
-                                w_scale: jax.Array, *, out_dtype=jnp.bfloat16, block_m: int = 128,
+                                w_scale: jax.Array, *, layer: jax.Array | int | None = None,
+                                out_dtype=jnp.bfloat16, block_m: int = 128,
                                 max_concurrent_steps: int = 4, num_blocks: int | None = None,
                                 interpret=None) -> jax.Array:
     """`aligned_gemm_w8a8` on rows already rounded by `quant.fp8.quantize_groups`: xq [m_padded, K]
     float8_e4m3fn, xs [m_padded, K/128] float32. Rounding the tokens before they are gathered
     into the aligned rows reads each token once and gathers half the bytes."""
-    return _w8a8_kernel(xq, xs.T, block_group, w, w_scale, dtype=out_dtype, block_m=block_m,
+    if layer is None:
+        w, w_scale, layer = w[None], w_scale[None], 0
+    return _w8a8_kernel(xq, xs.T, block_group, jnp.asarray(layer, jnp.int32).reshape(1), w, w_scale,
+                        dtype=out_dtype, block_m=block_m,
                         max_concurrent_steps=max_concurrent_steps, num_blocks=num_blocks, interpret=interpret)
 
 
-def _w8a8_kernel(xq, xs_t, block_group, w, w_scale, *, dtype, block_m, max_concurrent_steps, num_blocks,
+def _w8a8_kernel(xq, xs_t, block_group, layer, w, w_scale, *, dtype, block_m, max_concurrent_steps, num_blocks,
                  interpret):
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     m_padded, k = xq.shape
-    g, n, k2 = w.shape
+    _, g, n, k2 = w.shape
     block = SCALE_BLOCK
     wg_rows = block_m // 2                       # each compute warpgroup's rows of the tile
     if (k != k2 or m_padded % block_m or block_m % 128 or n % block or k % block
-            or w.dtype != jnp.float8_e4m3fn or w_scale.shape != (g, n // block, k // block)
+            or w.dtype != jnp.float8_e4m3fn or w_scale.shape != (w.shape[0], g, n // block, k // block)
             or block_group.shape != (m_padded // block_m,)):
         raise ValueError(f"W8A8 warp-specialised grouped GEMM needs x [M, K] with M a multiple of block_m={block_m} "
-                         f"(itself of 128), w [G, N, K] float8_e4m3fn with N and K multiples of {block}, w_scale "
-                         f"[G, N/{block}, K/{block}], one group per row block; got {xq.shape}, {w.shape} {w.dtype}, "
+                         f"(itself of 128), w [(L,) G, N, K] float8_e4m3fn with N and K multiples of {block}, w_scale "
+                         f"[(L,) G, N/{block}, K/{block}], one group per row block; got {xq.shape}, {w.shape} {w.dtype}, "
                          f"{w_scale.shape}, block_group {block_group.shape}")
     grid_m, grid_n = m_padded // block_m, n // block
     swizzled = (plgpu.TilingTransform((8, block)), plgpu.SwizzleTransform(128))    # 128 one-byte columns
@@ -169,10 +177,12 @@ def _w8a8_kernel(xq, xs_t, block_group, w, w_scale, *, dtype, block_m, max_concu
                       plgpu.BlockSpec((1, block_m), lambda kk: (kk, 0))],
             max_concurrent_steps=max_concurrent_steps, compute_context=compute_context)
 
-    def body(group_ref, x_gmem, xs_gmem, w_gmem, s_gmem, o_gmem, o_smem, *interpret_scratch):
+    def body(group_ref, layer_ref, x_gmem, xs_gmem, w_gmem, s_gmem, o_gmem, o_smem, *interpret_scratch):
+        layer = layer_ref[0]
+
         def slices(mi, ni, group):
             rows = pl.ds(mi * block_m, block_m)
-            return x_gmem.at[rows], w_gmem.at[group, pl.ds(ni * block, block)], xs_gmem.at[:, rows]
+            return x_gmem.at[rows], w_gmem.at[layer, group, pl.ds(ni * block, block)], xs_gmem.at[:, rows]
 
         ignore = lambda *_, **__: None      # noqa: E731 (allocations do not depend on the bodies)
 
@@ -188,7 +198,7 @@ def _w8a8_kernel(xq, xs_t, block_group, w, w_scale, *, dtype, block_m, max_concu
                 group = group_ref[mi]
 
                 def step(idx, x_smem, w_smem, xs_smem, total):
-                    weight_scale = s_gmem[group, ni, idx[0]]
+                    weight_scale = s_gmem[layer, group, ni, idx[0]]
 
                     def product(acc_ref):
                         my_scratch = [ref.at[wg] for ref in interpret_scratch]
@@ -228,4 +238,4 @@ def _w8a8_kernel(xq, xs_t, block_group, w, w_scale, *, dtype, block_m, max_concu
         grid_names=("sm",), num_threads=3, thread_name="wg", scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret)
-    return kernel(block_group.astype(jnp.int32), xq, xs_t, w, w_scale)
+    return kernel(block_group.astype(jnp.int32), layer, xq, xs_t, w, w_scale)

@@ -217,17 +217,24 @@ def weight_matmuls(w13: jax.Array, w2: jax.Array, kernel: str, output_major: boo
 
 
 def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: jax.Array,
-                kernel: str = "mosaic-fp8", block_m: int | None = None, **kernel_options) -> GroupedMatmuls:
+                kernel: str = "mosaic-fp8", block_m: int | None = None, layer: jax.Array | int | None = None,
+                **kernel_options) -> GroupedMatmuls:
     """gate_up and down reading FP8 blocks directly, on group-aligned rows of block_m: w13
     [E, 2, I, H] with scale [E, 2, I/128, H/128]; w2 [E, H, I] with scale [E, H/128, I/128] (the
     checkpoint's orientation). kernel: one of FP8_KERNELS; block_m defaults to 64 rows, 128
-    (WS_BLOCK_ROWS) for the warp-specialised kernel."""
-    e, _, inter, hidden = w13.shape
-    w13 = w13.reshape(e, 2 * inter, hidden)
-    w13_scale = w13_scale.reshape(e, -1, w13_scale.shape[-1])
+    (WS_BLOCK_ROWS) for the warp-specialised kernel.
 
+    layer: the four arrays hold every layer ([L, ...] each) and this layer's are used. The
+    warp-specialised W8A8 kernel reads them from the stacked arrays: a layer's slice passed into
+    the row buckets' `lax.switch` was first copied whole by XLA (1.2 GB of gate/up weights a
+    layer at a DEP2 prefill step, docs/benchmarks.md run BE). The other kernels get the slice."""
+    if layer is not None and kernel != "mosaic-ws-w8a8":
+        w13, w13_scale, w2, w2_scale, layer = w13[layer], w13_scale[layer], w2[layer], w2_scale[layer], None
+    *lead, e, _, inter, hidden = w13.shape
+    w13 = w13.reshape(*lead, e, 2 * inter, hidden)
+    w13_scale = w13_scale.reshape(*lead, e, -1, w13_scale.shape[-1])
     if kernel == "mosaic-ws-w8a8":     # the tokens are rounded to FP8 once, before the gather
-        options = dict(block_m=block_m or WS_BLOCK_ROWS, **kernel_options)
+        options = dict(block_m=block_m or WS_BLOCK_ROWS, layer=layer, **kernel_options)
         gate_up = functools.partial(grouped_gemm_ws.aligned_gemm_w8a8_quantized, w=w13, w_scale=w13_scale, **options)
         down = functools.partial(grouped_gemm_ws.aligned_gemm_w8a8, w=w2, w_scale=w2_scale, **options)
         return GroupedMatmuls(lambda rows, groups: gate_up(*rows, groups), lambda rows, groups: down(rows, groups),
