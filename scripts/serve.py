@@ -98,9 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="grouped GEMM of the experts: mosaic (bf16 Mosaic GPU; quantised experts dequantised "
                      "per layer), mosaic-ws (quantised experts dequantised per layer, then a warp-specialised "
                      "Mosaic GPU kernel on group-aligned rows), mosaic-fp8 (FP8 experts dequantised inside the "
-                     "kernel), mosaic-w8a8 (FP8 experts against rows rounded to FP8, FP8 wgmma; opt-in), xla; "
-                     "auto: on Hopper, for FP8 experts mosaic-fp8 at decode sizes and mosaic-ws at prefill "
-                     "sizes, else mosaic; xla elsewhere")
+                     "kernel), mosaic-w8a8 (FP8 experts against rows rounded to FP8 per row, FP8 wgmma), "
+                     "mosaic-ws-w8a8 (FP8 experts as stored against rows rounded to FP8 per 128 columns, as the "
+                     "checkpoint's dynamic activation scheme prescribes, warp-specialised FP8 wgmma), xla; auto: on "
+                     "Hopper, for FP8 experts mosaic-fp8 at decode sizes and mosaic-ws-w8a8 at prefill sizes, else "
+                     "mosaic; xla elsewhere (pick mosaic-ws for weight-only numbers at prefill)")
 
     sched = p.add_argument_group("scheduling and KV cache")
     sched.add_argument("--max-running-requests", type=int, help="max requests decoded together")
