@@ -33,7 +33,6 @@ def aligned_gemm(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, *, 
     """x_aligned [m_padded, K] @ w[group].T for each block of block_m rows -> [m_padded, N] in
     x's dtype; blocks of no group (block_group == G) are left unwritten. Each thread block's
     tile is block_m rows by 2 * block_n columns (block_n per compute warpgroup)."""
-    from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -66,42 +65,30 @@ def aligned_gemm(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, *, 
         def slices(mi, ni, group):
             return x_gmem.at[pl.ds(mi * block_m, block_m)], w_gmem.at[group, pl.ds(ni * tile_n, tile_n)]
 
-        ignore = lambda *_, **__: None      # noqa: E731 (allocations do not depend on the bodies)
-
-        @functools.partial(pl.run_scoped, collective_axes="wg",
-                           allocations=get_pipeline(ignore, ignore).get_allocations(*slices(0, 0, 0)))
-        def _(allocations):
-            wg = lax.axis_index("wg")
+        def tile(wg, mi, ni, group):
             my_columns = pl.ds(wg * block_n, block_n)
 
-            @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
-            def _(info):
-                mi, ni = info.index[0] // grid_n, info.index[0] % grid_n    # a row block's tiles together
-                group = group_ref[mi]
+            def step(idx, x_smem, w_smem, acc_ref):
+                my_scratch = [ref.at[wg] for ref in interpret_scratch]
+                plgpu.wgmma(acc_ref, x_smem, transposed_operand(w_smem.at[my_columns], my_scratch, interpret))
+                plgpu.wgmma_wait(0)
+                return acc_ref
 
-                def step(idx, x_smem, w_smem, acc_ref):
-                    my_scratch = [ref.at[wg] for ref in interpret_scratch]
-                    plgpu.wgmma(acc_ref, x_smem, transposed_operand(w_smem.at[my_columns], my_scratch, interpret))
-                    plgpu.wgmma_wait(0)
-                    return acc_ref
+            def compute_context(run_pipeline):
+                def store(acc_ref):
+                    run_pipeline(acc_ref)
+                    acc = acc_ref[...]
+                    for half in range(block_m // epilogue_rows):
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)    # the slot's last store
+                        o_smem[wg] = acc[half * epilogue_rows:(half + 1) * epilogue_rows].astype(dtype)
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(
+                            o_smem.at[wg], o_gmem.at[pl.ds(mi * block_m + half * epilogue_rows, epilogue_rows),
+                                                     pl.ds(ni * tile_n + wg * block_n, block_n)])
+                pl.run_scoped(store, plgpu.ACC((block_m, block_n)))
+            return step, compute_context
 
-                def compute_context(run_pipeline):
-                    def store(acc_ref):
-                        run_pipeline(acc_ref)
-                        acc = acc_ref[...]
-                        for half in range(block_m // epilogue_rows):
-                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)    # the slot's last store
-                            o_smem[wg] = acc[half * epilogue_rows:(half + 1) * epilogue_rows].astype(dtype)
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(
-                                o_smem.at[wg], o_gmem.at[pl.ds(mi * block_m + half * epilogue_rows, epilogue_rows),
-                                                         pl.ds(ni * tile_n + wg * block_n, block_n)])
-                    pl.run_scoped(store, plgpu.ACC((block_m, block_n)))
-
-                @pl.when(group < g)
-                def _():
-                    get_pipeline(step, compute_context)(*slices(mi, ni, group), allocations=allocations)
-
+        _over_tiles(get_pipeline, slices, tile, group_ref, g, grid_m, grid_n)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     scratch = [plgpu.SMEM((2, epilogue_rows, block_n), dtype, transforms=transforms(block_n)),
@@ -184,47 +171,35 @@ def _w8a8_kernel(xq, xs_t, block_group, layer, w, w_scale, *, dtype, block_m, ma
             rows = pl.ds(mi * block_m, block_m)
             return x_gmem.at[rows], w_gmem.at[layer, group, pl.ds(ni * block, block)], xs_gmem.at[:, rows]
 
-        ignore = lambda *_, **__: None      # noqa: E731 (allocations do not depend on the bodies)
-
-        @functools.partial(pl.run_scoped, collective_axes="wg",
-                           allocations=get_pipeline(ignore, ignore).get_allocations(*slices(0, 0, 0)))
-        def _(allocations):
-            wg = lax.axis_index("wg")
+        def tile(wg, mi, ni, group):
             my_rows = pl.ds(wg * wg_rows, wg_rows)
 
-            @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
-            def _(info):
-                mi, ni = info.index[0] // grid_n, info.index[0] % grid_n
-                group = group_ref[mi]
+            def step(idx, x_smem, w_smem, xs_smem, total):
+                weight_scale = s_gmem[layer, group, ni, idx[0]]
 
-                def step(idx, x_smem, w_smem, xs_smem, total):
-                    weight_scale = s_gmem[layer, group, ni, idx[0]]
+                def product(acc_ref):
+                    my_scratch = [ref.at[wg] for ref in interpret_scratch]
+                    plgpu.wgmma(acc_ref, x_smem.at[my_rows], transposed_operand(w_smem, my_scratch, interpret))
+                    plgpu.wgmma_wait(0)
+                    return acc_ref[...]
 
-                    def product(acc_ref):
-                        my_scratch = [ref.at[wg] for ref in interpret_scratch]
-                        plgpu.wgmma(acc_ref, x_smem.at[my_rows], transposed_operand(w_smem, my_scratch, interpret))
-                        plgpu.wgmma_wait(0)
-                        return acc_ref[...]
+                p = pl.run_scoped(product, plgpu.ACC((wg_rows, block)))
+                row_scale = xs_smem[0, my_rows] * weight_scale
+                return total + p * lax.broadcast_in_dim(row_scale, p.shape, [0])
 
-                    p = pl.run_scoped(product, plgpu.ACC((wg_rows, block)))
-                    row_scale = xs_smem[0, my_rows] * weight_scale
-                    return total + p * lax.broadcast_in_dim(row_scale, p.shape, [0])
+            def compute_context(run_pipeline):
+                zeros = jnp.zeros((wg_rows, block), jnp.float32)
+                if not interpret:
+                    zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+                total = run_pipeline(zeros)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)      # the slot's last store
+                o_smem[wg] = total.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[pl.ds(mi * block_m + wg * wg_rows, wg_rows),
+                                                                 pl.ds(ni * block, block)])
+            return step, compute_context
 
-                def compute_context(run_pipeline):
-                    zeros = jnp.zeros((wg_rows, block), jnp.float32)
-                    if not interpret:
-                        zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
-                    total = run_pipeline(zeros)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)      # the slot's last store
-                    o_smem[wg] = total.astype(dtype)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[pl.ds(mi * block_m + wg * wg_rows, wg_rows),
-                                                                     pl.ds(ni * block, block)])
-
-                @pl.when(group < g)
-                def _():
-                    get_pipeline(step, compute_context)(*slices(mi, ni, group), allocations=allocations)
-
+        _over_tiles(get_pipeline, slices, tile, group_ref, g, grid_m, grid_n)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     bits = jnp.dtype(dtype).itemsize * 8
@@ -239,3 +214,29 @@ def _w8a8_kernel(xq, xs_t, block_group, layer, w, w_scale, *, dtype, block_m, ma
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret)
     return kernel(block_group.astype(jnp.int32), layer, xq, xs_t, w, w_scale)
+
+
+def _over_tiles(get_pipeline, slices, tile, group_ref, g: int, grid_m: int, grid_n: int) -> None:
+    """The persistent loop both kernels run: the pipeline's shared memory allocated once for all
+    warpgroups, then each SM walks (row block, column tile) pairs, a row block's tiles together,
+    skipping row blocks of no group. tile(wg, mi, ni, group) gives the pipeline's step and
+    compute context for one tile; slices(mi, ni, group) its operands in global memory."""
+    from jax import lax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    ignore = lambda *_, **__: None      # noqa: E731 (allocations do not depend on the bodies)
+
+    @functools.partial(pl.run_scoped, collective_axes="wg",
+                       allocations=get_pipeline(ignore, ignore).get_allocations(*slices(0, 0, 0)))
+    def _(allocations):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
+        def _(info):
+            mi, ni = info.index[0] // grid_n, info.index[0] % grid_n
+            group = group_ref[mi]
+
+            @pl.when(group < g)
+            def _():
+                get_pipeline(*tile(wg, mi, ni, group))(*slices(mi, ni, group), allocations=allocations)
