@@ -8,7 +8,9 @@ parameter is the local shard. So nothing here reads a mesh or a device count: he
 expert counts come from the (possibly local) shapes of the weights.
 
 Layer parameters are stacked along a leading layer axis and run by `jax.lax.scan`, so compile
-time does not grow with depth.
+time does not grow with depth. The scan slices every layer's parameters but the experts': those
+stay stacked and each layer's MoE block is given its index (`Experts.__call__`), so a kernel can
+read its layer in place instead of from a slice XLA may copy first.
 """
 
 from __future__ import annotations
@@ -265,6 +267,9 @@ class Experts(nnx.Module):
         share = self.num_local / self.num_experts
         kernel = moe_ops.resolve_kernel(self.kernel, self.format, x.shape[-1], inter,
                                         local_rows=int(expert_ids.size * share), dtype=self.dtype)
+        if layer is not None and self.w13.ndim != 5:
+            raise ValueError(f"a layer index needs experts stacked over layers (w13 [L, ...], 5-D); got w13 "
+                             f"{self.w13.shape}")
         if layer is not None and kernel != "mosaic-ws-w8a8":
             graphdef, state = nnx.split(self)
             return nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], state))(x, expert_ids, weights, first_expert)
@@ -303,7 +308,8 @@ class DecoderLayer(nnx.Module):
                  step: StepInput, valid: jax.Array, comm: Comm):
         """One layer's schedule. r: residual of the tokens this device owns; m: the previous
         layer's MoE output for them (not yet added: its reduction fuses with this add + norm);
-        valid: validity of the owned tokens. Returns (r, m, kv, routed-token count per expert
+        valid: validity of the owned tokens; index: this layer's, into the KV cache and into the
+        experts, which hold every layer's weights (see MiniMaxM2.__call__). Returns (r, m, kv, routed-token count per expert
         with a last bin for "no expert")."""
         r = comm.finish_residual(r, m)
         h = rms_norm(r, self.attn_norm[...], self.eps)

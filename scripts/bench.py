@@ -4,9 +4,9 @@ Sections (pick with --sections, comma separated):
   env       versions, devices, measured copy bandwidth and bf16 matmul rate (the ceilings)
   check     greedy tokens of a 2-layer full-width model (experts as --quantization): Mosaic vs
             XLA expert GEMM, DEP vs 1 device
-  check-long the same at a prefill of 4 x 1000 tokens over DEP on all devices, where the
-            expert-parallel row buckets (a switch over row counts) run: XLA against the kernels
-            `auto` takes at prefill
+  check-long the same at a prefill of 4 x 1000 tokens over DEP on all devices: XLA against the
+            FP8 warp-specialised kernels (W8A8 and weight-only); with the experts split over two
+            or more devices the row buckets (a switch over row counts) run too
   kernels   expert grouped GEMM: lax.ragged_dot vs Mosaic GPU at decode and prefill sizes,
             checked against each other, beside the weight-read floor and a dense batched matmul
             of equal groups (the rate a grouped kernel could reach); FP8 experts dequantised in
@@ -451,8 +451,9 @@ def bench_check(args) -> None:
 
 def bench_check_long(args) -> None:
     """bench_check's comparison at prefill size: 4 prompts of 1000 tokens in one step over DEP on
-    all devices (32000 token-expert pairs: above 16384 the row buckets of
-    ops.moe.row_capacities run under a switch when the experts are split)."""
+    all devices (32000 token-expert pairs: above 16384, with the experts split over two or more
+    devices, the row buckets of ops.moe.row_capacities run under a switch; one device has one
+    bucket)."""
     n = len(jax.devices())
     common = dict(model_path=args.preset, load_format="dummy", dtype="bfloat16", page_size=args.page_size,
                   quantization=args.quantization, context_length=2048, max_running_requests=8,
@@ -940,7 +941,7 @@ def parse_args(argv=None):
     p.add_argument("--moe-tokens", type=int, nargs="+", default=[256, 1212],
                    help="moe section: tokens of a step over all ranks (decode: W2 4 x 64, W1 4 x 303; "
                    "prefill: 4 x 8192)")
-    p.add_argument("--moe-kernels", nargs="+", choices=MOE_KERNELS[1:], default=["mosaic-fp8", "mosaic"],
+    p.add_argument("--moe-kernels", nargs="+", choices=MOE_KERNELS[1:], default=["mosaic-fp8", "mosaic-ws-w8a8"],
                    help="moe section: the expert GEMMs to time")
     p.add_argument("--tune", action="store_true", help="time several Mosaic block configurations")
     p.add_argument("--fp8-fused", action="store_true", help="kernels: also variants of the FP8 kernels "

@@ -2,6 +2,7 @@
 under Pallas' GPU interpreter here (the same kernel body; only the transposed wgmma operand is
 stored untransposed, which the interpreter lacks) and is lowered for the CUDA platform; its GPU
 runs are `scripts/bench.py --sections kernels --quantization fp8 --fp8-fused`."""
+import dataclasses
 import functools
 
 import jax
@@ -274,6 +275,32 @@ def test_w8a8_warp_specialised_matmuls_read_a_layer_of_stacked_weights_as_its_sl
     assert np.abs(np.asarray(stacked) - np.asarray(other)).max() > 1e-3 * np.abs(np.asarray(sliced)).max()
 
 
+@pytest.mark.parametrize("kernel", ["mosaic-ws-w8a8", "xla"])
+def test_stacked_experts_given_a_layer_equal_that_layers_own_module(kernel, monkeypatch):
+    """The model's scan hands Experts every layer's weights and the layer's index: through the
+    W8A8 kernel (which reads the layer in place) and through a per-layer slice (every other
+    path) the result is that layer's own module's, bit for bit."""
+    from flax import nnx
+    from minimax_jax.config import preset
+    from minimax_jax.model import Experts
+    cfg = dataclasses.replace(preset("tiny"), hidden_size=256, intermediate_size=128, num_experts=4)
+    layers = [Experts(cfg, jnp.bfloat16, nnx.Rngs(i), expert_format="fp8") for i in range(3)]
+    graphdef, _ = nnx.split(layers[0])
+    stacked = nnx.merge(graphdef, jax.tree.map(lambda *a: jnp.stack(a), *[nnx.split(e)[1] for e in layers]))
+    for experts in layers + [stacked]:
+        experts.kernel = kernel
+    monkeypatch.setattr(moe, "fp8_matmuls", functools.partial(moe.fp8_matmuls, **INTERPRET))
+    rng = np.random.RandomState(14)
+    x = jnp.asarray(rng.standard_normal((40, 256)), jnp.bfloat16)
+    ids = jnp.asarray(rng.randint(0, 4, (40, 2)), jnp.int32)
+    weights = jnp.asarray(rng.random((40, 2)), jnp.float32)
+    got = np.asarray(stacked(x, ids, weights, first_expert=0, layer=jnp.int32(1)))
+    np.testing.assert_array_equal(got, np.asarray(layers[1](x, ids, weights, first_expert=0)))
+    assert np.abs(got - np.asarray(layers[2](x, ids, weights, first_expert=0))).max() > 0
+    with pytest.raises(ValueError, match="stacked over layers"):
+        layers[1](x, ids, weights, first_expert=0, layer=jnp.int32(1))
+
+
 def test_warp_specialised_kernel_lowers_for_gpus_and_takes_checkpoint_layout_experts_only():
     g, n, k, m = 64, 3072, 3072, 81920 + 64 * 128
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((m // 128,), jnp.int32),
@@ -281,10 +308,13 @@ def test_warp_specialised_kernel_lowers_for_gpus_and_takes_checkpoint_layout_exp
     f = jax.jit(functools.partial(grouped_gemm_ws.aligned_gemm, num_blocks=132))
     assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert moe.resolve_kernel("mosaic-ws", "fp8", 3072, 1536) == "mosaic-ws"
+    # the W8A8 kernel as the engine runs it: every layer's experts, and a traced layer index
+    layers = 62
     w8a8_args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((m // 128,), jnp.int32),
-                 jax.ShapeDtypeStruct((g, n, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((g, n // 128, k // 128),
-                                                                                         jnp.float32))
-    f = jax.jit(functools.partial(grouped_gemm_ws.aligned_gemm_w8a8, num_blocks=132))
+                 jax.ShapeDtypeStruct((layers, g, n, k), jnp.float8_e4m3fn),
+                 jax.ShapeDtypeStruct((layers, g, n // 128, k // 128), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32))
+    f = jax.jit(lambda x, groups, w, s, layer: grouped_gemm_ws.aligned_gemm_w8a8(x, groups, w, s, layer=layer,
+                                                                                num_blocks=132))
     assert "mosaic_gpu" in f.trace(*w8a8_args).lower(lowering_platforms=("cuda",)).as_text()
     with pytest.raises(ValueError, match="mosaic-ws needs FP8 or NVFP4"):
         moe.resolve_kernel("mosaic-ws", "bf16", 3072, 1536)

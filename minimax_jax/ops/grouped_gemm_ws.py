@@ -146,11 +146,11 @@ def _w8a8_kernel(xq, xs_t, block_group, layer, w, w_scale, *, dtype, block_m, ma
     _, g, n, k2 = w.shape
     block = SCALE_BLOCK
     wg_rows = block_m // 2                       # each compute warpgroup's rows of the tile
-    if (k != k2 or m_padded % block_m or block_m % 128 or n % block or k % block
+    if (k != k2 or m_padded % block_m or block_m != 128 or n % block or k % block
             or w.dtype != jnp.float8_e4m3fn or w_scale.shape != (w.shape[0], g, n // block, k // block)
             or block_group.shape != (m_padded // block_m,)):
         raise ValueError(f"W8A8 warp-specialised grouped GEMM needs x [M, K] with M a multiple of block_m={block_m} "
-                         f"(itself of 128), w [(L,) G, N, K] float8_e4m3fn with N and K multiples of {block}, w_scale "
+                         f"(128: two accumulators of 64 rows per compute warpgroup fill its registers), w [(L,) G, N, K] float8_e4m3fn with N and K multiples of {block}, w_scale "
                          f"[(L,) G, N/{block}, K/{block}], one group per row block; got {xq.shape}, {w.shape} {w.dtype}, "
                          f"{w_scale.shape}, block_group {block_group.shape}")
     grid_m, grid_n = m_padded // block_m, n // block
