@@ -94,6 +94,8 @@ def test_bad_cache_and_kernel_options_are_refused_by_name_at_construction(tiny_h
         Engine(model_path=str(tiny_hf_dir), mem_fraction_static=1.5)
     with pytest.raises(ValueError, match="moe_kernel must be one of"):
         Engine(model_path=str(tiny_hf_dir), moe_kernel="triton")
+    with pytest.raises(ValueError, match="need an NVIDIA Hopper GPU"):
+        Engine(model_path=str(tiny_hf_dir), moe_kernel="mosaic-ws-w8a8")
     with pytest.raises(ValueError, match="attention backend must be one of"):
         Engine(model_path=str(tiny_hf_dir), attention_backend="flashinfer")
 

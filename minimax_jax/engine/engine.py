@@ -98,6 +98,9 @@ class Engine:
         if not 0 < args.mem_fraction_static <= 1:
             raise ValueError(f"mem_fraction_static must be in (0, 1], got {args.mem_fraction_static}")
         moe_ops.check_kernel(args.moe_kernel)              # else the first step's trace would say so
+        if args.moe_kernel.startswith("mosaic") and not moe_ops.on_hopper():
+            raise ValueError(f"moe_kernel {args.moe_kernel} runs Mosaic GPU kernels, which need an NVIDIA Hopper GPU "
+                             f"(H100 or H200); this device is {jax.devices()[0].device_kind}: use auto or xla")
         attention_ops.resolve_backend(args.attention_backend)
         attention_ops.resolve_decode_backend(args.decode_attention_backend)
         self.model, self.loaded_from = _load(args)
