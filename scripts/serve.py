@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "Mosaic GPU kernel on group-aligned rows), mosaic-fp8 (FP8 experts dequantised inside the "
                      "kernel), mosaic-w8a8 (FP8 experts against rows rounded to FP8 per row, FP8 wgmma), "
                      "mosaic-ws-w8a8 (FP8 experts as stored against rows rounded to FP8 per 128 columns, as the "
-                     "checkpoint's dynamic activation scheme prescribes, warp-specialised FP8 wgmma), xla; auto: on "
+                     "checkpoint's dynamic activation scheme prescribes, warp-specialised FP8 wgmma), xla, "
+                     "xla-w8a8 (the reference of the W8A8 numbers: rows rounded as mosaic-ws-w8a8 does); auto: on "
                      "Hopper, for FP8 experts mosaic-fp8 at decode sizes and mosaic-ws-w8a8 at prefill sizes, else "
                      "mosaic; xla elsewhere (pick mosaic-ws for weight-only numbers at prefill)")
 

@@ -38,8 +38,8 @@ def ragged_dot_mosaic(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
                                       transpose_rhs=transpose_rhs, **MOSAIC_BLOCKS)
 
 
-KERNELS = ("auto", "xla", "mosaic", "mosaic-ws", "mosaic-fp8", "mosaic-w8a8", "mosaic-ws-w8a8")
-FP8_KERNELS = ("mosaic-fp8", "mosaic-w8a8", "mosaic-ws-w8a8")
+KERNELS = ("auto", "xla", "xla-w8a8", "mosaic", "mosaic-ws", "mosaic-fp8", "mosaic-w8a8", "mosaic-ws-w8a8")
+FP8_KERNELS = ("mosaic-fp8", "mosaic-w8a8", "mosaic-ws-w8a8", "xla-w8a8")
 
 # Above this many expected local rows the W8A8 warp-specialised kernel beats the weight-only FP8
 # kernel (docs/benchmarks.md, runs AW, AY, AZ on an H200: the MoE block of 64 local experts on
@@ -60,7 +60,9 @@ def check_kernel(kernel: str) -> None:
 
 def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, local_rows: int = 0,
                    dtype=jnp.bfloat16) -> str:
-    """"xla" (lax.ragged_dot on weights in the compute dtype, the reference), "mosaic" (the bf16
+    """"xla" (lax.ragged_dot on weights in the compute dtype, the reference), "xla-w8a8" (the
+    reference of the W8A8 kernels' numbers: FP8 experts and rows rounded as "mosaic-ws-w8a8"
+    rounds them, multiplied in fp32), "mosaic" (the bf16
     Mosaic-GPU grouped GEMM; FP8/NVFP4 experts are dequantised in XLA first), "mosaic-fp8" (FP8
     experts dequantised inside the kernel, ops/grouped_gemm_fp8.py), "mosaic-w8a8" (FP8 experts
     against rows quantised to FP8 per row, FP8 wgmma; opt-in: its numbers differ from the
@@ -221,8 +223,9 @@ def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: j
                 **kernel_options) -> GroupedMatmuls:
     """gate_up and down reading FP8 blocks directly, on group-aligned rows of block_m: w13
     [E, 2, I, H] with scale [E, 2, I/128, H/128]; w2 [E, H, I] with scale [E, H/128, I/128] (the
-    checkpoint's orientation). kernel: one of FP8_KERNELS; block_m defaults to 64 rows, 128
-    (WS_BLOCK_ROWS) for the warp-specialised kernel.
+    checkpoint's orientation). kernel: one of FP8_KERNELS ("xla-w8a8" is the XLA reference of
+    "mosaic-ws-w8a8": the same rounding of the rows, fp32 products, rows contiguous by expert);
+    block_m defaults to 64 rows, 128 (WS_BLOCK_ROWS) for the warp-specialised kernel.
 
     layer: the four arrays hold every layer ([L, ...] each) and this layer's are used. The
     warp-specialised W8A8 kernel reads them from the stacked arrays: a layer's slice passed into
@@ -233,6 +236,8 @@ def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: j
     *lead, e, _, inter, hidden = w13.shape
     w13 = w13.reshape(*lead, e, 2 * inter, hidden)
     w13_scale = w13_scale.reshape(*lead, e, -1, w13_scale.shape[-1])
+    if kernel == "xla-w8a8":
+        return _w8a8_reference_matmuls(w13, w13_scale, w2, w2_scale)
     if kernel == "mosaic-ws-w8a8":     # the tokens are rounded to FP8 once, before the gather
         options = dict(block_m=block_m or WS_BLOCK_ROWS, layer=layer, **kernel_options)
         gate_up = functools.partial(grouped_gemm_ws.aligned_gemm_w8a8_quantized, w=w13, w_scale=w13_scale, **options)
@@ -245,6 +250,26 @@ def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: j
     gemm = functools.partial(aligned_gemm, block_m=block_m, **kernel_options)
     return GroupedMatmuls(lambda rows, groups: gemm(rows, groups, w13, w13_scale),
                           lambda rows, groups: gemm(rows, groups, w2, w2_scale), block_rows=block_m)
+
+
+def _w8a8_reference_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: jax.Array
+                            ) -> GroupedMatmuls:
+    """lax.ragged_dot in fp32 on FP8 experts dequantised to fp32 ([E, N, K], output-major) and
+    rows rounded to FP8 per row and 128 columns, as the W8A8 warp-specialised kernel rounds them;
+    results in the rows' dtype."""
+    block = grouped_gemm_ws.SCALE_BLOCK
+
+    def rounded(rows: jax.Array) -> jax.Array:
+        return fp8.dequantize_groups(*fp8.quantize_groups(rows, block))
+
+    def matmul(w: jax.Array, scale: jax.Array) -> RowsMatmul:
+        w32 = fp8.dequantize_blockwise(w, scale).transpose(0, 2, 1)       # [E, K, N]
+        # the product returns in the rows' dtype, as the kernel's does: the rounding of SwiGLU's
+        # output to FP8 then starts from the same numbers
+        return lambda rows, sizes: jax.lax.ragged_dot(rounded(rows), w32, sizes, precision=jax.lax.Precision.HIGHEST,
+                                                      preferred_element_type=jnp.float32).astype(rows.dtype)
+
+    return GroupedMatmuls(matmul(w13, w13_scale), matmul(w2, w2_scale))
 
 
 def per_pair_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w13: jax.Array,
