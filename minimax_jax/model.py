@@ -215,6 +215,7 @@ class Experts(nnx.Module):
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         self.format, self.dtype, self.num_experts = expert_format, dtype, e
         self.kernel = "auto"        # grouped GEMM implementation, see ops.moe.resolve_kernel
+        self.fuse_swiglu = False    # mosaic-ws-w8a8: SwiGLU in the gate/up kernel (ops.moe.fp8_matmuls)
         if expert_format == "bf16":
             self.w13 = _normal(rngs, (e, h, 2, i), dtype)
             self.w2 = _normal(rngs, (e, i, h), dtype)
@@ -283,7 +284,8 @@ class Experts(nnx.Module):
             return moe_ops.per_pair_experts(x, expert_ids, weights, w13, w2, mine)
         if kernel in moe_ops.FP8_KERNELS:                   # reads only the FP8 bytes
             matmuls = moe_ops.fp8_matmuls(self.w13[...], self.w13_scale[...], self.w2[...], self.w2_scale[...],
-                                          kernel=kernel, layer=layer)
+                                          kernel=kernel, layer=layer,
+                                          fuse_swiglu=self.fuse_swiglu and kernel == "mosaic-ws-w8a8")
         elif self.format == "bf16":
             w13 = self.w13[...]
             matmuls = moe_ops.weight_matmuls(w13.reshape(*w13.shape[:2], -1), self.w2[...], kernel)

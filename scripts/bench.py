@@ -840,8 +840,12 @@ def bench_moe(args, ceilings: dict) -> None:
     experts = Experts(local_cfg, jnp.bfloat16, nnx.Rngs(0), expert_format="fp8")
     experts.num_experts = cfg.num_experts       # this rank's share of all experts sizes its row buckets
     floor_bytes = args.local_experts * 3 * cfg.hidden_size * cfg.intermediate_size
-    for kernel in args.moe_kernels:
-        experts.kernel = kernel
+    variants = [(kernel, False) for kernel in args.moe_kernels]
+    if args.moe_fuse_swiglu:
+        variants.append(("mosaic-ws-w8a8", True))
+    for kernel, fused in variants:
+        experts.kernel, experts.fuse_swiglu = kernel, fused
+        kernel = kernel + (" fused-swiglu" if fused else "")
         graphdef, state = nnx.split(experts)
         block = jax.jit(lambda state, x, ids, w: nnx.merge(graphdef, state)(x, ids, w, first_expert=0))
         for tokens in args.moe_tokens:
@@ -851,7 +855,7 @@ def bench_moe(args, ceilings: dict) -> None:
             x = jax.random.normal(jax.random.PRNGKey(tokens), (tokens, cfg.hidden_size), jnp.bfloat16)
             w = jnp.asarray(rng.random((tokens, cfg.num_experts_per_tok)), jnp.float32)
             trace = device_time(block, state, x, ids, w, iters=args.iters,
-                                trace_dir=Path(args.out) / f"trace-moe-{kernel}-{tokens}")
+                                trace_dir=Path(args.out) / f"trace-moe-{kernel.replace(' ', '-')}-{tokens}")
             total = sum(trace.device.values())
             floor = floor_bytes / ceilings["bandwidth"] * 1e6
             record("moe", f"{kernel} {tokens} tok, {args.local_experts} local experts", total, "us/call",
@@ -963,6 +967,8 @@ def parse_args(argv=None):
                    "prefill: 4 x 8192)")
     p.add_argument("--moe-kernels", nargs="+", choices=MOE_KERNELS[1:], default=["mosaic-fp8", "mosaic-ws-w8a8"],
                    help="moe section: the expert GEMMs to time")
+    p.add_argument("--moe-fuse-swiglu", action="store_true",
+                   help="moe section: also time mosaic-ws-w8a8 with SwiGLU and its rounding in the gate/up kernel")
     p.add_argument("--tune", action="store_true", help="time several Mosaic block configurations")
     p.add_argument("--fp8-fused", action="store_true", help="kernels: also variants of the FP8 kernels "
                    "(tile rows, pipeline depth, double-buffered, warp-specialised, W8A8), the down projection's "
@@ -1014,7 +1020,7 @@ def parse_args(argv=None):
         args.kernel_rows, args.local_experts, args.hidden, args.intermediate = [64], 4, 64, 32
         args.copy_elems, args.matmul_n, args.iters, args.page_size = 1 << 16, 128, 2, 8
         args.engine_layers, args.chunk, args.max_prefill_tokens = 2, 32, 256
-        args.moe_tokens, args.moe_kernels = [16], ["xla"]
+        args.moe_tokens, args.moe_kernels, args.moe_fuse_swiglu = [16], ["xla"], False
         for k, v in dict(requests=16, prompt=24, output=8).items():
             if k not in given:
                 setattr(args, k, v)

@@ -237,6 +237,47 @@ def test_routed_experts_through_the_w8a8_kernel_equal_its_xla_reference():
     assert err < 1e-3 and rounding > 1e-2, (err, rounding)      # 5e-6 and 4e-2 when written
 
 
+def test_swiglu_in_the_gate_up_kernel_rounds_as_the_unfused_path():
+    """The epilogue's SwiGLU and FP8 rounding against the gate/up kernel, SwiGLU in XLA and
+    quantize_groups: the same scales, the same FP8 codes but for the odd tie that exp's last bit
+    moves."""
+    rng = np.random.RandomState(16)
+    sizes, inter, k = [5, 0, 130, 17], 256, 384
+    m = sum(sizes) + 9
+    w, scale = fp8.quantize_blockwise(rng.standard_normal((len(sizes), 2 * inter, k))
+                                      * rng.uniform(0.01, 1, (len(sizes), 2 * inter, 1)))
+    xq, xs = fp8.quantize_groups(jnp.asarray(rng.standard_normal((m, k)) * rng.uniform(0.01, 100, (m, 1)), jnp.bfloat16))
+    dest, block_group, m_padded = aligned_rows.layout(jnp.asarray(sizes), m, 128)
+    source = aligned_rows.sources(jnp.arange(m), dest, m_padded, fill=m)
+    xq, xs = (jnp.take(a, source, axis=0, mode="fill", fill_value=0) for a in (xq, xs))
+    opts = dict(max_concurrent_steps=2, **INTERPRET)
+    act, act_scale = grouped_gemm_ws.aligned_gate_up_swiglu_w8a8(xq, xs, block_group, w, scale, **opts)
+    gate_up = grouped_gemm_ws.aligned_gemm_w8a8_quantized(xq, xs, block_group, w, scale, **opts).astype(jnp.float32)
+    want, want_scale = fp8.quantize_groups((jax.nn.silu(gate_up[:, :inter]) * gate_up[:, inter:]).astype(jnp.bfloat16))
+    rows = np.asarray(block_group)[np.arange(m_padded) // 128] < len(sizes)       # blocks that hold rows
+    assert act.dtype == jnp.float8_e4m3fn and act_scale.shape == (m_padded, inter // 128)
+    np.testing.assert_allclose(np.asarray(act_scale)[rows], np.asarray(want_scale)[rows], rtol=1e-5)
+    codes, want_codes = (np.asarray(a, np.float32)[rows] for a in (act, want))
+    assert np.mean(codes != want_codes) < 1e-3 and np.abs(want_codes).max() > 100
+
+
+def test_routed_experts_with_swiglu_in_the_kernel_equal_the_w8a8_reference():
+    rng = np.random.RandomState(17)
+    n, k, local, h, i, first = 40, 2, 4, 256, 256, 4
+    x = jnp.asarray(rng.standard_normal((n, h)), jnp.bfloat16)
+    ids = jnp.asarray(rng.randint(0, 12, (n, k)), jnp.int32)
+    weights = jnp.asarray(rng.random((n, k)), jnp.float32)
+    w13, s13 = fp8.quantize_blockwise(rng.standard_normal((local, 2, i, h)) * rng.uniform(0.01, 1, (local, 1, 1, 1)))
+    w2, s2 = fp8.quantize_blockwise(rng.standard_normal((local, h, i)) * rng.uniform(0.01, 1, (local, 1, 1)))
+    fused = moe.routed_experts(x, ids, weights, local, first, moe.fp8_matmuls(
+        w13, s13, w2, s2, kernel="mosaic-ws-w8a8", fuse_swiglu=True, **INTERPRET))
+    reference = moe.routed_experts(x, ids, weights, local, first, moe.fp8_matmuls(w13, s13, w2, s2, kernel="xla-w8a8"))
+    scale = np.abs(np.asarray(reference)).max()
+    assert scale > 0 and np.abs(np.asarray(fused) - np.asarray(reference)).max() < 1e-2 * scale
+    with pytest.raises(ValueError, match="fuse_swiglu needs the mosaic-ws-w8a8 kernel"):
+        moe.fp8_matmuls(w13, s13, w2, s2, kernel="mosaic-fp8", fuse_swiglu=True)
+
+
 def test_routed_experts_through_the_warp_specialised_kernel_equal_the_reference():
     """Dequantised experts in the checkpoint's orientation on group-aligned rows of 128, under
     the interpreter; the row blocks' last one is partial and some experts get no rows."""
@@ -339,6 +380,11 @@ def test_warp_specialised_kernel_lowers_for_gpus_and_takes_checkpoint_layout_exp
     f = jax.jit(lambda x, groups, w, s, layer: grouped_gemm_ws.aligned_gemm_w8a8(x, groups, w, s, layer=layer,
                                                                                 num_blocks=132))
     assert "mosaic_gpu" in f.trace(*w8a8_args).lower(lowering_platforms=("cuda",)).as_text()
+    fused_args = (jax.ShapeDtypeStruct((m, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((m, k // 128), jnp.float32),
+                  *w8a8_args[1:])
+    f = jax.jit(lambda xq, xs, groups, w, s, layer: grouped_gemm_ws.aligned_gate_up_swiglu_w8a8(
+        xq, xs, groups, w, s, layer=layer, num_blocks=132))
+    assert "mosaic_gpu" in f.trace(*fused_args).lower(lowering_platforms=("cuda",)).as_text()
     with pytest.raises(ValueError, match="mosaic-ws needs FP8 or NVFP4"):
         moe.resolve_kernel("mosaic-ws", "bf16", 3072, 1536)
 

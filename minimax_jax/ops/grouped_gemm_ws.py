@@ -136,8 +136,29 @@ def aligned_gemm_w8a8_quantized(xq: jax.Array, xs: jax.Array, block_group: jax.A
                         max_concurrent_steps=max_concurrent_steps, num_blocks=num_blocks, interpret=interpret)
 
 
+def aligned_gate_up_swiglu_w8a8(xq: jax.Array, xs: jax.Array, block_group: jax.Array, w13: jax.Array,
+                                w13_scale: jax.Array, *, layer: jax.Array | int | None = None, block_m: int = 128,
+                                max_concurrent_steps: int = 4, num_blocks: int | None = None,
+                                interpret=None) -> tuple[jax.Array, jax.Array]:
+    """The gate/up GEMM of `aligned_gemm_w8a8_quantized` with SwiGLU and the next GEMM's rounding
+    in its epilogue: w13 [(L,) G, 2I, K] (gate rows, then up rows). Each tile multiplies its rows
+    by 128 gate and the matching 128 up columns, takes silu(gate) * up (both rounded to bf16 first,
+    as the unfused GEMM's output is) to bf16, and rounds that to e4m3 with one scale per row: the
+    128 columns are one scale group. Returns (act [m_padded, I] float8_e4m3fn, act_scale
+    [m_padded, I/128] float32), the down GEMM's rows, without writing the gate/up product or
+    reading it back."""
+    if layer is None:
+        w13, w13_scale, layer = w13[None], w13_scale[None], 0
+    act, act_scale_t = _w8a8_kernel(xq, xs.T, block_group, jnp.asarray(layer, jnp.int32).reshape(1), w13, w13_scale,
+                                    dtype=jnp.float8_e4m3fn, block_m=block_m, max_concurrent_steps=max_concurrent_steps,
+                                    num_blocks=num_blocks, interpret=interpret, swiglu=True)
+    return act, act_scale_t.T
+
+
 def _w8a8_kernel(xq, xs_t, block_group, layer, w, w_scale, *, dtype, block_m, max_concurrent_steps, num_blocks,
-                 interpret):
+                 interpret, swiglu: bool = False):
+    """swiglu: w's rows are gate then up; each tile takes 128 of each and its epilogue writes
+    SwiGLU's output rounded to e4m3 ([M, N/2]) and the rows' scales ([N/2/128, M])."""
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -146,57 +167,77 @@ def _w8a8_kernel(xq, xs_t, block_group, layer, w, w_scale, *, dtype, block_m, ma
     _, g, n, k2 = w.shape
     block = SCALE_BLOCK
     wg_rows = block_m // 2                       # each compute warpgroup's rows of the tile
-    if (k != k2 or m_padded % block_m or block_m != 128 or n % block or k % block
+    halves = 2 if swiglu else 1                  # weight tiles per output tile: gate and up
+    if (k != k2 or m_padded % block_m or block_m != 128 or n % (block * halves) or k % block
             or w.dtype != jnp.float8_e4m3fn or w_scale.shape != (w.shape[0], g, n // block, k // block)
             or block_group.shape != (m_padded // block_m,)):
         raise ValueError(f"W8A8 warp-specialised grouped GEMM needs x [M, K] with M a multiple of block_m={block_m} "
-                         f"(128: two accumulators of 64 rows per compute warpgroup fill its registers), w [(L,) G, N, K] float8_e4m3fn with N and K multiples of {block}, w_scale "
+                         f"(128: two accumulators of 64 rows per compute warpgroup fill its registers), w [(L,) G, N, K] "
+                         f"float8_e4m3fn with N a multiple of {block * halves} and K of {block}, w_scale "
                          f"[(L,) G, N/{block}, K/{block}], one group per row block; got {xq.shape}, {w.shape} {w.dtype}, "
                          f"{w_scale.shape}, block_group {block_group.shape}")
-    grid_m, grid_n = m_padded // block_m, n // block
+    n_out = n // halves
+    grid_m, grid_n = m_padded // block_m, n_out // block
     swizzled = (plgpu.TilingTransform((8, block)), plgpu.SwizzleTransform(128))    # 128 one-byte columns
 
     def get_pipeline(step, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
             step, grid=(k // block,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
             in_specs=[plgpu.BlockSpec((block_m, block), lambda kk: (0, kk), transforms=swizzled),
-                      plgpu.BlockSpec((block, block), lambda kk: (0, kk), transforms=swizzled),
+                      *[plgpu.BlockSpec((block, block), lambda kk: (0, kk), transforms=swizzled)] * halves,
                       plgpu.BlockSpec((1, block_m), lambda kk: (kk, 0))],
             max_concurrent_steps=max_concurrent_steps, compute_context=compute_context)
 
-    def body(group_ref, layer_ref, x_gmem, xs_gmem, w_gmem, s_gmem, o_gmem, o_smem, *interpret_scratch):
+    def body(group_ref, layer_ref, x_gmem, xs_gmem, w_gmem, s_gmem, *outs_and_scratch):
+        o_gmem, *outs_and_scratch = outs_and_scratch
+        os_gmem = outs_and_scratch.pop(0) if swiglu else None
+        o_smem, *outs_and_scratch = outs_and_scratch
+        os_smem = outs_and_scratch.pop(0) if swiglu else None
+        interpret_scratch = outs_and_scratch
         layer = layer_ref[0]
 
         def slices(mi, ni, group):
             rows = pl.ds(mi * block_m, block_m)
-            return x_gmem.at[rows], w_gmem.at[layer, group, pl.ds(ni * block, block)], xs_gmem.at[:, rows]
+            weights = [w_gmem.at[layer, group, pl.ds(h * n_out + ni * block, block)] for h in range(halves)]
+            return x_gmem.at[rows], *weights, xs_gmem.at[:, rows]
 
         def tile(wg, mi, ni, group):
             my_rows = pl.ds(wg * wg_rows, wg_rows)
+            out_rows = pl.ds(mi * block_m + wg * wg_rows, wg_rows)
 
-            def step(idx, x_smem, w_smem, xs_smem, total):
-                weight_scale = s_gmem[layer, group, ni, idx[0]]
+            def step(idx, x_smem, *refs):
+                *w_smems, xs_smem, totals = refs
+                row_scale = xs_smem[0, my_rows]
 
-                def product(acc_ref):
+                def product(w_smem, acc_ref):
                     my_scratch = [ref.at[wg] for ref in interpret_scratch]
                     plgpu.wgmma(acc_ref, x_smem.at[my_rows], transposed_operand(w_smem, my_scratch, interpret))
                     plgpu.wgmma_wait(0)
                     return acc_ref[...]
 
-                p = pl.run_scoped(product, plgpu.ACC((wg_rows, block)))
-                row_scale = xs_smem[0, my_rows] * weight_scale
-                return total + p * lax.broadcast_in_dim(row_scale, p.shape, [0])
+                new = []
+                for h, (w_smem, total) in enumerate(zip(w_smems, totals)):
+                    weight_scale = s_gmem[layer, group, h * grid_n + ni, idx[0]]
+                    p = pl.run_scoped(functools.partial(product, w_smem), plgpu.ACC((wg_rows, block)))
+                    new.append(total + p * lax.broadcast_in_dim(row_scale * weight_scale, p.shape, [0]))
+                return tuple(new)
 
             def compute_context(run_pipeline):
                 zeros = jnp.zeros((wg_rows, block), jnp.float32)
                 if not interpret:
                     zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
-                total = run_pipeline(zeros)
+                totals = run_pipeline((zeros,) * halves)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)      # the slot's last store
-                o_smem[wg] = total.astype(dtype)
+                if swiglu:
+                    act, scale = _swiglu_rounded(*totals)
+                    o_smem[wg] = act
+                    os_smem[wg] = scale
+                else:
+                    o_smem[wg] = totals[0].astype(dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[pl.ds(mi * block_m + wg * wg_rows, wg_rows),
-                                                                 pl.ds(ni * block, block)])
+                plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[out_rows, pl.ds(ni * block, block)])
+                if swiglu:
+                    plgpu.copy_smem_to_gmem(os_smem.at[wg], os_gmem.at[ni, out_rows])
             return step, compute_context
 
         _over_tiles(get_pipeline, slices, tile, group_ref, g, grid_m, grid_n)
@@ -207,13 +248,30 @@ def _w8a8_kernel(xq, xs_t, block_group, layer, w, w_scale, *, dtype, block_m, ma
     scratch = [plgpu.SMEM((2, wg_rows, block), dtype,
                           transforms=(plgpu.TilingTransform((8, out_swizzle * 8 // bits)),
                                       plgpu.SwizzleTransform(out_swizzle))),
+               *([plgpu.SMEM((2, wg_rows), jnp.float32)] if swiglu else []),
                *transpose_scratch((2, block, block), jnp.float8_e4m3fn, interpret)]
+    out_type = jax.ShapeDtypeStruct((m_padded, n_out), dtype)
+    if swiglu:
+        out_type = (out_type, jax.ShapeDtypeStruct((grid_n, m_padded), jnp.float32))
     kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((m_padded, n), dtype), grid=(num_blocks or sm_count(),),
+        body, out_type=out_type, grid=(num_blocks or sm_count(),),
         grid_names=("sm",), num_threads=3, thread_name="wg", scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret)
     return kernel(block_group.astype(jnp.int32), layer, xq, xs_t, w, w_scale)
+
+
+def _swiglu_rounded(gate: jax.Array, up: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """silu(gate) * up, each rounded as the unfused path rounds it (bf16 GEMM output, bf16
+    activation), then to e4m3 with one scale per row (amax / 448, 1 for an all-zero row), as
+    `quant.fp8.quantize_groups` rounds a group of 128 columns."""
+    gate = gate.astype(jnp.bfloat16).astype(jnp.float32)
+    up = up.astype(jnp.bfloat16).astype(jnp.float32)
+    act = (gate / (1.0 + jnp.exp(-gate)) * up).astype(jnp.bfloat16).astype(jnp.float32)
+    amax = jnp.max(jnp.abs(act), axis=1)
+    scale = jnp.where(amax > 0, amax / fp8.E4M3_MAX, 1.0)
+    q = act / jax.lax.broadcast_in_dim(scale, act.shape, [0])
+    return jnp.clip(q, -fp8.E4M3_MAX, fp8.E4M3_MAX).astype(jnp.float8_e4m3fn), scale
 
 
 def _over_tiles(get_pipeline, slices, tile, group_ref, g: int, grid_m: int, grid_n: int) -> None:

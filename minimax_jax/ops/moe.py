@@ -126,11 +126,13 @@ class GroupedMatmuls:
 
     prepare(tokens), when given, runs once on the layer's tokens before they are gathered into
     rows; gate_up then gets the gathered result (any pytree of [N, ...] arrays), e.g. tokens
-    rounded to FP8 with their scales."""
+    rounded to FP8 with their scales. activates: gate_up applies SwiGLU itself and returns
+    down's input (any pytree), e.g. the activation already rounded to FP8."""
     gate_up: RowsMatmul
     down: RowsMatmul
     block_rows: int = 0
     prepare: Callable[[jax.Array], Any] | None = None
+    activates: bool = False
 
 
 def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, num_local: int,
@@ -167,10 +169,10 @@ def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, num_
             row_of_pair = dest[row_of_pair]
         else:
             rows, groups = jax.tree.map(lambda a: a[token], tokens), group_sizes
-        gate_up_rows = matmuls.gate_up(rows, groups)
-        inter = gate_up_rows.shape[-1] // 2
-        act = (jax.nn.silu(gate_up_rows[:, :inter].astype(jnp.float32))
-               * gate_up_rows[:, inter:].astype(jnp.float32)).astype(x.dtype)
+        act = matmuls.gate_up(rows, groups)
+        if not matmuls.activates:
+            inter = act.shape[-1] // 2
+            act = (jax.nn.silu(act[:, :inter].astype(jnp.float32)) * act[:, inter:].astype(jnp.float32)).astype(x.dtype)
         y = matmuls.down(act, groups)
         picked = jnp.take(y, row_of_pair, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
         pair_out = jnp.where(mine.reshape(-1, 1), picked, 0.0)
@@ -220,7 +222,7 @@ def weight_matmuls(w13: jax.Array, w2: jax.Array, kernel: str, output_major: boo
 
 def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: jax.Array,
                 kernel: str = "mosaic-fp8", block_m: int | None = None, layer: jax.Array | int | None = None,
-                **kernel_options) -> GroupedMatmuls:
+                fuse_swiglu: bool = False, **kernel_options) -> GroupedMatmuls:
     """gate_up and down reading FP8 blocks directly, on group-aligned rows of block_m: w13
     [E, 2, I, H] with scale [E, 2, I/128, H/128]; w2 [E, H, I] with scale [E, H/128, I/128] (the
     checkpoint's orientation). kernel: one of FP8_KERNELS ("xla-w8a8" is the XLA reference of
@@ -230,7 +232,13 @@ def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: j
     layer: the four arrays hold every layer ([L, ...] each) and this layer's are used. The
     warp-specialised W8A8 kernel reads them from the stacked arrays: a layer's slice passed into
     the row buckets' `lax.switch` was first copied whole by XLA (1.2 GB of gate/up weights a
-    layer at a DEP2 prefill step, docs/benchmarks.md run BE). The other kernels get the slice."""
+    layer at a DEP2 prefill step, docs/benchmarks.md run BE). The other kernels get the slice.
+
+    fuse_swiglu ("mosaic-ws-w8a8" only): the gate/up kernel applies SwiGLU and rounds its output
+    for the down GEMM in its epilogue (`grouped_gemm_ws.aligned_gate_up_swiglu_w8a8`), so the
+    gate/up product is neither written nor read back. Opt-in until measured on a GPU."""
+    if fuse_swiglu and kernel != "mosaic-ws-w8a8":
+        raise ValueError(f"fuse_swiglu needs the mosaic-ws-w8a8 kernel, not {kernel}")
     if layer is not None and kernel != "mosaic-ws-w8a8":
         w13, w13_scale, w2, w2_scale, layer = w13[layer], w13_scale[layer], w2[layer], w2_scale[layer], None
     *lead, e, _, inter, hidden = w13.shape
@@ -240,11 +248,17 @@ def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: j
         return _w8a8_reference_matmuls(w13, w13_scale, w2, w2_scale)
     if kernel == "mosaic-ws-w8a8":     # the tokens are rounded to FP8 once, before the gather
         options = dict(block_m=block_m or WS_BLOCK_ROWS, layer=layer, **kernel_options)
+        prepare = functools.partial(fp8.quantize_groups, group=grouped_gemm_ws.SCALE_BLOCK)
+        if fuse_swiglu:
+            gate_up = functools.partial(grouped_gemm_ws.aligned_gate_up_swiglu_w8a8, w13=w13, w13_scale=w13_scale,
+                                        **options)
+            down = functools.partial(grouped_gemm_ws.aligned_gemm_w8a8_quantized, w=w2, w_scale=w2_scale, **options)
+            return GroupedMatmuls(lambda rows, groups: gate_up(*rows, groups), lambda act, groups: down(*act, groups),
+                                  block_rows=options["block_m"], prepare=prepare, activates=True)
         gate_up = functools.partial(grouped_gemm_ws.aligned_gemm_w8a8_quantized, w=w13, w_scale=w13_scale, **options)
         down = functools.partial(grouped_gemm_ws.aligned_gemm_w8a8, w=w2, w_scale=w2_scale, **options)
         return GroupedMatmuls(lambda rows, groups: gate_up(*rows, groups), lambda rows, groups: down(rows, groups),
-                              block_rows=options["block_m"],
-                              prepare=lambda x: fp8.quantize_groups(x, grouped_gemm_ws.SCALE_BLOCK))
+                              block_rows=options["block_m"], prepare=prepare)
     aligned_gemm = {"mosaic-fp8": grouped_gemm_fp8.aligned_gemm_fp8, "mosaic-w8a8": grouped_gemm_fp8.aligned_gemm_w8a8}[kernel]
     block_m = block_m or 64
     gemm = functools.partial(aligned_gemm, block_m=block_m, **kernel_options)
