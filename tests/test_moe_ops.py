@@ -262,18 +262,20 @@ def test_swiglu_in_the_gate_up_kernel_rounds_as_the_unfused_path():
 
 
 def test_routed_experts_with_swiglu_in_the_kernel_equal_the_w8a8_reference():
+    """Gate and up weights of different magnitudes per expert: a scale row of the other half
+    shows. 2e-5 of the largest output when written."""
     rng = np.random.RandomState(17)
     n, k, local, h, i, first = 40, 2, 4, 256, 256, 4
     x = jnp.asarray(rng.standard_normal((n, h)), jnp.bfloat16)
     ids = jnp.asarray(rng.randint(0, 12, (n, k)), jnp.int32)
     weights = jnp.asarray(rng.random((n, k)), jnp.float32)
-    w13, s13 = fp8.quantize_blockwise(rng.standard_normal((local, 2, i, h)) * rng.uniform(0.01, 1, (local, 1, 1, 1)))
+    w13, s13 = fp8.quantize_blockwise(rng.standard_normal((local, 2, i, h)) * 10.0 ** rng.uniform(-2, 1, (local, 2, 1, 1)))
     w2, s2 = fp8.quantize_blockwise(rng.standard_normal((local, h, i)) * rng.uniform(0.01, 1, (local, 1, 1)))
     fused = moe.routed_experts(x, ids, weights, local, first, moe.fp8_matmuls(
         w13, s13, w2, s2, kernel="mosaic-ws-w8a8", fuse_swiglu=True, **INTERPRET))
     reference = moe.routed_experts(x, ids, weights, local, first, moe.fp8_matmuls(w13, s13, w2, s2, kernel="xla-w8a8"))
     scale = np.abs(np.asarray(reference)).max()
-    assert scale > 0 and np.abs(np.asarray(fused) - np.asarray(reference)).max() < 1e-2 * scale
+    assert scale > 0 and np.abs(np.asarray(fused) - np.asarray(reference)).max() < 1e-3 * scale
     with pytest.raises(ValueError, match="fuse_swiglu needs the mosaic-ws-w8a8 kernel"):
         moe.fp8_matmuls(w13, s13, w2, s2, kernel="mosaic-fp8", fuse_swiglu=True)
 
