@@ -311,8 +311,8 @@ class DecoderLayer(nnx.Module):
         """One layer's schedule. r: residual of the tokens this device owns; m: the previous
         layer's MoE output for them (not yet added: its reduction fuses with this add + norm);
         valid: validity of the owned tokens; index: this layer's, into the KV cache and into the
-        experts, which hold every layer's weights (see MiniMaxM2.__call__). Returns (r, m, kv, routed-token count per expert
-        with a last bin for "no expert")."""
+        experts, which hold every layer's weights (see MiniMaxM2.__call__). Returns (r, m, kv,
+        routed-token count per expert with a last bin for "no expert")."""
         r = comm.finish_residual(r, m)
         h = rms_norm(r, self.attn_norm[...], self.eps)
         h = comm.gather_tokens(h)

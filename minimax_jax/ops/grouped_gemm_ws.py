@@ -21,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from minimax_jax.ops.mosaic_common import sm_count, transpose_scratch, transposed_operand
+from minimax_jax.ops.mosaic_common import sm_count, swizzled, transpose_scratch, transposed_operand
 from quant import fp8
 
 SCALE_BLOCK = 128     # the FP8 checkpoint's scale block, along N and K of the weights
@@ -46,19 +46,14 @@ def aligned_gemm(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, *, 
                          f"{block_k}, one group per row block; got {x_aligned.shape} {x_aligned.dtype}, "
                          f"{w.shape} {w.dtype}, block_group {block_group.shape}")
     dtype = x_aligned.dtype
-    bits = jnp.dtype(dtype).itemsize * 8
     grid_m, grid_n = m_padded // block_m, n // tile_n
     epilogue_rows = 64
-
-    def transforms(minor: int):
-        swizzle = plgpu.find_swizzle(minor * bits)
-        return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
     def get_pipeline(step, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
             step, grid=(k // block_k,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
-            in_specs=[plgpu.BlockSpec((block_m, block_k), lambda kk: (0, kk), transforms=transforms(block_k)),
-                      plgpu.BlockSpec((tile_n, block_k), lambda kk: (0, kk), transforms=transforms(block_k))],
+            in_specs=[plgpu.BlockSpec((block_m, block_k), lambda kk: (0, kk), transforms=swizzled(block_k, dtype)),
+                      plgpu.BlockSpec((tile_n, block_k), lambda kk: (0, kk), transforms=swizzled(block_k, dtype))],
             max_concurrent_steps=max_concurrent_steps, compute_context=compute_context)
 
     def body(group_ref, x_gmem, w_gmem, o_gmem, o_smem, *interpret_scratch):
@@ -91,7 +86,7 @@ def aligned_gemm(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, *, 
         _over_tiles(get_pipeline, slices, tile, group_ref, g, grid_m, grid_n)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    scratch = [plgpu.SMEM((2, epilogue_rows, block_n), dtype, transforms=transforms(block_n)),
+    scratch = [plgpu.SMEM((2, epilogue_rows, block_n), dtype, transforms=swizzled(block_n, dtype)),
                *transpose_scratch((2, block_k, block_n), dtype, interpret)]       # one per compute warpgroup
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((m_padded, n), dtype), grid=(num_blocks or sm_count(),),
@@ -129,10 +124,7 @@ def aligned_gemm_w8a8_quantized(xq: jax.Array, xs: jax.Array, block_group: jax.A
     """`aligned_gemm_w8a8` on rows already rounded by `quant.fp8.quantize_groups`: xq [m_padded, K]
     float8_e4m3fn, xs [m_padded, K/128] float32. Rounding the tokens before they are gathered
     into the aligned rows reads each token once and gathers half the bytes."""
-    if layer is None:
-        w, w_scale, layer = w[None], w_scale[None], 0
-    return _w8a8_kernel(xq, xs.T, block_group, jnp.asarray(layer, jnp.int32).reshape(1), w, w_scale,
-                        dtype=out_dtype, block_m=block_m,
+    return _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, dtype=out_dtype, block_m=block_m,
                         max_concurrent_steps=max_concurrent_steps, num_blocks=num_blocks, interpret=interpret)
 
 
@@ -147,21 +139,23 @@ def aligned_gate_up_swiglu_w8a8(xq: jax.Array, xs: jax.Array, block_group: jax.A
     128 columns are one scale group. Returns (act [m_padded, I] float8_e4m3fn, act_scale
     [m_padded, I/128] float32), the down GEMM's rows, without writing the gate/up product or
     reading it back."""
-    if layer is None:
-        w13, w13_scale, layer = w13[None], w13_scale[None], 0
-    act, act_scale_t = _w8a8_kernel(xq, xs.T, block_group, jnp.asarray(layer, jnp.int32).reshape(1), w13, w13_scale,
-                                    dtype=jnp.float8_e4m3fn, block_m=block_m, max_concurrent_steps=max_concurrent_steps,
-                                    num_blocks=num_blocks, interpret=interpret, swiglu=True)
-    return act, act_scale_t.T
+    return _w8a8_kernel(xq, xs, block_group, layer, w13, w13_scale, dtype=jnp.float8_e4m3fn, block_m=block_m,
+                        max_concurrent_steps=max_concurrent_steps, num_blocks=num_blocks, interpret=interpret,
+                        swiglu=True)
 
 
-def _w8a8_kernel(xq, xs_t, block_group, layer, w, w_scale, *, dtype, block_m, max_concurrent_steps, num_blocks,
+def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_concurrent_steps, num_blocks,
                  interpret, swiglu: bool = False):
-    """swiglu: w's rows are gate then up; each tile takes 128 of each and its epilogue writes
-    SwiGLU's output rounded to e4m3 ([M, N/2]) and the rows' scales ([N/2/128, M])."""
+    """Both W8A8 kernels: rows xq [M, K] with scales xs [M, K/128]; w [(L,) G, N, K] (layer: its
+    index into L). swiglu: w's rows are gate then up; each tile takes 128 of each and its
+    epilogue writes SwiGLU's output rounded to e4m3 ([M, N/2]) and the rows' scales
+    ([M, N/2/128]); otherwise the product [M, N] in dtype."""
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if layer is None:
+        w, w_scale, layer = w[None], w_scale[None], 0
 
     m_padded, k = xq.shape
     _, g, n, k2 = w.shape
@@ -178,13 +172,13 @@ def _w8a8_kernel(xq, xs_t, block_group, layer, w, w_scale, *, dtype, block_m, ma
                          f"{w_scale.shape}, block_group {block_group.shape}")
     n_out = n // halves
     grid_m, grid_n = m_padded // block_m, n_out // block
-    swizzled = (plgpu.TilingTransform((8, block)), plgpu.SwizzleTransform(128))    # 128 one-byte columns
+    fp8_tile = swizzled(block, jnp.float8_e4m3fn)
 
     def get_pipeline(step, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
             step, grid=(k // block,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
-            in_specs=[plgpu.BlockSpec((block_m, block), lambda kk: (0, kk), transforms=swizzled),
-                      *[plgpu.BlockSpec((block, block), lambda kk: (0, kk), transforms=swizzled)] * halves,
+            in_specs=[plgpu.BlockSpec((block_m, block), lambda kk: (0, kk), transforms=fp8_tile),
+                      *[plgpu.BlockSpec((block, block), lambda kk: (0, kk), transforms=fp8_tile)] * halves,
                       plgpu.BlockSpec((1, block_m), lambda kk: (kk, 0))],
             max_concurrent_steps=max_concurrent_steps, compute_context=compute_context)
 
@@ -243,11 +237,7 @@ def _w8a8_kernel(xq, xs_t, block_group, layer, w, w_scale, *, dtype, block_m, ma
         _over_tiles(get_pipeline, slices, tile, group_ref, g, grid_m, grid_n)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    bits = jnp.dtype(dtype).itemsize * 8
-    out_swizzle = plgpu.find_swizzle(block * bits)
-    scratch = [plgpu.SMEM((2, wg_rows, block), dtype,
-                          transforms=(plgpu.TilingTransform((8, out_swizzle * 8 // bits)),
-                                      plgpu.SwizzleTransform(out_swizzle))),
+    scratch = [plgpu.SMEM((2, wg_rows, block), dtype, transforms=swizzled(block, dtype)),
                *([plgpu.SMEM((2, wg_rows), jnp.float32)] if swiglu else []),
                *transpose_scratch((2, block, block), jnp.float8_e4m3fn, interpret)]
     out_type = jax.ShapeDtypeStruct((m_padded, n_out), dtype)
@@ -258,7 +248,9 @@ def _w8a8_kernel(xq, xs_t, block_group, layer, w, w_scale, *, dtype, block_m, ma
         grid_names=("sm",), num_threads=3, thread_name="wg", scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret)
-    return kernel(block_group.astype(jnp.int32), layer, xq, xs_t, w, w_scale)
+    # the row scales and the output's scales lie transposed, so a tile's rows are contiguous
+    out = kernel(block_group.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), xq, xs.T, w, w_scale)
+    return (out[0], out[1].T) if swiglu else out
 
 
 def _swiglu_rounded(gate: jax.Array, up: jax.Array) -> tuple[jax.Array, jax.Array]:

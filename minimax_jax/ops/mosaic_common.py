@@ -1,16 +1,26 @@
-"""What the Mosaic GPU kernels share: the SM count their persistent grids are sized by, and
-transposed wgmma operands that also run under Pallas' GPU interpreter (whose wgmma takes no
-transposed operand)."""
+"""What the Mosaic GPU kernels share: the SM count their persistent grids are sized by, the
+swizzled shared-memory layout of their tiles, and transposed wgmma operands that also run under
+Pallas' GPU interpreter (whose wgmma takes no transposed operand)."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 
 def sm_count() -> int:
     """Streaming multiprocessors of the first device (132 on an H100 or H200 where the device
     does not say), the unit of the kernels' persistent grid."""
     return getattr(jax.devices()[0], "core_count", 0) or 132
+
+
+def swizzled(minor: int, dtype) -> tuple:
+    """Shared-memory transforms of a tile whose rows hold `minor` elements of dtype: tiles of 8
+    rows, swizzled as widely as a row allows (the layout TMA copies and wgmma operands take)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    bits = jnp.dtype(dtype).itemsize * 8
+    swizzle = plgpu.find_swizzle(minor * bits)
+    return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
 def transpose_scratch(shape, dtype, interpret) -> list:
