@@ -215,7 +215,7 @@ class Experts(nnx.Module):
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         self.format, self.dtype, self.num_experts = expert_format, dtype, e
         self.kernel = "auto"        # grouped GEMM implementation, see ops.moe.resolve_kernel
-        self.fuse_swiglu = False    # mosaic-ws-w8a8: SwiGLU in the gate/up kernel (ops.moe.fp8_matmuls)
+        self.fuse_swiglu = True     # mosaic-ws-w8a8: SwiGLU in the gate/up kernel (ops.moe.fp8_matmuls)
         if expert_format == "bf16":
             self.w13 = _normal(rngs, (e, h, 2, i), dtype)
             self.w2 = _normal(rngs, (e, i, h), dtype)
@@ -261,27 +261,28 @@ class Experts(nnx.Module):
         return self.w13.shape[-4]          # every format's w13 is 4-D per layer
 
     def __call__(self, x: jax.Array, expert_ids: jax.Array, weights: jax.Array,
-                 first_expert: jax.Array | int, layer: jax.Array | None = None) -> jax.Array:
-        """layer: this module's arrays hold every layer's experts ([L, ...]) and this layer's
-        run; the FP8 W8A8 kernel reads them in place, every other path takes the layer's slice."""
+                 first_expert: jax.Array | int, layer: jax.Array | None = None, out_dtype=jnp.float32) -> jax.Array:
+        """The routed experts' weighted sum [N, H], summed in fp32, in out_dtype. layer: this
+        module's arrays hold every layer's experts ([L, ...]) and this layer's run; the Mosaic
+        FP8 kernels read them in place, every other path takes the layer's slice."""
         inter = self.w13.shape[-1] if self.format == "bf16" else self.w13.shape[-2]    # this device's share
         share = self.num_local / self.num_experts
-        kernel = moe_ops.resolve_kernel(self.kernel, self.format, x.shape[-1], inter,
-                                        local_rows=int(expert_ids.size * share), dtype=self.dtype)
+        kernel = moe_ops.resolve_kernel(self.kernel, self.format, x.shape[-1], inter, dtype=self.dtype)
         if layer is not None and self.w13.ndim != 5:
             raise ValueError(f"a layer index needs experts stacked over layers (w13 [L, ...], 5-D); got w13 "
                              f"{self.w13.shape}")
-        if layer is not None and kernel != "mosaic-ws-w8a8":
+        # few tokens read only their experts: one token (W3) ran at 29.3 ms per token this way
+        # and at 38.1 ms through the FP8 kernel, whose few tiles leave most SMs idle (run R)
+        per_pair = expert_ids.size * 2 <= self.num_local and self.kernel not in moe_ops.FP8_KERNELS
+        if layer is not None and (per_pair or kernel not in moe_ops.STACKED_KERNELS):
             graphdef, state = nnx.split(self)
-            return nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], state))(x, expert_ids, weights, first_expert)
+            return nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], state))(x, expert_ids, weights, first_expert,
+                                                                                out_dtype=out_dtype)
         local = expert_ids - first_expert
-        few_tokens = expert_ids.size * 2 <= self.num_local
-        if few_tokens and self.kernel not in moe_ops.FP8_KERNELS:
-            # read only their experts: one token (W3) ran at 29.3 ms per token this way and at
-            # 38.1 ms through the FP8 kernel, whose few tiles leave most SMs idle (run R)
+        if per_pair:
             mine = (local >= 0) & (local < self.num_local)
             w13, w2 = self.weights(jnp.where(mine, local, 0).reshape(-1))
-            return moe_ops.per_pair_experts(x, expert_ids, weights, w13, w2, mine)
+            return moe_ops.per_pair_experts(x, expert_ids, weights, w13, w2, mine).astype(out_dtype)
         if kernel in moe_ops.FP8_KERNELS:                   # reads only the FP8 bytes
             matmuls = moe_ops.fp8_matmuls(self.w13[...], self.w13_scale[...], self.w2[...], self.w2_scale[...],
                                           kernel=kernel, layer=layer,
@@ -294,7 +295,7 @@ class Experts(nnx.Module):
             matmuls = moe_ops.weight_matmuls(w13.reshape(w13.shape[0], -1, w13.shape[-1]), w2, kernel,
                                              output_major=True)
         return moe_ops.routed_experts(x, expert_ids, weights, self.num_local, first_expert, matmuls,
-                                      local_share=share)
+                                      local_share=share, out_dtype=out_dtype)
 
 
 class DecoderLayer(nnx.Module):

@@ -112,8 +112,8 @@ class MeshComm:
             first = jax.lax.axis_index(EXPERT_AXES) * local
         else:
             first = 0
-        y = experts(x, ids, w, first_expert=first, layer=layer)
-        return self.combine(y.astype(self.combine_dtype), h.shape[0])
+        y = experts(x, ids, w, first_expert=first, layer=layer, out_dtype=self.combine_dtype)
+        return self.combine(y, h.shape[0])
 
     def _dispatch_axes(self) -> tuple[str, ...]:
         axes = EXPERT_AXES if self.scatter else ("dp",)

@@ -1,9 +1,12 @@
-"""The expert computations agree with each other on random data. The FP8 Mosaic kernel runs
-under Pallas' GPU interpreter here (the same kernel body; only the transposed wgmma operand is
-stored untransposed, which the interpreter lacks) and is lowered for the CUDA platform; its GPU
-runs are `scripts/bench.py --sections kernels --quantization fp8 --fp8-fused`."""
+"""The expert computations agree with each other on random data. The Mosaic kernels run under
+Pallas' GPU interpreter here (the same kernel body; only the transposed wgmma operand is stored
+untransposed, which the interpreter lacks) and are lowered for the CUDA platform. On a Hopper GPU
+the same tests compile them for it: `JAX_PLATFORMS=cuda MINIMAX_JAX_KERNEL_TESTS=gpu pytest
+tests/test_moe_ops.py` (register layouts, asynchronous copies and the FP8 tensor cores are what
+the interpreter cannot check)."""
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +17,19 @@ from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 from minimax_jax.ops import aligned_rows, grouped_gemm_fp8, grouped_gemm_ws, moe
 from quant import fp8
 
-INTERPRET = dict(num_blocks=2, interpret=InterpretGPUParams())
+ON_GPU = os.environ.get("MINIMAX_JAX_KERNEL_TESTS") == "gpu"
+INTERPRET = {} if ON_GPU else dict(num_blocks=2, interpret=InterpretGPUParams())
+# On a GPU the gate/up products differ from XLA's fp32 ones in their last bf16 bit (another
+# summation order), which moves some of SwiGLU's FP8 roundings by a whole FP8 step: the MoE
+# block of the W8A8 kernel sits about 1e-2 of its largest output from "xla-w8a8" there (run BJ
+# at full size; 5e-6 under the interpreter, where the products are XLA's own).
+W8A8_BLOCK_TOLERANCE = 2e-2 if ON_GPU else 1e-3
+
+
+def tile_rows(block_m: int) -> int:
+    """Rows per kernel tile: wgmma's 64 on GPUs; the interpreter also takes the smaller tiles
+    that keep these tests fast."""
+    return max(block_m, 64) if ON_GPU else block_m
 
 
 def test_per_pair_experts_equal_the_grouped_gemm_including_foreign_and_padding_pairs():
@@ -33,6 +48,11 @@ def test_per_pair_experts_equal_the_grouped_gemm_including_foreign_and_padding_p
     pairs = moe.per_pair_experts(x, ids, weights, w13[sel], w2[sel], mine)
     np.testing.assert_allclose(np.asarray(pairs), np.asarray(grouped), rtol=1e-5, atol=1e-5)
     assert not np.asarray(pairs[4]).any() and np.asarray(mine).any() and not np.asarray(mine).all()
+    # the combine's dtype: the same fp32 sum, converted before it leaves (inside the row buckets)
+    in_bf16 = moe.routed_experts(x, ids, weights, local, first,
+                                 moe.weight_matmuls(w13.reshape(local, h, 2 * i), w2, "xla"), out_dtype=jnp.bfloat16)
+    assert in_bf16.dtype == jnp.bfloat16 and grouped.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(in_bf16), np.asarray(grouped.astype(jnp.bfloat16)))
 
 
 def test_counting_sort_puts_each_pair_where_a_stable_argsort_does():
@@ -92,6 +112,7 @@ def test_aligned_layout_starts_each_group_on_its_own_block():
 @pytest.mark.parametrize("sizes, block_m", [([5, 0, 30], 16), ([0, 64, 1, 17], 32), ([0, 0, 0], 16), ([40, 3], 16)])
 def test_fp8_kernel_equals_dequantised_ragged_dot(sizes, block_m):
     rng = np.random.RandomState(len(sizes) + block_m)
+    block_m = tile_rows(block_m)
     g, n, k, m = len(sizes), 256, 256, sum(sizes) + 9                # 9 rows past the groups
     w, scale = fp8.quantize_blockwise(rng.standard_normal((g, n, k)) * rng.uniform(0.1, 10, (g, n, 1)))
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
@@ -109,6 +130,7 @@ def test_fp8_kernel_equals_dequantised_ragged_dot(sizes, block_m):
 @pytest.mark.parametrize("sizes, block_m", [([5, 0, 30], 16), ([0, 64, 1, 17], 32)])
 def test_w8a8_kernel_equals_the_reference_on_rows_rounded_to_fp8(sizes, block_m):
     rng = np.random.RandomState(7 + block_m)
+    block_m = tile_rows(block_m)
     g, n, k, m = len(sizes), 256, 256, sum(sizes) + 9
     w, scale = fp8.quantize_blockwise(rng.standard_normal((g, n, k)) * rng.uniform(0.1, 10, (g, n, 1)))
     x = jnp.asarray(rng.standard_normal((m, k)) * rng.uniform(0.01, 100, (m, 1)), jnp.bfloat16)
@@ -139,7 +161,7 @@ def test_fp8_kernels_apply_each_k_block_its_own_scale(w8a8):
     group_sizes = jnp.asarray(sizes, jnp.int32)
     gemm = grouped_gemm_fp8.grouped_gemm_w8a8 if w8a8 else grouped_gemm_fp8.grouped_gemm_fp8
     ref = grouped_gemm_fp8.reference_w8a8 if w8a8 else grouped_gemm_fp8.reference
-    out = np.asarray(gemm(x, w, scale, group_sizes, block_m=16, max_concurrent_steps=2,
+    out = np.asarray(gemm(x, w, scale, group_sizes, block_m=tile_rows(16), max_concurrent_steps=2,
                           **INTERPRET)[:sum(sizes)], np.float32)
     want = np.asarray(ref(x, w, scale, group_sizes)[:sum(sizes)], np.float32)
     np.testing.assert_allclose(out, want, rtol=2e-2, atol=1e-2 * np.abs(want).max())
@@ -195,7 +217,7 @@ def test_routed_experts_through_the_fp8_kernels_equal_the_dequantised_reference(
     w2, s2 = fp8.quantize_blockwise(rng.standard_normal((local, h, i)) * 0.05)
     fused = moe.routed_experts(x, ids, weights, local, first,
                                moe.fp8_matmuls(w13, s13, w2, s2, kernel=kernel, **INTERPRET,
-                                               block_m=128 if kernel == "mosaic-ws-w8a8" else 16))
+                                               block_m=128 if kernel == "mosaic-ws-w8a8" else tile_rows(16)))
     w13_bf16 = fp8.dequantize_blockwise(w13, s13, jnp.bfloat16).reshape(local, 2 * i, h)
     w2_bf16 = fp8.dequantize_blockwise(w2, s2, jnp.bfloat16)
     ref = moe.routed_experts(x, ids, weights, local, first,
@@ -234,7 +256,7 @@ def test_routed_experts_through_the_w8a8_kernel_equal_its_xla_reference():
     scale = np.abs(np.asarray(reference)).max()
     err = np.abs(np.asarray(kernel) - np.asarray(reference)).max() / scale
     rounding = np.abs(np.asarray(weight_only) - np.asarray(reference)).max() / scale
-    assert err < 1e-3 and rounding > 1e-2, (err, rounding)      # 5e-6 and 4e-2 when written
+    assert err < W8A8_BLOCK_TOLERANCE and rounding > 1e-2, (err, rounding)     # 5e-6 and 4e-2 when written
 
 
 def test_swiglu_in_the_gate_up_kernel_rounds_as_the_unfused_path():
@@ -275,7 +297,7 @@ def test_routed_experts_with_swiglu_in_the_kernel_equal_the_w8a8_reference():
         w13, s13, w2, s2, kernel="mosaic-ws-w8a8", fuse_swiglu=True, **INTERPRET))
     reference = moe.routed_experts(x, ids, weights, local, first, moe.fp8_matmuls(w13, s13, w2, s2, kernel="xla-w8a8"))
     scale = np.abs(np.asarray(reference)).max()
-    assert scale > 0 and np.abs(np.asarray(fused) - np.asarray(reference)).max() < 1e-3 * scale
+    assert scale > 0 and np.abs(np.asarray(fused) - np.asarray(reference)).max() < W8A8_BLOCK_TOLERANCE * scale
     with pytest.raises(ValueError, match="fuse_swiglu needs the mosaic-ws-w8a8 kernel"):
         moe.fp8_matmuls(w13, s13, w2, s2, kernel="mosaic-fp8", fuse_swiglu=True)
 
@@ -323,7 +345,8 @@ def test_w8a8_warp_specialised_kernel_equals_fp32_products_of_the_fp8_operands(s
     np.testing.assert_array_less(np.abs(out[:valid] - ref) / row_scale, 8e-3)
 
 
-def test_w8a8_warp_specialised_matmuls_read_a_layer_of_stacked_weights_as_its_slice():
+@pytest.mark.parametrize("kernel", ["mosaic-ws-w8a8", "mosaic-fp8", "mosaic-w8a8"])
+def test_mosaic_fp8_matmuls_read_a_layer_of_stacked_weights_as_its_slice(kernel):
     """Given every layer's experts and an index, the kernel reads that layer in place; the
     result equals running on the layer's slice, bit for bit."""
     rng = np.random.RandomState(13)
@@ -333,7 +356,7 @@ def test_w8a8_warp_specialised_matmuls_read_a_layer_of_stacked_weights_as_its_sl
     x = jnp.asarray(rng.standard_normal((n, h)), jnp.bfloat16)
     ids = jnp.asarray(rng.randint(0, local, (n, k)), jnp.int32)
     weights = jnp.asarray(rng.random((n, k)), jnp.float32)
-    opts = dict(kernel="mosaic-ws-w8a8", **INTERPRET)
+    opts = dict(kernel=kernel, **INTERPRET)
     stacked = moe.routed_experts(x, ids, weights, local, first, moe.fp8_matmuls(w13, s13, w2, s2, layer=jnp.int32(1), **opts))
     sliced = moe.routed_experts(x, ids, weights, local, first, moe.fp8_matmuls(w13[1], s13[1], w2[1], s2[1], **opts))
     other = moe.routed_experts(x, ids, weights, local, first, moe.fp8_matmuls(w13[2], s13[2], w2[2], s2[2], **opts))
@@ -341,11 +364,13 @@ def test_w8a8_warp_specialised_matmuls_read_a_layer_of_stacked_weights_as_its_sl
     assert np.abs(np.asarray(stacked) - np.asarray(other)).max() > 1e-3 * np.abs(np.asarray(sliced)).max()
 
 
-@pytest.mark.parametrize("kernel", ["mosaic-ws-w8a8", "xla", "xla-w8a8"])
-def test_stacked_experts_given_a_layer_equal_that_layers_own_module(kernel, monkeypatch):
+@pytest.mark.parametrize("kernel,tokens", [("mosaic-ws-w8a8", 40), ("mosaic-fp8", 40), ("xla", 40),
+                                           ("xla-w8a8", 40), ("auto", 1)])
+def test_stacked_experts_given_a_layer_equal_that_layers_own_module(kernel, tokens, monkeypatch):
     """The model's scan hands Experts every layer's weights and the layer's index: through the
-    W8A8 kernel (which reads the layer in place) and through a per-layer slice (every other
-    path) the result is that layer's own module's, bit for bit."""
+    Mosaic FP8 kernels (which read the layer in place), through a per-layer slice (every other
+    path), and for few tokens on a Hopper GPU (each pair's experts gathered from the slice, not
+    the FP8 kernel that "auto" names) the result is that layer's own module's, bit for bit."""
     from flax import nnx
     from minimax_jax.config import preset
     from minimax_jax.model import Experts
@@ -356,10 +381,11 @@ def test_stacked_experts_given_a_layer_equal_that_layers_own_module(kernel, monk
     for experts in layers + [stacked]:
         experts.kernel = kernel
     monkeypatch.setattr(moe, "fp8_matmuls", functools.partial(moe.fp8_matmuls, **INTERPRET))
+    monkeypatch.setattr(moe, "on_hopper", lambda: True)
     rng = np.random.RandomState(14)
-    x = jnp.asarray(rng.standard_normal((40, 256)), jnp.bfloat16)
-    ids = jnp.asarray(rng.randint(0, 4, (40, 2)), jnp.int32)
-    weights = jnp.asarray(rng.random((40, 2)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((tokens, 256)), jnp.bfloat16)
+    ids = jnp.asarray(rng.randint(0, 4, (tokens, 2)), jnp.int32)
+    weights = jnp.asarray(rng.random((tokens, 2)), jnp.float32)
     got = np.asarray(stacked(x, ids, weights, first_expert=0, layer=jnp.int32(1)))
     np.testing.assert_array_equal(got, np.asarray(layers[1](x, ids, weights, first_expert=0)))
     assert np.abs(got - np.asarray(layers[2](x, ids, weights, first_expert=0))).max() > 0
@@ -382,6 +408,9 @@ def test_warp_specialised_kernel_lowers_for_gpus_and_takes_checkpoint_layout_exp
     f = jax.jit(lambda x, groups, w, s, layer: grouped_gemm_ws.aligned_gemm_w8a8(x, groups, w, s, layer=layer,
                                                                                 num_blocks=132))
     assert "mosaic_gpu" in f.trace(*w8a8_args).lower(lowering_platforms=("cuda",)).as_text()
+    f = jax.jit(lambda x, groups, w, s, layer: grouped_gemm_fp8.aligned_gemm_fp8(x, groups, w, s, layer=layer,
+                                                                                block_m=128, num_blocks=132))
+    assert "mosaic_gpu" in f.trace(*w8a8_args).lower(lowering_platforms=("cuda",)).as_text()
     fused_args = (jax.ShapeDtypeStruct((m, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((m, k // 128), jnp.float32),
                   *w8a8_args[1:])
     f = jax.jit(lambda xq, xs, groups, w, s, layer: grouped_gemm_ws.aligned_gate_up_swiglu_w8a8(
@@ -391,18 +420,18 @@ def test_warp_specialised_kernel_lowers_for_gpus_and_takes_checkpoint_layout_exp
         moe.resolve_kernel("mosaic-ws", "bf16", 3072, 1536)
 
 
-def test_auto_kernel_on_hopper_is_mosaic_for_bf16_the_fp8_kernel_at_decode_and_w8a8_ws_at_prefill(monkeypatch):
+def test_auto_kernel_on_hopper_is_mosaic_for_bf16_and_the_w8a8_ws_kernel_for_fp8(monkeypatch):
     monkeypatch.setattr(moe, "on_hopper", lambda: True)
-    assert moe.resolve_kernel("auto", "bf16", 3072, 1536, local_rows=64) == "mosaic"
-    assert moe.resolve_kernel("auto", "fp8", 3072, 1536, local_rows=moe.FUSED_FP8_MAX_ROWS) == "mosaic-fp8"
-    assert moe.resolve_kernel("auto", "fp8", 3072, 1536, local_rows=moe.FUSED_FP8_MAX_ROWS + 1) == "mosaic-ws-w8a8"
-    assert moe.resolve_kernel("auto", "fp8", 3072, 384, local_rows=65536) == "mosaic-ws-w8a8"    # TP4 experts
-    assert moe.resolve_kernel("auto", "nvfp4", 3072, 1536, local_rows=moe.FUSED_FP8_MAX_ROWS + 1) == "mosaic"
-    assert moe.resolve_kernel("auto", "fp8", 3072, 1536, local_rows=64, dtype=jnp.float32) == "xla"
+    assert moe.resolve_kernel("auto", "bf16", 3072, 1536) == "mosaic"
+    assert moe.resolve_kernel("auto", "fp8", 3072, 1536) == "mosaic-ws-w8a8"
+    assert moe.resolve_kernel("auto", "fp8", 3072, 384) == "mosaic-ws-w8a8"        # TP4 experts
+    assert moe.resolve_kernel("auto", "fp8", 3072, 192) == "mosaic"                 # TP8: not in 128 blocks
+    assert moe.resolve_kernel("auto", "nvfp4", 3072, 1536) == "mosaic"
+    assert moe.resolve_kernel("auto", "fp8", 3072, 1536, dtype=jnp.float32) == "xla"
 
 
 def test_auto_kernel_is_the_reference_off_gpu_and_mosaic_fp8_needs_fp8_in_128_blocks():
-    assert moe.resolve_kernel("auto", "fp8", 3072, 1536, local_rows=64) == "xla"          # CPU here
+    assert moe.resolve_kernel("auto", "fp8", 3072, 1536) == "xla"          # CPU here
     assert moe.resolve_kernel("mosaic-fp8", "fp8", 3072, 1536) == "mosaic-fp8"
     with pytest.raises(ValueError, match="multiples of 128"):
         moe.resolve_kernel("mosaic-fp8", "fp8", 64, 32)

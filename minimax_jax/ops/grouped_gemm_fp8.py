@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from minimax_jax.ops.aligned_rows import on_aligned_rows
-from minimax_jax.ops.mosaic_common import sm_count, transpose_scratch, transposed_operand
+from minimax_jax.ops.mosaic_common import sm_count, stacked_layers, transpose_scratch, transposed_operand
 from quant import fp8
 
 BLOCK = 128          # the checkpoint's scale block; also the kernel's N and K tile
@@ -52,8 +52,9 @@ def grouped_gemm_fp8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: 
 
 
 def aligned_gemm_fp8(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, scale: jax.Array, *,
-                     block_m: int = 64, max_concurrent_steps: int = 2, chunk_rows: int = 64,
-                     load_layout: str | None = None, num_blocks: int | None = None, interpret=None) -> jax.Array:
+                     layer: jax.Array | int | None = None, block_m: int = 64, max_concurrent_steps: int = 2,
+                     chunk_rows: int = 64, load_layout: str | None = None, num_blocks: int | None = None,
+                     interpret=None) -> jax.Array:
     """The weight-only kernel on rows already group-aligned: x_aligned [m_padded, K] (see
     `aligned_rows.layout`), block_group [m_padded / block_m]. Returns [m_padded, N]; blocks of no
     group are left unwritten.
@@ -64,12 +65,17 @@ def aligned_gemm_fp8(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array,
     defaults (two blocks per SM, two pipeline stages so that both fit in shared memory) were as
     fast or faster than one block of four stages at every decode size measured (runs S, T), and
     than a prefetched scale, swapped operands, two conversion buffers and a warp-specialised
-    form (runs V, W, AK-AM; those options were removed)."""
+    form (runs V, W, AK-AM; those options were removed).
+
+    layer: w [L, G, N, K] and scale [L, G, N/128, K/128] hold every layer's experts and the
+    kernel reads this layer's in place: XLA copied a layer's slice whole before handing it to
+    the kernel (0.86 ms a layer at W1's DEP4 decode step, docs/benchmarks.md run BH)."""
+    w, scale, layer = stacked_layers(w, scale, layer)
     _check_shapes(x_aligned, w, scale, block_group, block_m)
-    kernel = _kernel(x_aligned.shape[0], w.shape[1], w.shape[2], w.shape[0], x_aligned.dtype, block_m,
+    kernel = _kernel(x_aligned.shape[0], w.shape[2], w.shape[3], w.shape[1], x_aligned.dtype, block_m,
                      max_concurrent_steps, chunk_rows=chunk_rows, load_layout=load_layout,
                      num_blocks=num_blocks or 2 * sm_count(), interpret=interpret)
-    return kernel(block_group, x_aligned, w, scale)
+    return kernel(block_group, layer, x_aligned, w, scale)
 
 
 def reference_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -86,23 +92,24 @@ def grouped_gemm_w8a8(x: jax.Array, w: jax.Array, scale: jax.Array, group_sizes:
 
 
 def aligned_gemm_w8a8(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, scale: jax.Array, *,
-                      block_m: int = 64, max_concurrent_steps: int = 4, num_blocks: int | None = None,
-                      interpret=None) -> jax.Array:
-    """The W8A8 kernel on group-aligned rows (as `aligned_gemm_fp8`): the rows are quantised to
-    e4m3 with one scale per row, each 128-deep FP8 x FP8 wgmma is scaled by its weight block's
-    scale and summed in fp32 registers, and the row scales apply to the output."""
+                      layer: jax.Array | int | None = None, block_m: int = 64, max_concurrent_steps: int = 4,
+                      num_blocks: int | None = None, interpret=None) -> jax.Array:
+    """The W8A8 kernel on group-aligned rows (as `aligned_gemm_fp8`, layer included): the rows
+    are quantised to e4m3 with one scale per row, each 128-deep FP8 x FP8 wgmma is scaled by its
+    weight block's scale and summed in fp32 registers, and the row scales apply to the output."""
+    w, scale, layer = stacked_layers(w, scale, layer)
     _check_shapes(x_aligned, w, scale, block_group, block_m)
     xq, xs = fp8.quantize_per_channel(x_aligned)
-    kernel = _kernel_w8a8(x_aligned.shape[0], w.shape[1], w.shape[2], w.shape[0], jnp.float32, block_m,
+    kernel = _kernel_w8a8(x_aligned.shape[0], w.shape[2], w.shape[3], w.shape[1], jnp.float32, block_m,
                           max_concurrent_steps, num_blocks=num_blocks or 2 * sm_count(), interpret=interpret)
-    return (kernel(block_group, xq, w, scale) * xs).astype(x_aligned.dtype)
+    return (kernel(block_group, layer, xq, w, scale) * xs).astype(x_aligned.dtype)
 
 
 def _check_shapes(x, w, scale, block_group, block_m):
     m, k = x.shape
-    g, n, k2 = w.shape
-    if k != k2 or n % BLOCK or k % BLOCK or scale.shape != (g, n // BLOCK, k // BLOCK):
-        raise ValueError(f"fp8 grouped GEMM needs x [M, K], w [G, N, K], scale [G, N/128, K/128] "
+    layers, g, n, k2 = w.shape if w.ndim == 4 else (0,) * 4
+    if not layers or k != k2 or n % BLOCK or k % BLOCK or scale.shape != (layers, g, n // BLOCK, k // BLOCK):
+        raise ValueError(f"fp8 grouped GEMM needs x [M, K], w [(L,) G, N, K], scale [(L,) G, N/128, K/128] "
                          f"with N, K multiples of 128; got {x.shape}, {w.shape}, {scale.shape}")
     if m % block_m or block_group.shape != (m // block_m,):
         raise ValueError(f"group-aligned rows need a multiple of block_m={block_m} rows and one group "
@@ -112,13 +119,15 @@ def _check_shapes(x, w, scale, block_group, block_m):
 def _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, tile_product):
     """What both kernels share: a persistent loop over the (row block, 128 columns) tiles of the
     group-aligned rows, skipping row blocks of no group; tile_product(x_gmem, w_gmem, s_gmem,
-    group, mi, ni) gives a tile's fp32 value, which is stored through shared memory."""
+    layer, group, mi, ni) gives a tile's fp32 value, which is stored through shared memory."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     grid_m, grid_n = m_padded // block_m, n // BLOCK
 
-    def body(group_ref, x_gmem, w_gmem, s_gmem, o_gmem):
+    def body(group_ref, layer_ref, x_gmem, w_gmem, s_gmem, o_gmem):
+        layer = layer_ref[0]
+
         @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
         def tile(info):
             mi, ni = info.index[0] // grid_n, info.index[0] % grid_n     # a row block's N tiles together
@@ -126,7 +135,7 @@ def _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, til
 
             @pl.when(group < g)
             def _():
-                value = tile_product(x_gmem, w_gmem, s_gmem, group, mi, ni)
+                value = tile_product(x_gmem, w_gmem, s_gmem, layer, group, mi, ni)
 
                 @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM(value.shape, o_gmem.dtype))
                 def _(o_smem):
@@ -170,13 +179,13 @@ def _kernel(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, chunk_ro
         plgpu.commit_smem()
         return w_bf16 if interpret else _transposed(w_bf16)
 
-    def tile_product(x_gmem, w_gmem, s_gmem, group, mi, ni):
+    def tile_product(x_gmem, w_gmem, s_gmem, layer, group, mi, ni):
         def pipeline(acc_ref, w_bf16):
             def step(idx, x_smem, w_smem):
-                plgpu.wgmma(acc_ref, x_smem, convert(w_smem, s_gmem[group, ni, idx[0]], w_bf16))
+                plgpu.wgmma(acc_ref, x_smem, convert(w_smem, s_gmem[layer, group, ni, idx[0]], w_bf16))
                 plgpu.wgmma_wait(0)
 
-            _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, None)(x_gmem, w_gmem.at[group])
+            _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, None)(x_gmem, w_gmem.at[layer, group])
             return acc_ref[...]
 
         return pl.run_scoped(     # register and shared-memory scopes may not mix
@@ -192,7 +201,7 @@ def _kernel_w8a8(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, num
 
     acc_shape = (block_m, BLOCK)
 
-    def tile_product(x_gmem, w_gmem, s_gmem, group, mi, ni):
+    def tile_product(x_gmem, w_gmem, s_gmem, layer, group, mi, ni):
         def step(idx, x_smem, w_smem, total):
             def product(acc_ref, *scratch):
                 plgpu.wgmma(acc_ref, x_smem, transposed_operand(w_smem, scratch, interpret))
@@ -201,12 +210,12 @@ def _kernel_w8a8(m_padded, n, k, g, dtype, block_m, max_concurrent_steps, *, num
             scratch = transpose_scratch(w_smem.shape[::-1], w_smem.dtype, interpret)
             p = pl.run_scoped(lambda *refs: pl.run_scoped(lambda acc: product(acc, *refs),
                                                           plgpu.ACC(acc_shape)), *scratch)
-            return total + p * s_gmem[group, ni, idx[0]]
+            return total + p * s_gmem[layer, group, ni, idx[0]]
 
         zeros = jnp.zeros(acc_shape, jnp.float32)
         if not interpret:
             zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
-        return _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, zeros)(x_gmem, w_gmem.at[group])
+        return _k_pipeline(step, k, block_m, mi, ni, max_concurrent_steps, zeros)(x_gmem, w_gmem.at[layer, group])
 
     return _persistent_tiles(m_padded, n, g, dtype, block_m, num_blocks, interpret, tile_product)
 

@@ -21,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from minimax_jax.ops.mosaic_common import sm_count, swizzled, transpose_scratch, transposed_operand
+from minimax_jax.ops.mosaic_common import sm_count, stacked_layers, swizzled, transpose_scratch, transposed_operand
 from quant import fp8
 
 SCALE_BLOCK = 128     # the FP8 checkpoint's scale block, along N and K of the weights
@@ -154,9 +154,7 @@ def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    if layer is None:
-        w, w_scale, layer = w[None], w_scale[None], 0
-
+    w, w_scale, layer = stacked_layers(w, w_scale, layer)
     m_padded, k = xq.shape
     _, g, n, k2 = w.shape
     block = SCALE_BLOCK
@@ -249,7 +247,7 @@ def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret)
     # the row scales and the output's scales lie transposed, so a tile's rows are contiguous
-    out = kernel(block_group.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), xq, xs.T, w, w_scale)
+    out = kernel(block_group.astype(jnp.int32), layer, xq, xs.T, w, w_scale)
     return (out[0], out[1].T) if swiglu else out
 
 

@@ -40,12 +40,8 @@ def ragged_dot_mosaic(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
 
 KERNELS = ("auto", "xla", "xla-w8a8", "mosaic", "mosaic-ws", "mosaic-fp8", "mosaic-w8a8", "mosaic-ws-w8a8")
 FP8_KERNELS = ("mosaic-fp8", "mosaic-w8a8", "mosaic-ws-w8a8", "xla-w8a8")
-
-# Above this many expected local rows the W8A8 warp-specialised kernel beats the weight-only FP8
-# kernel (docs/benchmarks.md, runs AW, AY, AZ on an H200: the MoE block of 64 local experts on
-# the device timeline, weight-only against W8A8): 489 against 522 us at 2424 rows (W1's DEP4
-# decode step), 632 against 500 us at 4096 rows, 1744 against 1080 us at 16384.
-FUSED_FP8_MAX_ROWS = 3072
+# kernels that read a layer's experts from the weights stacked over layers, in place
+STACKED_KERNELS = ("mosaic-fp8", "mosaic-w8a8", "mosaic-ws-w8a8")
 
 
 def on_hopper() -> bool:
@@ -58,24 +54,24 @@ def check_kernel(kernel: str) -> None:
         raise ValueError(f"moe_kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
 
 
-def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, local_rows: int = 0,
-                   dtype=jnp.bfloat16) -> str:
+def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, dtype=jnp.bfloat16) -> str:
     """"xla" (lax.ragged_dot on weights in the compute dtype, the reference), "xla-w8a8" (the
     reference of the W8A8 kernels' numbers: FP8 experts and rows rounded as "mosaic-ws-w8a8"
-    rounds them, multiplied in fp32), "mosaic" (the bf16
-    Mosaic-GPU grouped GEMM; FP8/NVFP4 experts are dequantised in XLA first), "mosaic-fp8" (FP8
-    experts dequantised inside the kernel, ops/grouped_gemm_fp8.py), "mosaic-w8a8" (FP8 experts
-    against rows quantised to FP8 per row, FP8 wgmma; opt-in: its numbers differ from the
-    weight-only reference by the rows' rounding), "mosaic-ws" (FP8/NVFP4 experts dequantised
+    rounds them, multiplied in fp32), "mosaic" (the bf16 Mosaic-GPU grouped GEMM; FP8/NVFP4
+    experts are dequantised in XLA first), "mosaic-fp8" (FP8 experts dequantised inside the
+    kernel, weight-only, ops/grouped_gemm_fp8.py), "mosaic-w8a8" (FP8 experts against rows
+    quantised to FP8 per row, one warpgroup; opt-in), "mosaic-ws" (FP8/NVFP4 experts dequantised
     in XLA, then the warp-specialised grouped GEMM on group-aligned rows, ops/grouped_gemm_ws.py),
     "mosaic-ws-w8a8" (FP8 experts as stored against rows rounded to FP8 per row and 128
-    columns, the checkpoint's dynamic activation scheme, in the warp-specialised form), or
-    "auto": on a Hopper GPU computing in bf16
-    (lax.ragged_dot ran at 12 TFLOP/s on an H200) "mosaic-fp8" for FP8 experts up to
-    FUSED_FP8_MAX_ROWS expected local rows (decode), "mosaic-ws-w8a8" for them above (prefill,
-    as the checkpoint's `activation_scheme: dynamic` prescribes: its MoE block took 3.3 against
-    4.7 ms for "mosaic-ws" at a DEP4 prefill step of 8192 tokens per rank on an H200, run AY),
-    "mosaic" for the other formats; "xla" elsewhere (the Mosaic kernels take bf16 rows)."""
+    columns, the checkpoint's `activation_scheme: dynamic` as sglang runs it, in the
+    warp-specialised form with SwiGLU in the gate/up kernel), or "auto": on a Hopper GPU
+    computing in bf16 (lax.ragged_dot ran at 12 TFLOP/s on an H200) "mosaic-ws-w8a8" for FP8
+    experts, "mosaic" for the other formats; "xla" elsewhere (the Mosaic kernels take bf16
+    rows). "mosaic-ws-w8a8" was the fastest MoE block for FP8 experts at every size measured
+    (64 local experts on an H200, device time, each pair from one call; docs/benchmarks.md runs
+    BH, BI): 389 against 437 us for "mosaic-fp8" at 256 tokens (W2's DEP4 decode), 428 against
+    487 at 1212 (W1's), 893 against 1744 at 8192, 2840 against 6213 at 32768 (W1's DEP4
+    prefill step)."""
     check_kernel(kernel)
     block = grouped_gemm_fp8.BLOCK
     fp8_blocks = expert_format == "fp8" and hidden % block == 0 and inter % block == 0
@@ -83,8 +79,7 @@ def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, loc
     ws_shapes = hidden % 256 == 0 and (2 * inter) % 256 == 0 and inter % 64 == 0
     if kernel == "auto":
         kernel = "xla" if not (dtype == jnp.bfloat16 and on_hopper()) else (
-            "mosaic-fp8" if fp8_blocks and local_rows <= FUSED_FP8_MAX_ROWS
-            else "mosaic-ws-w8a8" if fp8_blocks else "mosaic")
+            "mosaic-ws-w8a8" if fp8_blocks else "mosaic")
     if kernel == "mosaic-ws" and not (expert_format in ("fp8", "nvfp4") and ws_shapes):
         raise ValueError(f"moe kernel mosaic-ws needs FP8 or NVFP4 experts (read as the checkpoint lays them "
                          f"out) with hidden and 2 x intermediate multiples of 256 and intermediate of 64; got "
@@ -136,14 +131,16 @@ class GroupedMatmuls:
 
 
 def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, num_local: int,
-                   first_expert: jax.Array | int, matmuls: GroupedMatmuls, local_share: float = 1.0) -> jax.Array:
+                   first_expert: jax.Array | int, matmuls: GroupedMatmuls, local_share: float = 1.0,
+                   out_dtype=jnp.float32) -> jax.Array:
     """Weighted sum over each token's routed experts among the local ones.
 
     x: [N, H]; expert_ids, weights: [N, k] (global ids; an id outside
     [first_expert, first_expert + num_local) contributes nothing). local_share (local experts
     over all) sizes the row buckets (`row_capacities`): the GEMMs run on the smallest that holds
     every local pair, chosen on the device, so the result is exact whatever the routing. Returns
-    fp32 [N, H].
+    [N, H] summed in fp32, in out_dtype (the combine's: converted inside the row buckets' branch,
+    which then returns half the bytes).
     """
     n, k = expert_ids.shape
     local = expert_ids - first_expert
@@ -176,7 +173,7 @@ def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, num_
         y = matmuls.down(act, groups)
         picked = jnp.take(y, row_of_pair, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
         pair_out = jnp.where(mine.reshape(-1, 1), picked, 0.0)
-        return jnp.sum(pair_out.reshape(n, k, -1) * weights[..., None].astype(jnp.float32), axis=1)
+        return jnp.sum(pair_out.reshape(n, k, -1) * weights[..., None].astype(jnp.float32), axis=1).astype(out_dtype)
 
     capacities = row_capacities(n * k, local_share)
     if len(capacities) == 1:
@@ -230,16 +227,19 @@ def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: j
     block_m defaults to 64 rows, 128 (WS_BLOCK_ROWS) for the warp-specialised kernel.
 
     layer: the four arrays hold every layer ([L, ...] each) and this layer's are used. The
-    warp-specialised W8A8 kernel reads them from the stacked arrays: a layer's slice passed into
-    the row buckets' `lax.switch` was first copied whole by XLA (1.2 GB of gate/up weights a
-    layer at a DEP2 prefill step, docs/benchmarks.md run BE). The other kernels get the slice.
+    Mosaic kernels (STACKED_KERNELS) read them from the stacked arrays: XLA copied a layer's
+    slice whole before a kernel read it (1.2 GB of gate/up weights a layer at a DEP2 prefill
+    step, docs/benchmarks.md run BE; 0.86 ms a layer at W1's DEP4 decode step, run BH).
+    "xla-w8a8" gets the slice.
 
     fuse_swiglu ("mosaic-ws-w8a8" only): the gate/up kernel applies SwiGLU and rounds its output
     for the down GEMM in its epilogue (`grouped_gemm_ws.aligned_gate_up_swiglu_w8a8`), so the
-    gate/up product is neither written nor read back. Opt-in until measured on a GPU."""
+    gate/up product is neither written nor read back: the MoE block of 64 local experts took
+    2.84 against 3.26 ms at 32768 tokens and 428 against 523 us at 1212 on an H200 (run BH);
+    `Experts` asks for it by default."""
     if fuse_swiglu and kernel != "mosaic-ws-w8a8":
         raise ValueError(f"fuse_swiglu needs the mosaic-ws-w8a8 kernel, not {kernel}")
-    if layer is not None and kernel != "mosaic-ws-w8a8":
+    if layer is not None and kernel not in STACKED_KERNELS:
         w13, w13_scale, w2, w2_scale, layer = w13[layer], w13_scale[layer], w2[layer], w2_scale[layer], None
     *lead, e, _, inter, hidden = w13.shape
     w13 = w13.reshape(*lead, e, 2 * inter, hidden)
@@ -261,7 +261,7 @@ def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: j
                               block_rows=options["block_m"], prepare=prepare)
     aligned_gemm = {"mosaic-fp8": grouped_gemm_fp8.aligned_gemm_fp8, "mosaic-w8a8": grouped_gemm_fp8.aligned_gemm_w8a8}[kernel]
     block_m = block_m or 64
-    gemm = functools.partial(aligned_gemm, block_m=block_m, **kernel_options)
+    gemm = functools.partial(aligned_gemm, block_m=block_m, layer=layer, **kernel_options)
     return GroupedMatmuls(lambda rows, groups: gemm(rows, groups, w13, w13_scale),
                           lambda rows, groups: gemm(rows, groups, w2, w2_scale), block_rows=block_m)
 
@@ -274,7 +274,9 @@ def _w8a8_reference_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array,
     block = grouped_gemm_ws.SCALE_BLOCK
 
     def rounded(rows: jax.Array) -> jax.Array:
-        return fp8.dequantize_groups(*fp8.quantize_groups(rows, block))
+        # the barrier keeps the FP8 codes: XLA's GPU compiler otherwise drops a conversion to FP8
+        # and back as excess precision, and this reference would not round at all
+        return fp8.dequantize_groups(*jax.lax.optimization_barrier(fp8.quantize_groups(rows, block)))
 
     def matmul(w: jax.Array, scale: jax.Array) -> RowsMatmul:
         w32 = fp8.dequantize_blockwise(w, scale).transpose(0, 2, 1)       # [E, K, N]

@@ -1,6 +1,6 @@
-"""What the Mosaic GPU kernels share: the SM count their persistent grids are sized by, the
-swizzled shared-memory layout of their tiles, and transposed wgmma operands that also run under
-Pallas' GPU interpreter (whose wgmma takes no transposed operand)."""
+"""What the Mosaic GPU kernels share: the SM count their persistent grids are sized by, experts
+stacked over layers, the swizzled shared-memory layout of their tiles, and transposed wgmma
+operands that also run under Pallas' GPU interpreter (whose wgmma takes no transposed operand)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,16 @@ def sm_count() -> int:
     """Streaming multiprocessors of the first device (132 on an H100 or H200 where the device
     does not say), the unit of the kernels' persistent grid."""
     return getattr(jax.devices()[0], "core_count", 0) or 132
+
+
+def stacked_layers(w: jax.Array, scale: jax.Array, layer: jax.Array | int | None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(w [L, ...], scale [L, ...], the layer's index as int32 [1]) for a kernel that reads its
+    layer from the stacked arrays in place: a layer's slice handed to a kernel is copied whole
+    by XLA first. Unstacked arrays (layer None) become one layer."""
+    if layer is None:
+        w, scale, layer = w[None], scale[None], 0
+    return w, scale, jnp.asarray(layer, jnp.int32).reshape(1)
 
 
 def swizzled(minor: int, dtype) -> tuple:
