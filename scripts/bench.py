@@ -27,7 +27,8 @@ Sections (pick with --sections, comma separated):
   moe       the routed-experts block of one layer alone (sort, row layout, both grouped GEMMs,
             combine) as one expert-parallel rank sees it, FP8 experts, at --moe-tokens (decode
             or prefill sizes): device time per call from a profiler trace, its largest kernels,
-            beside the weight-read floor
+            beside the weight-read floor; up to 8192 tokens each kernel's output against its XLA
+            reference (mosaic-ws-w8a8 against xla-w8a8, the others against xla)
   profile   a perfetto trace of a few engine steps (--profile-phase prefill or decode), device
             time per kernel
   hf        transformers' MiniMaxM2ForCausalLM at the same depth and batch on one GPU, beside
@@ -688,19 +689,26 @@ def bench_engine(args) -> None:
            f"attn={args.attention_backend} moe={args.moe_kernel}{fp4}")
     record_latencies(tag, wall, [(submitted[r.rid], first[r.rid], last[r.rid], len(r.output_ids)) for r in reqs],
                      f"{compiles} compiles in warm-up, {engine.num_compiles - compiles} while measured")
+    times = list(engine.step_times)
     for kind in ("prefill", "decode"):
-        steps = [s for s in engine.step_times if s["kind"] == kind]
+        steps = [s for s in times if s["kind"] == kind]
         if steps:
             mean = lambda field: np.mean([s[field] for s in steps]) * 1e3
             record("engine", f"{tag} {kind} step, launch to result", mean("device"), "ms",
                    f"plan {mean('plan'):.1f}, launch {mean('launch'):.1f}, wait {mean('wait'):.1f}, "
                    f"post {mean('post'):.1f} ms; {len(steps)} steps, shapes {sorted({s['shape'] for s in steps})[:4]}")
-    decode = [s["device"] for s in engine.step_times if s["kind"] == "decode"]
+    # a step's launch to result spans the next step's launch, and a prefill's launch returns only
+    # once the device reaches its last row-bucket switch (XLA's GPU runtime reads a
+    # conditional's branch index on the host): decode alone is timed between decode steps
+    decode = [s["device"] for s, after in zip(times, times[1:]) if s["kind"] == after["kind"] == "decode"]
+    if decode:
+        record("engine", f"{tag} decode step followed by decode", np.mean(decode) * 1e3, "ms",
+               f"{len(decode)} steps; median {np.median(decode) * 1e3:.1f} ms")
     if floors and decode:
         floor = float(np.mean(floors))
         record("engine", f"{tag} decode step floor", floor * 1e3, "ms",
-               f"measured {np.mean(decode) / floor:.2f}x; weights + KV read per device over "
-               f"{bandwidth / 1e12:.2f} TB/s (collectives not included: see the profile section)")
+               f"measured {np.mean(decode) / floor:.2f}x (decode steps followed by decode); weights + KV read "
+               f"per device over {bandwidth / 1e12:.2f} TB/s (collectives not included: see the profile section)")
 
 
 def workload_name(args) -> str:
@@ -831,43 +839,72 @@ def device_time(fn, *args, trace_dir: Path, iters: int = 10) -> Trace:
     return trace
 
 
+# the XLA computation each kernel's numbers are checked against in the moe section
+MOE_REFERENCE = {"mosaic-ws-w8a8": "xla-w8a8", "xla-w8a8": "xla", "mosaic": "xla", "mosaic-ws": "xla",
+                 "mosaic-fp8": "xla", "mosaic-w8a8": "xla"}
+MOE_CHECK_MAX_TOKENS = 8192     # the XLA references at prefill sizes take minutes on a GPU
+
+
 def bench_moe(args, ceilings: dict) -> None:
     """The routed-experts block of one layer alone on one device, as one rank of expert
     parallelism sees it: --moe-tokens tokens (all ranks' tokens, as DEP gathers them) routed to
     8 of the preset's experts each, of which --local-experts live here (ids outside contribute
     nothing). Device time per call from a profiler trace, its largest kernels, and the floor:
-    the local experts' FP8 bytes over the copy bandwidth."""
+    the local experts' FP8 bytes over the copy bandwidth. Up to MOE_CHECK_MAX_TOKENS each
+    kernel's output is checked against its XLA reference on the same inputs (MOE_REFERENCE: the
+    W8A8 kernel against the XLA form of its own rounding, "xla-w8a8" against "xla" to show what
+    that rounding moves)."""
     from flax import nnx
     from minimax_jax.config import preset
     from minimax_jax.model import Experts
     cfg = preset(args.preset)
+    if args.smoke:      # the FP8 kernels' 128-wide blocks
+        cfg = dataclasses.replace(cfg, hidden_size=128, intermediate_size=128)
     local_cfg = dataclasses.replace(cfg, num_experts=args.local_experts)
     experts = Experts(local_cfg, jnp.bfloat16, nnx.Rngs(0), expert_format="fp8")
     experts.num_experts = cfg.num_experts       # this rank's share of all experts sizes its row buckets
     floor_bytes = args.local_experts * 3 * cfg.hidden_size * cfg.intermediate_size
-    variants = [(kernel, False) for kernel in args.moe_kernels]
-    if args.moe_fuse_swiglu:
-        variants.append(("mosaic-ws-w8a8", True))
+    variants = [(kernel, kernel == "mosaic-ws-w8a8") for kernel in args.moe_kernels]
+    if args.moe_unfused_swiglu:
+        variants.append(("mosaic-ws-w8a8", False))
+    graphdef, state = nnx.split(experts)
+
+    def block(kernel: str, fused: bool):
+        def run(state, x, ids, w):
+            module = nnx.merge(graphdef, state)
+            module.kernel, module.fuse_swiglu = kernel, fused
+            return module(x, ids, w, first_expert=0)
+        return jax.jit(run)
+
+    references: dict = {}
     for kernel, fused in variants:
-        experts.kernel, experts.fuse_swiglu = kernel, fused
-        kernel = kernel + (" fused-swiglu" if fused else "")
-        graphdef, state = nnx.split(experts)
-        block = jax.jit(lambda state, x, ids, w: nnx.merge(graphdef, state)(x, ids, w, first_expert=0))
+        name = kernel + (" fused-swiglu" if fused else " unfused-swiglu" if kernel == "mosaic-ws-w8a8" else "")
+        timed = block(kernel, fused)
         for tokens in args.moe_tokens:
             rng = np.random.RandomState(tokens)
             ids = jnp.asarray(np.argsort(rng.random((tokens, cfg.num_experts)), axis=1)[:, :cfg.num_experts_per_tok],
                               jnp.int32)
             x = jax.random.normal(jax.random.PRNGKey(tokens), (tokens, cfg.hidden_size), jnp.bfloat16)
             w = jnp.asarray(rng.random((tokens, cfg.num_experts_per_tok)), jnp.float32)
-            trace = device_time(block, state, x, ids, w, iters=args.iters,
-                                trace_dir=Path(args.out) / f"trace-moe-{kernel.replace(' ', '-')}-{tokens}")
+            trace = device_time(timed, state, x, ids, w, iters=args.iters,
+                                trace_dir=Path(args.out) / f"trace-moe-{name.replace(' ', '-')}-{tokens}")
             total = sum(trace.device.values())
             floor = floor_bytes / ceilings["bandwidth"] * 1e6
-            record("moe", f"{kernel} {tokens} tok, {args.local_experts} local experts", total, "us/call",
+            record("moe", f"{name} {tokens} tok, {args.local_experts} local experts", total, "us/call",
                    f"device time; floor {floor:.0f} us ({floor / total:.0%}); "
                    f"{trace.kernels / args.iters:.0f} kernels/call")
-            for name, us in sorted(trace.device.items(), key=lambda kv: -kv[1])[:8]:
-                record("moe", f"  {kernel} {tokens} tok: {name[:70]}", us, "us/call")
+            for kname, us in sorted(trace.device.items(), key=lambda kv: -kv[1])[:8]:
+                record("moe", f"  {name} {tokens} tok: {kname[:70]}", us, "us/call")
+            reference = MOE_REFERENCE.get(kernel)
+            if reference and tokens <= MOE_CHECK_MAX_TOKENS:
+                if (reference, tokens) not in references:
+                    references[reference, tokens] = np.asarray(block(reference, False)(state, x, ids, w), np.float32)
+                want, got = references[reference, tokens], np.asarray(timed(state, x, ids, w), np.float32)
+                scale = np.abs(want).max()
+                row_err = np.abs(got - want).max(axis=1)
+                record("moe", f"{name} {tokens} tok vs {reference}", float(row_err.max() / scale), "x max|ref|",
+                       f"max error; {int((row_err > 1e-2 * scale).sum())} of {tokens} rows off by over 1e-2, "
+                       f"mean row error {float(row_err.mean() / scale):.1e}")
 
 
 def bench_profile(args) -> None:
@@ -972,8 +1009,9 @@ def parse_args(argv=None):
                    "prefill: 4 x 8192)")
     p.add_argument("--moe-kernels", nargs="+", choices=MOE_KERNELS[1:], default=["mosaic-fp8", "mosaic-ws-w8a8"],
                    help="moe section: the expert GEMMs to time")
-    p.add_argument("--moe-fuse-swiglu", action="store_true",
-                   help="moe section: also time mosaic-ws-w8a8 with SwiGLU and its rounding in the gate/up kernel")
+    p.add_argument("--moe-unfused-swiglu", action="store_true",
+                   help="moe section: also time mosaic-ws-w8a8 with SwiGLU and its rounding as XLA passes "
+                   "(by default they run in the gate/up kernel's epilogue)")
     p.add_argument("--tune", action="store_true", help="time several Mosaic block configurations")
     p.add_argument("--fp8-fused", action="store_true", help="kernels: also variants of the FP8 kernels "
                    "(tile rows, pipeline depth, double-buffered, warp-specialised, W8A8), the down projection's "
@@ -1025,7 +1063,7 @@ def parse_args(argv=None):
         args.kernel_rows, args.local_experts, args.hidden, args.intermediate = [64], 4, 64, 32
         args.copy_elems, args.matmul_n, args.iters, args.page_size = 1 << 16, 128, 2, 8
         args.engine_layers, args.chunk, args.max_prefill_tokens = 2, 32, 256
-        args.moe_tokens, args.moe_kernels, args.moe_fuse_swiglu = [16], ["xla"], False
+        args.moe_tokens, args.moe_kernels, args.moe_unfused_swiglu = [16], ["xla", "xla-w8a8"], False
         for k, v in dict(requests=16, prompt=24, output=8).items():
             if k not in given:
                 setattr(args, k, v)
