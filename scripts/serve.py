@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "mosaic-ws-w8a8 (FP8 experts as stored against rows rounded to FP8 per 128 columns, as the "
                      "checkpoint's dynamic activation scheme prescribes, warp-specialised FP8 wgmma), xla, "
                      "xla-w8a8 (the reference of the W8A8 numbers: rows rounded as mosaic-ws-w8a8 does); auto: on "
-                     "Hopper, for FP8 experts mosaic-fp8 at decode sizes and mosaic-ws-w8a8 at prefill sizes, else "
-                     "mosaic; xla elsewhere (pick mosaic-ws for weight-only numbers at prefill)")
+                     "Hopper, mosaic-ws-w8a8 with SwiGLU in its gate/up kernel for FP8 experts, else mosaic; xla "
+                     "elsewhere (pick mosaic-fp8 for weight-only numbers)")
 
     sched = p.add_argument_group("scheduling and KV cache")
     sched.add_argument("--max-running-requests", type=int, help="max requests decoded together")
