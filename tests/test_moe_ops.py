@@ -107,6 +107,10 @@ def test_aligned_layout_starts_each_group_on_its_own_block():
     assert dest[35:51] == list(range(48, 64))              # group 3 from block 3
     assert dest[51:] == [m_padded] * 3                     # rows past the groups go nowhere
     assert np.asarray(block_group).tolist() == [0, 2, 2, 3, 4, 4, 4, 4]     # 4: no group
+    # the rows' groups given (as the MoE block knows them, any value past the groups) skip the search
+    row_group = jnp.asarray([0] * 5 + [2] * 30 + [3] * 16 + [4, 9, -1])
+    given = aligned_rows.layout(jnp.array([5, 0, 30, 16]), 54, 16, row_group=row_group)
+    assert np.asarray(given[0]).tolist() == dest and np.asarray(given[1]).tolist() == np.asarray(block_group).tolist()
 
 
 @pytest.mark.parametrize("sizes, block_m", [([5, 0, 30], 16), ([0, 64, 1, 17], 32), ([0, 0, 0], 16), ([40, 3], 16)])

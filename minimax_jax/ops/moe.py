@@ -160,7 +160,8 @@ def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, num_
         token = order[:capacity] // k                      # the token of each sorted row
         row_of_pair = jnp.minimum(sorted_position, capacity - 1)
         if matmuls.block_rows:
-            dest, groups, m_padded = aligned_rows.layout(group_sizes, capacity, matmuls.block_rows)
+            dest, groups, m_padded = aligned_rows.layout(group_sizes, capacity, matmuls.block_rows,
+                                                         row_group=flat[order[:capacity]])
             source = aligned_rows.sources(token, dest, m_padded, fill=n)
             rows = jax.tree.map(lambda a: jnp.take(a, source, axis=0, mode="fill", fill_value=0), tokens)
             row_of_pair = dest[row_of_pair]
