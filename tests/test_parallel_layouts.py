@@ -204,3 +204,25 @@ def test_engine_greedy_tokens_identical_on_every_layout(tiny_hf_dir, greedy_refe
     outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 32, "temperature": 0.0})
     assert [o["output_ids"] for o in outs] == expected
     assert engine.kv_pages_used == 0
+
+
+@pytest.mark.parametrize("dtypes", [("bfloat16", "int32", "float32"),                   # bf16 dispatch
+                                    ("uint8", "float8_e4m3fn", "int32", "float32"),     # NVFP4 dispatch
+                                    ("float32", "bfloat16")])
+def test_dispatch_packs_rows_in_words_of_the_first_arrays_width_and_unpacks_them_bit_for_bit(dtypes):
+    """The hidden states travel word for word (their columns come back as a slice and a bitcast
+    of the same width) and the routing rides along in such words, NaN-patterned bits included:
+    the words are unsigned integers, which no float pass of XLA rewrites."""
+    import jax
+    from sharding.collectives import pack_rows, unpack_rows
+    rng = np.random.RandomState(1)
+    widths = {"bfloat16": 64, "uint8": 32, "float8_e4m3fn": 4, "int32": 8, "float32": 8}
+    arrays = [jnp.asarray(rng.randint(0, 256, (5, widths.get(d, 4) * jnp.dtype(d).itemsize), np.uint8)
+                          .view(jnp.dtype(d))) for d in dtypes]
+    like = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
+    packed = jax.jit(pack_rows)(arrays)
+    assert packed.dtype == jnp.dtype(f"uint{8 * arrays[0].dtype.itemsize}")
+    for unpack in (jax.jit(lambda p: unpack_rows(p, like)), lambda p: unpack_rows(p, like)):
+        for a, b in zip(arrays, unpack(packed)):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert (np.asarray(a).view(np.uint8) == np.asarray(b).view(np.uint8)).all()
