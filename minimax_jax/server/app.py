@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import logging
 import secrets
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
@@ -31,7 +30,6 @@ from minimax_jax.server.protocol import (
     OpenAIError, ReasoningSplitter, TopLogprob, UsageInfo, new_id, now, openai_finish_reason,
     split_reasoning)
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_COMPLETION_MAX_TOKENS = 16         # OpenAI's default for /v1/completions
 REASONING_PARSERS = ("minimax",)
@@ -94,7 +92,6 @@ class OpenAIServing:
     def __init__(self, engine: AsyncEngine, config: ServerConfig):
         self.engine, self.config = engine, config
         self.created = now()
-        self._warned_penalties = False
 
     def models(self) -> ModelList:
         card = ModelCard(id=self.config.served_model_name, created=self.created,
@@ -104,9 +101,6 @@ class OpenAIServing:
     def _check(self, body: CompletionRequest | ChatCompletionRequest) -> None:
         if not self.engine.is_alive:
             raise EngineClosed("the engine is not running")
-        if (body.frequency_penalty or body.presence_penalty) and not self._warned_penalties:
-            self._warned_penalties = True
-            log.warning("frequency_penalty / presence_penalty are accepted but the engine does not apply them yet")
         if body.model is not None and body.model != self.config.served_model_name:
             raise OpenAIError(404, f"the model {body.model!r} does not exist; this server serves "
                                    f"{self.config.served_model_name!r}", "model", "model_not_found")
