@@ -35,11 +35,14 @@ class StepInput:
 
     positions are absolute positions in each sequence; page_table maps each slot's sequence to
     its KV pages; padding tokens (valid False) write no KV entry and are routed to no expert.
+    fresh (static): every slot's tokens start its sequence at position 0, valid ones first, so a
+    prefill chunk's attention needs no keys but its own (the host knows; a compile of its own).
     """
     tokens: jax.Array       # [B, T] int32
     positions: jax.Array    # [B, T] int32
     valid: jax.Array        # [B, T] bool
     page_table: jax.Array   # [B, P] int32
+    fresh: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 class Comm(Protocol):
@@ -154,7 +157,8 @@ class Attention(nnx.Module):
         v_cache = attn_ops.write_kv(v_cache, v.reshape(b * t, -1, d), slots.reshape(-1), layer)
         out = attn_ops.paged_attention(q, k_cache, v_cache, step.page_table, step.positions, layer,
                                        attn_ops.resolve_backend(self.backend, q.dtype),
-                                       attn_ops.resolve_decode_backend(self.decode_backend, q.dtype))
+                                       attn_ops.resolve_decode_backend(self.decode_backend, q.dtype),
+                                       chunk_kv=(k, v) if step.fresh else None)
         return project(out.reshape(b * t, -1), self.wo[...]), (k_cache, v_cache)
 
     def _joint_qk_norm(self, q: jax.Array, k: jax.Array, comm: Comm) -> tuple[jax.Array, jax.Array]:

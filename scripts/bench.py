@@ -13,8 +13,8 @@ Sections (pick with --sections, comma separated):
             of equal groups (the rate a grouped kernel could reach); FP8 experts dequantised in
             XLA vs dequantised inside the Mosaic kernel
   attention attention over the paged cache on one device, each against an fp32 reference:
-            prefill chunks (XLA reference vs cuDNN flash attention) and decode (XLA reference
-            vs the Pallas kernel)
+            prefill chunks (XLA reference vs cuDNN flash attention, and for a first chunk cuDNN
+            over the chunk's own keys, causal) and decode (XLA reference vs the Pallas kernel)
   layouts   DEP (FP4 and bf16 dispatch) against TP over all devices at --engine-layers depth:
             first-step logits and 16 greedy tokens of 8 prompts (the 8-GPU issue's criteria)
   layers    one decode step of a full-width model at two depths on each layout (DEP with FP4
@@ -290,8 +290,10 @@ def bench_attention(args) -> None:
         flops = 4 * 4 * 48 * 128 * (t * start + t * t / 2)        # QK^T and PV over the visible keys
         case = _attention_case(4, t, start + t, cache_dtype, args.page_size, seed=start)
         positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (4, t))
-        for backend in ("xla", "cudnn"):
-            t_s, err = _time_attention(case, positions, dict(backend=backend))
+        for backend in ("xla", "cudnn", "cudnn fresh")[:3 if start == 0 else 2]:
+            options = dict(backend="cudnn", chunk_kv=_chunk_kv(case, t)) if backend == "cudnn fresh" else \
+                dict(backend=backend)
+            t_s, err = _time_attention(case, positions, options)
             record("attention", f"prefill {backend} 4x{t} queries, keys from {start}", t_s * 1e3, "ms",
                    f"rel err vs fp32 {err:.1e}, {flops / t_s / 1e12:.0f} TFLOP/s, {args.kv_cache_dtype} cache")
     b, context = args.decode_tokens, args.context
@@ -323,6 +325,14 @@ def _attention_case(slots: int, queries: int, keys: int, cache_dtype, page_size:
     page_table = jax.random.permutation(rng[2], pages).reshape(slots, per_slot).astype(jnp.int32)
     q = jax.random.normal(rng[3], (slots, queries, 48, 128), jnp.bfloat16)
     return q, k_cache, v_cache, page_table
+
+
+def _chunk_kv(case, t: int) -> tuple[jax.Array, jax.Array]:
+    """The first t keys and values of each slot, as a fresh chunk hands them to attention
+    (`StepInput.fresh`): here read from the case's cache, so the fp32 reference sees the same."""
+    q, k_cache, v_cache, page_table = case
+    slots, (hk, d) = page_table.shape[0], k_cache.shape[3:]
+    return tuple(cache[1, page_table].reshape(slots, -1, hk, d)[:, :t].astype(q.dtype) for cache in (k_cache, v_cache))
 
 
 def _time_attention(case, positions, backends: dict, attention=None) -> tuple[float, float]:

@@ -40,6 +40,11 @@ def sharded_forward(cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, 
             counts = jnp.where(jax.lax.axis_index("tp") == 0, counts, 0)
         return logits, kv, counts[None]
 
-    return jax.shard_map(local, mesh=mesh,
-                         in_specs=(state_specs(state, layout), (KV_SPEC, KV_SPEC), step_specs, P("dp")),
-                         out_specs=(P("dp"), (KV_SPEC, KV_SPEC), P(EXPERT_AXES)), check_vma=False)
+    def forward(state, kv, step, logit_index):
+        specs = dataclasses.replace(step_specs, fresh=step.fresh)     # the static field is part of the tree
+        return jax.shard_map(local, mesh=mesh,
+                             in_specs=(state_specs(state, layout), (KV_SPEC, KV_SPEC), specs, P("dp")),
+                             out_specs=(P("dp"), (KV_SPEC, KV_SPEC), P(EXPERT_AXES)),
+                             check_vma=False)(state, kv, step, logit_index)
+
+    return forward

@@ -35,6 +35,29 @@ def test_flash_prefill_equals_the_reference_on_continued_chunks(cache_dtype):
     assert not np.allclose(np.asarray(first_only[1], np.float32), np.asarray(ref[1], np.float32), atol=2e-2)
 
 
+def test_fresh_chunks_attend_over_their_own_keys_as_over_the_pages_they_wrote():
+    """Chunks that start their sequences (valid tokens first, padding after): attention over
+    the chunk's own keys with the causal mask equals the paged path once the keys are written
+    (given an unwritten cache, so it must read the chunk's keys)."""
+    rng = np.random.RandomState(3)
+    b, t, hk, g, d, page_size = 3, 8, 2, 3, 16, 4
+    lengths = [8, 5, 1]
+    q = jnp.asarray(rng.standard_normal((b, t, hk * g, d)), jnp.bfloat16)
+    k_new = jnp.asarray(rng.standard_normal((b, t, hk, d)), jnp.bfloat16)
+    v_new = jnp.asarray(rng.standard_normal((b, t, hk, d)), jnp.bfloat16)
+    valid = np.arange(t)[None] < np.asarray(lengths)[:, None]
+    positions = jnp.asarray(np.where(valid, np.arange(t)[None], 0), jnp.int32)
+    table = jnp.asarray(rng.permutation(8)[:6].reshape(b, 2), jnp.int32)
+    k_cache, v_cache = empty = tuple(jnp.zeros((1, 8, page_size, hk, d), jnp.bfloat16) for _ in range(2))
+    slots = attention.kv_slots(positions, jnp.asarray(valid), table, page_size, 8).reshape(-1)
+    k_cache = attention.write_kv(k_cache, k_new.reshape(b * t, hk, d), slots, jnp.int32(0))
+    v_cache = attention.write_kv(v_cache, v_new.reshape(b * t, hk, d), slots, jnp.int32(0))
+    paged = attention.paged_attention(q, k_cache, v_cache, table, positions, jnp.int32(0), "cudnn")
+    fresh = attention.paged_attention(q, *empty, table, positions, jnp.int32(0), "cudnn", chunk_kv=(k_new, v_new))
+    np.testing.assert_allclose(np.asarray(fresh, np.float32)[valid], np.asarray(paged, np.float32)[valid], atol=2e-2)
+    assert not np.allclose(np.asarray(fresh, np.float32)[valid], 0)
+
+
 def test_decode_uses_the_reference_and_backends_resolve():
     q, k, v, table, positions = paged_case(jnp.bfloat16)
     one = q[:, :1]

@@ -72,6 +72,22 @@ def test_page_table_is_as_wide_as_the_longest_sequence_not_the_context(tiny_hf_d
     assert out["output_ids"] == short["output_ids"]
 
 
+def test_only_steps_whose_chunks_all_start_their_sequences_are_fresh(tiny_hf_dir):
+    """A prompt longer than a chunk: its first chunk is fresh (attention may read the chunk's own
+    keys), its continuation and the decode steps are not; cuDNN's path (jax.nn's XLA form here)
+    gives the reference's tokens either way."""
+    steps = []
+    outs = {}
+    for backend in ("xla", "cudnn"):
+        engine = make_engine(tiny_hf_dir, chunked_prefill_size=16, attention_backend=backend)
+        engine.on_step.append(lambda scheduled, seconds: steps.append(
+            (scheduled.step.tokens.shape[1], int(scheduled.step.positions[0, 0]), scheduled.step.fresh)))
+        outs[backend] = engine.generate(input_ids=list(range(1, 30)),
+                                        sampling_params={"max_new_tokens": 4, "temperature": 0})["output_ids"]
+    assert steps[:3] == [(16, 0, True), (16, 16, False), (1, 29, False)]
+    assert outs["cudnn"] == outs["xla"]
+
+
 def test_fp8_kv_cache_stores_half_the_bytes_and_follows_the_full_precision_cache(tiny_hf_dir):
     prompt = np.random.RandomState(2).randint(0, 500, 20).tolist()
     params = {"max_new_tokens": 8, "temperature": 0.0}

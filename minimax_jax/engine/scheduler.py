@@ -250,5 +250,6 @@ def assemble(plans: list[RankPlan | None], batch_buckets: list[int], token_bucke
             if plan.sources:
                 sources[slot] = plan.sources[i]
     sampling = SamplingBatch.build(params, seeds, sample_pos, d * b, outputs)
-    step = StepInput(tokens=tokens, positions=positions, valid=valid, page_table=page_table)
+    fresh = t > 1 and all(start == 0 for p in live for start in p.starts)
+    step = StepInput(tokens=tokens, positions=positions, valid=valid, page_table=page_table, fresh=fresh)
     return ScheduledStep(plans, b, step, logit_index, sampling, sources)
