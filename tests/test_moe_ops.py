@@ -366,6 +366,8 @@ def test_mosaic_fp8_matmuls_read_a_layer_of_stacked_weights_as_its_slice(kernel)
     other = moe.routed_experts(x, ids, weights, local, first, moe.fp8_matmuls(w13[2], s13[2], w2[2], s2[2], **opts))
     np.testing.assert_array_equal(np.asarray(stacked), np.asarray(sliced))
     assert np.abs(np.asarray(stacked) - np.asarray(other)).max() > 1e-3 * np.abs(np.asarray(sliced)).max()
+    with pytest.raises(ValueError, match="takes one layer's experts"):
+        moe.fp8_matmuls(w13, s13, w2, s2, layer=jnp.int32(1), kernel="xla-w8a8")
 
 
 @pytest.mark.parametrize("kernel,tokens", [("mosaic-ws-w8a8", 40), ("mosaic-fp8", 40), ("xla", 40),

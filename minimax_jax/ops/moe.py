@@ -227,11 +227,11 @@ def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: j
     "mosaic-ws-w8a8": the same rounding of the rows, fp32 products, rows contiguous by expert);
     block_m defaults to 64 rows, 128 (WS_BLOCK_ROWS) for the warp-specialised kernel.
 
-    layer: the four arrays hold every layer ([L, ...] each) and this layer's are used. The
-    Mosaic kernels (STACKED_KERNELS) read them from the stacked arrays: XLA copied a layer's
-    slice whole before a kernel read it (1.2 GB of gate/up weights a layer at a DEP2 prefill
-    step, docs/benchmarks.md run BE; 0.86 ms a layer at W1's DEP4 decode step, run BH).
-    "xla-w8a8" gets the slice.
+    layer (STACKED_KERNELS only): the four arrays hold every layer ([L, ...] each) and the
+    kernels read this layer's from the stacked arrays: XLA copied a layer's slice whole before a
+    kernel read it (1.2 GB of gate/up weights a layer at a DEP2 prefill step, docs/benchmarks.md
+    run BE; 0.86 ms a layer at W1's DEP4 decode step, run BH). Other paths are given the slice
+    (`Experts.__call__` takes it).
 
     fuse_swiglu ("mosaic-ws-w8a8" only): the gate/up kernel applies SwiGLU and rounds its output
     for the down GEMM in its epilogue (`grouped_gemm_ws.aligned_gate_up_swiglu_w8a8`), so the
@@ -241,7 +241,7 @@ def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: j
     if fuse_swiglu and kernel != "mosaic-ws-w8a8":
         raise ValueError(f"fuse_swiglu needs the mosaic-ws-w8a8 kernel, not {kernel}")
     if layer is not None and kernel not in STACKED_KERNELS:
-        w13, w13_scale, w2, w2_scale, layer = w13[layer], w13_scale[layer], w2[layer], w2_scale[layer], None
+        raise ValueError(f"{kernel} takes one layer's experts; a layer index is for {', '.join(STACKED_KERNELS)}")
     *lead, e, _, inter, hidden = w13.shape
     w13 = w13.reshape(*lead, e, 2 * inter, hidden)
     w13_scale = w13_scale.reshape(*lead, e, -1, w13_scale.shape[-1])
