@@ -330,9 +330,10 @@ def _attention_case(slots: int, queries: int, keys: int, cache_dtype, page_size:
 def _chunk_kv(case, t: int) -> tuple[jax.Array, jax.Array]:
     """The first t keys and values of each slot, as a fresh chunk hands them to attention
     (`StepInput.fresh`): here read from the case's cache, so the fp32 reference sees the same."""
+    from minimax_jax.ops import attention as attn_ops
     q, k_cache, v_cache, page_table = case
-    slots, (hk, d) = page_table.shape[0], k_cache.shape[3:]
-    return tuple(cache[1, page_table].reshape(slots, -1, hk, d)[:, :t].astype(q.dtype) for cache in (k_cache, v_cache))
+    keys, values = attn_ops.gather_pages(k_cache, v_cache, page_table, jnp.int32(1), q.dtype)
+    return keys[:, :t], values[:, :t]
 
 
 def _time_attention(case, positions, backends: dict, attention=None) -> tuple[float, float]:

@@ -17,6 +17,8 @@ query per slot) take the reference or a Pallas kernel that reads the pages in pl
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -86,9 +88,6 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, page_t
     starts in this chunk (`StepInput.fresh`): "cudnn" then attends over them with its causal
     mask instead of gathering the pages back (in the cache's dtype) under a dense mask, as
     sglang's ragged prefill does for new tokens."""
-    if chunk_kv is not None and q.shape[1] > 1 and backend == "cudnn":
-        return jax.nn.dot_product_attention(q, *chunk_kv, is_causal=True,
-                                            implementation="cudnn" if jax.default_backend() == "gpu" else "xla")
     if q.shape[1] == 1:
         if decode_backend == "pallas" and decode_attention.supports(k_cache.shape[2], k_cache.shape[4]):
             return decode_attention.paged_decode_attention(q, k_cache, v_cache, page_table, positions, layer,
@@ -96,13 +95,15 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, page_t
         return paged_attention_reference(q, k_cache, v_cache, page_table, positions, layer)
     if backend == "xla":
         return paged_attention_reference(q, k_cache, v_cache, page_table, positions, layer)
-    keys, values = _gather_pages(k_cache, v_cache, page_table, layer, q.dtype)
-    visible = _visible(positions, keys.shape[1])
-    return jax.nn.dot_product_attention(q, keys, values, mask=visible[:, None],
-                                        implementation="cudnn" if jax.default_backend() == "gpu" else "xla")
+    flash = functools.partial(jax.nn.dot_product_attention,
+                              implementation="cudnn" if jax.default_backend() == "gpu" else "xla")
+    if chunk_kv is not None:
+        return flash(q, *chunk_kv, is_causal=True)
+    keys, values = gather_pages(k_cache, v_cache, page_table, layer, q.dtype)
+    return flash(q, keys, values, mask=_visible(positions, keys.shape[1])[:, None])
 
 
-def _gather_pages(k_cache: jax.Array, v_cache: jax.Array, page_table: jax.Array, layer: jax.Array,
+def gather_pages(k_cache: jax.Array, v_cache: jax.Array, page_table: jax.Array, layer: jax.Array,
                   dtype) -> tuple[jax.Array, jax.Array]:
     """[B, S, kv_heads, D] keys and values of each sequence's pages, in `dtype` (an FP8 cache,
     unit scale, widens here)."""
@@ -124,7 +125,7 @@ def paged_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
     positions: [B, T]. Returns [B, T, q_heads, D] in q's dtype."""
     b, t, hq, d = q.shape
     hk = k_cache.shape[3]
-    keys, values = _gather_pages(k_cache, v_cache, page_table, layer, q.dtype)   # only these pages
+    keys, values = gather_pages(k_cache, v_cache, page_table, layer, q.dtype)   # only these pages
     qg = q.reshape(b, t, hk, hq // hk, d)
     scores = jnp.einsum("bthgd,bshd->bhgts", qg, keys, preferred_element_type=jnp.float32)
     scores = scores * (d ** -0.5)
