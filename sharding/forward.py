@@ -27,6 +27,7 @@ def sharded_forward(cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, 
     fused = MeshComm(layout, cfg.num_kv_heads, combine_dtype)
     replicated = MeshComm(dataclasses.replace(layout, ar_fusion=False), cfg.num_kv_heads, combine_dtype)
     step_specs = StepInput(tokens=STEP_SPEC, positions=STEP_SPEC, valid=STEP_SPEC, page_table=STEP_SPEC)
+    param_specs = state_specs(state, layout)
 
     def local(state, kv, step, logit_index):
         # The scattered residual needs the rank's tokens to divide over tp; a step that does not
@@ -43,7 +44,7 @@ def sharded_forward(cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, 
     def forward(state, kv, step, logit_index):
         specs = dataclasses.replace(step_specs, fresh=step.fresh)     # the static field is part of the tree
         return jax.shard_map(local, mesh=mesh,
-                             in_specs=(state_specs(state, layout), (KV_SPEC, KV_SPEC), specs, P("dp")),
+                             in_specs=(param_specs, (KV_SPEC, KV_SPEC), specs, P("dp")),
                              out_specs=(P("dp"), (KV_SPEC, KV_SPEC), P(EXPERT_AXES)),
                              check_vma=False)(state, kv, step, logit_index)
 
