@@ -666,11 +666,10 @@ def bench_engine(args) -> None:
     warm = prompts[:args.warmup_requests] if args.warmup_requests else prompts
     warm_params = dict(params, max_new_tokens=args.warmup_output or args.output)
     engine.generate(input_ids=warm, sampling_params=warm_params)    # the same shapes compile their buckets
-    if len(warm) < concurrency(args):
-        # the decode batch of the full concurrency compiles here, not inside the measured wall
-        # (in run BG one such compile sat in the 4.0 s that 99 decode launches took, of a 33.7 s wall)
-        engine.generate(input_ids=[p[:8] for p in prompts[:concurrency(args)]],
-                        sampling_params=dict(params, max_new_tokens=2))
+    # the decode batch of the full concurrency compiles here, at every page-table width its
+    # contexts reach, not inside the measured wall (run BG's wall held one such compile, about 3 s)
+    engine.compile_decode(min(concurrency(args), len(prompts)),
+                          range(args.prompt + 1, args.prompt + args.output + 1), params)
     kv_tokens = engine.schedulers[0].allocator.num_pages * engine.args.page_size
     record("engine", "KV capacity per dp rank", kv_tokens, "tokens",
            f"{engine.args.kv_cache_dtype} cache, {len(engine.schedulers)} ranks, "
@@ -1052,9 +1051,8 @@ def parse_args(argv=None):
     p.add_argument("--max-prefill-tokens", type=int, default=8192)
     p.add_argument("--max-running-requests", type=int,
                    help="requests in flight, the engine's limit (default: all, or the workload's)")
-    p.add_argument("--warmup-requests", type=int, help="requests of the warm-up run (default: all); when fewer "
-                   "than run at once, a second warm-up of that many 8-token prompts and 2 output tokens compiles "
-                   "the full decode batch")
+    p.add_argument("--warmup-requests", type=int, help="requests of the warm-up run (default: all); the decode "
+                   "steps of the full concurrency are compiled beside it (Engine.compile_decode)")
     p.add_argument("--warmup-output", type=int, help="output tokens per warm-up request (default: --output)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
     p.add_argument("--ep-size", type=int, choices=(1,), default=None,

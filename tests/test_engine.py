@@ -37,6 +37,23 @@ def test_compile_count_stays_flat_after_warm_up(tiny_hf_dir):
     assert engine.num_compiles == compiled
 
 
+def test_compile_decode_leaves_nothing_to_compile_for_decoding_at_that_concurrency(tiny_hf_dir):
+    """Contexts of 31-40 tokens in pages of 4 cross from 8 pages (page table width 8) to 9-10
+    (width 16): two executables, and decoding those requests compiles nothing more."""
+    engine = make_engine(tiny_hf_dir, max_running_requests=8)
+    prompts = [list(range(1 + i, 31 + i)) for i in range(4)]
+    greedy = {"max_new_tokens": 10, "temperature": 0}
+    engine.generate(input_ids=prompts, sampling_params=dict(greedy, max_new_tokens=1))   # prefill only
+    assert engine.compile_decode(4, range(31, 41), greedy) == 2
+    compiled = engine.num_compiles
+    engine.generate(input_ids=prompts, sampling_params=greedy)
+    assert engine.num_compiles == compiled
+    with pytest.raises(ValueError, match="num_requests"):
+        engine.compile_decode(9, [40])
+    with pytest.raises(ValueError, match="context lengths"):
+        engine.compile_decode(4, [65])
+
+
 def test_abort_frees_pages_at_once_and_others_continue(tiny_hf_dir):
     engine = make_engine(tiny_hf_dir)
     keep = engine.submit(engine.make_request(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 8, "temperature": 0}))

@@ -16,7 +16,7 @@ import logging
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ from minimax_jax.config import ModelConfig, preset
 from minimax_jax.engine.runner import ModelRunner, StepOutput
 from minimax_jax.engine.sampling import SamplingParams, SamplingParamsError
 from minimax_jax.engine.tokenizer import find_stop
-from minimax_jax.engine.scheduler import Request, ScheduledStep, Scheduler, assemble, powers_of_two
+from minimax_jax.engine.scheduler import RankPlan, Request, ScheduledStep, Scheduler, assemble, powers_of_two
 from minimax_jax.kv_cache import PageAllocator
 from minimax_jax.model import MiniMaxM2
 from minimax_jax.ops import attention as attention_ops, moe as moe_ops
@@ -187,6 +187,34 @@ class Engine:
         req.seed = params.seed % 2**32 if params.seed is not None else \
             zlib.crc32(f"{self.args.random_seed}/{req.rid}".encode())
         return req
+
+    def compile_decode(self, num_requests: int, context_lengths: Iterable[int],
+                       sampling_params: dict | SamplingParams | None = None) -> int:
+        """Compiles, without running them, the decode steps of `num_requests` running requests
+        (spread over the dp ranks as `submit` spreads them) while their sequences hold
+        `context_lengths` tokens: one executable per page-table width those lengths need. A
+        workload decoding at that concurrency and those lengths then compiles nothing; a server
+        warms its usual batch this way instead of stalling on a compile as contexts grow.
+        Returns how many executables were new."""
+        params = sampling_params if isinstance(sampling_params, SamplingParams) \
+            else SamplingParams.from_dict(sampling_params)
+        per_rank = -(-num_requests // self.layout.dp)
+        if not 0 < per_rank <= self.batch_buckets[-1]:
+            raise ValueError(f"num_requests must be in [1, {self.layout.dp * self.batch_buckets[-1]}] "
+                             f"(max_running_requests), got {num_requests}")
+        lengths = set(context_lengths)
+        if not lengths or not 0 < min(lengths) <= max(lengths) <= self.context_length:
+            raise ValueError(f"context lengths must be in [1, {self.context_length}], got {sorted(lengths)[:8]}")
+        page = self.args.page_size
+        before = self.num_compiles
+        for pages in sorted({-(-n // page) for n in lengths}):
+            stand_in = Request(prompt_ids=[0], params=params, pages=[0] * pages)   # only shapes matter
+            plan = RankPlan([stand_in] * per_rank, [[0]] * per_rank, [pages * page - 1] * per_rank,
+                            [True] * per_rank, [-1] * per_rank)
+            step = assemble([plan] * self.layout.dp, self.batch_buckets, self.token_buckets,
+                            self.pages_per_seq, page)
+            self.runner.compile(step.step, step.logit_index, step.sampling, step.sources)
+        return self.num_compiles - before
 
     def submit(self, req: Request) -> Request:
         if req.params.max_new_tokens == 0:

@@ -99,14 +99,24 @@ class ModelRunner:
     def launch(self, step: StepInput, logit_index: np.ndarray, sampling: SamplingBatch,
                sources: np.ndarray | None = None) -> tuple[jax.Array, ...]:
         """Dispatches one step without waiting for it; `read` gives its results."""
+        packed, executable = self._prepare(step, logit_index, sampling, sources)
+        self.kv, self.last_tokens, out = executable(self.state, self.kv, packed, self.last_tokens)
+        return out
+
+    def compile(self, step: StepInput, logit_index: np.ndarray, sampling: SamplingBatch,
+                sources: np.ndarray | None = None) -> None:
+        """Compiles the executable that `launch` would run for inputs of these shapes and static
+        fields, without running it (the values do not matter)."""
+        self._prepare(step, logit_index, sampling, sources)
+
+    def _prepare(self, step, logit_index, sampling, sources):
         sources = np.full(step.tokens.shape[0], -1, np.int32) if sources is None else sources
         packed, layout = PackedLayout.pack((step, logit_index, sampling, sources))
         packed = jax.device_put(packed, self._slots)       # one transfer for all step inputs
         key = (packed.shape, layout)
         if key not in self._compiled:
             self._compiled[key] = self._step.lower(self.state, self.kv, packed, self.last_tokens, layout).compile()
-        self.kv, self.last_tokens, out = self._compiled[key](self.state, self.kv, packed, self.last_tokens)
-        return out
+        return packed, self._compiled[key]
 
     @staticmethod
     def read(out: tuple[jax.Array, ...]) -> StepOutput:
