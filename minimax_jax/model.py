@@ -16,7 +16,7 @@ read its layer in place instead of from a slice XLA may copy first.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -264,24 +264,40 @@ class Experts(nnx.Module):
     def num_local(self) -> int:
         return self.w13.shape[-4]          # every format's w13 is 4-D per layer
 
-    def __call__(self, x: jax.Array, expert_ids: jax.Array, weights: jax.Array,
-                 first_expert: jax.Array | int, layer: jax.Array | None = None, out_dtype=jnp.float32) -> jax.Array:
-        """The routed experts' weighted sum [N, H], summed in fp32, in out_dtype. layer: this
-        module's arrays hold every layer's experts ([L, ...]) and this layer's run; the Mosaic
-        FP8 kernels read them in place, every other path takes the layer's slice."""
+    def _path(self, num_pairs: int) -> tuple[str, bool]:
+        """(the grouped GEMM kernel, whether `num_pairs` token-expert pairs instead read only
+        their own experts)."""
         inter = self.w13.shape[-1] if self.format == "bf16" else self.w13.shape[-2]    # this device's share
+        hidden = self.w13.shape[-3] if self.format == "bf16" else self.w2.shape[-2]
+        kernel = moe_ops.resolve_kernel(self.kernel, self.format, hidden, inter, dtype=self.dtype)
+        # few tokens read only their experts: one token (W3) ran at 29.3 ms per token this way
+        # and at 38.1 ms through the FP8 kernel, whose few tiles leave most SMs idle (run R)
+        per_pair = num_pairs * 2 <= self.num_local and self.kernel not in moe_ops.FP8_KERNELS
+        return kernel, per_pair
+
+    def token_rounding(self, num_pairs: int) -> Callable[[jax.Array], Any] | None:
+        """How this layer's expert GEMMs round `num_pairs` pairs' tokens before gathering their
+        rows (the W8A8 kernels: FP8 codes and a scale per row and 128 columns), or None. A
+        dispatch may round its tokens where they live and gather the result: pass it back with
+        rounded=True."""
+        kernel, per_pair = self._path(num_pairs)
+        return None if per_pair else moe_ops.token_rounding(kernel)
+
+    def __call__(self, x: Any, expert_ids: jax.Array, weights: jax.Array, first_expert: jax.Array | int,
+                 layer: jax.Array | None = None, out_dtype=jnp.float32, rounded: bool = False) -> jax.Array:
+        """The routed experts' weighted sum [N, H], summed in fp32, in out_dtype. x: [N, H], or
+        with rounded what `token_rounding` made of it. layer: this module's arrays hold every
+        layer's experts ([L, ...]) and this layer's run; the Mosaic FP8 kernels read them in
+        place, every other path takes the layer's slice."""
         share = self.num_local / self.num_experts
-        kernel = moe_ops.resolve_kernel(self.kernel, self.format, x.shape[-1], inter, dtype=self.dtype)
+        kernel, per_pair = self._path(expert_ids.size)
         if layer is not None and self.w13.ndim != 5:
             raise ValueError(f"a layer index needs experts stacked over layers (w13 [L, ...], 5-D); got w13 "
                              f"{self.w13.shape}")
-        # few tokens read only their experts: one token (W3) ran at 29.3 ms per token this way
-        # and at 38.1 ms through the FP8 kernel, whose few tiles leave most SMs idle (run R)
-        per_pair = expert_ids.size * 2 <= self.num_local and self.kernel not in moe_ops.FP8_KERNELS
         if layer is not None and (per_pair or kernel not in moe_ops.STACKED_KERNELS):
             graphdef, state = nnx.split(self)
             return nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], state))(x, expert_ids, weights, first_expert,
-                                                                                out_dtype=out_dtype)
+                                                                                out_dtype=out_dtype, rounded=rounded)
         local = expert_ids - first_expert
         if per_pair:
             mine = (local >= 0) & (local < self.num_local)
@@ -289,7 +305,7 @@ class Experts(nnx.Module):
             return moe_ops.per_pair_experts(x, expert_ids, weights, w13, w2, mine).astype(out_dtype)
         if kernel in moe_ops.FP8_KERNELS:                   # reads only the FP8 bytes
             matmuls = moe_ops.fp8_matmuls(self.w13[...], self.w13_scale[...], self.w2[...], self.w2_scale[...],
-                                          kernel=kernel, layer=layer,
+                                          kernel=kernel, layer=layer, out_dtype=self.dtype,
                                           fuse_swiglu=self.fuse_swiglu and kernel == "mosaic-ws-w8a8")
         elif self.format == "bf16":
             w13 = self.w13[...]
@@ -299,7 +315,7 @@ class Experts(nnx.Module):
             matmuls = moe_ops.weight_matmuls(w13.reshape(w13.shape[0], -1, w13.shape[-1]), w2, kernel,
                                              output_major=True)
         return moe_ops.routed_experts(x, expert_ids, weights, self.num_local, first_expert, matmuls,
-                                      local_share=share, out_dtype=out_dtype)
+                                      local_share=share, out_dtype=out_dtype, prepared=rounded)
 
 
 class DecoderLayer(nnx.Module):

@@ -637,6 +637,7 @@ def make_bench_engine(args):
                   max_running_requests=args.max_running_requests or args.requests,
                   chunked_prefill_size=args.chunk, max_prefill_tokens=args.max_prefill_tokens,
                   attention_backend=args.attention_backend, moe_dispatch_fp4=args.moe_dispatch_fp4,
+                  moe_dispatch_fp8=args.moe_dispatch_fp8,
                   decode_attention_backend=args.decode_attention_backend,
                   moe_kernel=args.moe_kernel, **kv_cache_flags(args),
                   json_model_override_args=json.dumps({"num_hidden_layers": args.engine_layers}), **flags)
@@ -699,6 +700,7 @@ def bench_engine(args) -> None:
                 submit(1)
     wall = time.perf_counter() - start
     fp4 = {True: " fp4-dispatch", False: " bf16-dispatch", None: ""}[args.moe_dispatch_fp4]
+    fp4 += "" if args.moe_dispatch_fp8 else " no-fp8-dispatch"
     moe_tp = " moe-tp" if args.ep_size == 1 else ""
     tag = (f"{args.engine_layout.upper()}{n}{moe_tp} {args.engine_layers}L {workload_name(args)} "
            f"attn={args.attention_backend} moe={args.moe_kernel}{fp4}")
@@ -1063,6 +1065,8 @@ def parse_args(argv=None):
     p.add_argument("--decode-attention-backend", default="auto", choices=DECODE_BACKENDS)
     p.add_argument("--moe-dispatch-fp4", action=argparse.BooleanOptionalAction, default=None,
                    help="engine: NVFP4 all-gather of the DEP dispatch (default: on with NVFP4 experts)")
+    p.add_argument("--moe-dispatch-fp8", action=argparse.BooleanOptionalAction, default=True,
+                   help="engine and profile: W8A8 experts get their tokens all-gathered as FP8 codes")
     p.add_argument("--mem-fraction-static", type=float, default=0.85,
                    help="weights + KV share of device memory; the KV cache takes what fits")
     p.add_argument("--hf-batch", type=int, default=16)

@@ -36,6 +36,7 @@ ENGINE_FLAGS = {
     "model_path": "model_path", "tokenizer_path": "tokenizer_path", "dtype": "dtype",
     "quantization": "quantization", "tp_size": "tp_size", "dp_size": "dp_size", "ep_size": "ep_size",
     "enable_dp_attention": "enable_dp_attention", "moe_dispatch_fp4": "moe_dispatch_fp4",
+    "moe_dispatch_fp8": "moe_dispatch_fp8",
     "moe_combine": "moe_combine", "enable_ar_fusion": "enable_ar_fusion", "context_length": "context_length",
     "max_running_requests": "max_running_requests", "page_size": "page_size",
     "chunked_prefill_size": "chunked_prefill_size", "max_prefill_tokens": "max_prefill_tokens",
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "with NVFP4 experts, as sglang's FP4 all-gather)")
     par.add_argument("--disable-flashinfer-cutlass-moe-fp4-allgather", dest="moe_dispatch_fp4",
                      action="store_false", help="sglang's name for --no-moe-dispatch-fp4")
+    par.add_argument("--moe-dispatch-fp8", action=argparse.BooleanOptionalAction, default=None,
+                     help="with FP8 experts run W8A8 (moe kernel mosaic-ws-w8a8, auto on Hopper): all-gather "
+                          "the tokens as the experts round them, FP8 codes and scales, instead of bf16; "
+                          "the same numbers in about half the bytes (engine default: on)")
     par.add_argument("--moe-combine", choices=["reduce_scatter", "all_reduce"],
                      help="collective that combines the experts' outputs (engine default: reduce_scatter)")
     par.add_argument("--enable-ar-fusion", action=argparse.BooleanOptionalAction, default=None,

@@ -7,7 +7,8 @@
     gather_tokens      all_gather(h, "tp")                    before q/k/v
     qk_sum_squares     psum([N, 2] fp32, "tp")                joint QK RMSNorm
     reduce_attention   psum_scatter(o, "tp")                  then add + norm on owned tokens
-    moe dispatch       all_gather(packed rows, ("dp", "tp"))  hidden (bf16 or NVFP4) + ids + weights
+    moe dispatch       all_gather(packed rows, ("dp", "tp"))  hidden (bf16, NVFP4, or the W8A8
+                                                              experts' FP8 codes) + ids + weights
     moe combine        psum_scatter(y, ("dp", "tp"))          or psum + slice (all_reduce)
   ar_fusion off (residual replicated over "tp")
     reduce_attention   psum(o, "tp")
@@ -24,11 +25,12 @@ program on padding, so no rank can skip a collective and hang the others.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from minimax_jax.ops.moe import PackedTokens
 from quant import nvfp4
 from sharding.mesh import EXPERT_AXES, Layout
 
@@ -134,36 +136,48 @@ class MeshComm:
 
     def moe(self, h: jax.Array, expert_ids: jax.Array, weights: jax.Array, experts,
             layer: jax.Array | None = None) -> jax.Array:
-        x, ids, w = self.dispatch(h, expert_ids, weights)
+        axes = self._dispatch_axes()
+        pairs = expert_ids.size * math.prod(getattr(self.layout, a) for a in axes)
+        rounding = experts.token_rounding(pairs) if axes and self.layout.fp8_dispatch \
+            and not self.layout.fp4_dispatch else None
+        x, ids, w = self.dispatch(h, expert_ids, weights, rounding)
         if self.layout.moe == "ep":
             local = experts.num_local
             first = jax.lax.axis_index(EXPERT_AXES) * local
         else:
             first = 0
-        y = experts(x, ids, w, first_expert=first, layer=layer, out_dtype=self.combine_dtype)
+        y = experts(x, ids, w, first_expert=first, layer=layer, out_dtype=self.combine_dtype,
+                    rounded=rounding is not None)
         return self.combine(y, h.shape[0])
 
     def _dispatch_axes(self) -> tuple[str, ...]:
         axes = EXPERT_AXES if self.scatter else ("dp",)
         return tuple(a for a in axes if getattr(self.layout, a) > 1)
 
-    def dispatch(self, h: jax.Array, expert_ids: jax.Array, weights: jax.Array):
-        """One all-gather of every token's hidden state (bf16 or NVFP4) with its routing."""
+    def dispatch(self, h: jax.Array, expert_ids: jax.Array, weights: jax.Array,
+                 rounding: Callable[[jax.Array], Any] | None = None) -> tuple[Any, jax.Array, jax.Array]:
+        """One all-gather of every token's hidden state with its routing: bf16, NVFP4 (given
+        back dequantised), or as `rounding` makes it (the W8A8 experts' FP8 codes and scales,
+        given back still packed: the experts round each token the same wherever it is rounded)."""
         axes = self._dispatch_axes()
         if not axes:
             return h, expert_ids, weights
         if self.layout.fp4_dispatch:
-            payload, scale = nvfp4.quantize_activations(h)
-            rows = [payload, scale, expert_ids, weights]
+            hidden = list(nvfp4.quantize_activations(h))
+        elif rounding is not None:
+            hidden, tree = jax.tree.flatten(rounding(h))
         else:
-            rows = [h, expert_ids, weights]
+            hidden = [h]
+        rows = hidden + [expert_ids, weights]
         like = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in rows]
         gathered = jax.lax.all_gather(pack_rows(rows), axes, axis=0, tiled=True)
-        rows = unpack_rows(gathered, like)
+        *hidden, expert_ids, weights = unpack_rows(gathered, like)
         if self.layout.fp4_dispatch:
-            payload, scale, expert_ids, weights = rows
-            return nvfp4.dequantize_activations(payload, scale, h.shape[-1], h.dtype), expert_ids, weights
-        return tuple(rows)
+            return nvfp4.dequantize_activations(*hidden, h.shape[-1], h.dtype), expert_ids, weights
+        if rounding is not None:      # unpacked row by row as the experts gather them
+            unpack = lambda rows: jax.tree.unflatten(tree, unpack_rows(rows, like[:len(hidden)]))  # noqa: E731
+            return PackedTokens(gathered, unpack), expert_ids, weights
+        return hidden[0], expert_ids, weights
 
     def combine(self, y: jax.Array, n_local: int) -> jax.Array:
         """Sums every device's partial expert outputs for the tokens this device holds."""

@@ -98,6 +98,32 @@ def test_routed_experts_are_exact_in_every_row_bucket(owner_of_all):
     assert np.abs(np.asarray(everything)).max() > 0
 
 
+def test_tokens_rounded_before_the_gather_and_still_packed_give_the_rows_rounded_after_it():
+    """What an FP8 dispatch hands the experts (codes and scales rounded where the tokens live,
+    packed as the all-gather delivered them) through the row buckets' branch: the same result as
+    the tokens rounded inside routed_experts."""
+    from sharding.collectives import pack_rows, unpack_rows
+    rng = np.random.RandomState(8)
+    n, k, local, experts, h, i = 2048, 8, 4, 16, 128, 128
+    x = jnp.asarray(rng.standard_normal((n, h)), jnp.float32)
+    ids = jnp.asarray(rng.randint(0, experts, (n, k)), jnp.int32)
+    weights = jnp.asarray(rng.random((n, k)), jnp.float32)
+    w13, s13 = fp8.quantize_blockwise(rng.standard_normal((local, 2, i, h)))
+    w2, s2 = fp8.quantize_blockwise(rng.standard_normal((local, h, i)))
+    matmuls = moe.fp8_matmuls(w13, s13, w2, s2, kernel="xla-w8a8", out_dtype=jnp.float32)
+    share = local / experts
+    assert len(moe.row_capacities(n * k, share)) > 1
+    rounded = moe.token_rounding("xla-w8a8")(x)
+    like = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in rounded]
+    packed = moe.PackedTokens(pack_rows(list(rounded)), lambda rows: tuple(unpack_rows(rows, like)))
+    run = lambda tokens, prepared: moe.routed_experts(  # noqa: E731
+        tokens, ids, weights, local, 4, matmuls, local_share=share, prepared=prepared)
+    inside = np.asarray(run(x, False))
+    np.testing.assert_array_equal(np.asarray(run(packed, True)), inside)
+    np.testing.assert_array_equal(np.asarray(run(rounded, True)), inside)
+    assert np.abs(inside).max() > 0
+
+
 def test_aligned_layout_starts_each_group_on_its_own_block():
     dest, block_group, m_padded = aligned_rows.layout(jnp.array([5, 0, 30, 16]), 54, 16)
     assert m_padded == (4 + 4) * 16
@@ -111,6 +137,17 @@ def test_aligned_layout_starts_each_group_on_its_own_block():
     row_group = jnp.asarray([0] * 5 + [2] * 30 + [3] * 16 + [4, 9, -1])
     given = aligned_rows.layout(jnp.array([5, 0, 30, 16]), 54, 16, row_group=row_group)
     assert np.asarray(given[0]).tolist() == dest and np.asarray(given[1]).tolist() == np.asarray(block_group).tolist()
+
+
+def test_the_layout_of_a_smaller_row_bucket_is_a_prefix_of_the_layout_of_every_row():
+    """What lets the MoE block build the layout once, before its row buckets' branch."""
+    sizes = jnp.array([5, 0, 30, 16])
+    small_dest, small_groups, small_m = aligned_rows.layout(sizes, 54, 16)
+    dest, groups, m_all = aligned_rows.layout(sizes, 200, 16)
+    assert small_m == aligned_rows.padded_rows(54, 4, 16) < m_all
+    assert np.asarray(groups)[:small_m // 16].tolist() == np.asarray(small_groups).tolist()
+    assert np.asarray(dest)[:51].tolist() == np.asarray(small_dest)[:51].tolist()   # the rows in groups
+    assert (np.asarray(dest)[51:] == m_all).all()            # past the groups: beyond any bucket
 
 
 @pytest.mark.parametrize("sizes, block_m", [([5, 0, 30], 16), ([0, 64, 1, 17], 32), ([0, 0, 0], 16), ([40, 3], 16)])

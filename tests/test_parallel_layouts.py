@@ -1,4 +1,5 @@
 """The seed's schedule on 8 simulated devices: every layout equals the single-device model."""
+import dataclasses
 import re
 
 import jax.numpy as jnp
@@ -226,3 +227,34 @@ def test_dispatch_packs_rows_in_words_of_the_first_arrays_width_and_unpacks_them
         for a, b in zip(arrays, unpack(packed)):
             assert a.dtype == b.dtype and a.shape == b.shape
             assert (np.asarray(a).view(np.uint8) == np.asarray(b).view(np.uint8)).all()
+
+
+@pytest.fixture(scope="module")
+def w8a8_model(tmp_path_factory):
+    """FP8 experts in whole 128-wide blocks, run by the W8A8 kernels' XLA reference."""
+    src = save_hf_checkpoint(make_hf_model(seed=5, hidden_size=128, intermediate_size=128),
+                             tmp_path_factory.mktemp("w8a8"))
+    model = load_model(src, dtype=jnp.float32, quantization="fp8")
+    model.layers.experts.kernel = "xla-w8a8"
+    return model
+
+
+@pytest.mark.parametrize("layout", [Layout(8, 1), Layout(2, 4), Layout(4, 2, ar_fusion=False)], ids=str)
+def test_w8a8_tokens_gathered_as_fp8_codes_give_the_logits_of_tokens_gathered_whole(w8a8_model, batch, layout):
+    """The experts round each token on its own, so rounding before the all-gather changes no
+    number; both equal one device running the same kernel."""
+    tokens, valid = batch
+    ref = reference_logits(w8a8_model, tokens, valid, PAGE)
+    codes, _, _ = run_layout(w8a8_model, layout, tokens, valid)
+    whole, _, _ = run_layout(w8a8_model, dataclasses.replace(layout, fp8_dispatch=False), tokens, valid)
+    np.testing.assert_allclose(codes, whole, rtol=0, atol=1e-6 * np.abs(whole).max())
+    assert np.abs(codes - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_w8a8_dispatch_gathers_fp8_codes_and_scales_in_about_half_the_bytes(w8a8_model):
+    h, k = w8a8_model.cfg.hidden_size, w8a8_model.cfg.num_experts_per_tok
+    ops = _collectives_in_layer_loop(_decode_hlo(w8a8_model, Layout(8, 1)))
+    width = h + 4 * (h // 128) + 8 * k                  # codes, fp32 scales, ids, weights
+    assert ops == [("all-gather", f"u8[8,{width}]{{1,0}}", 8), ("reduce-scatter", f"f32[1,{h}]{{1,0}}", 8)]
+    whole = _collectives_in_layer_loop(_decode_hlo(w8a8_model, Layout(8, 1, fp8_dispatch=False)))
+    assert whole[0] == ("all-gather", f"u32[8,{h + 2 * k}]{{1,0}}", 8)     # fp32 model: words of 4 bytes

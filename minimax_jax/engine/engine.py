@@ -55,6 +55,7 @@ class EngineArgs:
     ep_size: int | None = None               # None: experts over all devices when they divide
     enable_dp_attention: bool = False
     moe_dispatch_fp4: bool | None = None     # NVFP4 all-gather of the MoE dispatch; None: on with NVFP4 experts
+    moe_dispatch_fp8: bool = True            # W8A8 experts: all-gather their FP8-rounded tokens, not bf16
     moe_combine: str = "reduce_scatter"      # or "all_reduce"
     enable_ar_fusion: bool = True            # reduce-scatter + residual add + RMSNorm + all-gather
     context_length: int | None = None
@@ -113,7 +114,8 @@ class Engine:
             fp4_dispatch = self.model.expert_format == "nvfp4"
         self.layout = Layout.from_sglang(
             args.tp_size, args.dp_size, args.ep_size, args.enable_dp_attention, self.cfg.num_experts,
-            fp4_dispatch=fp4_dispatch, combine=args.moe_combine, ar_fusion=args.enable_ar_fusion)
+            fp4_dispatch=fp4_dispatch, fp8_dispatch=args.moe_dispatch_fp8, combine=args.moe_combine,
+            ar_fusion=args.enable_ar_fusion)
         self.pages_per_seq = -(-self.context_length // args.page_size)
         per_rank = -(-args.max_running_requests // self.layout.dp)
         num_pages = None                 # GPUs: as many as fit beside the weights

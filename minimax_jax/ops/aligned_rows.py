@@ -29,7 +29,7 @@ def layout(group_sizes: jax.Array, m: int, block_m: int,
     padded = -(-sizes // block_m) * block_m
     end, padded_end = jnp.cumsum(sizes), jnp.cumsum(padded)
     start, padded_start = end - sizes, padded_end - padded
-    m_padded = (-(-m // block_m) + g) * block_m          # >= m + g * (block_m - 1)
+    m_padded = padded_rows(m, g, block_m)
     r = jnp.arange(m, dtype=jnp.int32)
     if row_group is None:
         row_group = jnp.searchsorted(end, r, side="right", method="compare_all")
@@ -39,6 +39,13 @@ def layout(group_sizes: jax.Array, m: int, block_m: int,
     block_group = jnp.searchsorted(padded_end, block_start, side="right", method="compare_all").astype(jnp.int32)
     dest, block_group = jax.lax.optimization_barrier((dest, block_group))
     return dest, block_group, m_padded
+
+
+def padded_rows(m: int, groups: int, block_m: int) -> int:
+    """Rows of the aligned buffer for m rows in `groups` groups: room for each group's last
+    partial block (>= m + groups * (block_m - 1)). The layout of fewer rows is a prefix of the
+    layout of more: the same destinations and block groups up to its own padded_rows."""
+    return (-(-m // block_m) + groups) * block_m
 
 
 def sources(values: jax.Array, dest: jax.Array, m_padded: int, fill: int) -> jax.Array:

@@ -92,6 +92,24 @@ def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, dty
     return kernel
 
 
+# kernels that round every token to FP8 (per row and 128 columns) before its rows are gathered
+ROUNDING_KERNELS = ("mosaic-ws-w8a8", "xla-w8a8")
+
+
+def token_rounding(kernel: str) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None:
+    """How `kernel` rounds the layer's tokens before gathering them into rows: (FP8 codes
+    [N, H], fp32 scales [N, H / 128]), or None for kernels that take the tokens as they are. The
+    rounding is per token, so tokens rounded where they live and gathered as codes (half the
+    bytes of bf16, `sharding.collectives.MeshComm.dispatch`) give the same rows."""
+    if kernel not in ROUNDING_KERNELS:
+        return None
+    if kernel == "xla-w8a8":
+        # the barrier keeps the FP8 codes: XLA's GPU compiler otherwise drops a conversion to FP8
+        # and back as excess precision, and the reference would not round at all
+        return lambda x: jax.lax.optimization_barrier(fp8.quantize_groups(x, grouped_gemm_ws.SCALE_BLOCK))
+    return functools.partial(fp8.quantize_groups, group=grouped_gemm_ws.SCALE_BLOCK)
+
+
 def row_capacities(pairs: int, local_share: float) -> tuple[int, ...]:
     """Static row counts the grouped GEMMs are compiled for, smallest first; the last is every
     pair. Under expert parallelism a device owns local_share of the experts, so about that share
@@ -105,6 +123,25 @@ def row_capacities(pairs: int, local_share: float) -> tuple[int, ...]:
 
 
 RowsMatmul = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedTokens:
+    """Tokens as a collective delivered them: [N, W] words of one or more arrays side by side,
+    and the function that takes packed rows back to those arrays. Rows are gathered from the
+    words and unpacked after, so the unpacking fuses into the gather; arrays sliced out first
+    were copied whole before a row bucket's branch (a `wrapped_slice` kernel of 0.1 ms a layer
+    at W1's DEP4 prefill step, docs/benchmarks.md)."""
+    packed: jax.Array
+    unpack: Callable[[jax.Array], Any]
+
+
+def _take_rows(tokens: Any, index: jax.Array) -> Any:
+    """tokens' rows at index (an array, a pytree of them, or PackedTokens); out of range: zeros."""
+    take = lambda a: jnp.take(a, index, axis=0, mode="fill", fill_value=0)  # noqa: E731
+    if isinstance(tokens, PackedTokens):
+        return tokens.unpack(take(tokens.packed))
+    return jax.tree.map(take, tokens)
 WS_BLOCK_ROWS = 128      # rows per tile of the warp-specialised kernel
 
 
@@ -130,13 +167,15 @@ class GroupedMatmuls:
     activates: bool = False
 
 
-def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, num_local: int,
+def routed_experts(x: Any, expert_ids: jax.Array, weights: jax.Array, num_local: int,
                    first_expert: jax.Array | int, matmuls: GroupedMatmuls, local_share: float = 1.0,
-                   out_dtype=jnp.float32) -> jax.Array:
+                   out_dtype=jnp.float32, prepared: bool = False) -> jax.Array:
     """Weighted sum over each token's routed experts among the local ones.
 
-    x: [N, H]; expert_ids, weights: [N, k] (global ids; an id outside
-    [first_expert, first_expert + num_local) contributes nothing). local_share (local experts
+    x: [N, H], or with prepared what matmuls.prepare made of it (e.g. tokens rounded to FP8 before
+    they were gathered from other devices), possibly still packed (PackedTokens). expert_ids,
+    weights: [N, k] (global ids; an id outside [first_expert, first_expert + num_local)
+    contributes nothing). local_share (local experts
     over all) sizes the row buckets (`row_capacities`): the GEMMs run on the smallest that holds
     every local pair, chosen on the device, so the result is exact whatever the routing. Returns
     [N, H] summed in fp32, in out_dtype (the combine's: converted inside the row buckets' branch,
@@ -154,23 +193,33 @@ def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, num_
     order = jnp.zeros(n * k, jnp.int32).at[sorted_position].set(jnp.arange(n * k, dtype=jnp.int32),
                                                                unique_indices=True)
 
-    tokens = matmuls.prepare(x) if matmuls.prepare else x
+    if prepared and matmuls.prepare is None:
+        raise ValueError("prepared tokens given to grouped GEMMs that prepare none")
+    tokens = matmuls.prepare(x) if matmuls.prepare and not prepared else x
+
+    block = matmuls.block_rows
+    if block:
+        # the aligned layout of every pair, built before the row buckets' branch: a bucket's
+        # layout is its prefix (each group starts where it would with fewer rows), so a branch
+        # begins with its row gather. Built inside, its small kernels each waited for the host,
+        # which launches a branch only once it has read the branch index (docs/benchmarks.md)
+        dest, block_group, m_all = aligned_rows.layout(group_sizes, n * k, block, row_group=flat[order])
+        source = aligned_rows.sources(order // k, dest, m_all, fill=n)
+        pair_row = dest[sorted_position]                   # past the groups: m_all, gathers 0
 
     def combine(capacity: int) -> jax.Array:
-        token = order[:capacity] // k                      # the token of each sorted row
-        row_of_pair = jnp.minimum(sorted_position, capacity - 1)
-        if matmuls.block_rows:
-            dest, groups, m_padded = aligned_rows.layout(group_sizes, capacity, matmuls.block_rows,
-                                                         row_group=flat[order[:capacity]])
-            source = aligned_rows.sources(token, dest, m_padded, fill=n)
-            rows = jax.tree.map(lambda a: jnp.take(a, source, axis=0, mode="fill", fill_value=0), tokens)
-            row_of_pair = dest[row_of_pair]
+        if block:
+            m_padded = aligned_rows.padded_rows(capacity, num_local, block)
+            rows, groups = _take_rows(tokens, source[:m_padded]), block_group[:m_padded // block]
+            row_of_pair = pair_row
         else:
-            rows, groups = jax.tree.map(lambda a: a[token], tokens), group_sizes
+            rows, groups = _take_rows(tokens, order[:capacity] // k), group_sizes
+            row_of_pair = jnp.minimum(sorted_position, capacity - 1)
         act = matmuls.gate_up(rows, groups)
         if not matmuls.activates:
             inter = act.shape[-1] // 2
-            act = (jax.nn.silu(act[:, :inter].astype(jnp.float32)) * act[:, inter:].astype(jnp.float32)).astype(x.dtype)
+            dtype = act.dtype if prepared else x.dtype
+            act = (jax.nn.silu(act[:, :inter].astype(jnp.float32)) * act[:, inter:].astype(jnp.float32)).astype(dtype)
         y = matmuls.down(act, groups)
         picked = jnp.take(y, row_of_pair, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
         pair_out = jnp.where(mine.reshape(-1, 1), picked, 0.0)
@@ -220,12 +269,14 @@ def weight_matmuls(w13: jax.Array, w2: jax.Array, kernel: str, output_major: boo
 
 def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: jax.Array,
                 kernel: str = "mosaic-fp8", block_m: int | None = None, layer: jax.Array | int | None = None,
-                fuse_swiglu: bool = False, **kernel_options) -> GroupedMatmuls:
+                fuse_swiglu: bool = False, out_dtype=jnp.bfloat16, **kernel_options) -> GroupedMatmuls:
     """gate_up and down reading FP8 blocks directly, on group-aligned rows of block_m: w13
     [E, 2, I, H] with scale [E, 2, I/128, H/128]; w2 [E, H, I] with scale [E, H/128, I/128] (the
     checkpoint's orientation). kernel: one of FP8_KERNELS ("xla-w8a8" is the XLA reference of
     "mosaic-ws-w8a8": the same rounding of the rows, fp32 products, rows contiguous by expert);
-    block_m defaults to 64 rows, 128 (WS_BLOCK_ROWS) for the warp-specialised kernel.
+    block_m defaults to 64 rows, 128 (WS_BLOCK_ROWS) for the warp-specialised kernel. The W8A8
+    forms round the tokens in `prepare` (`token_rounding`); out_dtype: the reference's products
+    (the Mosaic kernels return bf16).
 
     layer (STACKED_KERNELS only): the four arrays hold every layer ([L, ...] each) and the
     kernels read this layer's from the stacked arrays: XLA copied a layer's slice whole before a
@@ -246,10 +297,10 @@ def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: j
     w13 = w13.reshape(*lead, e, 2 * inter, hidden)
     w13_scale = w13_scale.reshape(*lead, e, -1, w13_scale.shape[-1])
     if kernel == "xla-w8a8":
-        return _w8a8_reference_matmuls(w13, w13_scale, w2, w2_scale)
+        return _w8a8_reference_matmuls(w13, w13_scale, w2, w2_scale, out_dtype)
     if kernel == "mosaic-ws-w8a8":     # the tokens are rounded to FP8 once, before the gather
         options = dict(block_m=block_m or WS_BLOCK_ROWS, layer=layer, **kernel_options)
-        prepare = functools.partial(fp8.quantize_groups, group=grouped_gemm_ws.SCALE_BLOCK)
+        prepare = token_rounding(kernel)
         if fuse_swiglu:
             gate_up = functools.partial(grouped_gemm_ws.aligned_gate_up_swiglu_w8a8, w13=w13, w13_scale=w13_scale,
                                         **options)
@@ -267,26 +318,23 @@ def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: j
                           lambda rows, groups: gemm(rows, groups, w2, w2_scale), block_rows=block_m)
 
 
-def _w8a8_reference_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: jax.Array
-                            ) -> GroupedMatmuls:
+def _w8a8_reference_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: jax.Array,
+                            out_dtype) -> GroupedMatmuls:
     """lax.ragged_dot in fp32 on FP8 experts dequantised to fp32 ([E, N, K], output-major) and
-    rows rounded to FP8 per row and 128 columns, as the W8A8 warp-specialised kernel rounds them;
-    results in the rows' dtype."""
-    block = grouped_gemm_ws.SCALE_BLOCK
-
-    def rounded(rows: jax.Array) -> jax.Array:
-        # the barrier keeps the FP8 codes: XLA's GPU compiler otherwise drops a conversion to FP8
-        # and back as excess precision, and this reference would not round at all
-        return fp8.dequantize_groups(*jax.lax.optimization_barrier(fp8.quantize_groups(rows, block)))
+    rows rounded to FP8 per row and 128 columns, as the W8A8 warp-specialised kernel rounds them
+    (the tokens in `prepare`, SwiGLU's output before the down GEMM); products in out_dtype, as
+    the kernel returns bf16: the rounding of SwiGLU's output then starts from the same numbers."""
+    rounding = token_rounding("xla-w8a8")
 
     def matmul(w: jax.Array, scale: jax.Array) -> RowsMatmul:
         w32 = fp8.dequantize_blockwise(w, scale).transpose(0, 2, 1)       # [E, K, N]
-        # the product returns in the rows' dtype, as the kernel's does: the rounding of SwiGLU's
-        # output to FP8 then starts from the same numbers
-        return lambda rows, sizes: jax.lax.ragged_dot(rounded(rows), w32, sizes, precision=jax.lax.Precision.HIGHEST,
-                                                      preferred_element_type=jnp.float32).astype(rows.dtype)
+        return lambda rows, sizes: jax.lax.ragged_dot(rows, w32, sizes, precision=jax.lax.Precision.HIGHEST,
+                                                      preferred_element_type=jnp.float32).astype(out_dtype)
 
-    return GroupedMatmuls(matmul(w13, w13_scale), matmul(w2, w2_scale))
+    gate_up, down = matmul(w13, w13_scale), matmul(w2, w2_scale)
+    return GroupedMatmuls(lambda rounded, sizes: gate_up(fp8.dequantize_groups(*rounded), sizes),
+                          lambda rows, sizes: down(fp8.dequantize_groups(*rounding(rows)), sizes),
+                          prepare=rounding)
 
 
 def per_pair_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w13: jax.Array,
