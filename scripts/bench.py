@@ -821,6 +821,9 @@ class Trace:
     host: dict[str, float]         # microseconds per host event name, summed over host threads
     kernels: int                   # kernels launched on the devices
     devices: set
+    # microseconds each device sat with nothing running on any stream, summed over the devices
+    # and filed under the kernel that ended the wait (what the device was waiting to be given)
+    idle_before: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def read_trace(trace_dir: Path) -> Trace:
@@ -834,11 +837,20 @@ def read_trace(trace_dir: Path) -> Trace:
     # without a GPU in the trace (the CPU smoke run) every process counts as a device
     devices = {pid for pid, name in processes.items() if "GPU" in name or "gpu" in name} or set(processes)
     trace = Trace({}, {}, 0, devices)
+    timelines: dict = {pid: [] for pid in devices}
     for e in events:
         if e.get("ph") == "X" and "dur" in e:
             totals = trace.device if e.get("pid") in devices else trace.host
             totals[e["name"]] = totals.get(e["name"], 0.0) + e["dur"]
-            trace.kernels += e.get("pid") in devices
+            if e.get("pid") in devices:
+                trace.kernels += 1
+                timelines[e["pid"]].append((float(e["ts"]), float(e["dur"]), e["name"]))
+    for timeline in timelines.values():
+        busy_until = None
+        for start, dur, name in sorted(timeline):
+            if busy_until is not None and start > busy_until:
+                trace.idle_before[name] = trace.idle_before.get(name, 0.0) + start - busy_until
+            busy_until = max(busy_until or start, start + dur)
     return trace
 
 
@@ -957,6 +969,12 @@ def bench_profile(args) -> None:
     for name, dur in sorted(totals.items(), key=lambda kv: -kv[1])[:25]:
         record("profile", f"{args.profile_phase}: {name[:80]}", dur / args.profile_steps / devices,
                "us/step/device", f"mean over {devices} traced devices")
+    idle = sum(trace.idle_before.values()) / args.profile_steps / devices
+    record("profile", f"{args.profile_phase}: idle, every stream", idle, "us/step/device",
+           "gaps with no kernel on any stream, within the traced steps and between them")
+    for name, dur in sorted(trace.idle_before.items(), key=lambda kv: -kv[1])[:12]:
+        record("profile", f"{args.profile_phase} idle before: {name[:80]}", dur / args.profile_steps / devices,
+               "us/step/device", "the device waited with nothing to run until this kernel began")
     # where the host threads spend the steps (a launch that waits on the device shows here)
     for name, dur in sorted(host.items(), key=lambda kv: -kv[1])[:12]:
         record("profile", f"{args.profile_phase} host: {name[:80]}", dur / args.profile_steps, "us/step",
