@@ -147,7 +147,8 @@ class Engine:
         self.on_step: list[Callable[[ScheduledStep, float], None]] = []
         self._inflight: tuple | None = None      # (scheduled, device outputs, launch time, timings)
         # per recent step: kind, shape [slots, T], and seconds spent planning, launching, waiting
-        # for the result, from launch to result (device), and appending tokens
+        # for the result, from launch to result (device), and appending tokens; done: when its
+        # result was read (time.perf_counter)
         self.step_times: collections.deque = collections.deque(maxlen=4096)
         log.info("engine ready: %s on dp=%d x tp=%d, %d KV pages of %d tokens per dp rank",
                  self.loaded_from, self.layout.dp, self.layout.tp, num_pages, args.page_size)
@@ -301,7 +302,7 @@ class Engine:
                 updated.append(req)
         times.update(kind="decode" if scheduled.step.tokens.shape[1] == 1 else "prefill",
                      shape=scheduled.step.tokens.shape, wait=done - waited, device=done - launched,
-                     post=time.perf_counter() - done)
+                     post=time.perf_counter() - done, done=done)
         self.step_times.append(times)
         for hook in self.on_step:
             hook(scheduled, done - launched)
