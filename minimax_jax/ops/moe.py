@@ -142,6 +142,8 @@ def _take_rows(tokens: Any, index: jax.Array) -> Any:
     if isinstance(tokens, PackedTokens):
         return tokens.unpack(take(tokens.packed))
     return jax.tree.map(take, tokens)
+
+
 WS_BLOCK_ROWS = 128      # rows per tile of the warp-specialised kernel
 
 
@@ -175,9 +177,9 @@ def routed_experts(x: Any, expert_ids: jax.Array, weights: jax.Array, num_local:
     x: [N, H], or with prepared what matmuls.prepare made of it (e.g. tokens rounded to FP8 before
     they were gathered from other devices), possibly still packed (PackedTokens). expert_ids,
     weights: [N, k] (global ids; an id outside [first_expert, first_expert + num_local)
-    contributes nothing). local_share (local experts
-    over all) sizes the row buckets (`row_capacities`): the GEMMs run on the smallest that holds
-    every local pair, chosen on the device, so the result is exact whatever the routing. Returns
+    contributes nothing). local_share (local experts over all) sizes the row buckets
+    (`row_capacities`): the GEMMs run on the smallest that holds every local pair, chosen on the
+    device, so the result is exact whatever the routing. Returns
     [N, H] summed in fp32, in out_dtype (the combine's: converted inside the row buckets' branch,
     which then returns half the bytes).
     """
