@@ -52,6 +52,8 @@ def test_compile_decode_leaves_nothing_to_compile_for_decoding_at_that_concurren
         engine.compile_decode(9, [40])
     with pytest.raises(ValueError, match="context lengths"):
         engine.compile_decode(4, [65])
+    with pytest.raises(ValueError, match="unpenalised"):
+        engine.compile_decode(4, [40], dict(greedy, presence_penalty=1.0))
 
 
 def test_abort_frees_pages_at_once_and_others_continue(tiny_hf_dir):

@@ -198,9 +198,13 @@ class Engine:
         `context_lengths` tokens: one executable per page-table width those lengths need. A
         workload decoding at that concurrency and those lengths then compiles nothing; a server
         warms its usual batch this way instead of stalling on a compile as contexts grow.
+        Penalised sampling is refused: its steps compile per length of the outputs it reads.
         Returns how many executables were new."""
         params = sampling_params if isinstance(sampling_params, SamplingParams) \
             else SamplingParams.from_dict(sampling_params)
+        if params.frequency_penalty or params.presence_penalty:
+            raise ValueError("compile_decode covers unpenalised sampling: a penalised step's executable "
+                             "depends on how many tokens each request has output")
         per_rank = -(-num_requests // self.layout.dp)
         if not 0 < per_rank <= self.batch_buckets[-1]:
             raise ValueError(f"num_requests must be in [1, {self.layout.dp * self.batch_buckets[-1]}] "
