@@ -220,7 +220,8 @@ def routed_experts(x: Any, expert_ids: jax.Array, weights: jax.Array, num_local:
         act = matmuls.gate_up(rows, groups)
         if not matmuls.activates:
             inter = act.shape[-1] // 2
-            dtype = act.dtype if prepared else x.dtype
+            # the rounding GEMMs' product dtype whether or not the tokens came rounded
+            dtype = act.dtype if matmuls.prepare else x.dtype
             act = (jax.nn.silu(act[:, :inter].astype(jnp.float32)) * act[:, inter:].astype(jnp.float32)).astype(dtype)
         y = matmuls.down(act, groups)
         picked = jnp.take(y, row_of_pair, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
