@@ -85,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--disable-flashinfer-cutlass-moe-fp4-allgather", dest="moe_dispatch_fp4",
                      action="store_false", help="sglang's name for --no-moe-dispatch-fp4")
     par.add_argument("--moe-dispatch-fp8", action=argparse.BooleanOptionalAction, default=None,
-                     help="with FP8 experts run W8A8 (moe kernel mosaic-ws-w8a8, auto on Hopper): all-gather "
-                          "the tokens as the experts round them, FP8 codes and scales, instead of bf16; "
-                          "the same numbers in about half the bytes (engine default: on)")
+                     help="with FP8 experts run W8A8 (moe kernel mosaic-ws-w8a8, auto on Hopper, or its "
+                          "reference xla-w8a8): all-gather the tokens as the experts round them, FP8 codes "
+                          "and scales, instead of bf16; the same numbers in about half the bytes (engine "
+                          "default: on)")
     par.add_argument("--moe-combine", choices=["reduce_scatter", "all_reduce"],
                      help="collective that combines the experts' outputs (engine default: reduce_scatter)")
     par.add_argument("--enable-ar-fusion", action=argparse.BooleanOptionalAction, default=None,
