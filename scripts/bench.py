@@ -699,11 +699,11 @@ def bench_engine(args) -> None:
             if req.finished:
                 submit(1)
     wall = time.perf_counter() - start
-    fp4 = {True: " fp4-dispatch", False: " bf16-dispatch", None: ""}[args.moe_dispatch_fp4]
-    fp4 += "" if args.moe_dispatch_fp8 else " no-fp8-dispatch"
+    dispatch = {True: " fp4-dispatch", False: " bf16-dispatch", None: ""}[args.moe_dispatch_fp4]
+    dispatch += "" if args.moe_dispatch_fp8 else " no-fp8-dispatch"
     moe_tp = " moe-tp" if args.ep_size == 1 else ""
     tag = (f"{args.engine_layout.upper()}{n}{moe_tp} {args.engine_layers}L {workload_name(args)} "
-           f"attn={args.attention_backend} moe={args.moe_kernel}{fp4}")
+           f"attn={args.attention_backend} moe={args.moe_kernel}{dispatch}")
     record_latencies(tag, wall, [(submitted[r.rid], first[r.rid], last[r.rid], len(r.output_ids)) for r in reqs],
                      f"{compiles} compiles in warm-up, {engine.num_compiles - compiles} while measured")
     times = list(engine.step_times)

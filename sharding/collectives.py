@@ -136,10 +136,9 @@ class MeshComm:
 
     def moe(self, h: jax.Array, expert_ids: jax.Array, weights: jax.Array, experts,
             layer: jax.Array | None = None) -> jax.Array:
-        axes = self._dispatch_axes()
-        pairs = expert_ids.size * math.prod(getattr(self.layout, a) for a in axes)
-        rounding = experts.token_rounding(pairs) if axes and self.layout.fp8_dispatch \
-            and not self.layout.fp4_dispatch else None
+        pairs = expert_ids.size * math.prod(getattr(self.layout, a) for a in self._dispatch_axes())
+        rounding = experts.token_rounding(pairs) if self.layout.fp8_dispatch and not self.layout.fp4_dispatch \
+            else None
         x, ids, w = self.dispatch(h, expert_ids, weights, rounding)
         if self.layout.moe == "ep":
             local = experts.num_local
@@ -147,7 +146,7 @@ class MeshComm:
         else:
             first = 0
         y = experts(x, ids, w, first_expert=first, layer=layer, out_dtype=self.combine_dtype,
-                    rounded=rounding is not None)
+                    rounded=isinstance(x, PackedTokens))     # a dispatch with no gather rounds nothing
         return self.combine(y, h.shape[0])
 
     def _dispatch_axes(self) -> tuple[str, ...]:
