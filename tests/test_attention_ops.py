@@ -108,6 +108,23 @@ def test_decode_kernel_lowers_to_triton_for_gpus_at_full_size(page_size, cache_d
     assert "xla.gpu.triton" in text
 
 
+def test_decode_kernel_refuses_caches_whose_offsets_would_wrap_and_attention_falls_back():
+    """Pallas's Triton lowering offsets arrays of up to 4 GiB in signed 32 bits: an FP8 cache of
+    2-4 GiB would be read at wrapped addresses, so the kernel refuses it (paged_attention then
+    takes the reference); a bf16 cache of as many entries is over 4 GiB and offset in 64 bits."""
+    cache = lambda pages, dtype=jnp.float8_e4m3fn: jax.ShapeDtypeStruct((8, pages, 64, 8, 128), dtype)  # noqa: E731
+    assert decode_attention.supports(cache(4096))                  # 2 GiB exactly: the last offset fits
+    assert not decode_attention.supports(cache(4097))
+    assert not decode_attention.supports(cache(8192))              # 4 GiB: still 32-bit offsets
+    assert decode_attention.supports(cache(8193))                  # 64-bit offsets
+    assert decode_attention.supports(cache(4097, jnp.bfloat16))
+    assert not decode_attention.supports(jax.ShapeDtypeStruct((1, 4, 48, 8, 128), jnp.bfloat16))   # page size
+    q = jax.ShapeDtypeStruct((1, 1, 48, 128), jnp.bfloat16)
+    one = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    with pytest.raises(ValueError, match="2\\*\\*31 entries"):
+        jax.eval_shape(decode_attention.paged_decode_attention, q, cache(4097), cache(4097), one, one, jnp.int32(0))
+
+
 def test_auto_backends_are_the_kernels_on_gpus_for_16_bit_models_only(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert attention.resolve_backend("auto", jnp.bfloat16) == "cudnn"

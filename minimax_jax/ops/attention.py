@@ -81,15 +81,15 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, page_t
     """As `paged_attention_reference`. backend (prefill chunks, T > 1): "cudnn" runs them through
     jax.nn.dot_product_attention, cuDNN's flash attention on GPUs and the same call's XLA
     implementation elsewhere (which is how CPU tests check the masks and head grouping);
-    decode_backend (T == 1): "pallas" runs `decode_attention.paged_decode_attention` (pages of a
-    size that is not a power of two take the reference).
+    decode_backend (T == 1): "pallas" runs `decode_attention.paged_decode_attention` (a cache it
+    cannot read, `decode_attention.supports`, takes the reference).
 
     chunk_kv: the chunk's own keys and values [B, T, kv_heads, D], given when every sequence
     starts in this chunk (`StepInput.fresh`): "cudnn" then attends over them with its causal
     mask instead of gathering the pages back (in the cache's dtype) under a dense mask, as
     sglang's ragged prefill does for new tokens."""
     if q.shape[1] == 1:
-        if decode_backend == "pallas" and decode_attention.supports(k_cache.shape[2], k_cache.shape[4]):
+        if decode_backend == "pallas" and decode_attention.supports(k_cache):
             return decode_attention.paged_decode_attention(q, k_cache, v_cache, page_table, positions, layer,
                                                            interpret=jax.default_backend() != "gpu")
         return paged_attention_reference(q, k_cache, v_cache, page_table, positions, layer)

@@ -15,6 +15,7 @@ needs; the probabilities enter the PV product in the value dtype, as in the refe
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,9 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     layers, pages, page_size, hk, _ = k_cache.shape
     if t != 1:
         raise ValueError(f"decode attention takes one query per slot, got {t}")
-    if not supports(page_size, d):
-        raise ValueError(f"decode attention kernel needs a power-of-two page size and head dim, got {page_size}, {d}")
+    if not supports(k_cache):
+        raise ValueError(f"decode attention kernel needs a power-of-two page size and head dim, and an 8-bit cache "
+                         f"of at most 2**31 entries or over 4 GiB, got {k_cache.shape} {k_cache.dtype}")
     pages_per_block = max(1, block_keys // page_size)
     group = hq // hk
     rows = max(MIN_ROWS, 1 << (group - 1).bit_length())
@@ -70,9 +72,17 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     return out[:, :, :group].reshape(b, 1, hq, d)
 
 
-def supports(page_size: int, head_dim: int) -> bool:
-    """Triton's blocks are powers of two: a block of whole pages and the head dim."""
-    return all(n >= 1 and n & (n - 1) == 0 for n in (page_size, head_dim)) and head_dim >= MIN_ROWS
+def supports(cache: jax.Array | jax.ShapeDtypeStruct) -> bool:
+    """Whether the kernel reads this cache [layers, pages, page_size, kv_heads, D] correctly.
+
+    Triton's blocks are powers of two: a block of whole pages and the head dim. And Pallas's
+    Triton lowering computes element offsets in signed 32 bits for arrays of at most 4 GiB: an
+    FP8 cache of more than 2**31 entries but at most 4 GiB would be read at wrapped, negative
+    offsets (illegal-address faults on an H200); wider dtypes never have that many entries."""
+    page_size, head_dim = cache.shape[2], cache.shape[4]
+    entries = math.prod(cache.shape)
+    wraps = entries > 2**31 and entries * jnp.dtype(cache.dtype).itemsize <= 2**32
+    return all(n >= 1 and n & (n - 1) == 0 for n in (page_size, head_dim)) and head_dim >= MIN_ROWS and not wraps
 
 
 def _kernel(q_ref, k_ref, v_ref, pages_ref, length_ref, o_ref, *, pages_per_block, page_size, scale):
