@@ -1,0 +1,175 @@
+"""Where the paged decode attention kernel's time goes, on one GPU, at W1's DEP4 decode shape
+(303 slots per rank, contexts of about 900-1000 tokens, FP8 cache, 64-token pages, 48 query and 8
+KV heads of 128):
+
+    python benchmarks/decode_attention_probe.py [--slots 303] [--layers 8]
+
+Each variant runs over every layer of an --layers-deep cache inside one jitted scan (as the
+model's layer loop does: no layer's keys stay in L2, and the host's dispatch is paid once), so
+the time per layer is device time. Variants: the engine's kernel on the engine's cache layout
+[layers, pages, page_size, kv_heads, D], with and without loading each block ahead of its
+arithmetic; the same kernel body on a heads-major page layout
+[layers, pages, kv_heads, page_size, D] (each head's keys of a page contiguous); the same loads
+with the arithmetic replaced by a sum (what the access pattern alone costs); and an XLA sum over
+each layer's whole cache (a streaming read of the same bytes). Prints one line per variant:
+time per layer, the bandwidth of the bytes attended, and the error against the reference.
+"""
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from minimax_jax.ops import attention as attn_ops  # noqa: E402
+from minimax_jax.ops import decode_attention  # noqa: E402
+
+INTERPRET = jax.default_backend() != "gpu"      # a CPU run checks the variants' numbers only
+
+
+def heads_major_attention(q, k_cache, v_cache, page_table, positions, layer, *, block_keys=128, num_warps=4,
+                          num_stages=2, read_only=False, heads_major=True, prefetch=True):
+    """decode_attention.paged_decode_attention's program per (slot, KV head) on a cache laid out
+    [layers, pages, kv_heads, page_size, D] (heads_major) or the engine's layout."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    b, _, hq, d = q.shape
+    if heads_major:
+        layers, pages, hk, page_size, _ = k_cache.shape
+    else:
+        layers, pages, page_size, hk, _ = k_cache.shape
+    ppb = max(1, block_keys // page_size)
+    group = hq // hk
+    rows = max(decode_attention.MIN_ROWS, 1 << (group - 1).bit_length())
+    qg = jnp.pad(q.reshape(b, hk, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    per_slot = -(-page_table.shape[1] // ppb) * ppb
+    table = jnp.pad(page_table, ((0, 0), (0, per_slot - page_table.shape[1])))
+    flat_pages = (layer * pages + jnp.clip(table, 0, pages - 1)).astype(jnp.int32)
+    lengths = jnp.minimum(positions[:, :1] + 1, per_slot * page_size).astype(jnp.int32)
+    k_flat = k_cache.reshape(layers * pages, *k_cache.shape[2:])
+    v_flat = v_cache.reshape(layers * pages, *v_cache.shape[2:])
+    if heads_major:
+        cache_spec = pl.BlockSpec((layers * pages, None, page_size, d), lambda i, h: (0, h, 0, 0))
+    else:
+        cache_spec = pl.BlockSpec((layers * pages, page_size, None, d), lambda i, h: (0, 0, h, 0))
+    body = _read_only if read_only else functools.partial(decode_attention._kernel, prefetch=prefetch)
+    kernel = functools.partial(body, pages_per_block=ppb, page_size=page_size, scale=d ** -0.5)
+    out = pl.pallas_call(
+        kernel, grid=(b, hk),
+        in_specs=[pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0)), cache_spec, cache_spec,
+                  pl.BlockSpec((None, per_slot), lambda i, h: (i, 0)), pl.BlockSpec((None, 1), lambda i, h: (i, 0))],
+        out_specs=pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=INTERPRET,
+    )(qg, k_flat, v_flat, flat_pages, lengths)
+    return out[:, :, :group].reshape(b, 1, hq, d)
+
+
+def _read_only(q_ref, k_ref, v_ref, pages_ref, length_ref, o_ref, *, pages_per_block, page_size, scale):
+    """The attention kernel's loads with a column sum in place of its arithmetic."""
+    from jax.experimental import pallas as pl
+    rows, d = q_ref.shape
+    block_k = pages_per_block * page_size
+
+    def block(i, acc):
+        pages = pages_ref[pl.ds(i * pages_per_block, pages_per_block)]
+        k = k_ref[pages].reshape(block_k, d).astype(jnp.float32)
+        v = v_ref[pages].reshape(block_k, d).astype(jnp.float32)
+        return acc + (k + v).sum(axis=0)
+
+    acc = jax.lax.fori_loop(0, pl.cdiv(length_ref[0], block_k), block, jnp.zeros((d,), jnp.float32))
+    o_ref[...] = jnp.broadcast_to(acc[None, :], (rows, d)).astype(o_ref.dtype)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slots", type=int, default=303)
+    p.add_argument("--context", type=int, default=1000, help="contexts drawn from [0.9, 1] x this")
+    p.add_argument("--layers", type=int, default=16,
+                   help="cache depth (16: each cache over 4 GiB, offset in 64 bits as at full depth)")
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--iters", type=int, default=5)
+    args = p.parse_args()
+    b, ps, layers = args.slots, args.page_size, args.layers
+    per_slot = -(-args.context // ps)
+    pages = b * per_slot
+    rng = np.random.RandomState(0)
+    table = jnp.asarray(rng.permutation(pages).reshape(b, per_slot), jnp.int32)
+    positions = jnp.asarray(rng.randint(int(0.9 * args.context), args.context, (b, 1)), jnp.int32)
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    shape = (layers, pages, ps, 8, 128)
+    k_cache = jax.random.normal(keys[0], shape, jnp.bfloat16).astype(jnp.float8_e4m3fn)
+    v_cache = jax.random.normal(keys[1], shape, jnp.bfloat16).astype(jnp.float8_e4m3fn)
+    q = jax.random.normal(keys[2], (b, 1, 48, 128), jnp.bfloat16)
+    k_heads, v_heads = (c.transpose(0, 1, 3, 2, 4) for c in (k_cache, v_cache))
+    attended = 2 * int(jnp.sum(positions + 1)) * 8 * 128        # FP8 bytes of the visible keys and values
+    ref = np.asarray(attn_ops.paged_attention_reference(q, k_cache, v_cache, table, positions, jnp.int32(1)),
+                     np.float32)
+
+    def over_layers(attend):       # the arrays are arguments: captured, they would be compiled in as constants
+        def run(q, kc, vc, table, positions):
+            def one(acc, layer):
+                return acc + attend(q, kc, vc, table, positions, layer).astype(jnp.float32)[:, 0, 0, :4].sum(), None
+            return jax.lax.scan(one, jnp.float32(0), jnp.arange(layers))[0]
+        return jax.jit(run)
+
+    @jax.jit
+    def stream(kc, vc):
+        def one(acc, layer):
+            return acc + kc[layer].astype(jnp.float32).sum() + vc[layer].astype(jnp.float32).sum(), None
+        return jax.lax.scan(one, jnp.float32(0), jnp.arange(layers))[0]
+
+    engine_kernel = functools.partial(decode_attention.paged_decode_attention, interpret=INTERPRET)
+    variants = [("engine kernel, 128 keys (prefetch)", engine_kernel, False),
+                ("engine kernel, 64 keys", functools.partial(engine_kernel, block_keys=64), False),
+                ("engine kernel, 128 keys, 8 warps", functools.partial(engine_kernel, num_warps=8), False),
+                ("engine kernel, 128 keys, 1 stage", functools.partial(engine_kernel, num_stages=1), False),
+                ("no prefetch, 128 keys", functools.partial(engine_kernel, prefetch=False), False),
+                ("heads-major layout, 128 keys", heads_major_attention, True),
+                ("heads-major layout, no prefetch", functools.partial(heads_major_attention, prefetch=False), True),
+                ("loads only, engine layout", functools.partial(heads_major_attention, read_only=True,
+                                                                heads_major=False), False)]
+    rows = []
+    for name, attend, heads_major in variants:
+        kc, vc = (k_heads, v_heads) if heads_major else (k_cache, v_cache)
+        try:
+            out = np.asarray(jax.jit(attend)(q, kc, vc, table, positions, jnp.int32(1)), np.float32)
+            err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+            seconds = _time(over_layers(attend), args.iters, q, kc, vc, table, positions) / layers
+        except Exception as e:  # noqa: BLE001 - a variant that does not lower is reported, the rest go on
+            print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        rows.append((name, seconds, err))
+        print(f"{name}: {seconds * 1e6:.0f} us/layer, {attended / seconds / 1e12:.2f} TB/s, rel err {err:.1e}",
+              flush=True)
+    whole = 2 * k_cache[0].nbytes
+    seconds = _time(stream, args.iters, k_cache, v_cache) / layers
+    rows.append(("XLA sum over each layer's whole cache", seconds, float("nan")))
+    print(f"\n{b} slots, contexts {int(positions.min()) + 1}-{int(positions.max()) + 1}, {layers} layers, "
+          f"{attended / 1e6:.0f} MB attended per layer ({whole / 1e6:.0f} MB in the layer's cache)")
+    print(f"{'variant':<48} {'us/layer':>9} {'TB/s':>6} {'rel err':>8}")
+    for name, seconds, err in rows:
+        nbytes = whole if name.startswith("XLA") else attended
+        print(f"{name:<48} {seconds * 1e6:>9.0f} {nbytes / seconds / 1e12:>6.2f} {err:>8.1e}")
+    return 0
+
+
+def _time(f, iters: int, *args) -> float:
+    import time
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
