@@ -73,6 +73,10 @@ XLA_FLAG_SETS = {
     # cuBLAS reads a layer's weights in place in the stacked array instead of copying them out
     "dynamic-slice-fusion": "--xla_gpu_enable_dynamic_slice_fusion=true",
     "cublas-dynamic-slice": "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_dynamic_slice_fusion=true",
+    # XLA's own one-shot kernel for small single-host all-reduces instead of NCCL's
+    "one-shot-all-reduce": "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true",
+    # no merging of dots that share an operand: merging q/k/v concatenates their weights every step
+    "no-dot-merger": "--xla_disable_hlo_passes=dot-merger",
     "latency-hiding-off": "--xla_gpu_enable_latency_hiding_scheduler=false",
     "latency-hiding-on": "--xla_gpu_enable_latency_hiding_scheduler=true",
 }
@@ -726,8 +730,8 @@ def bench_engine(args) -> None:
     if floors and decode:
         floor = float(np.mean(floors))
         record("engine", f"{tag} decode step floor", floor * 1e3, "ms",
-               f"measured {np.median(decode) / floor:.2f}x (decode result to result); weights + KV read "
-               f"per device over {bandwidth / 1e12:.2f} TB/s (collectives not included: see the profile section)")
+               f"measured {np.median(decode) / floor:.2f}x (decode result to result); weights (experts: the "
+               f"share the step's tokens touch) + KV read per device over {bandwidth / 1e12:.2f} TB/s (collectives not included: see the profile section)")
 
 
 def workload_name(args) -> str:
@@ -756,12 +760,18 @@ def copy_bandwidth(elems: int) -> float:
 
 
 def decode_floor_hook(engine, bandwidth: float, floors: list):
-    """An Engine.on_step hook appending each decode step's floor: the bytes of one device's
-    weights (the embedding table only gathers rows) and of the KV entries its fullest rank
-    reads, over bandwidth."""
+    """An Engine.on_step hook appending each decode step's floor: the bytes one device reads, over
+    bandwidth. They are its weights (the embedding table only gathers rows), of its routed experts
+    only the share that the step's tokens are expected to touch (each of N tokens picks k of E
+    experts: a given expert goes unpicked with probability (1 - k/E)^N, so one token reads 8 of
+    256 experts and W1's 1212 all of them), and the KV entries of its fullest rank."""
     leaves = jax.tree_util.tree_flatten_with_path(engine.runner.state)[0]
-    weights = sum(a.addressable_shards[0].data.nbytes for path, a in leaves
-                  if hasattr(a, "addressable_shards") and "embed" not in jax.tree_util.keystr(path))
+    local = {path: a.addressable_shards[0].data.nbytes for path, a in leaves
+             if hasattr(a, "addressable_shards") and "embed" not in jax.tree_util.keystr(path)}
+    experts = sum(n for path, n in local.items() if "experts" in jax.tree_util.keystr(path))
+    others = sum(local.values()) - experts
+    cfg = engine.cfg
+    unpicked = 1 - cfg.num_experts_per_tok / cfg.num_experts
     k_local = engine.runner.kv[0].addressable_shards[0].data
     layers, _, _, heads, head_dim = k_local.shape
     kv_per_token = 2 * layers * heads * head_dim * k_local.dtype.itemsize
@@ -770,8 +780,10 @@ def decode_floor_hook(engine, bandwidth: float, floors: list):
     def hook(scheduled, seconds: float) -> None:
         if scheduled.step.tokens.shape[1] != 1:
             return
-        context = np.where(scheduled.step.valid, scheduled.step.positions + 1, 0).reshape(dp, -1).sum(axis=1)
-        floors.append((weights + int(context.max()) * kv_per_token) / bandwidth)
+        valid = np.asarray(scheduled.step.valid)
+        context = np.where(valid, scheduled.step.positions + 1, 0).reshape(dp, -1).sum(axis=1)
+        touched = 1 - unpicked ** int(valid.sum())
+        floors.append((others + experts * touched + int(context.max()) * kv_per_token) / bandwidth)
     return hook
 
 
