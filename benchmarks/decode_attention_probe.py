@@ -31,7 +31,7 @@ from minimax_jax.ops import decode_attention  # noqa: E402
 INTERPRET = jax.default_backend() != "gpu"      # a CPU run checks the variants' numbers only
 
 
-def heads_major_attention(q, k_cache, v_cache, page_table, positions, layer, *, block_keys=128, num_warps=4,
+def heads_major_attention(q, k_cache, v_cache, page_table, positions, layer, *, block_keys=64, num_warps=4,
                           num_stages=2, read_only=False, heads_major=True, prefetch=True):
     """decode_attention.paged_decode_attention's program per (slot, KV head) on a cache laid out
     [layers, pages, kv_heads, page_size, D] (heads_major) or the engine's layout."""
@@ -126,15 +126,16 @@ def main() -> int:
         return jax.lax.scan(one, jnp.float32(0), jnp.arange(layers))[0]
 
     engine_kernel = functools.partial(decode_attention.paged_decode_attention, interpret=INTERPRET)
-    variants = [("engine kernel, 128 keys (prefetch)", engine_kernel, False),
-                ("engine kernel, 64 keys", functools.partial(engine_kernel, block_keys=64), False),
-                ("engine kernel, 128 keys, 8 warps", functools.partial(engine_kernel, num_warps=8), False),
-                ("engine kernel, 128 keys, 1 stage", functools.partial(engine_kernel, num_stages=1), False),
-                ("no prefetch, 128 keys", functools.partial(engine_kernel, prefetch=False), False),
-                ("heads-major layout, 128 keys", heads_major_attention, True),
-                ("heads-major layout, no prefetch", functools.partial(heads_major_attention, prefetch=False), True),
+    variants = [("engine kernel (64 keys, prefetch, 4 warps, 2 stages)", engine_kernel, False),
+                ("128 keys", functools.partial(engine_kernel, block_keys=128), False),
+                ("2 warps", functools.partial(engine_kernel, num_warps=2), False),
+                ("1 stage", functools.partial(engine_kernel, num_stages=1), False),
+                ("3 stages", functools.partial(engine_kernel, num_stages=3), False),
+                ("no prefetch", functools.partial(engine_kernel, prefetch=False), False),
+                ("no prefetch, 128 keys", functools.partial(engine_kernel, prefetch=False, block_keys=128), False),
+                ("heads-major layout", functools.partial(heads_major_attention, block_keys=64), True),
                 ("loads only, engine layout", functools.partial(heads_major_attention, read_only=True,
-                                                                heads_major=False), False)]
+                                                                heads_major=False, block_keys=64), False)]
     rows = []
     for name, attend, heads_major in variants:
         kc, vc = (k_heads, v_heads) if heads_major else (k_cache, v_cache)

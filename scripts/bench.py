@@ -308,7 +308,7 @@ def bench_attention(args) -> None:
         t_s, err = _time_attention(case, positions, dict(decode_backend=backend))
         record("attention", f"decode {backend} {b} slots, contexts up to {context}", t_s * 1e3, "ms",
                f"rel err vs fp32 {err:.1e}, keys and values read at {kv_bytes / t_s / 1e12:.2f} TB/s")
-    if jax.default_backend() == "gpu":      # keys per block, warps, pipeline stages (default: 128, 4, 2)
+    if jax.default_backend() == "gpu":      # keys per block, warps, pipeline stages (default: 64, 4, 2)
         from minimax_jax.ops import decode_attention
         for block_keys, warps, stages in ((64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 4, 4), (64, 4, 4), (32, 4, 4)):
             kernel = functools.partial(decode_attention.paged_decode_attention, block_keys=block_keys,

@@ -25,7 +25,7 @@ MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, page_table: jax.Array,
-                           positions: jax.Array, layer: jax.Array, *, block_keys: int = 128,
+                           positions: jax.Array, layer: jax.Array, *, block_keys: int = 64,
                            num_warps: int = 4, num_stages: int = 2, prefetch: bool = True,
                            interpret: bool = False) -> jax.Array:
     """q: [B, 1, q_heads, D]; caches: [layers, pages, page_size, kv_heads, D]; page_table: [B, P];
