@@ -94,6 +94,7 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=16,
                    help="cache depth (16: each cache over 4 GiB, offset in 64 bits as at full depth)")
     p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--kv-heads", type=int, default=8, help="KV heads per device (2 on TP4); 6 query heads each")
     p.add_argument("--iters", type=int, default=5)
     args = p.parse_args()
     b, ps, layers = args.slots, args.page_size, args.layers
@@ -103,12 +104,13 @@ def main() -> int:
     table = jnp.asarray(rng.permutation(pages).reshape(b, per_slot), jnp.int32)
     positions = jnp.asarray(rng.randint(int(0.9 * args.context), args.context, (b, 1)), jnp.int32)
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    shape = (layers, pages, ps, 8, 128)
+    hk = args.kv_heads
+    shape = (layers, pages, ps, hk, 128)
     k_cache = jax.random.normal(keys[0], shape, jnp.bfloat16).astype(jnp.float8_e4m3fn)
     v_cache = jax.random.normal(keys[1], shape, jnp.bfloat16).astype(jnp.float8_e4m3fn)
-    q = jax.random.normal(keys[2], (b, 1, 48, 128), jnp.bfloat16)
+    q = jax.random.normal(keys[2], (b, 1, 6 * hk, 128), jnp.bfloat16)
     k_heads, v_heads = (c.transpose(0, 1, 3, 2, 4) for c in (k_cache, v_cache))
-    attended = 2 * int(jnp.sum(positions + 1)) * 8 * 128        # FP8 bytes of the visible keys and values
+    attended = 2 * int(jnp.sum(positions + 1)) * hk * 128        # FP8 bytes of the visible keys and values
     ref = np.asarray(attn_ops.paged_attention_reference(q, k_cache, v_cache, table, positions, jnp.int32(1)),
                      np.float32)
 
@@ -132,6 +134,7 @@ def main() -> int:
                 ("1 stage", functools.partial(engine_kernel, num_stages=1), False),
                 ("3 stages", functools.partial(engine_kernel, num_stages=3), False),
                 ("no prefetch", functools.partial(engine_kernel, prefetch=False), False),
+                ("contexts not split", functools.partial(engine_kernel, splits=1), False),
                 ("no prefetch, 128 keys", functools.partial(engine_kernel, prefetch=False, block_keys=128), False),
                 ("heads-major layout", functools.partial(heads_major_attention, block_keys=64), True),
                 ("loads only, engine layout", functools.partial(heads_major_attention, read_only=True,

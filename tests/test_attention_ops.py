@@ -70,7 +70,7 @@ def test_decode_uses_the_reference_and_backends_resolve():
 
 
 @pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
-def test_decode_kernel_equals_the_reference_in_each_layer_and_context(cache_dtype):
+def test_decode_kernel_equals_the_reference_in_each_layer_context_and_split(cache_dtype):
     """Contexts of one key, one that ends inside a block of pages, one that ends on a block's
     boundary, and one longer than the pages handed out before the table's padding; the kernel
     runs under Pallas's interpreter here."""
@@ -83,9 +83,12 @@ def test_decode_kernel_equals_the_reference_in_each_layer_and_context(cache_dtyp
     q = jnp.asarray(rng.standard_normal((4, 1, hk * g, d)), jnp.bfloat16)
     for layer in (0, 1):
         ref = attention.paged_attention_reference(q, k, v, table, positions, jnp.int32(layer))
-        out = decode_attention.paged_decode_attention(q, k, v, table, positions, jnp.int32(layer),
-                                                      block_keys=16, interpret=True)
-        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+        # the whole context per program, or split in 2 or 3 (3 blocks of keys: the first slot's
+        # later splits hold no key) and combined
+        for splits in (1, 2, 3):
+            out = decode_attention.paged_decode_attention(q, k, v, table, positions, jnp.int32(layer),
+                                                          block_keys=16, splits=splits, interpret=True)
+            np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
     # the other layer's keys give another answer: the layer offset is read
     other = decode_attention.paged_decode_attention(q, k, v, table, positions, jnp.int32(0), block_keys=16,
                                                     interpret=True)
@@ -95,14 +98,24 @@ def test_decode_kernel_equals_the_reference_in_each_layer_and_context(cache_dtyp
         attention.resolve_decode_backend("flashinfer")
 
 
-@pytest.mark.parametrize("page_size,cache_dtype", [(64, jnp.float8_e4m3fn), (16, jnp.bfloat16)])
-def test_decode_kernel_lowers_to_triton_for_gpus_at_full_size(page_size, cache_dtype):
+def test_contexts_are_split_only_when_slots_leave_sms_idle(monkeypatch):
+    from minimax_jax.ops import mosaic_common
+    monkeypatch.setattr(mosaic_common, "sm_count", lambda: 132)
+    assert decode_attention.context_splits(303 * 8) == 1          # a DEP4 rank of W1: 2424 programs
+    assert decode_attention.context_splits(1 * 2) == 132          # one request on TP4 (capped by its blocks)
+    assert decode_attention.context_splits(64 * 2) == 3
+
+
+@pytest.mark.parametrize("page_size,cache_dtype,slots", [(64, jnp.float8_e4m3fn, 303), (16, jnp.bfloat16, 303),
+                                                         (64, jnp.float8_e4m3fn, 1)])
+def test_decode_kernel_lowers_to_triton_for_gpus_at_full_size(page_size, cache_dtype, slots):
     """Pallas's Triton lowering runs here for the CUDA platform (a DEP4 rank's decode step:
     303 slots of 1024 tokens, 62 layers; the benchmarks' FP8 cache of 64-token pages and the
-    engine's default bf16 cache of 16); the GPU's compile is left to the device benchmarks."""
-    args = (jax.ShapeDtypeStruct((303, 1, 48, 128), jnp.bfloat16),
+    engine's default bf16 cache of 16; and one slot, whose context is split over programs); the
+    GPU's compile is left to the device benchmarks."""
+    args = (jax.ShapeDtypeStruct((slots, 1, 48, 128), jnp.bfloat16),
             *[jax.ShapeDtypeStruct((62, 4096, page_size, 8, 128), cache_dtype)] * 2,
-            jax.ShapeDtypeStruct((303, 1024 // page_size), jnp.int32), jax.ShapeDtypeStruct((303, 1), jnp.int32),
+            jax.ShapeDtypeStruct((slots, 1024 // page_size), jnp.int32), jax.ShapeDtypeStruct((slots, 1), jnp.int32),
             jax.ShapeDtypeStruct((), jnp.int32))
     text = jax.jit(decode_attention.paged_decode_attention).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "xla.gpu.triton" in text

@@ -27,13 +27,18 @@ MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, page_table: jax.Array,
                            positions: jax.Array, layer: jax.Array, *, block_keys: int = 64,
                            num_warps: int = 4, num_stages: int = 2, prefetch: bool = True,
-                           interpret: bool = False) -> jax.Array:
+                           splits: int | None = None, interpret: bool = False) -> jax.Array:
     """q: [B, 1, q_heads, D]; caches: [layers, pages, page_size, kv_heads, D]; page_table: [B, P];
     positions: [B, 1] (the token at position p sees keys 0..p). Returns [B, 1, q_heads, D] in
     q's dtype, as `attention.paged_attention_reference`. Keys are taken block_keys at a time
     (whole pages); page_size and D must be powers of two (`supports`). prefetch: each block's
     keys and values are loaded while the block before it is computed (at W1's decode shape on an
-    H200 the loads alone took about half of the kernel's time without it)."""
+    H200 the loads alone took about half of the kernel's time without it).
+
+    splits: programs per (slot, KV head), each over its share of the context, their partial
+    softmax sums combined after the kernel; None picks enough to give every SM two programs
+    (`context_splits`): one request on TP4 is 2 programs otherwise, each walking its 1000 keys
+    alone while the other SMs idle."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -49,30 +54,53 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     rows = max(MIN_ROWS, 1 << (group - 1).bit_length())
     qg = jnp.pad(q.reshape(b, hk, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
     # one flat page index over (layer, page): the kernel reads this layer's pages in place
-    per_slot = -(-page_table.shape[1] // pages_per_block) * pages_per_block
+    blocks = -(-page_table.shape[1] // pages_per_block)
+    per_slot = blocks * pages_per_block
     table = jnp.pad(page_table, ((0, 0), (0, per_slot - page_table.shape[1])))
     flat_pages = (layer * pages + jnp.clip(table, 0, pages - 1)).astype(jnp.int32)
     lengths = jnp.minimum(positions[:, :1] + 1, per_slot * page_size).astype(jnp.int32)
     k_flat = k_cache.reshape(layers * pages, page_size, hk, d)
     v_flat = v_cache.reshape(layers * pages, page_size, hk, d)
+    splits = min(splits or context_splits(b * hk), blocks)
+    blocks_per_split = -(-blocks // splits)
+    splits = -(-blocks // blocks_per_split)          # none left empty by the rounding
 
-    kernel = functools.partial(_kernel, pages_per_block=pages_per_block, page_size=page_size,
-                               scale=d ** -0.5, prefetch=prefetch)
-    cache_spec = pl.BlockSpec((layers * pages, page_size, None, d), lambda i, h: (0, 0, h, 0))
+    kernel = functools.partial(_kernel, pages_per_block=pages_per_block, page_size=page_size, scale=d ** -0.5,
+                               prefetch=prefetch, blocks_per_split=blocks_per_split if splits > 1 else None)
+    cache_spec = pl.BlockSpec((layers * pages, page_size, None, d), lambda i, h, s: (0, 0, h, 0))
+    parts = lambda *shape: pl.BlockSpec((None, None, None, *shape), lambda i, h, s: (i, h, s) + (0,) * len(shape))  # noqa: E731
+    if splits == 1:
+        out_specs = pl.BlockSpec((None, None, rows, d), lambda i, h, s: (i, h, 0, 0))
+        out_shape = jax.ShapeDtypeStruct(qg.shape, q.dtype)
+    else:       # unnormalised output, running max and sum of each split
+        out_specs = [parts(rows, d), parts(rows), parts(rows)]
+        out_shape = [jax.ShapeDtypeStruct((b, hk, splits, rows, d), jnp.float32),
+                     *[jax.ShapeDtypeStruct((b, hk, splits, rows), jnp.float32)] * 2]
     out = pl.pallas_call(
         kernel,
-        grid=(b, hk),
-        in_specs=[pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0)),
+        grid=(b, hk, splits),
+        in_specs=[pl.BlockSpec((None, None, rows, d), lambda i, h, s: (i, h, 0, 0)),
                   cache_spec, cache_spec,
-                  pl.BlockSpec((None, per_slot), lambda i, h: (i, 0)),
-                  pl.BlockSpec((None, 1), lambda i, h: (i, 0))],
-        out_specs=pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+                  pl.BlockSpec((None, per_slot), lambda i, h, s: (i, 0)),
+                  pl.BlockSpec((None, 1), lambda i, h, s: (i, 0))],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="paged_decode_attention",
     )(qg, k_flat, v_flat, flat_pages, lengths)
+    if splits > 1:
+        o, m, l = out
+        weight = jnp.exp(m - m.max(axis=2, keepdims=True))           # a split with no keys weighs 0
+        out = ((o * weight[..., None]).sum(axis=2) / (l * weight).sum(axis=2)[..., None]).astype(q.dtype)
     return out[:, :, :group].reshape(b, 1, hq, d)
+
+
+def context_splits(programs: int) -> int:
+    """Splits of each context that give the SMs of the device two programs each (1 when the
+    (slot, KV head) programs do already)."""
+    from minimax_jax.ops.mosaic_common import sm_count
+    return max(1, -(-2 * sm_count() // programs))
 
 
 def supports(cache: jax.Array | jax.ShapeDtypeStruct) -> bool:
@@ -88,8 +116,10 @@ def supports(cache: jax.Array | jax.ShapeDtypeStruct) -> bool:
     return all(n >= 1 and n & (n - 1) == 0 for n in (page_size, head_dim)) and head_dim >= MIN_ROWS and not wraps
 
 
-def _kernel(q_ref, k_ref, v_ref, pages_ref, length_ref, o_ref, *, pages_per_block, page_size, scale,
-            prefetch=True):
+def _kernel(q_ref, k_ref, v_ref, pages_ref, length_ref, *out_refs, pages_per_block, page_size, scale,
+            prefetch=True, blocks_per_split=None):
+    """One (slot, KV head), over all its blocks of keys, or with blocks_per_split over the
+    program's share of them, writing its unnormalised output and softmax statistics."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -98,6 +128,10 @@ def _kernel(q_ref, k_ref, v_ref, pages_ref, length_ref, o_ref, *, pages_per_bloc
     block_k = pages_per_block * page_size
     length = length_ref[0]
     num_blocks = pl.cdiv(length, block_k)
+    first, end = 0, num_blocks
+    if blocks_per_split is not None:
+        first = pl.program_id(2) * blocks_per_split
+        end = jnp.minimum(first + blocks_per_split, num_blocks)
 
     def load(i):
         pages = pages_ref[pl.ds(i * pages_per_block, pages_per_block)]
@@ -123,13 +157,18 @@ def _kernel(q_ref, k_ref, v_ref, pages_ref, length_ref, o_ref, *, pages_per_bloc
         # the next block's loads are issued before this block's arithmetic, so they are in flight
         # while it runs (the last block reloads itself, from L2)
         k, v, *state = carry
-        following = load(jnp.minimum(i + 1, num_blocks - 1))
+        following = load(jnp.minimum(i + 1, end - 1))
         return (*following, *attend(i, k, v, *state))
 
     init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), MASKED, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
-    if prefetch:
-        _, _, o, _, l = jax.lax.fori_loop(0, num_blocks, prefetched_block, (*load(0), *init))
+    if prefetch:        # a split past the context loads a block it never uses
+        _, _, o, m, l = jax.lax.fori_loop(first, end, prefetched_block,
+                                          (*load(jnp.minimum(first, num_blocks - 1)), *init))
     else:
-        o, _, l = jax.lax.fori_loop(0, num_blocks, block, init)
-    o_ref[...] = (o / l[:, None]).astype(o_ref.dtype)
+        o, m, l = jax.lax.fori_loop(first, end, block, init)
+    if blocks_per_split is None:
+        out_refs[0][...] = (o / l[:, None]).astype(out_refs[0].dtype)
+    else:
+        o_ref, m_ref, l_ref = out_refs
+        o_ref[...], m_ref[...], l_ref[...] = o, m, l
