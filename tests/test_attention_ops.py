@@ -1,12 +1,18 @@
 """Prefill attention through jax.nn.dot_product_attention (cuDNN's flash attention on GPUs; its
 XLA implementation here) equals the reference over paged caches, including chunks that continue
-an earlier chunk, grouped heads, padding rows and an FP8 cache."""
+an earlier chunk, grouped heads, padding rows and an FP8 cache. The Pallas decode kernel runs
+under Pallas's interpreter here; on a GPU, `JAX_PLATFORMS=cuda MINIMAX_JAX_KERNEL_TESTS=gpu pytest
+tests/test_attention_ops.py` compiles it with Triton instead."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from minimax_jax.ops import attention, decode_attention
+
+INTERPRET = os.environ.get("MINIMAX_JAX_KERNEL_TESTS") != "gpu"
 
 
 def paged_case(cache_dtype, seed=0):
@@ -58,13 +64,14 @@ def test_fresh_chunks_attend_over_their_own_keys_as_over_the_pages_they_wrote():
     assert not np.allclose(np.asarray(fresh, np.float32)[valid], 0)
 
 
-def test_decode_uses_the_reference_and_backends_resolve():
+def test_decode_uses_the_reference_and_backends_resolve(monkeypatch):
     q, k, v, table, positions = paged_case(jnp.bfloat16)
     one = q[:, :1]
     np.testing.assert_array_equal(
         np.asarray(attention.paged_attention(one, k, v, table, positions[:, :1], jnp.int32(0), "cudnn")),
         np.asarray(attention.paged_attention_reference(one, k, v, table, positions[:, :1], jnp.int32(0))))
-    assert attention.resolve_backend("auto") == "xla"           # CPU here; "cudnn" on GPUs
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")   # this file also runs on GPUs
+    assert attention.resolve_backend("auto") == "xla"           # "cudnn" on GPUs
     with pytest.raises(ValueError, match="must be one of"):
         attention.resolve_backend("flashinfer")
 
@@ -87,13 +94,17 @@ def test_decode_kernel_equals_the_reference_in_each_layer_context_and_split(cach
         # later splits hold no key) and combined
         for splits in (1, 2, 3):
             out = decode_attention.paged_decode_attention(q, k, v, table, positions, jnp.int32(layer),
-                                                          block_keys=16, splits=splits, interpret=True)
+                                                          block_keys=16, splits=splits, interpret=INTERPRET)
             np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
     # the other layer's keys give another answer: the layer offset is read
     other = decode_attention.paged_decode_attention(q, k, v, table, positions, jnp.int32(0), block_keys=16,
-                                                    interpret=True)
+                                                    interpret=INTERPRET)
     assert not np.allclose(np.asarray(other, np.float32), np.asarray(ref, np.float32), atol=2e-2)
-    assert attention.resolve_decode_backend("auto") == "xla"    # CPU here; "pallas" on GPUs
+
+
+def test_decode_backend_resolves_to_the_reference_off_gpus(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")   # this file also runs on GPUs
+    assert attention.resolve_decode_backend("auto") == "xla"    # "pallas" on GPUs
     with pytest.raises(ValueError, match="must be one of"):
         attention.resolve_decode_backend("flashinfer")
 
