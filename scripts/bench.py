@@ -643,7 +643,7 @@ def make_bench_engine(args):
                   attention_backend=args.attention_backend, moe_dispatch_fp4=args.moe_dispatch_fp4,
                   moe_dispatch_fp8=args.moe_dispatch_fp8,
                   decode_attention_backend=args.decode_attention_backend,
-                  moe_kernel=args.moe_kernel, **kv_cache_flags(args),
+                  moe_kernel=args.moe_kernel, cuda_graph_max_bs=args.cuda_graph_max_bs, **kv_cache_flags(args),
                   json_model_override_args=json.dumps({"num_hidden_layers": args.engine_layers}), **flags)
 
 
@@ -706,8 +706,9 @@ def bench_engine(args) -> None:
     dispatch = {True: " fp4-dispatch", False: " bf16-dispatch", None: ""}[args.moe_dispatch_fp4]
     dispatch += "" if args.moe_dispatch_fp8 else " no-fp8-dispatch"
     moe_tp = " moe-tp" if args.ep_size == 1 else ""
+    graphs = f" cuda-graph-max-bs={args.cuda_graph_max_bs}" if args.cuda_graph_max_bs else ""
     tag = (f"{args.engine_layout.upper()}{n}{moe_tp} {args.engine_layers}L {workload_name(args)} "
-           f"attn={args.attention_backend} moe={args.moe_kernel}{dispatch}")
+           f"attn={args.attention_backend} moe={args.moe_kernel}{dispatch}{graphs}")
     record_latencies(tag, wall, [(submitted[r.rid], first[r.rid], last[r.rid], len(r.output_ids)) for r in reqs],
                      f"{compiles} compiles in warm-up, {engine.num_compiles - compiles} while measured")
     times = list(engine.step_times)
@@ -1095,6 +1096,9 @@ def parse_args(argv=None):
     p.add_argument("--moe-kernel", choices=MOE_KERNELS, default="auto", help="engine and profile sections")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--decode-attention-backend", default="auto", choices=DECODE_BACKENDS)
+    p.add_argument("--cuda-graph-max-bs", type=int, default=0,
+                   help="engine and profile sections: decode steps of at most this many slots per dp rank run as "
+                   "command buffers of every thunk kind (serve.py's flag)")
     p.add_argument("--moe-dispatch-fp4", action=argparse.BooleanOptionalAction, default=None,
                    help="engine: NVFP4 all-gather of the DEP dispatch (default: on with NVFP4 experts)")
     p.add_argument("--moe-dispatch-fp8", action=argparse.BooleanOptionalAction, default=True,

@@ -44,7 +44,7 @@ ENGINE_FLAGS = {
     "load_format": "load_format", "json_model_override_args": "json_model_override_args",
     "moe_kernel": "moe_kernel", "attention_backend": "attention_backend", "kv_cache_dtype": "kv_cache_dtype",
     "decode_attention_backend": "decode_attention_backend",
-    "mem_fraction_static": "mem_fraction_static",
+    "mem_fraction_static": "mem_fraction_static", "cuda_graph_max_bs": "cuda_graph_max_bs",
 }
 
 
@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "xla-w8a8 (the reference of the W8A8 numbers: rows rounded as mosaic-ws-w8a8 does); auto: on "
                      "Hopper, mosaic-ws-w8a8 with SwiGLU in its gate/up kernel for FP8 experts, else mosaic; xla "
                      "elsewhere (pick mosaic-fp8 for weight-only numbers)")
+
+    par.add_argument("--cuda-graph-max-bs", type=int,
+                     help="decode steps of at most this many requests per dp rank run as XLA command buffers "
+                     "(CUDA graphs) of every thunk kind, loops and collectives included (default: 0, XLA's own "
+                     "command buffers only); set for the whole process on 4x H200, they made one request's decode 9%% "
+                     "faster and 1209 requests' 0.9%% slower")
 
     sched = p.add_argument_group("scheduling and KV cache")
     sched.add_argument("--max-running-requests", type=int, help="max requests decoded together")

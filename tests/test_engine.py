@@ -56,6 +56,31 @@ def test_compile_decode_leaves_nothing_to_compile_for_decoding_at_that_concurren
         engine.compile_decode(4, [40], dict(greedy, presence_penalty=1.0))
 
 
+def test_decode_steps_of_few_slots_compile_as_command_buffers_and_give_the_same_tokens(tiny_hf_dir):
+    """cuda_graph_max_bs=1: one request's decode steps compile with command buffers for every
+    thunk (XLA's GPU options; the CPU ignores them), its prefill and a two-request decode do
+    not, and the tokens are those of an engine without them."""
+    engine = make_engine(tiny_hf_dir, max_running_requests=2, cuda_graph_max_bs=1)
+    compiled_as = []
+    for name in ("_step", "_graph_step"):
+        jitted = getattr(engine.runner, name)
+
+        class Spy:
+            def lower(self, *args, _jitted=jitted, _name=name):
+                compiled_as.append((_name, args[2].shape[0], args[4].leaves[0][0][1]))   # slots, tokens per slot
+                return _jitted.lower(*args)
+        setattr(engine.runner, name, Spy())
+    greedy = {"max_new_tokens": 4, "temperature": 0}
+    one = engine.generate(input_ids=[3, 1, 4, 1, 5], sampling_params=greedy)
+    assert ("_graph_step", 1, 1) in compiled_as and all(t > 1 for name, _, t in compiled_as if name == "_step")
+    engine.generate(input_ids=[[3, 1, 4], [2, 7, 1, 8]], sampling_params=greedy)
+    assert ("_step", 2, 1) in compiled_as
+    assert one["output_ids"] == make_engine(tiny_hf_dir).generate(input_ids=[3, 1, 4, 1, 5],
+                                                                  sampling_params=greedy)["output_ids"]
+    with pytest.raises(ValueError, match="cuda_graph_max_bs"):
+        make_engine(tiny_hf_dir, cuda_graph_max_bs=-1)
+
+
 def test_abort_frees_pages_at_once_and_others_continue(tiny_hf_dir):
     engine = make_engine(tiny_hf_dir)
     keep = engine.submit(engine.make_request(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 8, "temperature": 0}))

@@ -485,6 +485,9 @@ def test_engine_flags_pass_through_only_to_fields_the_engine_has():
     assert ("quantization" in kwargs) == ("quantization" in fields)
     with pytest.raises(ValueError, match="--quantization fp8 is not supported yet"):
         serve.engine_kwargs(args, fields=fields - {"quantization"})
+    # every engine option has its flag, and a flag the table missed would be dropped silently
+    assert set(serve.ENGINE_FLAGS.values()) == fields
+    assert serve.engine_kwargs(serve.build_parser().parse_args(["--cuda-graph-max-bs", "4"]))["cuda_graph_max_bs"] == 4
 
 
 # -- streaming text helpers (no server) -------------------------------------------------------------

@@ -74,6 +74,8 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"             # "auto" (the model dtype), "bf16", "fp8_e4m3" (scale 1)
     mem_fraction_static: float = 0.85        # of each device's memory limit: weights + KV cache (GPUs,
                                              # when max_total_tokens is not given)
+    cuda_graph_max_bs: int = 0               # decode steps of at most this many slots per dp rank run as
+                                             # XLA command buffers (CUDA graphs) of every thunk; 0: XLA's defaults
 
 
 # (chunked_prefill_size, max_prefill_tokens) per platform. On GPUs every prefill step pays fixed
@@ -98,6 +100,8 @@ class Engine:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {args.kv_cache_dtype!r}")
         if not 0 < args.mem_fraction_static <= 1:
             raise ValueError(f"mem_fraction_static must be in (0, 1], got {args.mem_fraction_static}")
+        if args.cuda_graph_max_bs < 0:
+            raise ValueError(f"cuda_graph_max_bs must be >= 0, got {args.cuda_graph_max_bs}")
         moe_ops.check_kernel(args.moe_kernel)              # else the first step's trace would say so
         if args.moe_kernel.startswith("mosaic") and not moe_ops.on_hopper():
             raise ValueError(f"moe_kernel {args.moe_kernel} runs Mosaic GPU kernels, which need an NVIDIA Hopper GPU "
@@ -129,7 +133,8 @@ class Engine:
                                   mem_fraction_static=args.mem_fraction_static,
                                   max_pages_per_rank=per_rank * self.pages_per_seq,
                                   attention_backend=args.attention_backend,
-                                  decode_attention_backend=args.decode_attention_backend)
+                                  decode_attention_backend=args.decode_attention_backend,
+                                  cuda_graph_max_bs=args.cuda_graph_max_bs)
         num_pages = self.runner.pages_per_rank
         if num_pages < self.pages_per_seq:
             raise ValueError(f"the KV cache holds {num_pages * args.page_size} tokens per dp rank, less than "

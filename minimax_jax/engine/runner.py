@@ -26,6 +26,16 @@ class StepOutput:
     top_logprobs: np.ndarray    # [D*B, 20], or [D*B, 0]
 
 
+# XLA's command buffers for every kind of thunk (its defaults leave out collectives, loops and
+# conditionals). On 4x H200 at full depth they made one request's decode 9% faster (W3: 10.64
+# against 11.72 ms per token) and W1 0.9% slower (docs/benchmarks.md, runs BX and BY, set for the
+# whole process), hence only for decode steps of few slots (`cuda_graph_max_bs`).
+COMMAND_BUFFERS_EVERYWHERE = {
+    "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,COLLECTIVES,CONDITIONAL,WHILE",
+    "xla_gpu_graph_min_graph_size": 1,
+}
+
+
 class ModelRunner:
     """Owns the sharded parameters and KV cache; runs one padded step at a time.
 
@@ -36,7 +46,8 @@ class ModelRunner:
     def __init__(self, model: MiniMaxM2, layout: Layout, pages_per_rank: int | None, page_size: int,
                  kv_dtype: Any = None, devices: list | None = None, seed: int = 0, moe_kernel: str = "auto",
                  max_slots: int = 1024, mem_fraction_static: float = 0.85, max_pages_per_rank: int | None = None,
-                 attention_backend: str = "auto", decode_attention_backend: str = "auto"):
+                 attention_backend: str = "auto", decode_attention_backend: str = "auto",
+                 cuda_graph_max_bs: int = 0):
         """pages_per_rank None: as many pages as fit in `mem_fraction_static` of the device
         memory left to JAX once the weights are placed (at most `max_pages_per_rank`)."""
         cfg = self.cfg = model.cfg
@@ -59,6 +70,10 @@ class ModelRunner:
             self.pages_per_rank = self._pages_that_fit(kv_dtype, mem_fraction_static, max_pages_per_rank)
         self.kv = self._empty_kv(kv_dtype)
         self._step = jax.jit(self._step_impl, donate_argnums=(1, 3), static_argnums=(4,))
+        # decode steps of at most this many slots per dp rank run as command buffers (CUDA graphs)
+        self.cuda_graph_max_bs = cuda_graph_max_bs
+        self._graph_step = jax.jit(self._step_impl, donate_argnums=(1, 3), static_argnums=(4,),
+                                   compiler_options=COMMAND_BUFFERS_EVERYWHERE)
         self._compiled: dict = {}       # input shapes -> executable: one compile per bucket, and
                                         # an input placed unlike its executable fails loudly
         self._slots = NamedSharding(self.mesh, P("dp"))
@@ -115,7 +130,10 @@ class ModelRunner:
         packed = jax.device_put(packed, self._slots)       # one transfer for all step inputs
         key = (packed.shape, layout)
         if key not in self._compiled:
-            self._compiled[key] = self._step.lower(self.state, self.kv, packed, self.last_tokens, layout).compile()
+            slots_per_rank = step.tokens.shape[0] // self.layout.dp
+            graphed = step.tokens.shape[1] == 1 and slots_per_rank <= self.cuda_graph_max_bs
+            step_fn = self._graph_step if graphed else self._step
+            self._compiled[key] = step_fn.lower(self.state, self.kv, packed, self.last_tokens, layout).compile()
         return packed, self._compiled[key]
 
     @staticmethod
