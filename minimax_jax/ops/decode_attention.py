@@ -6,7 +6,11 @@ step of 303 slots with 960-token contexts that was about 0.75 ms per layer on an
 0.12 ms to read the FP8 keys and values once. Here one program per (slot, KV head) walks the
 slot's pages in place (the cache's layer and page are folded into one index, so no layer slice
 is copied), widens FP8 entries in registers and keeps an online softmax, so keys and values are
-read once and nothing else touches memory.
+read once and nothing else touches memory. Each block's loads are issued before the previous
+block's arithmetic, which the compiler's pipelining did not do for loads addressed through the
+page table; and when the (slot, KV head) programs are too few to occupy the GPU (one request on
+TP4 is two), each context is split over several programs whose partial softmax sums are combined
+afterwards (flash-decoding).
 
 Query heads that share a KV head (6 for MiniMax-M2) are padded to the 16 rows a Triton dot
 needs; the probabilities enter the PV product in the value dtype, as in the reference.
