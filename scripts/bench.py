@@ -752,12 +752,18 @@ def record_latencies(tag: str, wall: float, times: list[tuple[float, float, floa
     record("engine", f"{tag} TPOT p50/p99", np.percentile(tpot, 50) * 1e3, "ms", f"p99 {np.percentile(tpot, 99) * 1e3:.1f} ms")
 
 
-def copy_bandwidth(elems: int) -> float:
-    """Read + write bytes per second of a copy of elems bf16 values on the first device (the
-    default --copy-elems is 2 GiB: a 512 MiB copy measured 2.29 TB/s on an H200 where 2 GiB
-    measured 2.98)."""
+def copy_bandwidth(elems: int, warm_seconds: float = 0.5) -> float:
+    """Read + write bytes per second of a copy of elems bf16 values on the first device, timed
+    after warm_seconds of the same copies (the default --copy-elems is 2 GiB: a 512 MiB copy
+    measured 2.29 TB/s on an H200 where 2 GiB measured 2.98. Timed after two warm-up copies
+    as a process's first work, runs BW-BY measured 2.05-3.52 TB/s on one machine: an idle GPU's
+    clocks ramping up, most likely, not confirmed)."""
     x = jax.random.normal(jax.random.PRNGKey(0), (elems,), jnp.bfloat16)
-    return 2 * x.nbytes / median_time(jax.jit(lambda x: x * 1.0001), x)
+    copy = jax.jit(lambda x: x * 1.0001)
+    deadline = time.perf_counter() + warm_seconds
+    while time.perf_counter() < deadline:
+        jax.block_until_ready(copy(x))
+    return 2 * x.nbytes / median_time(copy, x)
 
 
 def decode_floor_hook(engine, bandwidth: float, floors: list):
