@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--reasoning-parser", choices=["minimax"],
                      help="split <think>...</think> of chat outputs into message.reasoning_content "
                           "(default: off, the raw text is the content)")
+    srv.add_argument("--tool-call-parser", choices=["minimax-m2"],
+                     help="turn <minimax:tool_call> blocks of chat outputs, for requests that offer tools, into "
+                          "message.tool_calls with finish_reason tool_calls (default: off, they stay in the content)")
     srv.add_argument("--max-request-bytes", type=int, default=8 * 2**20,
                      help="largest request body accepted; larger ones get 413 (default: %(default)s)")
     srv.add_argument("--graceful-shutdown-timeout", type=float, default=10.0,
@@ -212,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     async_engine = AsyncEngine(engine, metrics)
     config = ServerConfig(served_model_name=args.served_model_name or args.model_path or TINY_MODEL_NAME,
                           api_key=args.api_key, reasoning_parser=args.reasoning_parser,
+                          tool_call_parser=args.tool_call_parser,
                           max_request_bytes=args.max_request_bytes)
     app = create_app(async_engine, metrics, config)
     # uvicorn's own limit is a backstop: aborted streams need a moment to send their last chunk

@@ -464,7 +464,8 @@ def test_help_documents_every_flag():
     for flag in ("--model-path", "--tokenizer-path", "--served-model-name", "--tp-size", "--dp-size", "--ep-size",
                  "--enable-dp-attention", "--dtype", "--quantization", "--context-length", "--max-running-requests",
                  "--page-size", "--chunked-prefill-size", "--max-total-tokens", "--host", "--port", "--api-key",
-                 "--random-seed", "--reasoning-parser", "--log-level", "--max-request-bytes"):
+                 "--random-seed", "--reasoning-parser", "--tool-call-parser", "--log-level", "--max-request-bytes",
+                 "--cuda-graph-max-bs"):
         assert flag in out
 
 

@@ -29,6 +29,7 @@ from minimax_jax.server.protocol import (
     CompletionLogprobs, CompletionRequest, CompletionResponse, DeltaMessage, ModelCard, ModelList,
     OpenAIError, ReasoningSplitter, TopLogprob, UsageInfo, new_id, now, openai_finish_reason,
     split_reasoning)
+from minimax_jax.server.tool_calls import TOOL_CALL_PARSERS, ToolCallSplitter
 
 T = TypeVar("T")
 DEFAULT_COMPLETION_MAX_TOKENS = 16         # OpenAI's default for /v1/completions
@@ -41,6 +42,7 @@ class ServerConfig:
     served_model_name: str
     api_key: str | None = None
     reasoning_parser: str | None = None        # "minimax": <think>...</think> -> reasoning_content
+    tool_call_parser: str | None = None        # "minimax-m2": <minimax:tool_call> blocks -> tool_calls
     max_request_bytes: int = 8 * 2**20
 
 
@@ -48,6 +50,8 @@ def create_app(engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig
     """The app starts the engine thread on startup and stops it on shutdown."""
     if config.reasoning_parser not in (None, *REASONING_PARSERS):
         raise ValueError(f"unknown reasoning parser {config.reasoning_parser!r}")
+    if config.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
+        raise ValueError(f"unknown tool call parser {config.tool_call_parser!r}")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -181,10 +185,14 @@ class OpenAIServing:
         reasoning, content = None, out.text
         if self.config.reasoning_parser:
             reasoning, content = split_reasoning(out.text)
+        calls = []
+        if tool_calls := self._tool_call_splitter(body):
+            content, calls = tool_calls.feed(content, final=True)
+            content = content.strip() or None if calls else content
         choice = ChatChoice(
-            message=ChatResponseMessage(content=content, reasoning_content=reasoning or None),
+            message=ChatResponseMessage(content=content, reasoning_content=reasoning or None, tool_calls=calls or None),
             logprobs=self._chat_logprobs(out, top) if body.logprobs else None,
-            finish_reason=openai_finish_reason(out.finish_reason),
+            finish_reason=_chat_finish_reason(out.finish_reason, bool(calls)),
             token_ids=out.token_ids if body.return_token_ids else None)
         return _json(ChatCompletionResponse(
             id=req.rid, created=created, model=model, choices=[choice],
@@ -197,23 +205,36 @@ class OpenAIServing:
             return ChatCompletionChunk(id=req.rid, created=created, model=model, choices=choices, usage=usage)
 
         splitter = ReasoningSplitter() if self.config.reasoning_parser else None
+        tool_calls = self._tool_call_splitter(body)
         top = (body.top_logprobs or 0) if body.logprobs else 0
         yield chunk([ChatStreamChoice(delta=DeltaMessage(role="assistant", content=""),
                                       token_ids=[] if body.return_token_ids else None)])
-        last = None
+        last, called = None, 0
         async with contextlib.aclosing(self.engine.generate_stream(req)) as stream:
             async for delta in stream:
                 last = delta
                 reasoning, content = splitter.feed(delta.text, delta.finished) if splitter else ("", delta.text)
-                if not (reasoning or content or delta.finished or body.return_token_ids or body.logprobs):
+                calls = []
+                if tool_calls:
+                    content, calls = tool_calls.feed(content, delta.finished)
+                    calls = [dict(call, index=called + i) for i, call in enumerate(calls)]
+                    called += len(calls)
+                if not (reasoning or content or calls or delta.finished or body.return_token_ids or body.logprobs):
                     continue
                 yield chunk([ChatStreamChoice(
-                    delta=DeltaMessage(content=content or None, reasoning_content=reasoning or None),
+                    delta=DeltaMessage(content=content or None, reasoning_content=reasoning or None,
+                                       tool_calls=calls or None),
                     logprobs=self._chat_logprobs(delta, top) if body.logprobs else None,
-                    finish_reason=openai_finish_reason(delta.finish_reason),
+                    finish_reason=_chat_finish_reason(delta.finish_reason, called > 0),
                     token_ids=delta.token_ids if body.return_token_ids else None)])
         if body.include_usage and last is not None:
             yield chunk([], UsageInfo.of(last.prompt_tokens, last.completion_tokens))
+
+    def _tool_call_splitter(self, body: ChatCompletionRequest) -> ToolCallSplitter | None:
+        """A splitter of the output's tool calls, if the server parses them and the request
+        offers tools (tool_choice "none" offers none)."""
+        tools = body.template_inputs()[1]
+        return ToolCallSplitter(tools) if self.config.tool_call_parser and tools else None
 
     def _chat_logprobs(self, delta: StreamDelta, top: int) -> ChatLogprobs:
         def entry(token: int, logprob: float) -> TopLogprob:
@@ -287,6 +308,12 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 class _ClientGone(Exception):
     pass
+
+
+def _chat_finish_reason(finish: dict | None, called: bool) -> str | None:
+    """OpenAI's "tool_calls" where the output called tools and stopped by itself."""
+    reason = openai_finish_reason(finish)
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 def _json(model: BaseModel) -> Response:

@@ -252,6 +252,7 @@ class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     reasoning_content: str | None = Field(None, exclude_if=UNSET)
+    tool_calls: list[dict[str, Any]] | None = Field(None, exclude_if=UNSET)
 
 
 class ChatChoice(BaseModel):
@@ -276,6 +277,7 @@ class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = Field(None, exclude_if=UNSET)
     content: str | None = Field(None, exclude_if=UNSET)
     reasoning_content: str | None = Field(None, exclude_if=UNSET)
+    tool_calls: list[dict[str, Any]] | None = Field(None, exclude_if=UNSET)   # each with its "index"
 
 
 class ChatStreamChoice(BaseModel):
