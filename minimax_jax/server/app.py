@@ -232,9 +232,9 @@ class OpenAIServing:
 
     def _tool_call_splitter(self, body: ChatCompletionRequest) -> ToolCallSplitter | None:
         """A splitter of the output's tool calls, if the server parses them and the request
-        offers tools (tool_choice "none" offers none)."""
-        tools = body.template_inputs()[1]
-        return ToolCallSplitter(tools) if self.config.tool_call_parser and tools else None
+        offers tools."""
+        tools = body.offered_tools() if self.config.tool_call_parser else None
+        return ToolCallSplitter(tools) if tools else None
 
     def _chat_logprobs(self, delta: StreamDelta, top: int) -> ChatLogprobs:
         def entry(token: int, logprob: float) -> TopLogprob:

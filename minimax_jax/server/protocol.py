@@ -175,11 +175,14 @@ class ChatCompletionRequest(_Request):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def template_inputs(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-        tools = None
+    def offered_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the model may call (tool_choice "none" offers none), as plain dicts."""
         if self.tools and self.tool_choice != "none":
-            tools = [t.model_dump(exclude_none=True) for t in self.tools]
-        return [m.for_template() for m in self.messages], tools
+            return [t.model_dump(exclude_none=True) for t in self.tools]
+        return None
+
+    def template_inputs(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        return [m.for_template() for m in self.messages], self.offered_tools()
 
 
 # field names of every request model: what an error `param` path may contain
