@@ -2,13 +2,14 @@
 (303 slots per rank, contexts of about 900-1000 tokens, FP8 cache, 64-token pages, 48 query and 8
 KV heads of 128):
 
-    python benchmarks/decode_attention_probe.py [--slots 303] [--layers 8]
+    python benchmarks/decode_attention_probe.py [--slots 303] [--layers 16] [--variants TEXT ...]
 
 Each variant runs over every layer of an --layers-deep cache inside one jitted scan (as the
 model's layer loop does: no layer's keys stay in L2, and the host's dispatch is paid once), so
 the time per layer is device time. Variants: the engine's kernel on the engine's cache layout
 [layers, pages, page_size, kv_heads, D], with and without loading each block ahead of its
-arithmetic; the same kernel body on a heads-major page layout
+arithmetic, with its options (block size, warps, stages, bf16 arithmetic, libdevice's exp);
+the same kernel body on a heads-major page layout
 [layers, pages, kv_heads, page_size, D] (each head's keys of a page contiguous); the same loads
 with the arithmetic replaced by a sum (what the access pattern alone costs); and an XLA sum over
 each layer's whole cache (a streaming read of the same bytes). Prints one line per variant:
@@ -96,6 +97,8 @@ def main() -> int:
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--kv-heads", type=int, default=8, help="KV heads per device (2 on TP4); 6 query heads each")
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--variants", nargs="+", metavar="TEXT",
+                   help="run only the variants whose names contain one of these (the loads and the XLA stream always run)")
     args = p.parse_args()
     b, ps, layers = args.slots, args.page_size, args.layers
     per_slot = -(-args.context // ps)
@@ -128,7 +131,7 @@ def main() -> int:
         return jax.lax.scan(one, jnp.float32(0), jnp.arange(layers))[0]
 
     engine_kernel = functools.partial(decode_attention.paged_decode_attention, interpret=INTERPRET)
-    variants = [("engine kernel (64 keys, prefetch, 4 warps, 2 stages)", engine_kernel, False),
+    variants = [("engine kernel (64 keys, prefetch, 4 warps, 2 stages, fp16, ex2)", engine_kernel, False),
                 ("128 keys", functools.partial(engine_kernel, block_keys=128), False),
                 ("2 warps", functools.partial(engine_kernel, num_warps=2), False),
                 ("1 stage", functools.partial(engine_kernel, num_stages=1), False),
@@ -136,10 +139,17 @@ def main() -> int:
                 ("no prefetch", functools.partial(engine_kernel, prefetch=False), False),
                 ("contexts not split", functools.partial(engine_kernel, splits=1), False),
                 ("no prefetch, 128 keys", functools.partial(engine_kernel, prefetch=False, block_keys=128), False),
+                ("bf16 arithmetic", functools.partial(engine_kernel, compute_dtype=jnp.bfloat16), False),
+                ("libdevice exp", functools.partial(engine_kernel, fast_exp=False), False),
+                ("bf16 arithmetic, libdevice exp", functools.partial(engine_kernel, compute_dtype=jnp.bfloat16,
+                                                                     fast_exp=False), False),
                 ("heads-major layout", functools.partial(heads_major_attention, block_keys=64), True),
                 ("loads only, engine layout", functools.partial(heads_major_attention, read_only=True,
                                                                 heads_major=False, block_keys=64), False)]
     rows = []
+    if args.variants:
+        variants = [v for v in variants if v[0].startswith(("engine kernel", "loads only"))
+                    or any(text in v[0] for text in args.variants)]
     for name, attend, heads_major in variants:
         kc, vc = (k_heads, v_heads) if heads_major else (k_cache, v_cache)
         try:

@@ -13,7 +13,8 @@ TP4 is two), each context is split over several programs whose partial softmax s
 afterwards (flash-decoding).
 
 Query heads that share a KV head (6 for MiniMax-M2) are padded to the 16 rows a Triton dot
-needs; the probabilities enter the PV product in the value dtype, as in the reference.
+needs. An FP8 cache is widened to fp16, not bf16, and the probabilities enter the PV product in
+that dtype too (the reference rounds them to the value dtype).
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ import jax.numpy as jnp
 
 MIN_ROWS = 16            # a Triton dot's smallest M
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+LOG2E = 1.4426950408889634
 
 
 def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, page_table: jax.Array,
                            positions: jax.Array, layer: jax.Array, *, block_keys: int = 64,
                            num_warps: int = 4, num_stages: int = 2, prefetch: bool = True,
-                           splits: int | None = None, interpret: bool = False) -> jax.Array:
+                           splits: int | None = None, compute_dtype=None, fast_exp: bool = True,
+                           interpret: bool = False) -> jax.Array:
     """q: [B, 1, q_heads, D]; caches: [layers, pages, page_size, kv_heads, D]; page_table: [B, P];
     positions: [B, 1] (the token at position p sees keys 0..p). Returns [B, 1, q_heads, D] in
     q's dtype, as `attention.paged_attention_reference`. Keys are taken block_keys at a time
@@ -42,7 +45,14 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     splits: programs per (slot, KV head), each over its share of the context, their partial
     softmax sums combined after the kernel; None picks enough to give every SM two programs
     (`context_splits`): one request on TP4 is 2 programs otherwise, each walking its 1000 keys
-    alone while the other SMs idle."""
+    alone while the other SMs idle.
+
+    compute_dtype: what keys, values, queries and probabilities enter the dots as; None: fp16
+    for an 8-bit cache (e4m3 widens to fp16 exactly in one instruction per pair, and fp16 holds
+    queries and probabilities with more mantissa than bf16), else q's dtype. fast_exp: the
+    softmax in base 2 by the GPU's ex2 instruction instead of libdevice's expf. Together they
+    took the kernel from 373 to 340 us a layer at W1's decode shape on an H200
+    (docs/benchmarks.md)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -69,8 +79,12 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     blocks_per_split = -(-blocks // splits)
     splits = -(-blocks // blocks_per_split)          # none left empty by the rounding
 
+    if compute_dtype is None:   # FP8 entries widen to fp16 exactly, in one instruction per pair
+        compute_dtype = jnp.float16 if jnp.dtype(k_cache.dtype).itemsize == 1 else q.dtype
+    exp = ("exp2" if interpret else "ex2.approx") if fast_exp else "exp"
     kernel = functools.partial(_kernel, pages_per_block=pages_per_block, page_size=page_size, scale=d ** -0.5,
-                               prefetch=prefetch, blocks_per_split=blocks_per_split if splits > 1 else None)
+                               prefetch=prefetch, compute_dtype=jnp.dtype(compute_dtype), exp=exp,
+                               blocks_per_split=blocks_per_split if splits > 1 else None)
     cache_spec = pl.BlockSpec((layers * pages, page_size, None, d), lambda i, h, s: (0, 0, h, 0))
     parts = lambda *shape: pl.BlockSpec((None, None, None, *shape), lambda i, h, s: (i, h, s) + (0,) * len(shape))  # noqa: E731
     if splits == 1:
@@ -121,14 +135,20 @@ def supports(cache: jax.Array | jax.ShapeDtypeStruct) -> bool:
 
 
 def _kernel(q_ref, k_ref, v_ref, pages_ref, length_ref, *out_refs, pages_per_block, page_size, scale,
-            prefetch=True, blocks_per_split=None):
+            prefetch=True, blocks_per_split=None, compute_dtype=jnp.bfloat16, exp="exp"):
+    # exp: "exp" (libdevice), "ex2.approx" (one instruction), or "exp2" (its stand-in under the
+    # interpreter, which cannot run inline PTX)
     """One (slot, KV head), over all its blocks of keys, or with blocks_per_split over the
     program's share of them, writing its unnormalised output and softmax statistics."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
-    q = q_ref[...]
+    q = q_ref[...].astype(compute_dtype)
     rows, d = q.shape
+    if exp == "exp":
+        power, score_scale = jnp.exp, scale
+    else:           # softmax in base 2: the scores scaled by log2(e), one ex2 per probability
+        power, score_scale = (jnp.exp2 if exp == "exp2" else _ex2_approx), scale * LOG2E
     block_k = pages_per_block * page_size
     length = length_ref[0]
     num_blocks = pl.cdiv(length, block_k)
@@ -142,14 +162,14 @@ def _kernel(q_ref, k_ref, v_ref, pages_ref, length_ref, *out_refs, pages_per_blo
         return k_ref[pages], v_ref[pages]
 
     def attend(i, k, v, o, m, l):
-        k = k.reshape(block_k, d).astype(q.dtype)
-        v = v.reshape(block_k, d).astype(q.dtype)
-        s = pltriton.dot(q, k.T).astype(jnp.float32) * scale
+        k = k.reshape(block_k, d).astype(compute_dtype)
+        v = v.reshape(block_k, d).astype(compute_dtype)
+        s = pltriton.dot(q, k.T).astype(jnp.float32) * score_scale
         visible = i * block_k + jnp.arange(block_k) < length
         s = jnp.where(visible[None, :], s, MASKED)
         m_next = jnp.maximum(m, s.max(axis=-1))
-        correction = jnp.exp(m - m_next)
-        p = jnp.exp(s - m_next[:, None])
+        correction = power(m - m_next)
+        p = power(s - m_next[:, None])
         l = l * correction + p.sum(axis=-1)
         o = o * correction[:, None] + pltriton.dot(p.astype(v.dtype), v).astype(jnp.float32)
         return o, m_next, l
@@ -173,6 +193,14 @@ def _kernel(q_ref, k_ref, v_ref, pages_ref, length_ref, *out_refs, pages_per_blo
         o, m, l = jax.lax.fori_loop(first, end, block, init)
     if blocks_per_split is None:
         out_refs[0][...] = (o / l[:, None]).astype(out_refs[0].dtype)
-    else:
+    else:           # the combine works in base e
         o_ref, m_ref, l_ref = out_refs
-        o_ref[...], m_ref[...], l_ref[...] = o, m, l
+        o_ref[...], m_ref[...], l_ref[...] = o, m if exp == "exp" else m / LOG2E, l
+
+
+def _ex2_approx(x: jax.Array) -> jax.Array:
+    """2**x by the GPU's special-function unit (one instruction; subnormal results flush to 0,
+    which only ever meets probabilities below 2**-126)."""
+    from jax.experimental.pallas import triton as pltriton
+    return pltriton.elementwise_inline_asm("ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1,
+                                           result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
