@@ -47,7 +47,7 @@ from minimax_jax.loader import QUANTIZATION_TO_FORMAT, CheckpointLayout, detect_
 from minimax_jax.model import EXPERT_FORMATS, MiniMaxM2
 from minimax_jax.safetensors_index import CheckpointError, SafetensorsIndex
 from sharding.mesh import Layout, make_mesh
-from sharding.specs import param_spec
+from sharding.specs import KV_HEAD_KEYS, param_spec
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ INNER_CHUNK_BYTES = 4 << 20      # inner (read) chunk target; outer chunks are o
 MAX_SPLIT = 64                   # sharded axes are chunked at least this finely, when they divide
 NOT_COPIED = {"config.json", "model.safetensors.index.json", "hf_quant_config.json"}
 MAX_COPIED_FILE_BYTES = 64 << 20
-KV_HEAD_KEYS = {("layers", "attn", "wk"), ("layers", "attn", "wv"), ("layers", "attn", "k_norm")}
 
 Key = tuple[str, ...]
 Shardings = Callable[[Key, Any], jax.sharding.Sharding]
@@ -556,7 +555,7 @@ def _get(tree: dict, key: Key) -> Any:
 
 def layout_shardings(layout: Layout, cfg: ModelConfig, devices: list | None = None) -> Shardings:
     """The shardings ModelRunner places each parameter with (sharding.specs), so that its
-    shard_state finds them in place. Where tp exceeds the KV heads, wk/wv/k_norm come
+    shard_state finds them in place. Where tp exceeds the KV heads, the leaves of KV heads come
     replicated: shard_state copies their heads first, which changes their shapes."""
     mesh = make_mesh(layout, devices)
     replicate_kv = layout.kv_head_replicas(cfg.num_kv_heads) > 1

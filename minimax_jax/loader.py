@@ -8,8 +8,9 @@ byte, float8_e4m3fn `.weight_scale` per 16 values, fp32 `.weight_scale_2`; `.inp
 needed by weight-only experts and may be absent). Layers at index >= num_hidden_layers (the MTP
 modules) are skipped.
 
-Targets: attention and dense weights in the compute dtype; experts in bf16 (the compute dtype),
-FP8 blocks or NVFP4 (`expert_format`). A source already in the target format is copied bit for
+Targets: dense weights in the compute dtype; experts in bf16 (the compute dtype), FP8 blocks or
+NVFP4 (`expert_format`); attention's projections in the compute dtype, or beside FP8 experts in
+FP8 blocks (`model.attention_format`). A source already in the target format is copied bit for
 bit; otherwise it is dequantised and, if asked, quantised again.
 
 Every tensor's presence, dtype and shape is checked from the headers before anything is read, so
@@ -34,13 +35,14 @@ from flax import nnx
 from tqdm import tqdm
 
 from minimax_jax.config import ModelConfig
-from minimax_jax.model import MiniMaxM2
+from minimax_jax.model import MiniMaxM2, attention_format
 from minimax_jax.safetensors_index import CheckpointError, SafetensorsIndex
 from quant import fp8, nvfp4
 
 log = logging.getLogger(__name__)
 FP8_BLOCK = (128, 128)
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+PROJECTIONS = {("attn", w) for w in ("wq", "wk", "wv", "wo")}
 QUANTIZATION_TO_FORMAT = {None: "bf16", "bf16": "bf16", "fp8": "fp8", "modelopt_fp4": "nvfp4"}
 
 
@@ -244,11 +246,34 @@ class CheckpointLayout:
         """Every parameter's slice for one layer, in our layout (activations multiply from the
         left: x @ W, so dense [out, in] weights are transposed)."""
         out = {}
-        for key, (name, _) in self.dense_tensors(layer).items():
+        dense = self.dense_tensors(layer)
+        if attention_format(self.cfg, expert_format) == "fp8":
+            out.update({("attn",) + k: v for k, v in self.layer_attention_fp8(dense).items()})
+            dense = {k: v for k, v in dense.items() if k not in PROJECTIONS}
+        for key, (name, _) in dense.items():
             value = self.read(name, jnp.float32 if key[0] == "router" else dtype)
             out[key] = value.T if value.ndim == 2 else value
         out.update({("experts",) + k: v for k, v in self.layer_experts(layer, dtype, expert_format).items()})
         return out
+
+    def layer_attention_fp8(self, dense: dict) -> dict[tuple[str, ...], np.ndarray]:
+        """A layer's projections as `model.Attention` holds FP8 ones: the checkpoint's e4m3
+        blocks and scales as they are (or a dense checkpoint's, rounded to them), q, k and v rows
+        put together by KV head. Whole blocks move: with heads of 128 no block spans two heads."""
+        def blocks(key):
+            name = dense[key][0]
+            raw = self.index.read(name)
+            if raw.dtype == jnp.float8_e4m3fn:
+                return raw, self.index.read(name.removesuffix(".weight") + ".weight_scale_inv")
+            return tuple(np.asarray(a) for a in _on_host(fp8.quantize_blockwise, raw.astype(np.float32),
+                                                         block=FP8_BLOCK))
+
+        (q, q_scale), (k, k_scale), (v, v_scale) = (blocks(("attn", w)) for w in ("wq", "wk", "wv"))
+        heads, d = self.cfg.num_kv_heads, self.cfg.head_dim
+        wo, wo_scale = blocks(("attn", "wo"))
+        return {("wqkv_fp8",): group_by_kv_head(q, k, v, heads, d),
+                ("wqkv_fp8_scale",): group_by_kv_head(q_scale, k_scale, v_scale, heads, d // FP8_BLOCK[0]),
+                ("wo_fp8",): wo, ("wo_fp8_scale",): wo_scale}
 
     def layer_experts(self, layer: int, dtype: Any, expert_format: str) -> dict[tuple[str, ...], np.ndarray]:
         cfg = self.cfg
@@ -291,6 +316,13 @@ class CheckpointLayout:
         q = nvfp4.NVFP4Array(self.index.read(prefix + ".weight"), self.index.read(prefix + ".weight_scale"),
                              self.index.read(prefix + ".weight_scale_2").reshape(()).astype(np.float32))
         return _on_host(nvfp4.dequantize, q, jnp.float32)
+
+
+def group_by_kv_head(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_heads: int, rows_per_head: int) -> np.ndarray:
+    """Rows [Q, K], [KV, K], [KV, K] (q, k, v projections; per head rows_per_head rows) ->
+    [KVH * (G + 2) * rows_per_head, K]: each KV head's query heads, then its key, then its value."""
+    per_head = lambda a: a.reshape(kv_heads, -1, rows_per_head, a.shape[-1])  # noqa: E731
+    return np.concatenate([per_head(q), per_head(k), per_head(v)], axis=1).reshape(-1, q.shape[-1])
 
 
 def quantize_experts_nvfp4(w: np.ndarray) -> nvfp4.NVFP4Array:

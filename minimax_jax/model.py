@@ -8,9 +8,9 @@ parameter is the local shard. So nothing here reads a mesh or a device count: he
 expert counts come from the (possibly local) shapes of the weights.
 
 Layer parameters are stacked along a leading layer axis and run by `jax.lax.scan`, so compile
-time does not grow with depth. The scan slices every layer's parameters but the experts': those
-stay stacked and each layer's MoE block is given its index (`Experts.__call__`), so a kernel can
-read its layer in place instead of from a slice XLA may copy first.
+time does not grow with depth. The scan slices every layer's parameters but the experts' and
+FP8 attention's: those stay stacked and each layer is given its index (`Experts.__call__`,
+`Attention`), so a kernel can read its layer in place instead of from a slice XLA copies first.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from flax import nnx
 
 from minimax_jax.config import ModelConfig
 from minimax_jax.ops import attention as attn_ops
+from minimax_jax.ops import fp8_linear
 from minimax_jax.ops import moe as moe_ops
 from quant import fp8, nvfp4
 
@@ -126,25 +127,62 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any, std: float = 0.0
     return nnx.Param((jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype))
 
 
+def attention_format(cfg: ModelConfig, expert_format: str) -> str:
+    """How attention's projections are held: "fp8" (W8A8 on the released checkpoint's 128 x 128
+    blocks, `Attention`) beside FP8 experts when every block lies within one head, else "bf16"."""
+    aligned = cfg.head_dim % fp8_linear.BLOCK == 0 and cfg.hidden_size % fp8_linear.BLOCK == 0
+    return "fp8" if expert_format == "fp8" and aligned else "bf16"
+
+
+# attention's FP8 weights stay stacked over layers in the layer loop: its kernel reads them in place
+FP8_ATTENTION_WEIGHTS = ("wqkv_fp8", "wqkv_fp8_scale", "wo_fp8", "wo_fp8_scale")
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs):
+    """GQA attention with one RMSNorm over all q heads and one over all k heads, partial RoPE.
+
+    Projections in one of two formats:
+      bf16  wq [H, Q], wk [H, KV], wv [H, KV], wo [Q, H] in the compute dtype (x @ w)
+      fp8   the released checkpoint's blocks, rows = output channels: wqkv_fp8 [KVH * (G + 2) * D, H]
+            float8_e4m3fn, the q, k and v rows of each KV head together (its G query heads, its
+            key, its value: column-parallel sharding over whole KV heads keeps each device's rows
+            contiguous, and one GEMM makes all three), with wqkv_fp8_scale [rows / 128, H / 128];
+            wo_fp8 [H, Q] with wo_fp8_scale [H / 128, Q / 128]. Run W8A8 (`ops.fp8_linear`), the
+            kernel reading the layer in place in the weights stacked over layers.
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs, weight_format: str = "bf16"):
         h = cfg.hidden_size
-        self.wq = _normal(rngs, (h, cfg.q_size), dtype)
-        self.wk = _normal(rngs, (h, cfg.kv_size), dtype)
-        self.wv = _normal(rngs, (h, cfg.kv_size), dtype)
-        self.wo = _normal(rngs, (cfg.q_size, h), dtype)
+        self.format = weight_format
+        if weight_format == "bf16":
+            self.wq = _normal(rngs, (h, cfg.q_size), dtype)
+            self.wk = _normal(rngs, (h, cfg.kv_size), dtype)
+            self.wv = _normal(rngs, (h, cfg.kv_size), dtype)
+            self.wo = _normal(rngs, (cfg.q_size, h), dtype)
+        elif weight_format == "fp8":      # random e4m3 values, scaled to std 0.02
+            rows = cfg.q_size + 2 * cfg.kv_size
+            block = fp8_linear.BLOCK
+            self.wqkv_fp8 = _normal(rngs, (rows, h), jnp.float8_e4m3fn, std=1.0)
+            self.wqkv_fp8_scale = nnx.Param(jnp.full((rows // block, h // block), 0.02, jnp.float32))
+            self.wo_fp8 = _normal(rngs, (h, cfg.q_size), jnp.float8_e4m3fn, std=1.0)
+            self.wo_fp8_scale = nnx.Param(jnp.full((h // block, cfg.q_size // block), 0.02, jnp.float32))
+        else:
+            raise ValueError(f"attention weight format must be bf16 or fp8, got {weight_format!r}")
         self.q_norm = nnx.Param(jnp.ones((cfg.q_size,), dtype))
         self.k_norm = nnx.Param(jnp.ones((cfg.kv_size,), dtype))
         self.cfg = cfg
         self.backend = "xla"        # ops.attention.resolve_backend; the engine sets its choice
         self.decode_backend = "xla"  # ops.attention.resolve_decode_backend; likewise
+        self.fp8_kernel = "auto"     # ops.fp8_linear.resolve_kernel
 
     def __call__(self, h: jax.Array, kv: tuple[jax.Array, jax.Array], layer: jax.Array, step: StepInput,
                  comm: Comm) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """h: [B*T, H] all tokens of this rank. Returns o_proj partial sums and the new cache."""
+        """h: [B*T, H] all tokens of this rank. layer: this layer's index, into the KV cache and,
+        for fp8 weights, into the weights (held for every layer). Returns o_proj partial sums and
+        the new cache."""
         cfg = self.cfg
         b, t = step.tokens.shape
-        q, k, v = project(h, self.wq[...]), project(h, self.wk[...]), project(h, self.wv[...])
+        q, k, v = self._qkv(h, layer)
         q, k = self._joint_qk_norm(q, k, comm)
         d = cfg.head_dim
         q = rope(q.reshape(b, t, -1, d), step.positions, cfg.rotary_dim, cfg.rope_theta)
@@ -159,7 +197,22 @@ class Attention(nnx.Module):
                                        attn_ops.resolve_backend(self.backend, q.dtype),
                                        attn_ops.resolve_decode_backend(self.decode_backend, q.dtype),
                                        chunk_kv=(k, v) if step.fresh else None)
-        return project(out.reshape(b * t, -1), self.wo[...]), (k_cache, v_cache)
+        out = out.reshape(b * t, -1)
+        if self.format == "fp8":
+            o = fp8_linear.fp8_linear(out, self.wo_fp8[...], self.wo_fp8_scale[...], layer, self.fp8_kernel)
+        else:
+            o = project(out, self.wo[...])
+        return o, (k_cache, v_cache)
+
+    def _qkv(self, h: jax.Array, layer: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q [N, local q heads * D], k and v [N, local KV heads * D]."""
+        if self.format == "bf16":
+            return project(h, self.wq[...]), project(h, self.wk[...]), project(h, self.wv[...])
+        qkv = fp8_linear.fp8_linear(h, self.wqkv_fp8[...], self.wqkv_fp8_scale[...], layer, self.fp8_kernel)
+        group = self.q_norm.shape[-1] // self.k_norm.shape[-1]     # query heads per KV head (local)
+        qkv = qkv.reshape(h.shape[0], -1, group + 2, self.cfg.head_dim)
+        flat = lambda a: a.reshape(h.shape[0], -1)  # noqa: E731
+        return flat(qkv[:, :, :group]), flat(qkv[:, :, group]), flat(qkv[:, :, group + 1])
 
     def _joint_qk_norm(self, q: jax.Array, k: jax.Array, comm: Comm) -> tuple[jax.Array, jax.Array]:
         """One RMSNorm over the whole q projection and one over the whole k projection.
@@ -321,7 +374,7 @@ class Experts(nnx.Module):
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs, expert_format: str = "bf16"):
         self.attn_norm = nnx.Param(jnp.ones((cfg.hidden_size,), dtype))
-        self.attn = Attention(cfg, dtype, rngs)
+        self.attn = Attention(cfg, dtype, rngs, attention_format(cfg, expert_format))
         self.mlp_norm = nnx.Param(jnp.ones((cfg.hidden_size,), dtype))
         self.router = Router(cfg, rngs)
         self.experts = Experts(cfg, dtype, rngs, expert_format)
@@ -378,9 +431,10 @@ class MiniMaxM2(nnx.Module):
         b, t = step.tokens.shape
         x = self.embed[...][comm.own_tokens(step.tokens.reshape(-1))]
         valid = comm.own_tokens(step.valid.reshape(-1))
-        # the experts' weights stay stacked and each layer's MoE block is told its index (see
-        # Experts.__call__); the rest is sliced by the scan
-        graphdef, expert_state, layer_state = nnx.split(self.layers, nnx.PathContains("experts"), ...)
+        # the experts' and FP8 attention's weights stay stacked and each layer is told its index
+        # (Experts.__call__, Attention): their kernels read them in place; the rest is sliced by
+        # the scan
+        graphdef, expert_state, layer_state = nnx.split(self.layers, _held_whole, ...)
 
         def one_layer(carry, xs):
             r, m, kv = carry
@@ -399,6 +453,10 @@ class MiniMaxM2(nnx.Module):
             h = jnp.take_along_axis(h, logit_index[:, None, None], axis=1)[:, 0]
         logits = jnp.dot(h, self.lm_head[...], preferred_element_type=jnp.float32)
         return comm.gather_logits(logits), tuple(kv), expert_counts
+
+
+def _held_whole(path: tuple, _) -> bool:
+    return "experts" in path or path[-1] in FP8_ATTENTION_WEIGHTS
 
 
 def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any,

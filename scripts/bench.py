@@ -568,7 +568,10 @@ def layer_floor(cfg, tokens: int, context: int, devices: int, quantization) -> f
     bytes_per_weight = {None: 2, "fp8": 1, "modelopt_fp4": 0.5625}[quantization]
     expert = 3 * cfg.hidden_size * cfg.intermediate_size * bytes_per_weight
     touched = cfg.num_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** tokens)
-    attention = 2 * cfg.hidden_size * (2 * cfg.q_size + 2 * cfg.kv_size)
+    from minimax_jax.loader import QUANTIZATION_TO_FORMAT
+    from minimax_jax.model import attention_format
+    attention_bytes = 1 if attention_format(cfg, QUANTIZATION_TO_FORMAT[quantization]) == "fp8" else 2
+    attention = attention_bytes * cfg.hidden_size * (2 * cfg.q_size + 2 * cfg.kv_size)
     kv = tokens * context * 2 * cfg.kv_size * 2
     return (touched * expert + attention + kv) / devices
 

@@ -54,6 +54,11 @@ def param_spec(key: tuple[str, ...], leaf: jax.ShapeDtypeStruct | jax.Array, lay
         ("layers", "attn", "wk"): P(None, None, "tp"),
         ("layers", "attn", "wv"): P(None, None, "tp"),
         ("layers", "attn", "wo"): P(None, "tp", None),
+        # FP8 attention (model.Attention): output-channel rows; wqkv's rows are grouped by KV head
+        ("layers", "attn", "wqkv_fp8"): P(None, "tp", None),
+        ("layers", "attn", "wqkv_fp8_scale"): P(None, "tp", None),
+        ("layers", "attn", "wo_fp8"): P(None, None, "tp"),
+        ("layers", "attn", "wo_fp8_scale"): P(None, None, "tp"),
         ("layers", "attn", "q_norm"): P(None, "tp"),
         ("layers", "attn", "k_norm"): P(None, "tp"),
     }
@@ -65,14 +70,24 @@ def state_specs(state: nnx.State, layout: Layout) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, leaf: param_spec(param_key(path), leaf, layout), state)
 
 
-def replicate_kv_heads(state: nnx.State, head_dim: int, replicas: int) -> nnx.State:
-    """Repeats each KV head's columns of wk, wv and k_norm `replicas` times (tp > kv heads)."""
+# leaves holding KV heads, copied where tp exceeds their count
+KV_HEAD_KEYS = {("layers", "attn", name) for name in ("wk", "wv", "k_norm", "wqkv_fp8", "wqkv_fp8_scale")}
+
+
+def replicate_kv_heads(state: nnx.State, head_dim: int, replicas: int, num_kv_heads: int) -> nnx.State:
+    """Repeats each KV head's columns of wk, wv and k_norm `replicas` times (tp > kv heads). In
+    wqkv_fp8 (rows grouped by KV head: its query heads, key, value) each KV head's group becomes
+    `replicas` groups, each with its share of the query heads and a copy of the key and value."""
     if replicas == 1:
         return state
 
     def expand(path, leaf):
-        if param_key(path) not in {("layers", "attn", "wk"), ("layers", "attn", "wv"), ("layers", "attn", "k_norm")}:
+        key = param_key(path)
+        if key not in KV_HEAD_KEYS:
             return leaf
+        if key[-1].startswith("wqkv_fp8"):
+            rows_per_head = head_dim if key[-1] == "wqkv_fp8" else head_dim // 128    # codes, or 128-row scales
+            return _split_kv_groups(leaf, replicas, rows_per_head, num_kv_heads)
         *lead, width = leaf.shape
         heads = leaf.reshape(*lead, width // head_dim, 1, head_dim)
         heads = jnp.broadcast_to(heads, (*lead, width // head_dim, replicas, head_dim))
@@ -80,8 +95,18 @@ def replicate_kv_heads(state: nnx.State, head_dim: int, replicas: int) -> nnx.St
     return jax.tree_util.tree_map_with_path(expand, state)
 
 
+def _split_kv_groups(leaf: jax.Array, replicas: int, rows_per_head: int, kv_heads: int) -> jax.Array:
+    """[L, KVH * (G + 2) * rows_per_head, K] -> [L, KVH * replicas * (G / replicas + 2) * rows_per_head, K]."""
+    layers, rows, k = leaf.shape
+    groups = leaf.reshape(layers, kv_heads, rows // (kv_heads * rows_per_head), rows_per_head, k)
+    g = groups.shape[2] - 2
+    queries = groups[:, :, :g].reshape(layers, kv_heads, replicas, g // replicas, rows_per_head, k)
+    shared = jnp.broadcast_to(groups[:, :, None, g:], (layers, kv_heads, replicas, 2, rows_per_head, k))
+    return jnp.concatenate([queries, shared], axis=3).reshape(layers, -1, k)
+
+
 def shard_state(state: nnx.State, layout: Layout, mesh: Mesh, head_dim: int, num_kv_heads: int) -> nnx.State:
     """Places a model state on the mesh (KV heads copied first where tp > their count)."""
-    state = replicate_kv_heads(state, head_dim, layout.kv_head_replicas(num_kv_heads))
+    state = replicate_kv_heads(state, head_dim, layout.kv_head_replicas(num_kv_heads), num_kv_heads)
     specs = state_specs(state, layout)
     return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), state, specs)

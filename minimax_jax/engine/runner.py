@@ -151,7 +151,8 @@ def random_sharded_state(abstract: MiniMaxM2, layout: Layout, mesh, seed: int) -
 
     def init():
         model = MiniMaxM2(cfg, dtype=abstract.dtype, expert_format=abstract.expert_format, rngs=nnx.Rngs(seed))
-        return replicate_kv_heads(nnx.state(model), cfg.head_dim, layout.kv_head_replicas(cfg.num_kv_heads))
+        return replicate_kv_heads(nnx.state(model), cfg.head_dim, layout.kv_head_replicas(cfg.num_kv_heads),
+                                  cfg.num_kv_heads)
 
     specs = state_specs(jax.eval_shape(init), layout)
     return jax.jit(init, out_shardings=jax.tree.map(lambda s: NamedSharding(mesh, s), specs))()
