@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from minimax_jax.ops import attention as attn_ops  # noqa: E402
 from minimax_jax.ops import decode_attention  # noqa: E402
+from benchmarks.probe_timing import median_seconds  # noqa: E402
 
 INTERPRET = jax.default_backend() != "gpu"      # a CPU run checks the variants' numbers only
 
@@ -155,7 +156,7 @@ def main() -> int:
         try:
             out = np.asarray(jax.jit(attend)(q, kc, vc, table, positions, jnp.int32(1)), np.float32)
             err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-            seconds = _time(over_layers(attend), args.iters, q, kc, vc, table, positions) / layers
+            seconds = median_seconds(over_layers(attend), args.iters, q, kc, vc, table, positions) / layers
         except Exception as e:  # noqa: BLE001 - a variant that does not lower is reported, the rest go on
             print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
@@ -163,7 +164,7 @@ def main() -> int:
         print(f"{name}: {seconds * 1e6:.0f} us/layer, {attended / seconds / 1e12:.2f} TB/s, rel err {err:.1e}",
               flush=True)
     whole = 2 * k_cache[0].nbytes
-    seconds = _time(stream, args.iters, k_cache, v_cache) / layers
+    seconds = median_seconds(stream, args.iters, k_cache, v_cache) / layers
     rows.append(("XLA sum over each layer's whole cache", seconds, float("nan")))
     print(f"\n{b} slots, contexts {int(positions.min()) + 1}-{int(positions.max()) + 1}, {layers} layers, "
           f"{attended / 1e6:.0f} MB attended per layer ({whole / 1e6:.0f} MB in the layer's cache)")
@@ -172,17 +173,6 @@ def main() -> int:
         nbytes = whole if name.startswith("XLA") else attended
         print(f"{name:<48} {seconds * 1e6:>9.0f} {nbytes / seconds / 1e12:>6.2f} {err:>8.1e}")
     return 0
-
-
-def _time(f, iters: int, *args) -> float:
-    import time
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 if __name__ == "__main__":

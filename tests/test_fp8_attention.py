@@ -91,18 +91,30 @@ def test_every_layout_splits_the_kv_head_groups_as_one_device_computes_them(fp8_
     assert np.sum(error > 1e-5) <= 1 and error.max() <= 1e-3
 
 
-def test_the_kernel_reads_a_layer_of_stacked_weights_as_the_reference_computes_it():
-    """Under Pallas's GPU interpreter here; 130 rows: a partial second block of 128."""
+@pytest.mark.parametrize("kernel,rows", [("mosaic-ws-w8a8", 130), ("triton-w8a8", 3), ("triton-w8a8", 16)])
+def test_each_kernel_reads_a_layer_of_stacked_weights_as_the_reference_computes_it(kernel, rows):
+    """Under Pallas's interpreters here; 130 rows: a partial second block of 128 for the Mosaic
+    kernel, which takes any number; the Triton kernel takes up to 16."""
     rng = np.random.RandomState(1)
     w, scale = fp8.quantize_blockwise(rng.standard_normal((3, 256, 384)).astype(np.float32) * 0.02)
-    x = jnp.asarray(rng.standard_normal((130, 384)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((rows, 384)), jnp.bfloat16)
     ref = fp8_linear.reference(x, w[2], scale[2])
-    interpret = None if jax.default_backend() == "gpu" else InterpretGPUParams()
-    out = fp8_linear.fp8_linear(x, w, scale, jnp.int32(2), kernel="mosaic-ws-w8a8", interpret=interpret)
+    on_gpu = jax.default_backend() == "gpu"
+    interpret = None if on_gpu else (InterpretGPUParams() if kernel.startswith("mosaic") else True)
+    out = fp8_linear.fp8_linear(x, w, scale, jnp.int32(2), kernel=kernel, interpret=interpret)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
                                atol=1e-2 * float(jnp.abs(ref.astype(jnp.float32)).max()))
-    other = fp8_linear.fp8_linear(x, w, scale, jnp.int32(1), kernel="mosaic-ws-w8a8", interpret=interpret)
+    other = fp8_linear.fp8_linear(x, w, scale, jnp.int32(1), kernel=kernel, interpret=interpret)
     assert not np.allclose(np.asarray(other, np.float32), np.asarray(ref, np.float32), atol=1e-2)
+
+
+def test_auto_takes_the_triton_kernel_for_a_few_rows_on_hopper_and_the_reference_elsewhere(monkeypatch):
+    from minimax_jax.ops import moe
+    monkeypatch.setattr(moe, "on_hopper", lambda: True)
+    assert fp8_linear.resolve_kernel("auto", rows=1) == fp8_linear.resolve_kernel("auto", rows=16) == "triton-w8a8"
+    assert fp8_linear.resolve_kernel("auto", rows=17) == "mosaic-ws-w8a8"
+    monkeypatch.setattr(moe, "on_hopper", lambda: False)
+    assert fp8_linear.resolve_kernel("auto", rows=1) == "xla-w8a8"
 
 
 def test_fp8_linear_refuses_shapes_off_the_128_blocks():
@@ -111,6 +123,8 @@ def test_fp8_linear_refuses_shapes_off_the_128_blocks():
         fp8_linear.fp8_linear(jnp.zeros((2, 256)), w, jnp.ones((1, 2, 2)), 0)
     with pytest.raises(ValueError, match="must be one of"):
         fp8_linear.resolve_kernel("cublas")
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        fp8_linear.few_rows(jnp.zeros((17, 256)), jnp.zeros((1, 256, 256), jnp.float8_e4m3fn), jnp.ones((1, 2, 2)), 0)
 
 
 def _config(head_dim: int, hidden_size: int) -> ModelConfig:

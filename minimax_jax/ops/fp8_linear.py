@@ -18,16 +18,20 @@ import jax.numpy as jnp
 from minimax_jax.ops import grouped_gemm_ws, moe
 from quant import fp8
 
-KERNELS = ("auto", "xla-w8a8", "mosaic-ws-w8a8")
+KERNELS = ("auto", "xla-w8a8", "mosaic-ws-w8a8", "triton-w8a8")
 BLOCK = grouped_gemm_ws.SCALE_BLOCK
+FEW_ROWS = 16          # rows up to which "auto" takes the Triton kernel: a Triton dot's smallest M
 
 
-def resolve_kernel(kernel: str) -> str:
-    """"auto": the Mosaic kernel on Hopper GPUs, the XLA reference elsewhere."""
+def resolve_kernel(kernel: str, rows: int = FEW_ROWS + 1) -> str:
+    """"auto": on Hopper GPUs the Triton kernel for at most FEW_ROWS rows (one request's decode)
+    and the Mosaic kernel for more; the XLA reference elsewhere."""
     if kernel not in KERNELS:
         raise ValueError(f"fp8 linear kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     if kernel == "auto":
-        return "mosaic-ws-w8a8" if moe.on_hopper() else "xla-w8a8"
+        if not moe.on_hopper():
+            return "xla-w8a8"
+        return "triton-w8a8" if rows <= FEW_ROWS else "mosaic-ws-w8a8"
     return kernel
 
 
@@ -41,14 +45,63 @@ def fp8_linear(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array 
     if x.shape[-1] != k or n % BLOCK or k % BLOCK or w_scale.shape != (layers, n // BLOCK, k // BLOCK):
         raise ValueError(f"fp8_linear needs x [M, K], w [L, N, K] and w_scale [L, N/{BLOCK}, K/{BLOCK}] with N and K "
                          f"multiples of {BLOCK}; got x {x.shape}, w {w.shape}, w_scale {w_scale.shape}")
-    if resolve_kernel(kernel) == "xla-w8a8":
+    kernel = resolve_kernel(kernel, x.shape[0])
+    if kernel == "xla-w8a8":
         return reference(x, w[layer], w_scale[layer])
+    if kernel == "triton-w8a8":
+        return few_rows(x, w, w_scale, layer, interpret=bool(interpret))
     m = x.shape[0]
     rows = -(-m // BLOCK) * BLOCK
     x_rows = jnp.pad(x, ((0, rows - m), (0, 0)))
     out = grouped_gemm_ws.aligned_gemm_w8a8(x_rows, jnp.zeros((rows // BLOCK,), jnp.int32), w[:, None],
                                             w_scale[:, None], layer=layer, interpret=interpret,
                                             **({"num_blocks": 2} if interpret else {}))
+    return out[:m]
+
+
+def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | int, *, block_n: int = 32,
+             num_warps: int = 4, num_stages: int = 3, interpret: bool = False) -> jax.Array:
+    """`fp8_linear` for at most 16 rows as a Pallas (Triton) kernel: one program per block_n
+    output channels, so a decode step's few rows spread the weight reads over the SMs (the Mosaic
+    kernel's 128 x 128 tiles are N / 128 programs: 24-32 of an H200's 132 SMs for one request's
+    projections on TP2). Each program walks K in the 128-wide scale blocks: FP8 weights and
+    rounded rows widen to fp16 exactly, their dot sums in fp32 and takes the row scales times the
+    block's scale, as the W8A8 kernel's FP8 wgmma does."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    m, k = x.shape
+    layers, n, _ = w.shape
+    if m > FEW_ROWS or n % block_n or BLOCK % block_n:
+        raise ValueError(f"few_rows takes at most {FEW_ROWS} rows and block_n dividing {BLOCK} and N; got x {x.shape}, "
+                         f"w {w.shape}, block_n {block_n}")
+    xq, xs = fp8.quantize_groups(jnp.pad(x, ((0, FEW_ROWS - m), (0, 0))), BLOCK)
+    first_row = (jnp.asarray(layer, jnp.int32) * n).reshape(1)      # this layer's rows in the flat weights
+
+    def kernel(row_ref, x_ref, xs_ref, w_ref, s_ref, o_ref):
+        rows = row_ref[0] + pl.program_id(0) * block_n
+        scale_row = rows // BLOCK
+
+        def step(kb, acc):
+            cols = pl.ds(pl.multiple_of(kb * BLOCK, BLOCK), BLOCK)
+            wb = w_ref[pl.ds(rows, block_n), cols].astype(jnp.float16)
+            xb = x_ref[:, cols].astype(jnp.float16)
+            part = pltriton.dot(xb, wb.T).astype(jnp.float32)
+            return acc + part * (xs_ref[:, kb] * s_ref[scale_row, kb])[:, None]
+
+        acc = jax.lax.fori_loop(0, k // BLOCK, step, jnp.zeros((FEW_ROWS, block_n), jnp.float32))
+        o_ref[...] = acc.astype(o_ref.dtype)
+
+    whole = lambda shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))  # noqa: E731
+    out = pl.pallas_call(
+        kernel, grid=(n // block_n,),
+        in_specs=[whole((1,)), whole((FEW_ROWS, k)), whole((FEW_ROWS, k // BLOCK)),
+                  whole((layers * n, k)), whole((layers * n // BLOCK, k // BLOCK))],
+        out_specs=pl.BlockSpec((FEW_ROWS, block_n), lambda j: (0, j)),
+        out_shape=jax.ShapeDtypeStruct((FEW_ROWS, n), x.dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret, name="fp8_linear_few_rows",
+    )(first_row, xq, xs, w.reshape(layers * n, k), w_scale.reshape(layers * n // BLOCK, k // BLOCK))
     return out[:m]
 
 
