@@ -5,14 +5,20 @@ Triton few-rows kernel and its options (`minimax_jax.ops.fp8_linear`):
 
 Shapes are one device's share of MiniMax-M2.5's projections on TP2 and TP4 (qkv rows 8192 / tp,
 o rows 3072 over 6144 / tp columns). Each variant runs over every layer of --layers stacked
-weights inside one jitted scan (as the model's layer loop does: no layer's weights stay in L2,
-and the host's dispatch is paid once), so the time per layer is device time. Prints one line per
-variant: time per layer, the weight bytes' bandwidth, and the error against the reference.
+weights inside one jitted scan (as the model's layer loop does: no layer's weights stay in L2),
+run as one CUDA graph (XLA's command buffers for every thunk kind: a few-microsecond kernel is
+otherwise timed at the host's launch rate), so the time per layer is device time. Prints one
+line per variant: time per layer, the weight bytes' bandwidth, and the error against the
+reference.
 """
 import argparse
 import functools
+import os
 import sys
 from pathlib import Path
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1 "
+                           "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE").strip()
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

@@ -26,6 +26,7 @@ from minimax_jax.config import ModelConfig
 from minimax_jax.ops import attention as attn_ops
 from minimax_jax.ops import fp8_linear
 from minimax_jax.ops import moe as moe_ops
+from minimax_jax.ops import pair_experts
 from quant import fp8, nvfp4
 
 
@@ -341,17 +342,24 @@ class Experts(nnx.Module):
         """The routed experts' weighted sum [N, H], summed in fp32, in out_dtype. x: [N, H], or
         with rounded what `token_rounding` made of it. layer: this module's arrays hold every
         layer's experts ([L, ...]) and this layer's run; the Mosaic FP8 kernels read them in
-        place, every other path takes the layer's slice."""
+        place, and so does a few pairs' FP8 kernel on Hopper GPUs (`ops.pair_experts`); every
+        other path takes the layer's slice."""
         share = self.num_local / self.num_experts
         kernel, per_pair = self._path(expert_ids.size)
         if layer is not None and self.w13.ndim != 5:
             raise ValueError(f"a layer index needs experts stacked over layers (w13 [L, ...], 5-D); got w13 "
                              f"{self.w13.shape}")
+        local = expert_ids - first_expert
+        if per_pair and self.format == "fp8" and moe_ops.on_hopper() and all(
+                pair_experts.supports(w[...]) for w in (self.w13, self.w2)):    # reads each pair's expert in place
+            mine = (local >= 0) & (local < self.num_local)
+            return moe_ops.per_pair_experts_fp8(x, expert_ids, weights, local, mine, self.w13[...],
+                                                self.w13_scale[...], self.w2[...], self.w2_scale[...],
+                                                layer).astype(out_dtype)
         if layer is not None and (per_pair or kernel not in moe_ops.STACKED_KERNELS):
             graphdef, state = nnx.split(self)
             return nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], state))(x, expert_ids, weights, first_expert,
                                                                                 out_dtype=out_dtype, rounded=rounded)
-        local = expert_ids - first_expert
         if per_pair:
             mine = (local >= 0) & (local < self.num_local)
             w13, w2 = self.weights(jnp.where(mine, local, 0).reshape(-1))

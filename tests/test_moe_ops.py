@@ -501,3 +501,42 @@ def test_fp8_kernels_lower_for_gpus_at_full_size(kernel):
     f = jax.jit(lambda x, w, s, sizes: gemm(x, w, s, sizes, num_blocks=132))
     text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def test_fp8_pairs_read_in_place_equal_the_per_pair_path_on_dequantised_experts():
+    """Two tokens' pairs against layer 1 of experts stacked over 2 layers, one pair's expert on
+    another device (it adds nothing); the Triton kernel under its interpreter here."""
+    rng = np.random.RandomState(3)
+    layers, experts, hidden, inter = 2, 4, 256, 256
+    w13, w13_scale = fp8.quantize_blockwise(rng.standard_normal((layers, experts, 2, inter, hidden)) * 0.05)
+    w2, w2_scale = fp8.quantize_blockwise(rng.standard_normal((layers, experts, hidden, inter)) * 0.05)
+    x = jnp.asarray(rng.standard_normal((2, hidden)), jnp.float32)
+    expert_ids = jnp.asarray([[5, 2], [3, 4]], jnp.int32)            # global ids; this device holds 2..5
+    weights = jnp.asarray([[0.7, 0.3], [0.6, 0.4]], jnp.float32)
+    local = expert_ids - 2
+    mine = (local >= 0) & (local < experts)
+    expert_ids, local, mine = expert_ids.at[1, 1].set(9), local.at[1, 1].set(7), mine.at[1, 1].set(False)
+    out = moe.per_pair_experts_fp8(x, expert_ids, weights, local, mine, w13, w13_scale, w2, w2_scale, 1,
+                                   interpret=not ON_GPU)
+    picked = jnp.where(mine, local, 0).reshape(-1)
+    dense13 = fp8.dequantize_blockwise(w13[1], w13_scale[1])[picked].transpose(0, 3, 1, 2)     # [R, H, 2, I]
+    dense2 = fp8.dequantize_blockwise(w2[1], w2_scale[1])[picked].transpose(0, 2, 1)           # [R, I, H]
+    ref = moe.per_pair_experts(x, expert_ids, weights, dense13, dense2, mine)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+    # the layer index is read: layer 0's experts give another answer
+    other = moe.per_pair_experts_fp8(x, expert_ids, weights, local, mine, w13, w13_scale, w2, w2_scale, 0,
+                                     interpret=not ON_GPU)
+    assert not np.allclose(np.asarray(other), np.asarray(ref), atol=1e-2 * float(jnp.abs(ref).max()))
+
+
+def test_fp8_pair_kernel_lowers_for_gpus_at_full_size_and_refuses_weights_it_would_offset_wrongly():
+    """W3's gate/up experts on TP2 MoE-TP (62 layers, 256 experts of 2 x 768 rows) lower to
+    Triton here; 4 layers' worth on TP4 (2.4e9 FP8 entries, under 4 GiB) would wrap."""
+    from minimax_jax.ops import pair_experts
+    args = (jax.ShapeDtypeStruct((8, 3072), jnp.bfloat16), jax.ShapeDtypeStruct((62, 256, 1536, 3072), jnp.float8_e4m3fn),
+            jax.ShapeDtypeStruct((62, 256, 12, 24), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32),
+            jax.ShapeDtypeStruct((8,), jnp.int32))
+    text = jax.jit(pair_experts.pair_products).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text
+    wraps = jax.ShapeDtypeStruct((4, 256, 768, 3072), jnp.float8_e4m3fn)
+    assert not pair_experts.supports(wraps) and pair_experts.supports(args[1])

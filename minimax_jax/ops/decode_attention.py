@@ -20,10 +20,11 @@ that dtype too (the reference rounds them to the value dtype).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
+
+from minimax_jax.ops import triton_common
 
 MIN_ROWS = 16            # a Triton dot's smallest M
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -122,16 +123,12 @@ def context_splits(programs: int) -> int:
 
 
 def supports(cache: jax.Array | jax.ShapeDtypeStruct) -> bool:
-    """Whether the kernel reads this cache [layers, pages, page_size, kv_heads, D] correctly.
-
-    Triton's blocks are powers of two: a block of whole pages and the head dim. And Pallas's
-    Triton lowering computes element offsets in signed 32 bits for arrays of at most 4 GiB: an
-    FP8 cache of more than 2**31 entries but at most 4 GiB would be read at wrapped, negative
-    offsets (illegal-address faults on an H200); wider dtypes never have that many entries."""
+    """Whether the kernel reads this cache [layers, pages, page_size, kv_heads, D] correctly:
+    Triton's blocks are powers of two (a block of whole pages, the head dim), and an FP8 cache of
+    2-4 GiB would be read at wrapped offsets (`triton_common.offsets_wrap`)."""
     page_size, head_dim = cache.shape[2], cache.shape[4]
-    entries = math.prod(cache.shape)
-    wraps = entries > 2**31 and entries * jnp.dtype(cache.dtype).itemsize <= 2**32
-    return all(n >= 1 and n & (n - 1) == 0 for n in (page_size, head_dim)) and head_dim >= MIN_ROWS and not wraps
+    return (all(n >= 1 and n & (n - 1) == 0 for n in (page_size, head_dim)) and head_dim >= MIN_ROWS
+            and not triton_common.offsets_wrap(cache))
 
 
 def _kernel(q_ref, k_ref, v_ref, pages_ref, length_ref, *out_refs, pages_per_block, page_size, scale,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from minimax_jax.ops import grouped_gemm_ws, moe
+from minimax_jax.ops import grouped_gemm_ws, moe, triton_common
 from quant import fp8
 
 KERNELS = ("auto", "xla-w8a8", "mosaic-ws-w8a8", "triton-w8a8")
@@ -23,15 +23,17 @@ BLOCK = grouped_gemm_ws.SCALE_BLOCK
 FEW_ROWS = 16          # rows up to which "auto" takes the Triton kernel: a Triton dot's smallest M
 
 
-def resolve_kernel(kernel: str, rows: int = FEW_ROWS + 1) -> str:
-    """"auto": on Hopper GPUs the Triton kernel for at most FEW_ROWS rows (one request's decode)
-    and the Mosaic kernel for more; the XLA reference elsewhere."""
+def resolve_kernel(kernel: str, rows: int = FEW_ROWS + 1, w: jax.Array | None = None) -> str:
+    """"auto": on Hopper GPUs the Triton kernel for at most FEW_ROWS rows (one request's decode;
+    not for weights it would offset wrongly, `triton_common.offsets_wrap`) and the Mosaic kernel
+    for more; the XLA reference elsewhere."""
     if kernel not in KERNELS:
         raise ValueError(f"fp8 linear kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     if kernel == "auto":
         if not moe.on_hopper():
             return "xla-w8a8"
-        return "triton-w8a8" if rows <= FEW_ROWS else "mosaic-ws-w8a8"
+        few = rows <= FEW_ROWS and (w is None or not triton_common.offsets_wrap(w))
+        return "triton-w8a8" if few else "mosaic-ws-w8a8"
     return kernel
 
 
@@ -45,7 +47,7 @@ def fp8_linear(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array 
     if x.shape[-1] != k or n % BLOCK or k % BLOCK or w_scale.shape != (layers, n // BLOCK, k // BLOCK):
         raise ValueError(f"fp8_linear needs x [M, K], w [L, N, K] and w_scale [L, N/{BLOCK}, K/{BLOCK}] with N and K "
                          f"multiples of {BLOCK}; got x {x.shape}, w {w.shape}, w_scale {w_scale.shape}")
-    kernel = resolve_kernel(kernel, x.shape[0])
+    kernel = resolve_kernel(kernel, x.shape[0], w)
     if kernel == "xla-w8a8":
         return reference(x, w[layer], w_scale[layer])
     if kernel == "triton-w8a8":
@@ -72,9 +74,9 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | 
 
     m, k = x.shape
     layers, n, _ = w.shape
-    if m > FEW_ROWS or n % block_n or BLOCK % block_n:
-        raise ValueError(f"few_rows takes at most {FEW_ROWS} rows and block_n dividing {BLOCK} and N; got x {x.shape}, "
-                         f"w {w.shape}, block_n {block_n}")
+    if m > FEW_ROWS or n % block_n or BLOCK % block_n or triton_common.offsets_wrap(w):
+        raise ValueError(f"few_rows takes at most {FEW_ROWS} rows, block_n dividing {BLOCK} and N, and weights of at "
+                         f"most 2**31 entries or over 4 GiB; got x {x.shape}, w {w.shape}, block_n {block_n}")
     xq, xs = fp8.quantize_groups(jnp.pad(x, ((0, FEW_ROWS - m), (0, 0))), BLOCK)
     first_row = (jnp.asarray(layer, jnp.int32) * n).reshape(1)      # this layer's rows in the flat weights
 

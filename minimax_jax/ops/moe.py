@@ -14,7 +14,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from minimax_jax.ops import aligned_rows, grouped_gemm_fp8, grouped_gemm_ws
+from minimax_jax.ops import aligned_rows, grouped_gemm_fp8, grouped_gemm_ws, pair_experts
 from quant import fp8
 
 
@@ -338,6 +338,28 @@ def _w8a8_reference_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array,
     return GroupedMatmuls(lambda rounded, sizes: gate_up(fp8.dequantize_groups(*rounded), sizes),
                           lambda rows, sizes: down(fp8.dequantize_groups(*rounding(rows)), sizes),
                           prepare=rounding)
+
+
+def per_pair_experts_fp8(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, local: jax.Array,
+                         mine: jax.Array, w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: jax.Array,
+                         layer: jax.Array | int | None, interpret: bool = False) -> jax.Array:
+    """`per_pair_experts` on FP8 experts as `model.Experts` holds them, stacked over layers
+    (w13 [L, E, 2, I, H], w2 [L, E, H, I] and their block scales; layer None: unstacked), each
+    pair's expert read in place by `pair_experts.pair_products`. local: [N, k] local expert ids.
+    Returns fp32 [N, H]."""
+    if layer is None:
+        w13, w13_scale, w2, w2_scale, layer = w13[None], w13_scale[None], w2[None], w2_scale[None], 0
+    n, k = expert_ids.shape
+    layers, e, _, inter, hidden = w13.shape
+    experts = jnp.where(mine, local, 0).reshape(-1)
+    rows = jnp.repeat(x, k, axis=0)                                             # [N*k, H]
+    gate_up = pair_experts.pair_products(rows, w13.reshape(layers, e, 2 * inter, hidden),
+                                         w13_scale.reshape(layers, e, -1, w13_scale.shape[-1]), layer, experts,
+                                         interpret=interpret)
+    act = (jax.nn.silu(gate_up[:, :inter]) * gate_up[:, inter:]).astype(x.dtype)
+    y = pair_experts.pair_products(act, w2, w2_scale, layer, experts, interpret=interpret)
+    y = jnp.where(mine.reshape(-1, 1), y * weights.reshape(-1, 1), 0.0)
+    return y.reshape(n, k, -1).sum(axis=1)
 
 
 def per_pair_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w13: jax.Array,

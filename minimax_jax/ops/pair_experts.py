@@ -1,0 +1,76 @@
+"""A few tokens' routed experts in FP8, each (token, expert) pair against its own expert's
+weights read in place from the weights stacked over layers and experts.
+
+One request's decode picks 8 experts a layer. The grouped GEMM path would stream every local
+expert (or, in its row buckets, whole 128-row tiles per expert); the per-pair path of
+`moe.per_pair_experts` gathers the 8 experts' blocks and dequantises them into bf16 copies before
+two einsums, writing and reading again twice the FP8 bytes. Here a Pallas (Triton) kernel runs
+one program per (pair, block of output channels) that walks its expert's FP8 rows once, widening
+them in registers: weight-only numbers (the rows are not rounded), products and sums in fp32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from minimax_jax.ops import triton_common
+
+BLOCK = 128      # the FP8 checkpoint's scale block, along N and K
+
+
+def pair_products(rows: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | int, experts: jax.Array,
+                  *, block_n: int = 32, num_warps: int = 4, num_stages: int = 3,
+                  interpret: bool = False) -> jax.Array:
+    """rows [R, K] (one per pair) @ dequantised w[layer, experts[r]].T -> fp32 [R, N].
+
+    w: [L, E, N, K] float8_e4m3fn (rows = output channels; a gate/up pair [L, E, 2, I, K] passes
+    as N = 2I); w_scale: [L, E, N/128, K/128] fp32; experts: [R] int32 in [0, E)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    r, k = rows.shape
+    layers, e, n, k2 = w.shape
+    if (k != k2 or n % BLOCK or k % BLOCK or BLOCK % block_n or w_scale.shape != (layers, e, n // BLOCK, k // BLOCK)
+            or not supports(w)):
+        raise ValueError(f"pair_products needs rows [R, K], w [L, E, N, K] and w_scale [L, E, N/{BLOCK}, K/{BLOCK}] with "
+                         f"N and K multiples of {BLOCK}, block_n dividing {BLOCK}, and w of at most 2**31 entries or "
+                         f"over 4 GiB; got rows {rows.shape}, w {w.shape}, w_scale {w_scale.shape}, block_n {block_n}")
+    # each pair's first row in the weights flattened to [L * E * N, K]
+    first_row = ((jnp.asarray(layer, jnp.int32) * e + experts.astype(jnp.int32)) * n).reshape(r, 1)
+
+    def kernel(first_ref, x_ref, w_ref, s_ref, o_ref):
+        start = first_ref[0] + pl.program_id(1) * block_n
+        scale_row = start // BLOCK
+
+        def step(kb, acc):
+            cols = pl.ds(pl.multiple_of(kb * BLOCK, BLOCK), BLOCK)
+            wb = w_ref[pl.ds(start, block_n), cols].astype(jnp.float32)
+            xb = x_ref[cols].astype(jnp.float32)
+            return acc + jnp.sum(wb * xb[None, :], axis=1) * s_ref[scale_row, kb]
+
+        o_ref[...] = jax.lax.fori_loop(0, k // BLOCK, step, jnp.zeros((block_n,), jnp.float32))
+
+    whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))  # noqa: E731
+    return pl.pallas_call(
+        kernel, grid=(r, n // block_n),
+        in_specs=[pl.BlockSpec((None, 1), lambda i, j: (i, 0)), pl.BlockSpec((None, k), lambda i, j: (i, 0)),
+                  whole((layers * e * n, k)), whole((layers * e * n // BLOCK, k // BLOCK))],
+        out_specs=pl.BlockSpec((None, block_n), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((r, n), jnp.float32),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret, name="fp8_pair_products",
+    )(first_row, rows, w.reshape(layers * e * n, k), w_scale.reshape(layers * e * n // BLOCK, k // BLOCK))
+
+
+def supports(w: jax.Array | jax.ShapeDtypeStruct) -> bool:
+    """Whether the kernel reads these weights at the right offsets (`triton_common.offsets_wrap`)."""
+    return not triton_common.offsets_wrap(w)
+
+
+def reference(rows: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | int,
+              experts: jax.Array) -> jax.Array:
+    """`pair_products` in XLA: each pair's expert dequantised to fp32."""
+    from quant import fp8
+    picked = fp8.dequantize_blockwise(w[layer][experts], w_scale[layer][experts])       # [R, N, K]
+    return jnp.einsum("rk,rnk->rn", rows.astype(jnp.float32), picked, precision=jax.lax.Precision.HIGHEST)
