@@ -131,3 +131,15 @@ def _config(head_dim: int, hidden_size: int) -> ModelConfig:
     return ModelConfig(vocab_size=512, hidden_size=hidden_size, num_layers=2, num_heads=8, num_kv_heads=2,
                        head_dim=head_dim, rotary_dim=16, rope_theta=1e6, intermediate_size=128, num_experts=8,
                        num_experts_per_tok=2)
+
+
+def test_few_rows_split_over_k_adds_its_partial_sums_to_the_reference():
+    """K of 12 blocks: `triton_common.k_splits` gives 4 programs over K per block of channels."""
+    rng = np.random.RandomState(2)
+    w, scale = fp8.quantize_blockwise(rng.standard_normal((2, 128, 1536)).astype(np.float32) * 0.02)
+    x = jnp.asarray(rng.standard_normal((2, 1536)), jnp.bfloat16)
+    ref = fp8_linear.reference(x, w[1], scale[1])
+    for splits in (None, 2):
+        out = fp8_linear.few_rows(x, w, scale, jnp.int32(1), splits=splits, interpret=jax.default_backend() != "gpu")
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                                   atol=1e-2 * float(jnp.abs(ref.astype(jnp.float32)).max()))

@@ -540,3 +540,15 @@ def test_fp8_pair_kernel_lowers_for_gpus_at_full_size_and_refuses_weights_it_wou
     assert "xla.gpu.triton" in text
     wraps = jax.ShapeDtypeStruct((4, 256, 768, 3072), jnp.float8_e4m3fn)
     assert not pair_experts.supports(wraps) and pair_experts.supports(args[1])
+
+
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_pair_products_split_over_k_equal_the_reference(splits):
+    from minimax_jax.ops import pair_experts
+    rng = np.random.RandomState(4)
+    w, scale = fp8.quantize_blockwise(rng.standard_normal((2, 3, 256, 512)) * 0.05)
+    rows = jnp.asarray(rng.standard_normal((3, 512)), jnp.float32)
+    experts = jnp.asarray([2, 0, 2], jnp.int32)
+    out = pair_experts.pair_products(rows, w, scale, 1, experts, splits=splits, interpret=not ON_GPU)
+    ref = pair_experts.reference(rows, w, scale, 1, experts)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))

@@ -62,21 +62,26 @@ def fp8_linear(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array 
 
 
 def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | int, *, block_n: int = 32,
-             num_warps: int = 4, num_stages: int = 3, interpret: bool = False) -> jax.Array:
+             splits: int | None = None, num_warps: int = 4, num_stages: int = 4,
+             interpret: bool = False) -> jax.Array:
     """`fp8_linear` for at most 16 rows as a Pallas (Triton) kernel: one program per block_n
     output channels, so a decode step's few rows spread the weight reads over the SMs (the Mosaic
     kernel's 128 x 128 tiles are N / 128 programs: 24-32 of an H200's 132 SMs for one request's
     projections on TP2). Each program walks K in the 128-wide scale blocks: FP8 weights and
     rounded rows widen to fp16 exactly, their dot sums in fp32 and takes the row scales times the
-    block's scale, as the W8A8 kernel's FP8 wgmma does."""
+    block's scale, as the W8A8 kernel's FP8 wgmma does. splits: programs over K per block of
+    channels, their fp32 partial sums added after the kernel (more loads in flight per SM);
+    None: `triton_common.k_splits`."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
     m, k = x.shape
     layers, n, _ = w.shape
-    if m > FEW_ROWS or n % block_n or BLOCK % block_n or triton_common.offsets_wrap(w):
-        raise ValueError(f"few_rows takes at most {FEW_ROWS} rows, block_n dividing {BLOCK} and N, and weights of at "
-                         f"most 2**31 entries or over 4 GiB; got x {x.shape}, w {w.shape}, block_n {block_n}")
+    splits = splits or triton_common.k_splits(k // BLOCK)
+    if m > FEW_ROWS or n % block_n or BLOCK % block_n or (k // BLOCK) % splits or triton_common.offsets_wrap(w):
+        raise ValueError(f"few_rows takes at most {FEW_ROWS} rows, block_n dividing {BLOCK} and N, splits dividing "
+                         f"K/{BLOCK}, and weights of at most 2**31 entries or over 4 GiB; got x {x.shape}, w {w.shape}, "
+                         f"block_n {block_n}, splits {splits}")
     xq, xs = fp8.quantize_groups(jnp.pad(x, ((0, FEW_ROWS - m), (0, 0))), BLOCK)
     first_row = (jnp.asarray(layer, jnp.int32) * n).reshape(1)      # this layer's rows in the flat weights
 
@@ -91,20 +96,22 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | 
             part = pltriton.dot(xb, wb.T).astype(jnp.float32)
             return acc + part * (xs_ref[:, kb] * s_ref[scale_row, kb])[:, None]
 
-        acc = jax.lax.fori_loop(0, k // BLOCK, step, jnp.zeros((FEW_ROWS, block_n), jnp.float32))
+        per_split = k // BLOCK // splits
+        first = pl.program_id(1) * per_split
+        acc = jax.lax.fori_loop(first, first + per_split, step, jnp.zeros((FEW_ROWS, block_n), jnp.float32))
         o_ref[...] = acc.astype(o_ref.dtype)
 
-    whole = lambda shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))  # noqa: E731
+    whole = lambda shape: pl.BlockSpec(shape, lambda j, s: (0,) * len(shape))  # noqa: E731
     out = pl.pallas_call(
-        kernel, grid=(n // block_n,),
+        kernel, grid=(n // block_n, splits),
         in_specs=[whole((1,)), whole((FEW_ROWS, k)), whole((FEW_ROWS, k // BLOCK)),
                   whole((layers * n, k)), whole((layers * n // BLOCK, k // BLOCK))],
-        out_specs=pl.BlockSpec((FEW_ROWS, block_n), lambda j: (0, j)),
-        out_shape=jax.ShapeDtypeStruct((FEW_ROWS, n), x.dtype),
+        out_specs=pl.BlockSpec((None, FEW_ROWS, block_n), lambda j, s: (s, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((splits, FEW_ROWS, n), x.dtype if splits == 1 else jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="fp8_linear_few_rows",
     )(first_row, xq, xs, w.reshape(layers * n, k), w_scale.reshape(layers * n // BLOCK, k // BLOCK))
-    return out[:m]
+    return out.sum(axis=0)[:m].astype(x.dtype)
 
 
 def reference(x: jax.Array, w: jax.Array, w_scale: jax.Array) -> jax.Array:

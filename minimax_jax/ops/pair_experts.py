@@ -20,21 +20,25 @@ BLOCK = 128      # the FP8 checkpoint's scale block, along N and K
 
 
 def pair_products(rows: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | int, experts: jax.Array,
-                  *, block_n: int = 32, num_warps: int = 4, num_stages: int = 3,
+                  *, block_n: int = 32, splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
                   interpret: bool = False) -> jax.Array:
     """rows [R, K] (one per pair) @ dequantised w[layer, experts[r]].T -> fp32 [R, N].
 
     w: [L, E, N, K] float8_e4m3fn (rows = output channels; a gate/up pair [L, E, 2, I, K] passes
-    as N = 2I); w_scale: [L, E, N/128, K/128] fp32; experts: [R] int32 in [0, E)."""
+    as N = 2I); w_scale: [L, E, N/128, K/128] fp32; experts: [R] int32 in [0, E). splits:
+    programs over K per (pair, block of channels), their partial sums added after the kernel;
+    None: `triton_common.k_splits`."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
     r, k = rows.shape
     layers, e, n, k2 = w.shape
+    splits = splits or triton_common.k_splits(k // BLOCK)
     if (k != k2 or n % BLOCK or k % BLOCK or BLOCK % block_n or w_scale.shape != (layers, e, n // BLOCK, k // BLOCK)
-            or not supports(w)):
+            or (k // BLOCK) % splits or not supports(w)):
         raise ValueError(f"pair_products needs rows [R, K], w [L, E, N, K] and w_scale [L, E, N/{BLOCK}, K/{BLOCK}] with "
-                         f"N and K multiples of {BLOCK}, block_n dividing {BLOCK}, and w of at most 2**31 entries or "
+                         f"N and K multiples of {BLOCK}, block_n dividing {BLOCK}, splits dividing K/{BLOCK}, and w of "
+                         f"at most 2**31 entries or "
                          f"over 4 GiB; got rows {rows.shape}, w {w.shape}, w_scale {w_scale.shape}, block_n {block_n}")
     # each pair's first row in the weights flattened to [L * E * N, K]
     first_row = ((jnp.asarray(layer, jnp.int32) * e + experts.astype(jnp.int32)) * n).reshape(r, 1)
@@ -49,18 +53,21 @@ def pair_products(rows: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.
             xb = x_ref[cols].astype(jnp.float32)
             return acc + jnp.sum(wb * xb[None, :], axis=1) * s_ref[scale_row, kb]
 
-        o_ref[...] = jax.lax.fori_loop(0, k // BLOCK, step, jnp.zeros((block_n,), jnp.float32))
+        per_split = k // BLOCK // splits
+        first = pl.program_id(2) * per_split
+        o_ref[...] = jax.lax.fori_loop(first, first + per_split, step, jnp.zeros((block_n,), jnp.float32))
 
-    whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))  # noqa: E731
-    return pl.pallas_call(
-        kernel, grid=(r, n // block_n),
-        in_specs=[pl.BlockSpec((None, 1), lambda i, j: (i, 0)), pl.BlockSpec((None, k), lambda i, j: (i, 0)),
+    whole = lambda shape: pl.BlockSpec(shape, lambda i, j, s: (0,) * len(shape))  # noqa: E731
+    out = pl.pallas_call(
+        kernel, grid=(r, n // block_n, splits),
+        in_specs=[pl.BlockSpec((None, 1), lambda i, j, s: (i, 0)), pl.BlockSpec((None, k), lambda i, j, s: (i, 0)),
                   whole((layers * e * n, k)), whole((layers * e * n // BLOCK, k // BLOCK))],
-        out_specs=pl.BlockSpec((None, block_n), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((r, n), jnp.float32),
+        out_specs=pl.BlockSpec((None, None, block_n), lambda i, j, s: (s, i, j)),
+        out_shape=jax.ShapeDtypeStruct((splits, r, n), jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="fp8_pair_products",
     )(first_row, rows, w.reshape(layers * e * n, k), w_scale.reshape(layers * e * n // BLOCK, k // BLOCK))
+    return out.sum(axis=0)
 
 
 def supports(w: jax.Array | jax.ShapeDtypeStruct) -> bool:
