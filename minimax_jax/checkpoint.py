@@ -52,7 +52,7 @@ from sharding.specs import KV_HEAD_KEYS, param_spec
 log = logging.getLogger(__name__)
 
 FORMAT = "minimax-jax-orbax"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2       # 2: attention beside FP8 experts held as FP8 blocks (model.attention_format)
 MANIFEST = "manifest.json"
 STATE_DIR = "state"
 PARTIAL_TAG = ".converting-"
@@ -133,7 +133,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{file} describes format {manifest.get('format')!r} version "
                               f"{manifest.get('format_version')!r}; this code reads {FORMAT!r} "
-                              f"version {FORMAT_VERSION}")
+                              f"version {FORMAT_VERSION}: convert the HF checkpoint again (scripts/convert_hf.py)")
     if manifest.get("complete") is not True:
         raise CheckpointError(f"{path} is an incomplete conversion ({MANIFEST} says complete: false): {rerun}")
     return manifest
