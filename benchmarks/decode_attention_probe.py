@@ -135,6 +135,7 @@ def main() -> int:
     variants = [("engine kernel (64 keys, prefetch, 4 warps, 2 stages, fp16, ex2)", engine_kernel, False),
                 ("128 keys", functools.partial(engine_kernel, block_keys=128), False),
                 ("2 warps", functools.partial(engine_kernel, num_warps=2), False),
+                ("1 warp", functools.partial(engine_kernel, num_warps=1), False),
                 ("1 stage", functools.partial(engine_kernel, num_stages=1), False),
                 ("3 stages", functools.partial(engine_kernel, num_stages=3), False),
                 ("no prefetch", functools.partial(engine_kernel, prefetch=False), False),
