@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from minimax_jax.ops import attention as attn_ops  # noqa: E402
 from minimax_jax.ops import decode_attention  # noqa: E402
-from benchmarks.probe_timing import median_seconds  # noqa: E402
+from scripts.bench import median_time  # noqa: E402
 
 INTERPRET = jax.default_backend() != "gpu"      # a CPU run checks the variants' numbers only
 
@@ -157,7 +157,7 @@ def main() -> int:
         try:
             out = np.asarray(jax.jit(attend)(q, kc, vc, table, positions, jnp.int32(1)), np.float32)
             err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-            seconds = median_seconds(over_layers(attend), args.iters, q, kc, vc, table, positions) / layers
+            seconds = median_time(over_layers(attend), q, kc, vc, table, positions, warmup=1, iters=args.iters) / layers
         except Exception as e:  # noqa: BLE001 - a variant that does not lower is reported, the rest go on
             print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
@@ -165,7 +165,7 @@ def main() -> int:
         print(f"{name}: {seconds * 1e6:.0f} us/layer, {attended / seconds / 1e12:.2f} TB/s, rel err {err:.1e}",
               flush=True)
     whole = 2 * k_cache[0].nbytes
-    seconds = median_seconds(stream, args.iters, k_cache, v_cache) / layers
+    seconds = median_time(stream, k_cache, v_cache, warmup=1, iters=args.iters) / layers
     rows.append(("XLA sum over each layer's whole cache", seconds, float("nan")))
     print(f"\n{b} slots, contexts {int(positions.min()) + 1}-{int(positions.max()) + 1}, {layers} layers, "
           f"{attended / 1e6:.0f} MB attended per layer ({whole / 1e6:.0f} MB in the layer's cache)")

@@ -52,6 +52,12 @@ def save_hf_checkpoint(model: Any, path: str | Path, dtype: str = "float32") -> 
     return path
 
 
+def fp8_checkpoint_pair(model: Any, bf16_dir: str | Path, fp8_dir: str | Path) -> tuple[Path, Path]:
+    """The model saved in bf16, and that checkpoint in the released FP8 format."""
+    src = save_hf_checkpoint(model, bf16_dir, dtype="bfloat16")
+    return src, quantize_checkpoint_fp8(src, fp8_dir)
+
+
 def quantize_checkpoint_fp8(src: str | Path, dst: str | Path) -> Path:
     """Rewrites a checkpoint in the released FP8 format: every linear weight of attention and
     experts as float8_e4m3fn with a per-128x128-block fp32 `weight_scale_inv`; the router gate,

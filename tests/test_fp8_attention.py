@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from minimax_jax.config import ModelConfig
-from minimax_jax.hf_testing import make_hf_model, quantize_checkpoint_fp8, save_hf_checkpoint
+from minimax_jax.hf_testing import fp8_checkpoint_pair, make_hf_model
 from minimax_jax.loader import load_model
 from minimax_jax.model import attention_format
 from minimax_jax.ops import fp8_linear
@@ -25,9 +25,8 @@ SHAPES = dict(hidden_size=256, intermediate_size=128, num_attention_heads=8, num
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    hf = make_hf_model(seed=21, **SHAPES)
-    src = save_hf_checkpoint(hf, tmp_path_factory.mktemp("bf16"), dtype="bfloat16")
-    return src, quantize_checkpoint_fp8(src, tmp_path_factory.mktemp("fp8"))
+    return fp8_checkpoint_pair(make_hf_model(seed=21, **SHAPES), tmp_path_factory.mktemp("bf16"),
+                               tmp_path_factory.mktemp("fp8"))
 
 
 @pytest.fixture(scope="module")

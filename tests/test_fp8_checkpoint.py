@@ -8,7 +8,7 @@ import shutil
 from safetensors.torch import load_file, save_file
 from transformers import MiniMaxM2ForCausalLM
 
-from minimax_jax.hf_testing import make_hf_model, quantize_checkpoint_fp8, save_hf_checkpoint
+from minimax_jax.hf_testing import fp8_checkpoint_pair, make_hf_model
 from minimax_jax.loader import load_model
 from tests.test_model_vs_transformers import prefill_logits
 
@@ -20,8 +20,7 @@ FP8_SHAPES = dict(hidden_size=192, intermediate_size=160, num_attention_heads=4,
 @pytest.fixture(scope="module")
 def fp8_pair(tmp_path_factory):
     hf = make_hf_model(seed=11, **FP8_SHAPES)
-    src = save_hf_checkpoint(hf, tmp_path_factory.mktemp("bf16"), dtype="bfloat16")
-    return hf, src, quantize_checkpoint_fp8(src, tmp_path_factory.mktemp("fp8"))
+    return hf, *fp8_checkpoint_pair(hf, tmp_path_factory.mktemp("bf16"), tmp_path_factory.mktemp("fp8"))
 
 
 def torch_dequantized(fp8_dir) -> dict:

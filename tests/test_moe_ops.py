@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-from minimax_jax.ops import aligned_rows, grouped_gemm_fp8, grouped_gemm_ws, moe
+from minimax_jax.ops import aligned_rows, grouped_gemm_fp8, grouped_gemm_ws, moe, pair_experts
 from quant import fp8
 
 ON_GPU = os.environ.get("MINIMAX_JAX_KERNEL_TESTS") == "gpu"
@@ -412,8 +412,9 @@ def test_mosaic_fp8_matmuls_read_a_layer_of_stacked_weights_as_its_slice(kernel)
 def test_stacked_experts_given_a_layer_equal_that_layers_own_module(kernel, tokens, monkeypatch):
     """The model's scan hands Experts every layer's weights and the layer's index: through the
     Mosaic FP8 kernels (which read the layer in place), through a per-layer slice (every other
-    path), and for few tokens on a Hopper GPU (each pair's experts gathered from the slice, not
-    the FP8 kernel that "auto" names) the result is that layer's own module's, bit for bit."""
+    path), and for few tokens on a Hopper GPU (each pair's expert read in place by the pair
+    kernel, not the FP8 kernel that "auto" names) the result is that layer's own module's, bit
+    for bit."""
     from flax import nnx
     from minimax_jax.config import preset
     from minimax_jax.model import Experts
@@ -424,6 +425,9 @@ def test_stacked_experts_given_a_layer_equal_that_layers_own_module(kernel, toke
     for experts in layers + [stacked]:
         experts.kernel = kernel
     monkeypatch.setattr(moe, "fp8_matmuls", functools.partial(moe.fp8_matmuls, **INTERPRET))
+    pair_products = pair_experts.pair_products
+    monkeypatch.setattr(pair_experts, "pair_products",
+                        lambda *args, **kwargs: pair_products(*args, **{**kwargs, "interpret": not ON_GPU}))
     monkeypatch.setattr(moe, "on_hopper", lambda: True)
     rng = np.random.RandomState(14)
     x = jnp.asarray(rng.standard_normal((tokens, 256)), jnp.bfloat16)
@@ -532,7 +536,6 @@ def test_fp8_pairs_read_in_place_equal_the_per_pair_path_on_dequantised_experts(
 def test_fp8_pair_kernel_lowers_for_gpus_at_full_size_and_refuses_weights_it_would_offset_wrongly():
     """W3's gate/up experts on TP2 MoE-TP (62 layers, 256 experts of 2 x 768 rows) lower to
     Triton here; 4 layers' worth on TP4 (2.4e9 FP8 entries, under 4 GiB) would wrap."""
-    from minimax_jax.ops import pair_experts
     args = (jax.ShapeDtypeStruct((8, 3072), jnp.bfloat16), jax.ShapeDtypeStruct((62, 256, 1536, 3072), jnp.float8_e4m3fn),
             jax.ShapeDtypeStruct((62, 256, 12, 24), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32),
             jax.ShapeDtypeStruct((8,), jnp.int32))
@@ -544,7 +547,6 @@ def test_fp8_pair_kernel_lowers_for_gpus_at_full_size_and_refuses_weights_it_wou
 
 @pytest.mark.parametrize("splits", [1, 2, 4])
 def test_pair_products_split_over_k_equal_the_reference(splits):
-    from minimax_jax.ops import pair_experts
     rng = np.random.RandomState(4)
     w, scale = fp8.quantize_blockwise(rng.standard_normal((2, 3, 256, 512)) * 0.05)
     rows = jnp.asarray(rng.standard_normal((3, 512)), jnp.float32)
