@@ -4,7 +4,8 @@ The released FP8 checkpoint stores attention's projections as e4m3 blocks of 128
 fp32 scale each, and its activation scheme is dynamic: one scale per token and 128 channels, as
 sglang runs it. On Hopper the projection is the experts' warp-specialised W8A8 kernel with one
 group (`grouped_gemm_ws.aligned_gemm_w8a8`): both operands enter FP8 wgmmas, and the kernel
-indexes the layer inside the stacked weights. A layer's slice of stacked weights handed to a
+indexes the layer inside the stacked weights; up to 16 rows (one request's decode) take a Triton
+kernel that spreads them over more SMs (`few_rows`). A layer's slice of stacked weights handed to a
 cuBLAS GEMM is copied out first by XLA (about 80 us a decode layer for bf16 attention on a DEP4
 rank of W1, docs/benchmarks.md), which this avoids. Elsewhere the reference computes the same
 numbers in fp32 on the layer's slice.
@@ -42,7 +43,8 @@ def fp8_linear(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array 
     """x [M, K] @ dequantised w[layer].T -> [M, N] in x's dtype. w: [L, N, K] float8_e4m3fn
     (rows = output channels, as checkpoints store them); w_scale: [L, N/128, K/128] fp32. The
     rows are rounded to e4m3 with one scale per row and 128 columns (`quant.fp8.quantize_groups`)
-    and the products summed in fp32."""
+    and the products summed in fp32. interpret (tests off GPUs): the Mosaic interpreter's
+    parameters, or for the Triton kernel any true value."""
     layers, n, k = w.shape
     if x.shape[-1] != k or n % BLOCK or k % BLOCK or w_scale.shape != (layers, n // BLOCK, k // BLOCK):
         raise ValueError(f"fp8_linear needs x [M, K], w [L, N, K] and w_scale [L, N/{BLOCK}, K/{BLOCK}] with N and K "
