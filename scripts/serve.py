@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="decode steps of at most this many requests per dp rank run as XLA command buffers "
                      "(CUDA graphs) of every thunk kind, loops and collectives included (default: 0, XLA's own "
                      "command buffers only); set for the whole process on 4x H200, they made one request's decode 9%% "
-                     "faster and 1209 requests' 0.9%% slower")
+                     "faster and 1209 requests' 0.9%% slower; this per-step form gave nothing on 2x H200")
 
     sched = p.add_argument_group("scheduling and KV cache")
     sched.add_argument("--max-running-requests", type=int, help="max requests decoded together")
