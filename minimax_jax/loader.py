@@ -206,7 +206,7 @@ class CheckpointLayout:
         self._warn_unused({name for name, _, _ in needed})
 
     def _check_fp8_scale(self, name: str, shape: tuple[int, ...]) -> None:
-        scale = name.removesuffix(".weight") + ".weight_scale_inv"
+        scale = _fp8_scale_name(name)
         if scale not in self.index:
             raise CheckpointError(f"FP8 tensor {name} has no {scale}")
         expected = shape[:-2] + tuple(-(-s // b) for s, b in zip(shape[-2:], FP8_BLOCK))
@@ -230,11 +230,15 @@ class CheckpointLayout:
 
     def read(self, name: str, dtype: Any) -> np.ndarray:
         """One dense or FP8 HF tensor as a host array of `dtype`, FP8 blocks dequantised."""
-        raw = self.index.read(name)
-        if raw.dtype == jnp.float8_e4m3fn:
-            scale = self.index.read(name.removesuffix(".weight") + ".weight_scale_inv")
+        raw, scale = self.read_raw(name)
+        if scale is not None:
             return _on_host(fp8.dequantize_blockwise, raw, scale, dtype=dtype, block=FP8_BLOCK)
         return raw.astype(dtype)
+
+    def read_raw(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """One HF tensor as stored, with its block scales if it is FP8 (else None)."""
+        raw = self.index.read(name)
+        return raw, self.index.read(_fp8_scale_name(name)) if raw.dtype == jnp.float8_e4m3fn else None
 
     def load_top(self, key: tuple[str, ...], leaf: Any, sharding: Any) -> jax.Array:
         name, _ = self.top_tensors()[key]
@@ -261,10 +265,9 @@ class CheckpointLayout:
         blocks and scales as they are (or a dense checkpoint's, rounded to them), q, k and v rows
         put together by KV head. Whole blocks move: with heads of 128 no block spans two heads."""
         def blocks(key):
-            name = dense[key][0]
-            raw = self.index.read(name)
-            if raw.dtype == jnp.float8_e4m3fn:
-                return raw, self.index.read(name.removesuffix(".weight") + ".weight_scale_inv")
+            raw, scale = self.read_raw(dense[key][0])
+            if scale is not None:
+                return raw, scale
             return tuple(np.asarray(a) for a in _on_host(fp8.quantize_blockwise, raw.astype(np.float32),
                                                          block=FP8_BLOCK))
 
@@ -316,6 +319,11 @@ class CheckpointLayout:
         q = nvfp4.NVFP4Array(self.index.read(prefix + ".weight"), self.index.read(prefix + ".weight_scale"),
                              self.index.read(prefix + ".weight_scale_2").reshape(()).astype(np.float32))
         return _on_host(nvfp4.dequantize, q, jnp.float32)
+
+
+def _fp8_scale_name(name: str) -> str:
+    """The block scales' tensor of an FP8 `.weight`."""
+    return name.removesuffix(".weight") + ".weight_scale_inv"
 
 
 def group_by_kv_head(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_heads: int, rows_per_head: int) -> np.ndarray:
