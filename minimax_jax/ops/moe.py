@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from minimax_jax.ops import aligned_rows, grouped_gemm_fp8, grouped_gemm_ws, pair_experts
+from minimax_jax.ops.mosaic_common import stacked_layers
 from quant import fp8
 
 
@@ -347,17 +348,17 @@ def per_pair_experts_fp8(x: jax.Array, expert_ids: jax.Array, weights: jax.Array
     (w13 [L, E, 2, I, H], w2 [L, E, H, I] and their block scales; layer None: unstacked), each
     pair's expert read in place by `pair_experts.pair_products`. local: [N, k] local expert ids.
     Returns fp32 [N, H]."""
-    if layer is None:
-        w13, w13_scale, w2, w2_scale, layer = w13[None], w13_scale[None], w2[None], w2_scale[None], 0
+    w13, w13_scale, index = stacked_layers(w13, w13_scale, layer)
+    w2, w2_scale, _ = stacked_layers(w2, w2_scale, layer)
     n, k = expert_ids.shape
     layers, e, _, inter, hidden = w13.shape
     experts = jnp.where(mine, local, 0).reshape(-1)
     rows = jnp.repeat(x, k, axis=0)                                             # [N*k, H]
     gate_up = pair_experts.pair_products(rows, w13.reshape(layers, e, 2 * inter, hidden),
-                                         w13_scale.reshape(layers, e, -1, w13_scale.shape[-1]), layer, experts,
+                                         w13_scale.reshape(layers, e, -1, w13_scale.shape[-1]), index, experts,
                                          interpret=interpret)
     act = (jax.nn.silu(gate_up[:, :inter]) * gate_up[:, inter:]).astype(x.dtype)
-    y = pair_experts.pair_products(act, w2, w2_scale, layer, experts, interpret=interpret)
+    y = pair_experts.pair_products(act, w2, w2_scale, index, experts, interpret=interpret)
     y = jnp.where(mine.reshape(-1, 1), y * weights.reshape(-1, 1), 0.0)
     return y.reshape(n, k, -1).sum(axis=1)
 

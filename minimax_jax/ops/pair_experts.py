@@ -14,9 +14,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from minimax_jax.ops import triton_common
+from minimax_jax.ops import grouped_gemm_ws, triton_common
 
-BLOCK = 128      # the FP8 checkpoint's scale block, along N and K
+BLOCK = grouped_gemm_ws.SCALE_BLOCK      # the FP8 checkpoint's scale block, along N and K
 
 
 def pair_products(rows: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | int, experts: jax.Array,
