@@ -62,14 +62,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from minimax_jax.engine.runner import COMMAND_BUFFERS_EVERYWHERE  # noqa: E402
+
 ROWS: list[dict] = []
 
 # XLA GPU options the GPU issue asks to measure on and off, added to any XLA_FLAGS already set
 XLA_FLAG_SETS = {
     "default": "",
     "command-buffers-off": "--xla_gpu_enable_command_buffer=",
-    "command-buffers-all": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
-                           "COLLECTIVES,CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1",
+    # what --cuda-graph-max-bs compiles into small decode steps, for every executable of the process
+    "command-buffers-all": " ".join(f"--{name}={value}" for name, value in COMMAND_BUFFERS_EVERYWHERE.items()),
     # cuBLAS reads a layer's weights in place in the stacked array instead of copying them out
     "dynamic-slice-fusion": "--xla_gpu_enable_dynamic_slice_fusion=true",
     "cublas-dynamic-slice": "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_dynamic_slice_fusion=true",
