@@ -133,10 +133,10 @@ def supports(cache: jax.Array | jax.ShapeDtypeStruct) -> bool:
 
 def _kernel(q_ref, k_ref, v_ref, pages_ref, length_ref, *out_refs, pages_per_block, page_size, scale,
             prefetch=True, blocks_per_split=None, compute_dtype=jnp.bfloat16, exp="exp"):
-    # exp: "exp" (libdevice), "ex2.approx" (one instruction), or "exp2" (its stand-in under the
-    # interpreter, which cannot run inline PTX)
     """One (slot, KV head), over all its blocks of keys, or with blocks_per_split over the
-    program's share of them, writing its unnormalised output and softmax statistics."""
+    program's share of them, writing its unnormalised output and softmax statistics. exp: "exp"
+    (libdevice), "ex2.approx" (one instruction), or "exp2" (its stand-in under the interpreter,
+    which cannot run inline PTX)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
