@@ -1,0 +1,112 @@
+"""One decode step's routing for a few tokens as two Pallas (Triton) kernels.
+
+The router is small (fp32 [H, E], 3 MiB a layer for MiniMax-M2) but in XLA it is eight kernels
+for one token: the layer's weights copied out of the weights stacked over layers, the row
+doubled for a GEMM, a split-K GEMM and its sum, sigmoid and bias, a sort for the top-k, and the
+gathers of the chosen scores; 17 us a layer on an H200 for one request (docs/benchmarks.md).
+Here one kernel reads the layer's weights in place and writes partial logits per K split, and a
+second sums them, applies the sigmoid and the correction bias, and picks the top k with their
+renormalised scores.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+FEW_ROWS = 16           # a Triton dot's smallest M: rows are padded to it
+BLOCK_K = 128
+
+
+def supports(rows: int, hidden: int, num_experts: int, top_k: int) -> bool:
+    """Whether `route_few` takes these shapes: at most FEW_ROWS tokens, and Triton's
+    power-of-two blocks over the experts and the choices."""
+    powers = all(n >= 1 and n & (n - 1) == 0 for n in (num_experts, top_k))
+    return rows <= FEW_ROWS and powers and num_experts >= 16 and hidden % BLOCK_K == 0
+
+
+def route_few(h: jax.Array, weight: jax.Array, bias: jax.Array, layer: jax.Array | int, valid: jax.Array,
+              top_k: int, scaling: float, *, block_e: int = 16, interpret: bool = False
+              ) -> tuple[jax.Array, jax.Array]:
+    """`model.Router` for at most FEW_ROWS tokens: h [N, H]; weight [L, H, E] and bias [L, E]
+    fp32, stacked over layers (this layer's read in place); valid [N]. Returns (ids [N, k] int32,
+    the number of experts for invalid tokens; weights [N, k] fp32, 0 for invalid tokens). Ties
+    go to the lower expert id, as `jax.lax.top_k` breaks them."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    n, hidden = h.shape
+    layers, _, experts = weight.shape
+    if not supports(n, hidden, experts, top_k) or weight.shape[1] != hidden or bias.shape != (layers, experts):
+        raise ValueError(f"route_few takes at most {FEW_ROWS} rows, H a multiple of {BLOCK_K}, and powers of two "
+                         f"of at least 16 experts and of choices; got h {h.shape}, weight {weight.shape}, bias "
+                         f"{bias.shape}, top_k {top_k}")
+    # 8 splits of MiniMax-M2's 24 blocks: 128 programs over 16 experts each (4 splits, 64
+    # programs, read the 3 MiB at half a TB/s)
+    splits = next(s for s in (8, 4, 2, 1) if (hidden // BLOCK_K) % s == 0)
+    given = 1 if n == 1 else FEW_ROWS       # one row fills the dot's 16 rows in the kernel
+    rows = jnp.pad(h, ((0, given - n), (0, 0)))
+    choosing = 1 << (n - 1).bit_length()       # rows the top-k kernel takes: a power of two
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+
+    def logits_kernel(layer_ref, x_ref, w_ref, o_ref):
+        first = layer_ref[0] * hidden
+        cols = pl.ds(pl.program_id(0) * block_e, block_e)
+
+        def step(kb, acc):
+            ks = pl.ds(pl.multiple_of(kb * BLOCK_K, BLOCK_K), BLOCK_K)
+            wb = w_ref[pl.ds(first + kb * BLOCK_K, BLOCK_K), cols]
+            xb = x_ref[:, ks].astype(jnp.float32)
+            if given < FEW_ROWS:
+                xb = jnp.broadcast_to(xb, (FEW_ROWS, BLOCK_K))
+            return acc + pltriton.dot(xb, wb, allow_tf32=False)
+
+        per_split = hidden // BLOCK_K // splits
+        start = pl.program_id(1) * per_split
+        o_ref[...] = jax.lax.fori_loop(start, start + per_split, step, jnp.zeros((FEW_ROWS, block_e), jnp.float32))
+
+    whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
+    partial = pl.pallas_call(
+        logits_kernel, grid=(experts // block_e, splits),
+        in_specs=[whole((1,)), whole((given, hidden)), whole((layers * hidden, experts))],
+        out_specs=pl.BlockSpec((None, FEW_ROWS, block_e), lambda j, s: (s, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((splits, FEW_ROWS, experts), jnp.float32),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=3),    # Triton, not Mosaic
+        interpret=interpret, name="router_logits",
+    )(layer, rows, weight.reshape(layers * hidden, experts))
+
+    def top_k_kernel(layer_ref, part_ref, bias_ref, valid_ref, ids_ref, w_ref):
+        logits = part_ref[0]
+        for s in range(1, splits):
+            logits = logits + part_ref[s]
+        scores = 1.0 / (1.0 + jnp.exp(-logits))
+        biased = scores + bias_ref[pl.ds(layer_ref[0], 1), :]
+        expert = jax.lax.broadcasted_iota(jnp.int32, (choosing, experts), 1)
+        column = jax.lax.broadcasted_iota(jnp.int32, (choosing, top_k), 1)
+        ids = jnp.zeros((choosing, top_k), jnp.int32)
+        chosen = jnp.zeros((choosing, top_k), jnp.float32)
+        for j in range(top_k):
+            best = jnp.max(biased, axis=1)
+            pick = jnp.min(jnp.where(biased == best[:, None], expert, experts), axis=1)
+            hit = expert == pick[:, None]
+            score = jnp.sum(jnp.where(hit, scores, 0.0), axis=1)
+            ids = jnp.where(column == j, pick[:, None], ids)
+            chosen = jnp.where(column == j, score[:, None], chosen)
+            biased = jnp.where(hit, -jnp.inf, biased)
+        chosen = chosen / jnp.sum(chosen, axis=1, keepdims=True) * scaling
+        keep = valid_ref[...] != 0
+        ids_ref[...] = jnp.where(keep[:, None], ids, experts)
+        w_ref[...] = jnp.where(keep[:, None], chosen, 0.0)
+
+    # one warp: its 3 x top_k reductions in a row are shuffles within the warp, not round trips
+    # through shared memory between warps (4 warps over 16 rows took 34 us on an H200)
+    ids, weights = pl.pallas_call(
+        top_k_kernel, grid=(1,),
+        in_specs=[whole((1,)), whole((splits, choosing, experts)), whole((layers, experts)), whole((choosing,))],
+        out_specs=[whole((choosing, top_k))] * 2,
+        out_shape=[jax.ShapeDtypeStruct((choosing, top_k), jnp.int32),
+                   jax.ShapeDtypeStruct((choosing, top_k), jnp.float32)],
+        compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),
+        interpret=interpret, name="router_top_k",
+    )(layer, partial, bias, jnp.pad(valid.astype(jnp.int32), (0, choosing - n)))
+    return ids[:n], weights[:n]

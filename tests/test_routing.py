@@ -1,0 +1,84 @@
+"""The few-token router kernels choose what the XLA router chooses. They run under Pallas's
+interpreter here; on a GPU `JAX_PLATFORMS=cuda MINIMAX_JAX_KERNEL_TESTS=gpu pytest
+tests/test_routing.py` compiles them with Triton."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from minimax_jax.config import ModelConfig
+from minimax_jax.model import Router
+from minimax_jax.ops import routing
+
+ON_GPU = os.environ.get("MINIMAX_JAX_KERNEL_TESTS") == "gpu"
+
+
+def stacked_router(layers: int, hidden: int, experts: int, top_k: int, seed: int = 0) -> Router:
+    cfg = ModelConfig(vocab_size=64, hidden_size=hidden, num_layers=layers, num_heads=2, num_kv_heads=1,
+                      head_dim=64, rotary_dim=32, rope_theta=1e6, intermediate_size=128, num_experts=experts,
+                      num_experts_per_tok=top_k, routed_scaling_factor=1.5)
+    router = Router(cfg, nnx.Rngs(seed))
+    rng = np.random.RandomState(seed)
+    router.weight = nnx.Param(jnp.asarray(rng.standard_normal((layers, hidden, experts)) * 0.05, jnp.float32))
+    router.bias = nnx.Param(jnp.asarray(rng.standard_normal((layers, experts)) * 0.1, jnp.float32))
+    return router
+
+
+def route(router: Router, kernel: str, h, valid, layer):
+    router.kernel = kernel
+    return router(h, valid, jnp.int32(layer))
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 16])
+def test_router_kernels_choose_the_xla_routers_experts_and_weights(tokens):
+    """Layer 1 of 2 stacked layers (K split over 4 programs: H of 12 blocks); token 1, where
+    there is one, is padding."""
+    router = stacked_router(layers=2, hidden=1536, experts=64, top_k=8)
+    h = jnp.asarray(np.random.RandomState(tokens).standard_normal((tokens, 1536)), jnp.bfloat16)
+    valid = jnp.arange(tokens) != 1
+    want_ids, want_w = route(router, "xla", h, valid, 1)
+    got_ids, got_w = route(router, "triton", h, valid, 1)
+    np.testing.assert_array_equal(np.asarray(got_ids), np.asarray(want_ids))
+    np.testing.assert_allclose(np.asarray(got_w), np.asarray(want_w), rtol=1e-5, atol=1e-6)
+    if tokens > 1:
+        assert got_ids[1].tolist() == [64] * 8 and float(got_w[1].sum()) == 0.0
+    other_ids, _ = route(router, "triton", h, valid, 0)
+    assert not np.array_equal(np.asarray(other_ids), np.asarray(want_ids))
+
+
+def test_router_kernels_break_ties_toward_the_lower_expert_as_top_k_does():
+    router = stacked_router(layers=1, hidden=128, experts=16, top_k=2)
+    weight = router.weight[...].at[0, :, 9].set(router.weight[0, :, 3])
+    router.weight = nnx.Param(weight)
+    router.bias = nnx.Param(jnp.zeros((1, 16), jnp.float32).at[0, 3].set(5.0).at[0, 9].set(5.0))
+    h = jnp.ones((1, 128), jnp.float32)
+    ids, _ = route(router, "triton", h, jnp.ones((1,), bool), 0)
+    want, _ = route(router, "xla", h, jnp.ones((1,), bool), 0)
+    assert ids.tolist() == want.tolist() == [[3, 9]]
+
+
+def test_router_takes_xla_for_shapes_the_kernels_do_not_take():
+    assert routing.supports(16, 3072, 256, 8)
+    assert not routing.supports(17, 3072, 256, 8)       # more tokens than a kernel's rows
+    assert not routing.supports(1, 3072, 48, 8)         # Triton blocks are powers of two
+    assert not routing.supports(1, 3072, 8, 2)          # tiny test models keep XLA's router
+    router = stacked_router(layers=1, hidden=128, experts=8, top_k=2)
+    h = jnp.ones((2, 128), jnp.float32)
+    ids, _ = route(router, "triton", h, jnp.ones((2,), bool), 0)     # falls back, no error
+    assert ids.shape == (2, 2)
+    router.kernel = "cuda"
+    with pytest.raises(ValueError, match="router kernel must be one of"):
+        router(h, jnp.ones((2,), bool), jnp.int32(0))
+
+
+def test_router_kernels_lower_for_gpus_at_full_size():
+    """MiniMax-M2's router (3072 x 256, top 8) over 62 stacked layers lowers to Triton here."""
+    args = (jax.ShapeDtypeStruct((1, 3072), jnp.bfloat16), jax.ShapeDtypeStruct((62, 3072, 256), jnp.float32),
+            jax.ShapeDtypeStruct((62, 256), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32),
+            jax.ShapeDtypeStruct((1,), jnp.bool_))
+    f = jax.jit(lambda h, w, b, layer, valid: routing.route_few(h, w, b, layer, valid, 8, 1.0))
+    text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2
