@@ -554,3 +554,15 @@ def test_pair_products_split_over_k_equal_the_reference(splits):
     out = pair_experts.pair_products(rows, w, scale, 1, experts, splits=splits, interpret=not ON_GPU)
     ref = pair_experts.reference(rows, w, scale, 1, experts)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+
+
+def test_pair_products_read_each_tokens_row_for_all_its_choices():
+    """Two tokens of two choices each: pair r reads row r // 2, as a row repeated per pair would;
+    an expert id out of range reads expert 0 (its pair is dropped by the caller)."""
+    rng = np.random.RandomState(5)
+    w, scale = fp8.quantize_blockwise(rng.standard_normal((2, 3, 256, 512)) * 0.05)
+    rows = jnp.asarray(rng.standard_normal((2, 512)), jnp.float32)
+    experts = jnp.asarray([2, 0, 1, 7], jnp.int32)
+    out = pair_experts.pair_products(rows, w, scale, 1, experts, pairs_per_row=2, interpret=not ON_GPU)
+    ref = pair_experts.reference(jnp.repeat(rows, 2, axis=0), w, scale, 1, jnp.asarray([2, 0, 1, 0], jnp.int32))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))

@@ -352,11 +352,10 @@ def per_pair_experts_fp8(x: jax.Array, expert_ids: jax.Array, weights: jax.Array
     w2, w2_scale, _ = stacked_layers(w2, w2_scale, layer)
     n, k = expert_ids.shape
     layers, e, _, inter, hidden = w13.shape
-    experts = jnp.where(mine, local, 0).reshape(-1)
-    rows = jnp.repeat(x, k, axis=0)                                             # [N*k, H]
-    gate_up = pair_experts.pair_products(rows, w13.reshape(layers, e, 2 * inter, hidden),
+    experts = local.reshape(-1)         # the kernel reads expert 0 for pairs not `mine`, dropped below
+    gate_up = pair_experts.pair_products(x, w13.reshape(layers, e, 2 * inter, hidden),
                                          w13_scale.reshape(layers, e, -1, w13_scale.shape[-1]), index, experts,
-                                         interpret=interpret)
+                                         pairs_per_row=k, interpret=interpret)
     act = (jax.nn.silu(gate_up[:, :inter]) * gate_up[:, inter:]).astype(x.dtype)
     y = pair_experts.pair_products(act, w2, w2_scale, index, experts, interpret=interpret)
     y = jnp.where(mine.reshape(-1, 1), y * weights.reshape(-1, 1), 0.0)

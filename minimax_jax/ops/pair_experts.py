@@ -20,31 +20,33 @@ BLOCK = grouped_gemm_ws.SCALE_BLOCK      # the FP8 checkpoint's scale block, alo
 
 
 def pair_products(rows: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | int, experts: jax.Array,
-                  *, block_n: int = 32, splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                  interpret: bool = False) -> jax.Array:
-    """rows [R, K] (one per pair) @ dequantised w[layer, experts[r]].T -> fp32 [R, N].
+                  *, pairs_per_row: int = 1, block_n: int = 32, splits: int | None = None, num_warps: int = 4,
+                  num_stages: int = 3, interpret: bool = False) -> jax.Array:
+    """Pair r: rows[r // pairs_per_row] @ dequantised w[layer, experts[r]].T -> fp32 [R, N].
 
-    w: [L, E, N, K] float8_e4m3fn (rows = output channels; a gate/up pair [L, E, 2, I, K] passes
-    as N = 2I); w_scale: [L, E, N/128, K/128] fp32; experts: [R] int32 in [0, E). splits:
-    programs over K per (pair, block of channels), their partial sums added after the kernel;
-    None: `triton_common.k_splits`."""
+    rows: [>= R / pairs_per_row, K] (a token's row serves its pairs_per_row choices without a
+    copy per pair); w: [L, E, N, K] float8_e4m3fn (rows = output channels; a gate/up pair
+    [L, E, 2, I, K] passes as N = 2I); w_scale: [L, E, N/128, K/128] fp32; experts: [R] int32,
+    taken as 0 outside [0, E) (the caller drops those pairs). splits: programs over K per (pair,
+    block of channels), their partial sums added after the kernel; None:
+    `triton_common.k_splits`."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
-    r, k = rows.shape
+    r, k = experts.size, rows.shape[1]
     layers, e, n, k2 = w.shape
     splits = splits or triton_common.k_splits(k // BLOCK)
     if (k != k2 or n % BLOCK or k % BLOCK or BLOCK % block_n or w_scale.shape != (layers, e, n // BLOCK, k // BLOCK)
-            or (k // BLOCK) % splits or not supports(w)):
+            or (k // BLOCK) % splits or not supports(w) or rows.shape[0] * pairs_per_row < r):
         raise ValueError(f"pair_products needs rows [R, K], w [L, E, N, K] and w_scale [L, E, N/{BLOCK}, K/{BLOCK}] with "
                          f"N and K multiples of {BLOCK}, block_n dividing {BLOCK}, splits dividing K/{BLOCK}, and w of "
                          f"at most 2**31 entries or "
                          f"over 4 GiB; got rows {rows.shape}, w {w.shape}, w_scale {w_scale.shape}, block_n {block_n}")
-    # each pair's first row in the weights flattened to [L * E * N, K]
-    first_row = ((jnp.asarray(layer, jnp.int32) * e + experts.astype(jnp.int32)) * n).reshape(r, 1)
-
-    def kernel(first_ref, x_ref, w_ref, s_ref, o_ref):
-        start = first_ref[0] + pl.program_id(1) * block_n
+    def kernel(layer_ref, expert_ref, x_ref, w_ref, s_ref, o_ref):
+        expert = expert_ref[0]
+        expert = jnp.where((expert >= 0) & (expert < e), expert, 0)
+        # the pair's first row in the weights flattened to [L * E * N, K]
+        start = (layer_ref[0] * e + expert) * n + pl.program_id(1) * block_n
         scale_row = start // BLOCK
 
         def step(kb, acc):
@@ -60,13 +62,15 @@ def pair_products(rows: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.
     whole = lambda shape: pl.BlockSpec(shape, lambda i, j, s: (0,) * len(shape))  # noqa: E731
     out = pl.pallas_call(
         kernel, grid=(r, n // block_n, splits),
-        in_specs=[pl.BlockSpec((None, 1), lambda i, j, s: (i, 0)), pl.BlockSpec((None, k), lambda i, j, s: (i, 0)),
+        in_specs=[whole((1,)), pl.BlockSpec((None, 1), lambda i, j, s: (i, 0)),
+                  pl.BlockSpec((None, k), lambda i, j, s: (i // pairs_per_row, 0)),
                   whole((layers * e * n, k)), whole((layers * e * n // BLOCK, k // BLOCK))],
         out_specs=pl.BlockSpec((None, None, block_n), lambda i, j, s: (s, i, j)),
         out_shape=jax.ShapeDtypeStruct((splits, r, n), jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="fp8_pair_products",
-    )(first_row, rows, w.reshape(layers * e * n, k), w_scale.reshape(layers * e * n // BLOCK, k // BLOCK))
+    )(jnp.asarray(layer, jnp.int32).reshape(1), experts.astype(jnp.int32).reshape(r, 1), rows,
+      w.reshape(layers * e * n, k), w_scale.reshape(layers * e * n // BLOCK, k // BLOCK))
     return out.sum(axis=0)
 
 
