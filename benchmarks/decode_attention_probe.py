@@ -50,9 +50,7 @@ def heads_major_attention(q, k_cache, v_cache, page_table, positions, layer, *, 
     rows = max(decode_attention.MIN_ROWS, 1 << (group - 1).bit_length())
     qg = jnp.pad(q.reshape(b, hk, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
     per_slot = -(-page_table.shape[1] // ppb) * ppb
-    table = jnp.pad(page_table, ((0, 0), (0, per_slot - page_table.shape[1])))
-    flat_pages = (layer * pages + jnp.clip(table, 0, pages - 1)).astype(jnp.int32)
-    lengths = jnp.minimum(positions[:, :1] + 1, per_slot * page_size).astype(jnp.int32)
+    table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, per_slot - page_table.shape[1])))
     k_flat = k_cache.reshape(layers * pages, *k_cache.shape[2:])
     v_flat = v_cache.reshape(layers * pages, *v_cache.shape[2:])
     if heads_major:
@@ -60,32 +58,36 @@ def heads_major_attention(q, k_cache, v_cache, page_table, positions, layer, *, 
     else:
         cache_spec = pl.BlockSpec((layers * pages, page_size, None, d), lambda i, h: (0, 0, h, 0))
     body = _read_only if read_only else functools.partial(decode_attention._kernel, prefetch=prefetch)
-    kernel = functools.partial(body, pages_per_block=ppb, page_size=page_size, scale=d ** -0.5)
+    kernel = functools.partial(body, pages_per_block=ppb, page_size=page_size, num_pages=pages,
+                               max_length=per_slot * page_size, scale=d ** -0.5)
     out = pl.pallas_call(
         kernel, grid=(b, hk),
-        in_specs=[pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0)), cache_spec, cache_spec,
+        in_specs=[pl.BlockSpec((1,), lambda i, h: (0,)),
+                  pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0)), cache_spec, cache_spec,
                   pl.BlockSpec((None, per_slot), lambda i, h: (i, 0)), pl.BlockSpec((None, 1), lambda i, h: (i, 0))],
         out_specs=pl.BlockSpec((None, None, rows, d), lambda i, h: (i, h, 0, 0)),
         out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=INTERPRET,
-    )(qg, k_flat, v_flat, flat_pages, lengths)
+    )(jnp.asarray(layer, jnp.int32).reshape(1), qg, k_flat, v_flat, table, positions[:, :1].astype(jnp.int32))
     return out[:, :, :group].reshape(b, 1, hq, d)
 
 
-def _read_only(q_ref, k_ref, v_ref, pages_ref, length_ref, o_ref, *, pages_per_block, page_size, scale):
+def _read_only(layer_ref, q_ref, k_ref, v_ref, pages_ref, position_ref, o_ref, *, pages_per_block, page_size,
+               num_pages, max_length, scale):
     """The attention kernel's loads with a column sum in place of its arithmetic."""
     from jax.experimental import pallas as pl
     rows, d = q_ref.shape
     block_k = pages_per_block * page_size
 
     def block(i, acc):
-        pages = pages_ref[pl.ds(i * pages_per_block, pages_per_block)]
+        pages = layer_ref[0] * num_pages + pages_ref[pl.ds(i * pages_per_block, pages_per_block)]
         k = k_ref[pages].reshape(block_k, d).astype(jnp.float32)
         v = v_ref[pages].reshape(block_k, d).astype(jnp.float32)
         return acc + (k + v).sum(axis=0)
 
-    acc = jax.lax.fori_loop(0, pl.cdiv(length_ref[0], block_k), block, jnp.zeros((d,), jnp.float32))
+    length = jnp.minimum(position_ref[0] + 1, max_length)
+    acc = jax.lax.fori_loop(0, pl.cdiv(length, block_k), block, jnp.zeros((d,), jnp.float32))
     o_ref[...] = jnp.broadcast_to(acc[None, :], (rows, d)).astype(o_ref.dtype)
 
 

@@ -71,9 +71,9 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     # one flat page index over (layer, page): the kernel reads this layer's pages in place
     blocks = -(-page_table.shape[1] // pages_per_block)
     per_slot = blocks * pages_per_block
-    table = jnp.pad(page_table, ((0, 0), (0, per_slot - page_table.shape[1])))
-    flat_pages = (layer * pages + jnp.clip(table, 0, pages - 1)).astype(jnp.int32)
-    lengths = jnp.minimum(positions[:, :1] + 1, per_slot * page_size).astype(jnp.int32)
+    # (the kernel adds the layer's offset and clips the lengths: as XLA fusions they were two
+    # more kernels a layer)
+    table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, per_slot - page_table.shape[1])))
     k_flat = k_cache.reshape(layers * pages, page_size, hk, d)
     v_flat = v_cache.reshape(layers * pages, page_size, hk, d)
     splits = min(splits or context_splits(b * hk), blocks)
@@ -83,7 +83,8 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     if compute_dtype is None:   # FP8 entries widen to fp16 exactly, in one instruction per pair
         compute_dtype = jnp.float16 if jnp.dtype(k_cache.dtype).itemsize == 1 else q.dtype
     exp = ("exp2" if interpret else "ex2.approx") if fast_exp else "exp"
-    kernel = functools.partial(_kernel, pages_per_block=pages_per_block, page_size=page_size, scale=d ** -0.5,
+    kernel = functools.partial(_kernel, pages_per_block=pages_per_block, page_size=page_size, num_pages=pages,
+                               max_length=per_slot * page_size, scale=d ** -0.5,
                                prefetch=prefetch, compute_dtype=jnp.dtype(compute_dtype), exp=exp,
                                blocks_per_split=blocks_per_split if splits > 1 else None)
     cache_spec = pl.BlockSpec((layers * pages, page_size, None, d), lambda i, h, s: (0, 0, h, 0))
@@ -98,7 +99,8 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     out = pl.pallas_call(
         kernel,
         grid=(b, hk, splits),
-        in_specs=[pl.BlockSpec((None, None, rows, d), lambda i, h, s: (i, h, 0, 0)),
+        in_specs=[pl.BlockSpec((1,), lambda i, h, s: (0,)),
+                  pl.BlockSpec((None, None, rows, d), lambda i, h, s: (i, h, 0, 0)),
                   cache_spec, cache_spec,
                   pl.BlockSpec((None, per_slot), lambda i, h, s: (i, 0)),
                   pl.BlockSpec((None, 1), lambda i, h, s: (i, 0))],
@@ -107,7 +109,7 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="paged_decode_attention",
-    )(qg, k_flat, v_flat, flat_pages, lengths)
+    )(jnp.asarray(layer, jnp.int32).reshape(1), qg, k_flat, v_flat, table, positions[:, :1].astype(jnp.int32))
     if splits > 1:
         o, m, l = out
         weight = jnp.exp(m - m.max(axis=2, keepdims=True))           # a split with no keys weighs 0
@@ -131,12 +133,14 @@ def supports(cache: jax.Array | jax.ShapeDtypeStruct) -> bool:
             and not triton_common.offsets_wrap(cache))
 
 
-def _kernel(q_ref, k_ref, v_ref, pages_ref, length_ref, *out_refs, pages_per_block, page_size, scale,
-            prefetch=True, blocks_per_split=None, compute_dtype=jnp.bfloat16, exp="exp"):
+def _kernel(layer_ref, q_ref, k_ref, v_ref, pages_ref, position_ref, *out_refs, pages_per_block, page_size,
+            num_pages, max_length, scale, prefetch=True, blocks_per_split=None, compute_dtype=jnp.bfloat16,
+            exp="exp"):
     """One (slot, KV head), over all its blocks of keys, or with blocks_per_split over the
-    program's share of them, writing its unnormalised output and softmax statistics. exp: "exp"
-    (libdevice), "ex2.approx" (one instruction), or "exp2" (its stand-in under the interpreter,
-    which cannot run inline PTX)."""
+    program's share of them, writing its unnormalised output and softmax statistics. The cache's
+    page i of this layer is flat page layer * num_pages + i. exp: "exp" (libdevice),
+    "ex2.approx" (one instruction), or "exp2" (its stand-in under the interpreter, which cannot
+    run inline PTX)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -147,7 +151,8 @@ def _kernel(q_ref, k_ref, v_ref, pages_ref, length_ref, *out_refs, pages_per_blo
     else:           # softmax in base 2: the scores scaled by log2(e), one ex2 per probability
         power, score_scale = (jnp.exp2 if exp == "exp2" else _ex2_approx), scale * LOG2E
     block_k = pages_per_block * page_size
-    length = length_ref[0]
+    length = jnp.minimum(position_ref[0] + 1, max_length)
+    layer_first_page = layer_ref[0] * num_pages
     num_blocks = pl.cdiv(length, block_k)
     first, end = 0, num_blocks
     if blocks_per_split is not None:
@@ -155,7 +160,7 @@ def _kernel(q_ref, k_ref, v_ref, pages_ref, length_ref, *out_refs, pages_per_blo
         end = jnp.minimum(first + blocks_per_split, num_blocks)
 
     def load(i):
-        pages = pages_ref[pl.ds(i * pages_per_block, pages_per_block)]
+        pages = layer_first_page + jnp.clip(pages_ref[pl.ds(i * pages_per_block, pages_per_block)], 0, num_pages - 1)
         return k_ref[pages], v_ref[pages]
 
     def attend(i, k, v, o, m, l):
