@@ -34,8 +34,8 @@ E4M3_MAX = 448.0
 DEFAULT_BLOCK = (128, 128)
 
 
-def _scale_from_amax(amax: jax.Array) -> jax.Array:
-    scale = divide(amax, E4M3_MAX)
+def _scale_from_amax(amax: jax.Array, exact: bool = True) -> jax.Array:
+    scale = divide(amax, E4M3_MAX) if exact else amax / E4M3_MAX
     return jnp.where(scale > 0, scale, 1.0).astype(jnp.float32)
 
 
@@ -104,18 +104,20 @@ def quantize_per_channel(w: ArrayLike, axis: int = -1) -> tuple[jax.Array, jax.A
     return _to_e4m3(divide(w, scale)), scale
 
 
-def quantize_groups(x: ArrayLike, group: int = 128) -> tuple[jax.Array, jax.Array]:
+def quantize_groups(x: ArrayLike, group: int = 128, exact_scale: bool = True) -> tuple[jax.Array, jax.Array]:
     """One scale per row and `group` consecutive columns of [..., M, K] (the dynamic activation
     scheme of the FP8 checkpoints: per token and 128 channels). K must be a multiple of group.
 
     Returns (x_fp8 float8_e4m3fn [..., M, K], scale float32 [..., M, K / group]). It runs on the
-    serving path, so it divides plainly (no `exact.divide` barrier, which would keep XLA from
-    fusing it into the pass that produced x)."""
+    serving path, so the codes divide plainly (no `exact.divide` barrier, which would keep XLA
+    from fusing it into the pass that produced x). exact_scale=False divides the scale plainly
+    too: its barrier costs a decode step two more small kernels per rounding on GPUs, and XLA's
+    reciprocal can move the scale's last bit."""
     x = jnp.asarray(x, jnp.float32)
     if x.shape[-1] % group:
         raise ValueError(f"quantize_groups needs a last axis that is a multiple of {group}, got shape {x.shape}")
     tiles = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
-    scale = _scale_from_amax(jnp.max(_finite_abs(tiles), axis=-1))
+    scale = _scale_from_amax(jnp.max(_finite_abs(tiles), axis=-1), exact_scale)
     return _to_e4m3(tiles / scale[..., None]).reshape(x.shape), scale
 
 

@@ -90,7 +90,8 @@ def test_tensor_parallel_splits_the_kv_head_groups_as_one_device_computes_them(f
     assert np.sum(error > 1e-5) <= 1 and error.max() <= 1e-3
 
 
-@pytest.mark.parametrize("kernel,rows", [("mosaic-ws-w8a8", 130), ("triton-w8a8", 3), ("triton-w8a8", 16)])
+@pytest.mark.parametrize("kernel,rows", [("mosaic-ws-w8a8", 130), ("triton-w8a8", 1), ("triton-w8a8", 3),
+                                         ("triton-w8a8", 16)])
 def test_each_kernel_reads_a_layer_of_stacked_weights_as_the_reference_computes_it(kernel, rows):
     """Under Pallas's interpreters here; 130 rows: a partial second block of 128 for the Mosaic
     kernel, which takes any number; the Triton kernel takes up to 16."""

@@ -71,9 +71,12 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | 
     kernel's 128 x 128 tiles are N / 128 programs: 24-32 of an H200's 132 SMs for one request's
     projections on TP2). Each program walks K in the 128-wide scale blocks: FP8 weights and
     rounded rows widen to fp16 exactly, their dot sums in fp32 and takes the row scales times the
-    block's scale, as the W8A8 kernel's FP8 wgmma does. splits: programs over K per block of
-    channels, their fp32 partial sums added after the kernel (more loads in flight per SM);
-    None: `triton_common.k_splits`."""
+    block's scale, as the W8A8 kernel's FP8 wgmma does. The rows are rounded before the kernel,
+    in XLA (`quant.fp8.quantize_groups` without its exact division: two kernels rather than
+    four); rounded inside it, the kernel took 10 -> 13.5 us for one row's qkv on an H200
+    (docs/benchmarks.md). The layer's first weight row is found inside the kernel. splits:
+    programs over K per block of channels, their fp32 partial sums added after the kernel (more
+    loads in flight per SM); None: `triton_common.k_splits`."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -84,35 +87,35 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | 
         raise ValueError(f"few_rows takes at most {FEW_ROWS} rows, block_n dividing {BLOCK} and N, splits dividing "
                          f"K/{BLOCK}, and weights of at most 2**31 entries or over 4 GiB; got x {x.shape}, w {w.shape}, "
                          f"block_n {block_n}, splits {splits}")
-    xq, xs = fp8.quantize_groups(jnp.pad(x, ((0, FEW_ROWS - m), (0, 0))), BLOCK)
-    first_row = (jnp.asarray(layer, jnp.int32) * n).reshape(1)      # this layer's rows in the flat weights
+    xq, xs = fp8.quantize_groups(jnp.pad(x, ((0, FEW_ROWS - m), (0, 0))), BLOCK, exact_scale=False)
 
-    def kernel(row_ref, x_ref, xs_ref, w_ref, s_ref, o_ref):
-        rows = row_ref[0] + pl.program_id(0) * block_n
-        scale_row = rows // BLOCK
+    def kernel(layer_ref, x_ref, xs_ref, w_ref, s_ref, o_ref):
+        first = layer_ref[0] * n + pl.program_id(0) * block_n       # this layer's rows in the flat weights
+        scale_row = first // BLOCK
 
         def step(kb, acc):
             cols = pl.ds(pl.multiple_of(kb * BLOCK, BLOCK), BLOCK)
-            wb = w_ref[pl.ds(rows, block_n), cols].astype(jnp.float16)
+            wb = w_ref[pl.ds(first, block_n), cols].astype(jnp.float16)
             xb = x_ref[:, cols].astype(jnp.float16)
             part = pltriton.dot(xb, wb.T).astype(jnp.float32)
             return acc + part * (xs_ref[:, kb] * s_ref[scale_row, kb])[:, None]
 
         per_split = k // BLOCK // splits
-        first = pl.program_id(1) * per_split
-        acc = jax.lax.fori_loop(first, first + per_split, step, jnp.zeros((FEW_ROWS, block_n), jnp.float32))
+        start = pl.program_id(1) * per_split
+        acc = jax.lax.fori_loop(start, start + per_split, step, jnp.zeros((FEW_ROWS, block_n), jnp.float32))
         o_ref[...] = acc.astype(o_ref.dtype)
 
     whole = lambda shape: pl.BlockSpec(shape, lambda j, s: (0,) * len(shape))  # noqa: E731
     out = pl.pallas_call(
         kernel, grid=(n // block_n, splits),
-        in_specs=[whole((1,)), whole((FEW_ROWS, k)), whole((FEW_ROWS, k // BLOCK)),
-                  whole((layers * n, k)), whole((layers * n // BLOCK, k // BLOCK))],
+        in_specs=[whole((1,)), whole((FEW_ROWS, k)), whole((FEW_ROWS, k // BLOCK)), whole((layers * n, k)),
+                  whole((layers * n // BLOCK, k // BLOCK))],
         out_specs=pl.BlockSpec((None, FEW_ROWS, block_n), lambda j, s: (s, 0, j)),
         out_shape=jax.ShapeDtypeStruct((splits, FEW_ROWS, n), x.dtype if splits == 1 else jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="fp8_linear_few_rows",
-    )(first_row, xq, xs, w.reshape(layers * n, k), w_scale.reshape(layers * n // BLOCK, k // BLOCK))
+    )(jnp.asarray(layer, jnp.int32).reshape(1), xq, xs, w.reshape(layers * n, k),
+      w_scale.reshape(layers * n // BLOCK, k // BLOCK))
     return out.sum(axis=0)[:m].astype(x.dtype)
 
 
