@@ -27,6 +27,7 @@ from minimax_jax.ops import attention as attn_ops
 from minimax_jax.ops import fp8_linear
 from minimax_jax.ops import moe as moe_ops
 from minimax_jax.ops import pair_experts
+from minimax_jax.ops import routing
 from quant import fp8, nvfp4
 
 
@@ -232,19 +233,38 @@ class Attention(nnx.Module):
         return q, k
 
 
+ROUTER_KERNELS = ("auto", "xla", "triton")
+
+
 class Router(nnx.Module):
     """Sigmoid scores in fp32; top-k by score + correction bias; weights are the unbiased scores
-    of the chosen experts, renormalised. Padding tokens choose no expert (id = num_experts)."""
+    of the chosen experts, renormalised. Padding tokens choose no expert (id = num_experts).
+
+    In the layer loop the weights stay stacked over layers and the layer's index is given: up to
+    16 tokens (`ops.routing.supports`) take two Triton kernels that read the layer in place
+    (kernel "triton", and "auto" on GPUs; the interpreter elsewhere), more take XLA's ops on the
+    layer's slice."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.weight = _normal(rngs, (cfg.hidden_size, cfg.num_experts), jnp.float32)
         self.bias = nnx.Param(jnp.zeros((cfg.num_experts,), jnp.float32))
         self.top_k = cfg.num_experts_per_tok
         self.scaling = cfg.routed_scaling_factor
+        self.kernel = "auto"
 
-    def __call__(self, h: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-        scores = jax.nn.sigmoid(project(h.astype(jnp.float32), self.weight[...]))
-        _, ids = jax.lax.top_k(scores + self.bias[...], self.top_k)
+    def __call__(self, h: jax.Array, valid: jax.Array, layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        weight, bias = self.weight[...], self.bias[...]
+        if weight.ndim == 3:        # [L, H, E]: held whole by the layer loop
+            if self.kernel not in ROUTER_KERNELS:
+                raise ValueError(f"router kernel must be one of {', '.join(ROUTER_KERNELS)}, got {self.kernel!r}")
+            on_gpu = jax.default_backend() == "gpu"
+            if (self.kernel == "triton" or self.kernel == "auto" and on_gpu) and routing.supports(
+                    h.shape[0], h.shape[1], weight.shape[-1], self.top_k):
+                return routing.route_few(h, weight, bias, layer, valid, self.top_k, self.scaling,
+                                         interpret=not on_gpu)
+            weight, bias = weight[layer], bias[layer]
+        scores = jax.nn.sigmoid(project(h.astype(jnp.float32), weight))
+        _, ids = jax.lax.top_k(scores + bias, self.top_k)
         weights = jnp.take_along_axis(scores, ids, axis=-1)
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True) * self.scaling
         num_experts = scores.shape[-1]
@@ -401,7 +421,7 @@ class DecoderLayer(nnx.Module):
         o, kv = self.attn(h, kv, index, step, comm)
         r = r + comm.reduce_attention(o).astype(r.dtype)
         h = rms_norm(r, self.mlp_norm[...], self.eps)
-        expert_ids, weights = self.router(h, valid)
+        expert_ids, weights = self.router(h, valid, index)
         m = comm.moe(h, expert_ids, weights, self.experts, layer=index).astype(r.dtype)
         counts = jnp.bincount(expert_ids.reshape(-1), length=self.router.weight.shape[-1] + 1)
         return r, m, kv, counts
@@ -439,21 +459,22 @@ class MiniMaxM2(nnx.Module):
         b, t = step.tokens.shape
         x = self.embed[...][comm.own_tokens(step.tokens.reshape(-1))]
         valid = comm.own_tokens(step.valid.reshape(-1))
-        # the experts' and FP8 attention's weights stay stacked and each layer is told its index
-        # (Experts.__call__, Attention): their kernels read them in place; the rest is sliced by
-        # the scan
+        # the experts', the router's and FP8 attention's weights stay stacked and each layer is
+        # told its index (Experts.__call__, Router, Attention): their kernels read them in place;
+        # the rest is sliced by the scan
         graphdef, expert_state, layer_state = nnx.split(self.layers, _held_whole, ...)
 
-        def one_layer(carry, xs):
-            r, m, kv = carry
-            state, index = xs
+        def one_layer(carry, state):
+            r, m, kv, index = carry
             layer = nnx.merge(graphdef, expert_state, state)
             r, m, kv, counts = layer(r, m, kv, index, step, valid, comm)
-            return (r, m, kv), counts
+            return (r, m, kv, index + 1), counts
 
-        # the whole cache rides in the carry and each layer updates its slice in place
-        (r, m, kv), expert_counts = jax.lax.scan(
-            one_layer, (x, jnp.zeros_like(x), tuple(kv)), (layer_state, jnp.arange(self.cfg.num_layers)))
+        # the whole cache rides in the carry and each layer updates its slice in place; the
+        # layer's index rides there too, a buffer the kernels read as it is (taken from a range
+        # it was one more kernel a layer, on GPUs)
+        (r, m, kv, _), expert_counts = jax.lax.scan(
+            one_layer, (x, jnp.zeros_like(x), tuple(kv), jnp.zeros((), jnp.int32)), layer_state)
         r = comm.finish_residual(r, m)
         h = comm.gather_tokens(rms_norm(r, self.norm[...], self.cfg.rms_norm_eps))
         h = h.reshape(b, t, -1)
@@ -464,7 +485,7 @@ class MiniMaxM2(nnx.Module):
 
 
 def _held_whole(path: tuple, _) -> bool:
-    return "experts" in path or path[-1] in FP8_ATTENTION_WEIGHTS
+    return "experts" in path or "router" in path or path[-1] in FP8_ATTENTION_WEIGHTS
 
 
 def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any,
