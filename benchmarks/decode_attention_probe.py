@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from minimax_jax.ops import attention as attn_ops  # noqa: E402
-from minimax_jax.ops import decode_attention  # noqa: E402
+from minimax_jax.ops import decode_attention, triton_common  # noqa: E402
 from scripts.bench import median_time  # noqa: E402
 
 INTERPRET = jax.default_backend() != "gpu"      # a CPU run checks the variants' numbers only
@@ -47,7 +47,7 @@ def heads_major_attention(q, k_cache, v_cache, page_table, positions, layer, *, 
         layers, pages, page_size, hk, _ = k_cache.shape
     ppb = max(1, block_keys // page_size)
     group = hq // hk
-    rows = max(decode_attention.MIN_ROWS, 1 << (group - 1).bit_length())
+    rows = max(decode_attention.MIN_ROWS, triton_common.next_power_of_two(group))
     qg = jnp.pad(q.reshape(b, hk, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
     per_slot = -(-page_table.shape[1] // ppb) * ppb
     table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, per_slot - page_table.shape[1])))

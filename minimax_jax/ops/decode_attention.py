@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from minimax_jax.ops import triton_common
 
-MIN_ROWS = 16            # a Triton dot's smallest M
+MIN_ROWS = triton_common.DOT_MIN_ROWS
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = 1.4426950408889634
 
@@ -66,7 +66,7 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                          f"of at most 2**31 entries or over 4 GiB, got {k_cache.shape} {k_cache.dtype}")
     pages_per_block = max(1, block_keys // page_size)
     group = hq // hk
-    rows = max(MIN_ROWS, 1 << (group - 1).bit_length())
+    rows = max(MIN_ROWS, triton_common.next_power_of_two(group))
     qg = jnp.pad(q.reshape(b, hk, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
     # one flat page index over (layer, page): the kernel reads this layer's pages in place
     blocks = -(-page_table.shape[1] // pages_per_block)
@@ -129,7 +129,7 @@ def supports(cache: jax.Array | jax.ShapeDtypeStruct) -> bool:
     Triton's blocks are powers of two (a block of whole pages, the head dim), and an FP8 cache of
     2-4 GiB would be read at wrapped offsets (`triton_common.offsets_wrap`)."""
     page_size, head_dim = cache.shape[2], cache.shape[4]
-    return (all(n >= 1 and n & (n - 1) == 0 for n in (page_size, head_dim)) and head_dim >= MIN_ROWS
+    return (triton_common.power_of_two(page_size) and triton_common.power_of_two(head_dim) and head_dim >= MIN_ROWS
             and not triton_common.offsets_wrap(cache))
 
 

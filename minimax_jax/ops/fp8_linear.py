@@ -21,7 +21,7 @@ from quant import fp8
 
 KERNELS = ("auto", "xla-w8a8", "mosaic-ws-w8a8", "triton-w8a8")
 BLOCK = grouped_gemm_ws.SCALE_BLOCK
-FEW_ROWS = 16          # rows up to which "auto" takes the Triton kernel: a Triton dot's smallest M
+FEW_ROWS = triton_common.DOT_MIN_ROWS      # rows up to which "auto" takes the Triton kernel
 
 
 def resolve_kernel(kernel: str, rows: int = FEW_ROWS + 1, w: jax.Array | None = None) -> str:

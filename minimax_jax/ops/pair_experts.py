@@ -38,10 +38,11 @@ def pair_products(rows: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.
     splits = splits or triton_common.k_splits(k // BLOCK)
     if (k != k2 or n % BLOCK or k % BLOCK or BLOCK % block_n or w_scale.shape != (layers, e, n // BLOCK, k // BLOCK)
             or (k // BLOCK) % splits or not supports(w) or rows.shape[0] * pairs_per_row < r):
-        raise ValueError(f"pair_products needs rows [R, K], w [L, E, N, K] and w_scale [L, E, N/{BLOCK}, K/{BLOCK}] with "
-                         f"N and K multiples of {BLOCK}, block_n dividing {BLOCK}, splits dividing K/{BLOCK}, and w of "
-                         f"at most 2**31 entries or "
-                         f"over 4 GiB; got rows {rows.shape}, w {w.shape}, w_scale {w_scale.shape}, block_n {block_n}")
+        raise ValueError(f"pair_products needs a row [K] for every {pairs_per_row} of the {r} pairs, w [L, E, N, K] and "
+                         f"w_scale [L, E, N/{BLOCK}, K/{BLOCK}] with N and K multiples of {BLOCK}, block_n dividing "
+                         f"{BLOCK}, splits dividing K/{BLOCK}, and w of at most 2**31 entries or over 4 GiB; got rows "
+                         f"{rows.shape}, w {w.shape}, w_scale {w_scale.shape}, block_n {block_n}")
+
     def kernel(layer_ref, expert_ref, x_ref, w_ref, s_ref, o_ref):
         expert = expert_ref[0]
         expert = jnp.where((expert >= 0) & (expert < e), expert, 0)

@@ -14,15 +14,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-FEW_ROWS = 16           # a Triton dot's smallest M: rows are padded to it
+from minimax_jax.ops import triton_common
+
+FEW_ROWS = triton_common.DOT_MIN_ROWS       # rows are padded to a Triton dot's smallest M
 BLOCK_K = 128
 
 
 def supports(rows: int, hidden: int, num_experts: int, top_k: int) -> bool:
     """Whether `route_few` takes these shapes: at most FEW_ROWS tokens, and Triton's
     power-of-two blocks over the experts and the choices."""
-    powers = all(n >= 1 and n & (n - 1) == 0 for n in (num_experts, top_k))
-    return rows <= FEW_ROWS and powers and num_experts >= 16 and hidden % BLOCK_K == 0
+    powers = triton_common.power_of_two(num_experts) and triton_common.power_of_two(top_k)
+    return rows <= FEW_ROWS and powers and num_experts >= triton_common.DOT_MIN_ROWS and hidden % BLOCK_K == 0
 
 
 def route_few(h: jax.Array, weight: jax.Array, bias: jax.Array, layer: jax.Array | int, valid: jax.Array,
@@ -46,7 +48,7 @@ def route_few(h: jax.Array, weight: jax.Array, bias: jax.Array, layer: jax.Array
     splits = next(s for s in (8, 4, 2, 1) if (hidden // BLOCK_K) % s == 0)
     given = 1 if n == 1 else FEW_ROWS       # one row fills the dot's 16 rows in the kernel
     rows = jnp.pad(h, ((0, given - n), (0, 0)))
-    choosing = 1 << (n - 1).bit_length()       # rows the top-k kernel takes: a power of two
+    choosing = triton_common.next_power_of_two(n)       # rows the top-k kernel takes
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
 
     def logits_kernel(layer_ref, x_ref, w_ref, o_ref):

@@ -7,6 +7,18 @@ import math
 import jax
 import jax.numpy as jnp
 
+DOT_MIN_ROWS = 16        # a Triton dot's smallest M (and N): fewer rows are padded to it
+
+
+def power_of_two(n: int) -> bool:
+    """Whether n is a size Triton takes for a block dimension."""
+    return n >= 1 and n & (n - 1) == 0
+
+
+def next_power_of_two(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
 
 def offsets_wrap(array: jax.Array | jax.ShapeDtypeStruct) -> bool:
     """Whether a kernel would read `array` at wrapped addresses: Pallas's Triton lowering computes
