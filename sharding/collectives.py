@@ -51,14 +51,24 @@ def pack_rows(arrays: Sequence[jax.Array]) -> jax.Array:
 
 def unpack_rows(packed: jax.Array, like: Sequence[jax.ShapeDtypeStruct]) -> list[jax.Array]:
     """Inverse of pack_rows: `like` gives each array's per-row shape and dtype."""
-    unit = packed.dtype
-    out, offset = [], 0
+    columns, from_columns = packed_columns(like, packed.dtype)
+    return from_columns([packed[:, first:first + width] for first, width in columns])
+
+
+def packed_columns(like: Sequence[jax.ShapeDtypeStruct], unit, tree=None) -> tuple[tuple[tuple[int, int], ...], Any]:
+    """Where pack_rows put the first len(like) arrays in its words of `unit` (each array's
+    (first column, width)), and the function that takes those columns back to the arrays (a
+    pytree by `tree`, else a list): what `PackedTokens` needs."""
+    columns, offset = [], 0
     for spec in like:
-        width = math.prod(spec.shape[1:]) * jnp.dtype(spec.dtype).itemsize // unit.itemsize
-        raw = packed[:, offset:offset + width]
+        width = math.prod(spec.shape[1:]) * jnp.dtype(spec.dtype).itemsize // jnp.dtype(unit).itemsize
+        columns.append((offset, width))
         offset += width
-        out.append(_from_units(raw, spec.dtype, spec.shape[1:]))
-    return out
+
+    def from_columns(raw: list[jax.Array]) -> Any:
+        arrays = [_from_units(r, spec.dtype, spec.shape[1:]) for r, spec in zip(raw, like)]
+        return arrays if tree is None else jax.tree.unflatten(tree, arrays)
+    return tuple(columns), from_columns
 
 
 _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
@@ -174,8 +184,8 @@ class MeshComm:
         if self.layout.fp4_dispatch:
             return nvfp4.dequantize_activations(*hidden, h.shape[-1], h.dtype), expert_ids, weights
         if rounding is not None:      # unpacked row by row as the experts gather them
-            unpack = lambda rows: jax.tree.unflatten(tree, unpack_rows(rows, like[:len(hidden)]))  # noqa: E731
-            return PackedTokens(gathered, unpack), expert_ids, weights
+            columns, from_columns = packed_columns(like[:len(hidden)], gathered.dtype, tree)
+            return PackedTokens(gathered, columns, from_columns), expert_ids, weights
         return hidden[0], expert_ids, weights
 
     def combine(self, y: jax.Array, n_local: int) -> jax.Array:

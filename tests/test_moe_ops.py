@@ -102,7 +102,7 @@ def test_tokens_rounded_before_the_gather_and_still_packed_give_the_rows_rounded
     """What an FP8 dispatch hands the experts (codes and scales rounded where the tokens live,
     packed as the all-gather delivered them) through the row buckets' branch: the same result as
     the tokens rounded inside routed_experts."""
-    from sharding.collectives import pack_rows, unpack_rows
+    from sharding.collectives import pack_rows, packed_columns
     rng = np.random.RandomState(8)
     n, k, local, experts, h, i = 2048, 8, 4, 16, 128, 128
     x = jnp.asarray(rng.standard_normal((n, h)), jnp.float32)
@@ -115,7 +115,8 @@ def test_tokens_rounded_before_the_gather_and_still_packed_give_the_rows_rounded
     assert len(moe.row_capacities(n * k, share)) > 1
     rounded = moe.token_rounding("xla-w8a8")(x)
     like = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in rounded]
-    packed = moe.PackedTokens(pack_rows(list(rounded)), lambda rows: tuple(unpack_rows(rows, like)))
+    words = pack_rows(list(rounded))
+    packed = moe.PackedTokens(words, *packed_columns(like, words.dtype, jax.tree.structure(rounded)))
     run = lambda tokens, prepared: moe.routed_experts(  # noqa: E731
         tokens, ids, weights, local, 4, matmuls, local_share=share, prepared=prepared)
     inside = np.asarray(run(x, False))

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from minimax_jax.ops import aligned_rows, grouped_gemm_fp8, grouped_gemm_ws, pair_experts
+from minimax_jax.ops import aligned_rows, grouped_gemm_fp8, grouped_gemm_ws, pair_experts, row_gather
 from minimax_jax.ops.mosaic_common import stacked_layers
 from quant import fp8
 
@@ -128,13 +128,19 @@ RowsMatmul = Callable[[jax.Array, jax.Array], jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class PackedTokens:
-    """Tokens as a collective delivered them: [N, W] words of one or more arrays side by side,
-    and the function that takes packed rows back to those arrays. Rows are gathered from the
-    words and unpacked after, so the unpacking fuses into the gather; arrays sliced out first
-    were copied whole before a row bucket's branch (a `wrapped_slice` kernel of 0.1 ms a layer
-    at W1's DEP4 prefill step, docs/benchmarks.md)."""
+    """Tokens as a collective delivered them: [N, W] words of one or more arrays side by side
+    (and maybe more columns after them), each array's word columns (first, width), and the
+    function that takes those columns' rows ([n, width] each) back to the arrays. Rows are
+    gathered from the words column by column, so nothing is sliced out of the whole: arrays
+    sliced out first were copied whole before a row bucket's branch (a `wrapped_slice` kernel of
+    0.1 ms a layer at W1's DEP4 prefill step, docs/benchmarks.md)."""
     packed: jax.Array
-    unpack: Callable[[jax.Array], Any]
+    columns: tuple[tuple[int, int], ...]
+    from_columns: Callable[[list[jax.Array]], Any]
+
+    def unpack(self, rows: jax.Array) -> Any:
+        """The arrays of these rows of the words."""
+        return self.from_columns([rows[:, first:first + width] for first, width in self.columns])
 
 
 def _take_rows(tokens: Any, index: jax.Array) -> Any:
@@ -143,6 +149,26 @@ def _take_rows(tokens: Any, index: jax.Array) -> Any:
     if isinstance(tokens, PackedTokens):
         return tokens.unpack(take(tokens.packed))
     return jax.tree.map(take, tokens)
+
+
+def kernel_gathers_rows() -> bool:
+    """Whether the aligned rows are gathered by `row_gather`'s kernel (GPUs) rather than XLA."""
+    return jax.default_backend() == "gpu"
+
+
+def _gather_aligned_rows(tokens: Any, index: jax.Array) -> Any:
+    """_take_rows into a group-aligned buffer, where rows with no source (index out of range)
+    may hold anything: on GPUs one kernel writes only the rows that have one (`row_gather`)."""
+    if isinstance(tokens, PackedTokens):
+        tables, segments = [tokens.packed], [(0, first, width) for first, width in tokens.columns]
+    else:
+        tables, tree = jax.tree.flatten(tokens)
+        segments = None
+    if not (kernel_gathers_rows() and row_gather.supported(tables)
+            and index.shape[0] % row_gather.ROWS_PER_PROGRAM == 0):
+        return _take_rows(tokens, index)
+    columns = row_gather.gather_rows(tables, index, segments)
+    return tokens.from_columns(columns) if isinstance(tokens, PackedTokens) else jax.tree.unflatten(tree, columns)
 
 
 WS_BLOCK_ROWS = 128      # rows per tile of the warp-specialised kernel
@@ -213,7 +239,7 @@ def routed_experts(x: Any, expert_ids: jax.Array, weights: jax.Array, num_local:
     def combine(capacity: int) -> jax.Array:
         if block:
             m_padded = aligned_rows.padded_rows(capacity, num_local, block)
-            rows, groups = _take_rows(tokens, source[:m_padded]), block_group[:m_padded // block]
+            rows, groups = _gather_aligned_rows(tokens, source[:m_padded]), block_group[:m_padded // block]
             row_of_pair = pair_row
         else:
             rows, groups = _take_rows(tokens, order[:capacity] // k), group_sizes
