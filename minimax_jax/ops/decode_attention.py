@@ -12,8 +12,11 @@ page table; and when the (slot, KV head) programs are too few to occupy the GPU 
 TP4 is two), each context is split over several programs whose partial softmax sums are combined
 afterwards (flash-decoding).
 
-Query heads that share a KV head (6 for MiniMax-M2) are padded to the 16 rows a Triton dot
-needs. An FP8 cache is widened to fp16, not bf16, and the probabilities enter the PV product in
+The softmax's running sums are kept per row and key column and summed across the columns once,
+after the last block (per block that sum crossed the warps), and only the last block masks keys
+past the context: 342 -> 331 and 347 -> 337 us a layer at W1's DEP4 decode shape on an H200
+(docs/benchmarks.md, runs CN and CS). Query heads that share a KV head (6 for MiniMax-M2) are
+padded to the 16 rows a Triton dot needs. An FP8 cache is widened to fp16, not bf16, and the probabilities enter the PV product in
 that dtype too (the reference rounds them to the value dtype).
 """
 
@@ -163,16 +166,19 @@ def _kernel(layer_ref, q_ref, k_ref, v_ref, pages_ref, position_ref, *out_refs, 
         pages = layer_first_page + jnp.clip(pages_ref[pl.ds(i * pages_per_block, pages_per_block)], 0, num_pages - 1)
         return k_ref[pages], v_ref[pages]
 
-    def attend(i, k, v, o, m, l):
+    def attend(i, k, v, o, m, l, last=False):
+        # l: the softmax's sums per row and key column, summed over the columns once at the end
+        # (a sum across the warps per block otherwise); only the last block masks keys
         k = k.reshape(block_k, d).astype(compute_dtype)
         v = v.reshape(block_k, d).astype(compute_dtype)
         s = pltriton.dot(q, k.T).astype(jnp.float32) * score_scale
-        visible = i * block_k + jnp.arange(block_k) < length
-        s = jnp.where(visible[None, :], s, MASKED)
+        if last:
+            visible = i * block_k + jnp.arange(block_k) < length
+            s = jnp.where(visible[None, :], s, MASKED)
         m_next = jnp.maximum(m, s.max(axis=-1))
         correction = power(m - m_next)
         p = power(s - m_next[:, None])
-        l = l * correction + p.sum(axis=-1)
+        l = l * correction[:, None] + p
         o = o * correction[:, None] + pltriton.dot(p.astype(v.dtype), v).astype(jnp.float32)
         return o, m_next, l
 
@@ -181,18 +187,24 @@ def _kernel(layer_ref, q_ref, k_ref, v_ref, pages_ref, position_ref, *out_refs, 
 
     def prefetched_block(i, carry):
         # the next block's loads are issued before this block's arithmetic, so they are in flight
-        # while it runs (the last block reloads itself, from L2)
+        # while it runs
         k, v, *state = carry
-        following = load(jnp.minimum(i + 1, end - 1))
+        following = load(i + 1)
         return (*following, *attend(i, k, v, *state))
 
     init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), MASKED, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
-    if prefetch:        # a split past the context loads a block it never uses
-        _, _, o, m, l = jax.lax.fori_loop(first, end, prefetched_block,
-                                          (*load(jnp.minimum(first, num_blocks - 1)), *init))
+            jnp.zeros((rows, block_k), jnp.float32))
+    # every block but the last in the loop, the last after it, masked: a split past the context
+    # attends one block whose keys are all masked, which weighs nothing in the combine
+    last = jnp.maximum(end - 1, first)
+    if prefetch:
+        k, v, *state = jax.lax.fori_loop(first, last, prefetched_block,
+                                         (*load(jnp.clip(first, 0, jnp.maximum(num_blocks - 1, 0))), *init))
     else:
-        o, m, l = jax.lax.fori_loop(first, end, block, init)
+        k, v = load(jnp.clip(last, 0, jnp.maximum(num_blocks - 1, 0)))
+        state = jax.lax.fori_loop(first, last, block, init)
+    o, m, l = attend(last, k, v, *state, last=True)
+    l = l.sum(axis=-1)
     if blocks_per_split is None:
         out_refs[0][...] = (o / l[:, None]).astype(out_refs[0].dtype)
     else:           # the combine works in base e
