@@ -16,8 +16,9 @@ The softmax's running sums are kept per row and key column and summed across the
 after the last block (per block that sum crossed the warps), and only the last block masks keys
 past the context: 342 -> 331 and 347 -> 337 us a layer at W1's DEP4 decode shape on an H200
 (docs/benchmarks.md, runs CN and CS). Query heads that share a KV head (6 for MiniMax-M2) are
-padded to the 16 rows a Triton dot needs. An FP8 cache is widened to fp16, not bf16, and the probabilities enter the PV product in
-that dtype too (the reference rounds them to the value dtype).
+padded to the 16 rows a Triton dot needs. An FP8 cache is widened to fp16, not bf16, and the
+probabilities enter the PV product in that dtype too (the reference rounds them to the value
+dtype).
 """
 
 from __future__ import annotations
