@@ -96,6 +96,12 @@ def test_decode_kernel_equals_the_reference_in_each_layer_context_and_split(cach
             out = decode_attention.paged_decode_attention(q, k, v, table, positions, jnp.int32(layer),
                                                           block_keys=16, splits=splits, interpret=INTERPRET)
             np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+        # each block loaded just before its own arithmetic, not during the previous block's
+        for splits in (1, 3):
+            out = decode_attention.paged_decode_attention(q, k, v, table, positions, jnp.int32(layer),
+                                                          block_keys=16, splits=splits, prefetch=False,
+                                                          interpret=INTERPRET)
+            np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
         # libdevice's exp in base e and the cache's own dtype in the dots, not the defaults
         out = decode_attention.paged_decode_attention(q, k, v, table, positions, jnp.int32(layer), block_keys=16,
                                                       splits=2, compute_dtype=jnp.bfloat16, fast_exp=False,

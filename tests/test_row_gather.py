@@ -46,6 +46,12 @@ def test_kernel_writes_each_sourced_row_of_every_segment():
 
 
 def test_kernel_refuses_what_it_cannot_gather():
+    """And tells moe to gather with XLA instead: an FP8 output of over 2**31 entries (a prefill
+    step's largest row bucket on DEP4 at 32768 tokens a rank) would be stored at wrapped offsets."""
+    codes = jax.ShapeDtypeStruct((32768, 3072), jnp.float8_e4m3fn)
+    assert row_gather.supported([codes], 17920 * 16)
+    assert not row_gather.supported([codes], 1056768)
+    assert not row_gather.supported([jax.ShapeDtypeStruct((8, 16), jnp.float4_e2m1fn)], 16)
     table = jnp.zeros((8, 16), jnp.float32)
     with pytest.raises(ValueError, match="multiple of 16"):
         row_gather.gather_rows([table], jnp.zeros((20,), jnp.int32))
@@ -78,10 +84,14 @@ def _kernel_leaving_garbage(monkeypatch):
     gather = row_gather.gather_rows
     calls = []
 
+    def garbage(a):     # all bits set: NaN in floats (e4m3's too, as bytes)
+        if jnp.issubdtype(a.dtype, jnp.unsignedinteger):
+            return jnp.full_like(a, jnp.iinfo(a.dtype).max)
+        return jnp.full_like(a, jnp.nan)
+
     def gather_with_garbage(tables, index, segments=None, **kwargs):
         out = gather(tables, index, segments, interpret=not ON_GPU, **kwargs)
         sourced = ((index >= 0) & (index < tables[0].shape[0]))[:, None]
-        garbage = lambda a: jnp.full_like(a, 0xFF) if a.dtype == jnp.uint8 else jnp.full_like(a, jnp.nan)  # noqa: E731
         calls.append(len(out))
         return [jnp.where(sourced, a, garbage(a)) for a in out]
     monkeypatch.setattr(moe, "kernel_gathers_rows", lambda: True)
@@ -89,19 +99,22 @@ def _kernel_leaving_garbage(monkeypatch):
     return calls
 
 
-def test_routed_experts_ignore_what_aligned_rows_without_a_source_hold(monkeypatch):
-    """Padding rows inside a group's blocks and blocks past the groups, in every row bucket."""
+@pytest.mark.parametrize("owner_of_all", [False, True])
+def test_routed_experts_ignore_what_aligned_rows_without_a_source_hold(owner_of_all, monkeypatch):
+    """Padding rows inside a group's blocks and blocks past the groups, in the smallest row
+    bucket (a quarter of the pairs local) and the largest (every pair local)."""
     rng = np.random.RandomState(9)
     n, k, local, experts, h, i, block_rows = 2048, 8, 4, 16, 16, 8, 16
-    ids = jnp.asarray(rng.randint(0, experts, (n, k)), jnp.int32)
+    first = 0 if owner_of_all else 8
+    ids = jnp.asarray(rng.randint(0, local if owner_of_all else experts, (n, k)), jnp.int32)
     x = jnp.asarray(rng.standard_normal((n, h)), jnp.float32)
     weights = jnp.asarray(rng.random((n, k)), jnp.float32)
     w13 = jnp.asarray(rng.standard_normal((local, 2 * i, h)), jnp.float32)
     w2 = jnp.asarray(rng.standard_normal((local, h, i)), jnp.float32)
     matmuls = _aligned_reference_matmuls(w13, w2, block_rows)
-    zeros = moe.routed_experts(x, ids, weights, local, 8, matmuls, local_share=local / experts)
+    zeros = moe.routed_experts(x, ids, weights, local, first, matmuls, local_share=local / experts)
     calls = _kernel_leaving_garbage(monkeypatch)
-    garbage = moe.routed_experts(x, ids, weights, local, 8, matmuls, local_share=local / experts)
+    garbage = moe.routed_experts(x, ids, weights, local, first, matmuls, local_share=local / experts)
     assert calls and np.abs(np.asarray(zeros)).max() > 0
     np.testing.assert_array_equal(np.asarray(garbage), np.asarray(zeros))
 

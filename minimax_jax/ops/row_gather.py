@@ -23,9 +23,21 @@ MAX_CHUNK = 1024        # columns a program moves per load
 ROWS_PER_PROGRAM = 16   # the index's length must be a multiple of it
 
 
-def supported(tables: Sequence[jax.Array]) -> bool:
-    """Whether the kernel gathers from these tables (2-D, offsets it computes correctly)."""
-    return all(t.ndim == 2 and not triton_common.offsets_wrap(t) for t in tables)
+def supported(tables: Sequence[jax.Array], rows: int, segments: Sequence[tuple[int, int, int]] | None = None) -> bool:
+    """Whether the kernel gathers `rows` rows from these tables: 2-D tables of one row count and
+    of whole bytes, and no table or output it would offset wrongly (`triton_common.offsets_wrap`:
+    an FP8 output of over 2**31 entries, about 700k rows of 3072, is one that a prefill step's
+    largest row bucket can reach)."""
+    if not all(t.ndim == 2 and t.shape[0] == tables[0].shape[0] and jax.dtypes.itemsize_bits(t.dtype) >= 8
+               for t in tables):
+        return False
+    outputs = [jax.ShapeDtypeStruct((rows, width), tables[t].dtype) for t, _, width in _segments(tables, segments)]
+    return not any(triton_common.offsets_wrap(a) for a in [*tables, *outputs])
+
+
+def _segments(tables: Sequence[jax.Array], segments: Sequence[tuple[int, int, int]] | None) -> list:
+    """The segments as given, or each table whole."""
+    return list(segments) if segments is not None else [(t, 0, table.shape[1]) for t, table in enumerate(tables)]
 
 
 def gather_rows(tables: Sequence[jax.Array], index: jax.Array, segments: Sequence[tuple[int, int, int]] | None = None,
@@ -41,15 +53,14 @@ def gather_rows(tables: Sequence[jax.Array], index: jax.Array, segments: Sequenc
 
     n = tables[0].shape[0]
     m = index.shape[0]
-    if not supported(tables) or any(t.shape[0] != n for t in tables) or m % rows_per_program:
-        raise ValueError(f"gather_rows takes 2-D tables of one row count (offsets within 32 bits or over 4 GiB) "
-                         f"and an index a multiple of {rows_per_program} long; got "
-                         f"{[t.shape for t in tables]}, index {index.shape}")
-    if segments is None:
-        segments = [(t, 0, table.shape[1]) for t, table in enumerate(tables)]
+    segments = _segments(tables, segments)
     for t, first, width in segments:
         if not (0 <= t < len(tables) and 0 <= first and width > 0 and first + width <= tables[t].shape[1]):
             raise ValueError(f"segment {(t, first, width)} lies outside tables {[t.shape for t in tables]}")
+    if not supported(tables, m, segments) or m % rows_per_program:
+        raise ValueError(f"gather_rows takes 2-D tables of one row count, tables and outputs of at most 2**31 "
+                         f"entries or over 4 GiB, and an index a multiple of {rows_per_program} long; got "
+                         f"{[(t.shape, str(t.dtype)) for t in tables]}, index {index.shape}")
 
     def kernel(index_ref, *refs):
         table_refs, out_refs = refs[:len(tables)], refs[len(tables):]
@@ -66,7 +77,7 @@ def gather_rows(tables: Sequence[jax.Array], index: jax.Array, segments: Sequenc
                 pltriton.store(out_ref.at[rows[:, None], cols[None, :]], values, mask=mask)
 
     # Pallas's Triton lowering cannot fill a masked FP8 load: 8-bit floats move as bytes
-    as_bytes = [jnp.issubdtype(t.dtype, jnp.floating) and t.dtype.itemsize == 1 for t in tables]
+    as_bytes = [jnp.issubdtype(t.dtype, jnp.floating) and jax.dtypes.itemsize_bits(t.dtype) == 8 for t in tables]
     words = [jax.lax.bitcast_convert_type(t, jnp.uint8) if b else t for t, b in zip(tables, as_bytes)]
     out = pl.pallas_call(
         kernel, grid=(m // rows_per_program,),
@@ -81,7 +92,6 @@ def gather_rows(tables: Sequence[jax.Array], index: jax.Array, segments: Sequenc
 def reference(tables: Sequence[jax.Array], index: jax.Array,
               segments: Sequence[tuple[int, int, int]] | None = None) -> list[jax.Array]:
     """gather_rows as XLA gathers, zeros in the rows it leaves unwritten."""
-    if segments is None:
-        segments = [(t, 0, table.shape[1]) for t, table in enumerate(tables)]
+    segments = _segments(tables, segments)
     taken = [jnp.take(table, index, axis=0, mode="fill", fill_value=0) for table in tables]
     return [taken[t][:, first:first + width] for t, first, width in segments]
