@@ -221,22 +221,47 @@ def _aligned_reference_matmuls(w13: jax.Array, w2: jax.Array, block_rows: int) -
     return moe.GroupedMatmuls(matmul(w13), matmul(w2), block_rows=block_rows)
 
 
+@dataclasses.dataclass
+class RowBucketCase:
+    """2048 tokens routed to 8 of 16 experts, 4 of them local (the first at `first`): with
+    owner_of_all every pair is local and the largest row bucket runs, else about a quarter and
+    the smallest."""
+    x: jax.Array
+    ids: jax.Array
+    weights: jax.Array
+    w13: jax.Array
+    w2: jax.Array
+    first: int
+    local: int = 4
+    experts: int = 16
+    block_rows: int = 16
+
+    @classmethod
+    def make(cls, owner_of_all: bool) -> "RowBucketCase":
+        rng = np.random.RandomState(9)
+        n, k, local, experts, h, i = 2048, 8, 4, 16, 16, 8
+        ids = jnp.asarray(rng.randint(0, local if owner_of_all else experts, (n, k)), jnp.int32)
+        x = jnp.asarray(rng.standard_normal((n, h)), jnp.float32)
+        weights = jnp.asarray(rng.random((n, k)), jnp.float32)
+        w13 = jnp.asarray(rng.standard_normal((local, 2 * i, h)), jnp.float32)
+        w2 = jnp.asarray(rng.standard_normal((local, h, i)), jnp.float32)
+        return cls(x, ids, weights, w13, w2, 0 if owner_of_all else 8)
+
+    def aligned(self) -> jax.Array:
+        """routed_experts on group-aligned rows in XLA (`_aligned_reference_matmuls`)."""
+        return moe.routed_experts(self.x, self.ids, self.weights, self.local, self.first,
+                                  _aligned_reference_matmuls(self.w13, self.w2, self.block_rows),
+                                  local_share=self.local / self.experts)
+
+
 @pytest.mark.parametrize("owner_of_all", [False, True])
 def test_routed_experts_on_group_aligned_rows_equal_contiguous_rows(owner_of_all):
     """The layout built once for both GEMMs, gathered from the tokens, in every row bucket;
     blocks of no group come back NaN from the GEMMs and must never reach the result."""
-    rng = np.random.RandomState(9)
-    n, k, local, experts, h, i, block_rows = 2048, 8, 4, 16, 16, 8, 16
-    first = 0 if owner_of_all else 8
-    ids = jnp.asarray(rng.randint(0, local if owner_of_all else experts, (n, k)), jnp.int32)
-    x = jnp.asarray(rng.standard_normal((n, h)), jnp.float32)
-    weights = jnp.asarray(rng.random((n, k)), jnp.float32)
-    w13 = jnp.asarray(rng.standard_normal((local, 2 * i, h)), jnp.float32)
-    w2 = jnp.asarray(rng.standard_normal((local, h, i)), jnp.float32)
-    contiguous = moe.routed_experts(x, ids, weights, local, first,
-                                    moe.weight_matmuls(w13, w2, "xla", output_major=True))
-    aligned = moe.routed_experts(x, ids, weights, local, first, _aligned_reference_matmuls(w13, w2, block_rows),
-                                 local_share=local / experts)
+    case = RowBucketCase.make(owner_of_all)
+    contiguous = moe.routed_experts(case.x, case.ids, case.weights, case.local, case.first,
+                                    moe.weight_matmuls(case.w13, case.w2, "xla", output_major=True))
+    aligned = case.aligned()
     assert np.isfinite(np.asarray(aligned)).all() and np.abs(np.asarray(contiguous)).max() > 0
     np.testing.assert_allclose(np.asarray(aligned), np.asarray(contiguous), rtol=1e-5, atol=1e-4)
 

@@ -12,7 +12,7 @@ import pytest
 from minimax_jax.ops import moe, row_gather
 from quant import fp8
 from sharding.collectives import pack_rows, packed_columns
-from tests.test_moe_ops import INTERPRET, _aligned_reference_matmuls
+from tests.test_moe_ops import INTERPRET, RowBucketCase
 
 ON_GPU = os.environ.get("MINIMAX_JAX_KERNEL_TESTS") == "gpu"
 
@@ -103,18 +103,10 @@ def _kernel_leaving_garbage(monkeypatch):
 def test_routed_experts_ignore_what_aligned_rows_without_a_source_hold(owner_of_all, monkeypatch):
     """Padding rows inside a group's blocks and blocks past the groups, in the smallest row
     bucket (a quarter of the pairs local) and the largest (every pair local)."""
-    rng = np.random.RandomState(9)
-    n, k, local, experts, h, i, block_rows = 2048, 8, 4, 16, 16, 8, 16
-    first = 0 if owner_of_all else 8
-    ids = jnp.asarray(rng.randint(0, local if owner_of_all else experts, (n, k)), jnp.int32)
-    x = jnp.asarray(rng.standard_normal((n, h)), jnp.float32)
-    weights = jnp.asarray(rng.random((n, k)), jnp.float32)
-    w13 = jnp.asarray(rng.standard_normal((local, 2 * i, h)), jnp.float32)
-    w2 = jnp.asarray(rng.standard_normal((local, h, i)), jnp.float32)
-    matmuls = _aligned_reference_matmuls(w13, w2, block_rows)
-    zeros = moe.routed_experts(x, ids, weights, local, first, matmuls, local_share=local / experts)
+    case = RowBucketCase.make(owner_of_all)
+    zeros = case.aligned()
     calls = _kernel_leaving_garbage(monkeypatch)
-    garbage = moe.routed_experts(x, ids, weights, local, first, matmuls, local_share=local / experts)
+    garbage = case.aligned()
     assert calls and np.abs(np.asarray(zeros)).max() > 0
     np.testing.assert_array_equal(np.asarray(garbage), np.asarray(zeros))
 
