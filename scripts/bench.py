@@ -53,6 +53,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 for var, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
                    ("NVSHMEM_DISABLE_NVLS", "1"), ("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")):
@@ -109,11 +110,11 @@ def bench_env(args) -> dict:
     print(f"jax {jax.__version__}, {len(devices)} x {devices[0].device_kind}, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     key = jax.random.PRNGKey(0)
-    bandwidth = copy_bandwidth(args.copy_elems)
+    copy, x = copy_case(args.copy_elems)
+    bandwidth = copy_bandwidth(copy, x)
     record("env", "copy bandwidth (read+write)", bandwidth / 1e12, "TB/s", f"{args.copy_elems * 2 / 2**30:.1f} GiB bf16")
     if jax.default_backend() == "gpu":     # a CPU's trace has no device timeline
-        x = jax.random.normal(key, (args.copy_elems,), jnp.bfloat16)
-        trace = device_time(jax.jit(lambda x: x * 1.0001), x, trace_dir=Path(args.out) / "trace-copy")
+        trace = device_time(copy, x, trace_dir=Path(args.out) / "trace-copy")
         record("env", "copy bandwidth, device timeline", 2 * x.nbytes / (sum(trace.device.values()) * 1e-6) / 1e12,
                "TB/s", "the same copy's kernel time, without the host's timing (floors divide by the figure above)")
     n = args.matmul_n
@@ -675,7 +676,7 @@ def bench_engine(args) -> None:
     if args.url:
         return bench_url(args)
     n = len(jax.devices())
-    bandwidth = copy_bandwidth(args.copy_elems)
+    bandwidth = copy_bandwidth(*copy_case(args.copy_elems))
     engine = make_bench_engine(args)
     params = {"max_new_tokens": args.output, "temperature": 0.0, "ignore_eos": True}
     prompts = workload_prompts(args, engine.cfg.vocab_size)
@@ -763,14 +764,18 @@ def record_latencies(tag: str, wall: float, times: list[tuple[float, float, floa
     record("engine", f"{tag} TPOT p50/p99", np.percentile(tpot, 50) * 1e3, "ms", f"p99 {np.percentile(tpot, 99) * 1e3:.1f} ms")
 
 
-def copy_bandwidth(elems: int, warm_seconds: float = 0.5) -> float:
-    """Read + write bytes per second of a copy of elems bf16 values on the first device, timed
-    after warm_seconds of the same copies (the default --copy-elems is 2 GiB: a 512 MiB copy
-    measured 2.29 TB/s on an H200 where 2 GiB measured 2.98. Timed after two warm-up copies
-    as a process's first work, runs BW-BY measured 2.05-3.52 TB/s on one machine: an idle GPU's
-    clocks ramping up, most likely, not confirmed)."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (elems,), jnp.bfloat16)
-    copy = jax.jit(lambda x: x * 1.0001)
+def copy_case(elems: int) -> tuple[Callable[[jax.Array], jax.Array], jax.Array]:
+    """The copy the ceilings time: a jitted elementwise pass over elems bf16 values (read once,
+    written once) and its input, on the first device."""
+    return jax.jit(lambda x: x * 1.0001), jax.random.normal(jax.random.PRNGKey(0), (elems,), jnp.bfloat16)
+
+
+def copy_bandwidth(copy: Callable[[jax.Array], jax.Array], x: jax.Array, warm_seconds: float = 0.5) -> float:
+    """Read + write bytes per second of `copy_case`'s copy, host-timed after warm_seconds of the
+    same copies (the default --copy-elems is 2 GiB: a 512 MiB copy measured 2.29 TB/s on an H200
+    where 2 GiB measured 2.98. Timed after two warm-up copies as a process's first work, runs
+    BW-BY measured 2.05-3.52 TB/s on one machine: an idle GPU's clocks ramping up, most likely,
+    not confirmed)."""
     deadline = time.perf_counter() + warm_seconds
     while time.perf_counter() < deadline:
         jax.block_until_ready(copy(x))

@@ -198,12 +198,12 @@ def _kernel(layer_ref, q_ref, k_ref, v_ref, pages_ref, position_ref, *out_refs, 
     # every block but the last in the loop, the last after it, masked: a split past the context
     # attends one block whose keys are all masked, which weighs nothing in the combine
     last = jnp.maximum(end - 1, first)
+    in_context = lambda i: jnp.clip(i, 0, jnp.maximum(num_blocks - 1, 0))  # noqa: E731 - a block to load
     if prefetch:
-        k, v, *state = jax.lax.fori_loop(first, last, prefetched_block,
-                                         (*load(jnp.clip(first, 0, jnp.maximum(num_blocks - 1, 0))), *init))
+        k, v, *state = jax.lax.fori_loop(first, last, prefetched_block, (*load(in_context(first)), *init))
     else:
-        k, v = load(jnp.clip(last, 0, jnp.maximum(num_blocks - 1, 0)))
         state = jax.lax.fori_loop(first, last, block, init)
+        k, v = load(in_context(last))
     o, m, l = attend(last, k, v, *state, last=True)
     l = l.sum(axis=-1)
     if blocks_per_split is None:
