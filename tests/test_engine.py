@@ -1,11 +1,12 @@
 """Engine behaviour: overlapped steps, stopping, aborts, compile count, KV cache options."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from minimax_jax.engine.engine import Engine
-from minimax_jax.engine.runner import kv_pages_that_fit
-from minimax_jax.ops import moe as moe_ops
+from minimax_jax.engine.runner import kv_pages_that_fit, pages_the_decode_kernel_reads
+from minimax_jax.ops import decode_attention, moe as moe_ops
 
 
 def make_engine(path, **kw):
@@ -172,6 +173,20 @@ def test_kv_pages_fill_the_memory_left_by_the_weights_on_the_fullest_device():
         kv_pages_that_fit(stats, 0.7, 2**20, None)
     with pytest.raises(ValueError, match="--max-total-tokens"):
         kv_pages_that_fit([None, None], 0.9, 2**20, None)
+
+
+def test_an_fp8_kv_cache_the_decode_kernel_would_read_at_wrapped_offsets_grows_just_past_4_gib():
+    # one device's k cache at 16 layers of 8 KV heads, pages of 64: 2**20 entries a page
+    fp8 = lambda pages: jax.ShapeDtypeStruct((16, pages, 64, 8, 128), jnp.float8_e4m3fn)  # noqa: E731
+    assert not decode_attention.supports(fp8(4096))         # 256 requests of 1016 tokens: exactly 4 GiB
+    assert pages_the_decode_kernel_reads(4096, 10_000, fp8) == 4097
+    assert pages_the_decode_kernel_reads(2049, 10_000, fp8) == 4097
+    assert decode_attention.supports(fp8(4097))
+    assert pages_the_decode_kernel_reads(2048, 10_000, fp8) == 2048      # 2**31 entries: read as it is
+    assert pages_the_decode_kernel_reads(5000, 10_000, fp8) == 5000
+    assert pages_the_decode_kernel_reads(3000, 4096, fp8) == 3000        # no room: kept (the engine warns)
+    bf16 = lambda pages: jax.ShapeDtypeStruct((16, pages, 64, 8, 128), jnp.bfloat16)  # noqa: E731
+    assert pages_the_decode_kernel_reads(3000, 10_000, bf16) == 3000
 
 
 def first_prefill_chunks(budget: int, prompt_len: int, buckets: bool = True) -> list[int]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import logging
+import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +15,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from minimax_jax.engine.sampling import SamplingBatch, sample
 from minimax_jax.model import MiniMaxM2, StepInput
+from minimax_jax.ops import attention as attention_ops, decode_attention
 from sharding.forward import sharded_forward
 from sharding.mesh import Layout, make_mesh
 from sharding.specs import KV_SPEC, replicate_kv_heads, shard_state, state_specs
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -67,7 +72,10 @@ class ModelRunner:
         self.forward = sharded_forward(cfg, graphdef, self.state, layout, self.mesh, combine_dtype=model.dtype)
         kv_dtype = kv_dtype or model.dtype
         if pages_per_rank is None:
-            self.pages_per_rank = self._pages_that_fit(kv_dtype, mem_fraction_static, max_pages_per_rank)
+            fitting = self._pages_that_fit(kv_dtype, mem_fraction_static, None)
+            pages = fitting if max_pages_per_rank is None else min(fitting, max_pages_per_rank)
+            self.pages_per_rank = self._pages_the_decode_kernel_reads(pages, fitting, kv_dtype)
+        self._check_decode_kernel(kv_dtype, decode_attention_backend, model.dtype)
         self.kv = self._empty_kv(kv_dtype)
         self._step = jax.jit(self._step_impl, donate_argnums=(1, 3), static_argnums=(4,))
         # decode steps of at most this many slots per dp rank run as command buffers (CUDA graphs)
@@ -95,11 +103,31 @@ class ModelRunner:
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=NamedSharding(self.mesh, KV_SPEC))
         return zeros(), zeros()
 
+    def _kv_shard(self, pages_per_rank: int, dtype: Any) -> jax.ShapeDtypeStruct:
+        """One device's k (or v) cache."""
+        shape = NamedSharding(self.mesh, KV_SPEC).shard_shape(self._kv_shape(pages_per_rank))
+        return jax.ShapeDtypeStruct(shape, dtype)
+
     def _pages_that_fit(self, dtype: Any, fraction: float, max_pages: int | None) -> int:
-        # k and v of one page per rank, as one device holds it
-        per_page = 2 * int(np.prod(NamedSharding(self.mesh, KV_SPEC).shard_shape(self._kv_shape(1)))) \
-            * jnp.dtype(dtype).itemsize
+        one_page = self._kv_shard(1, dtype)         # k and v of one page per rank, as one device holds it
+        per_page = 2 * int(np.prod(one_page.shape)) * jnp.dtype(dtype).itemsize
         return kv_pages_that_fit([d.memory_stats() for d in self.mesh.devices.flat], fraction, per_page, max_pages)
+
+    def _pages_the_decode_kernel_reads(self, pages: int, fitting: int, dtype: Any) -> int:
+        chosen = pages_the_decode_kernel_reads(pages, fitting, lambda n: self._kv_shard(n, dtype))
+        if chosen != pages:
+            log.info("KV cache: %d pages per dp rank instead of %d, so the decode attention kernel reads it",
+                     chosen, pages)
+        return chosen
+
+    def _check_decode_kernel(self, dtype: Any, backend: str, model_dtype: Any) -> None:
+        """Says so where the decode attention kernel was chosen but cannot read this cache (each
+        decode step then takes the XLA reference, about twice its time)."""
+        cache = self._kv_shard(self.pages_per_rank, dtype)
+        if attention_ops.resolve_decode_backend(backend, model_dtype) == "pallas" and not decode_attention.supports(cache):
+            log.warning("the decode attention kernel cannot read a KV cache of %s %s per device; decode steps "
+                        "take the XLA reference (a cache of another size avoids this: --max-running-requests, "
+                        "--max-total-tokens or --mem-fraction-static)", cache.shape, jnp.dtype(dtype).name)
 
     def _step_impl(self, state, kv, packed: jax.Array, last_tokens: jax.Array, layout: "PackedLayout"):
         step, logit_index, sampling, sources = layout.unpack(packed)
@@ -195,6 +223,20 @@ def _as_int32(a: np.ndarray) -> np.ndarray:
     if a.dtype.itemsize != 4:
         raise TypeError(f"cannot pack a {a.dtype} step input")
     return a.view(np.int32)
+
+
+def pages_the_decode_kernel_reads(pages: int, fitting: int, shard: Callable[[int], jax.ShapeDtypeStruct]) -> int:
+    """pages, or the fewest more (at most `fitting`) whose cache the decode attention kernel can
+    read where it cannot read that of `pages`: an 8-bit cache of 2-4 GiB a device is read at
+    wrapped offsets (`decode_attention.supports`), one just over 4 GiB is not. `shard`: one
+    device's k cache at a number of pages per rank. The XLA reference that the engine falls back
+    to took 33.2 against 25.7 ms a decode step at 256 requests on one H200 (docs/benchmarks.md,
+    run CV)."""
+    if decode_attention.supports(shard(pages)):
+        return pages
+    one_page = shard(1)
+    grown = 2**32 // (math.prod(one_page.shape) * jnp.dtype(one_page.dtype).itemsize) + 1
+    return grown if pages < grown <= fitting and decode_attention.supports(shard(grown)) else pages
 
 
 def kv_pages_that_fit(stats: list[dict | None], fraction: float, bytes_per_page: int,
