@@ -34,7 +34,7 @@ INTERPRET = jax.default_backend() != "gpu"      # a CPU run checks the variants'
 
 
 def heads_major_attention(q, k_cache, v_cache, page_table, positions, layer, *, block_keys=64, num_warps=4,
-                          num_stages=2, read_only=False, heads_major=True, prefetch=True):
+                          num_stages=5, read_only=False, heads_major=True, prefetch=False):
     """decode_attention.paged_decode_attention's program per (slot, KV head) on a cache laid out
     [layers, pages, kv_heads, page_size, D] (heads_major) or the engine's layout."""
     from jax.experimental import pallas as pl
@@ -57,7 +57,8 @@ def heads_major_attention(q, k_cache, v_cache, page_table, positions, layer, *, 
         cache_spec = pl.BlockSpec((layers * pages, None, page_size, d), lambda i, h: (0, h, 0, 0))
     else:
         cache_spec = pl.BlockSpec((layers * pages, page_size, None, d), lambda i, h: (0, 0, h, 0))
-    body = _read_only if read_only else functools.partial(decode_attention._kernel, prefetch=prefetch)
+    body = _read_only if read_only else functools.partial(decode_attention._kernel, prefetch=prefetch,
+                                                          scalar_page=ppb == 1)
     kernel = functools.partial(body, pages_per_block=ppb, page_size=page_size, num_pages=pages,
                                max_length=per_slot * page_size, scale=d ** -0.5)
     out = pl.pallas_call(
@@ -81,7 +82,10 @@ def _read_only(layer_ref, q_ref, k_ref, v_ref, pages_ref, position_ref, o_ref, *
     block_k = pages_per_block * page_size
 
     def block(i, acc):
-        pages = layer_ref[0] * num_pages + pages_ref[pl.ds(i * pages_per_block, pages_per_block)]
+        if pages_per_block == 1:        # a scalar page index, as the engine kernel loads one page
+            pages = layer_ref[0] * num_pages + pages_ref[i]
+        else:
+            pages = layer_ref[0] * num_pages + pages_ref[pl.ds(i * pages_per_block, pages_per_block)]
         k = k_ref[pages].reshape(block_k, d).astype(jnp.float32)
         v = v_ref[pages].reshape(block_k, d).astype(jnp.float32)
         return acc + (k + v).sum(axis=0)
@@ -134,19 +138,17 @@ def main() -> int:
         return jax.lax.scan(one, jnp.float32(0), jnp.arange(layers))[0]
 
     engine_kernel = functools.partial(decode_attention.paged_decode_attention, interpret=INTERPRET)
-    variants = [("engine kernel (64 keys, prefetch, 4 warps, 2 stages, fp16, ex2)", engine_kernel, False),
-                ("128 keys", functools.partial(engine_kernel, block_keys=128), False),
+    variants = [("engine kernel (64 keys, 5 stages, 4 warps, fp16, ex2)", engine_kernel, False),
+                *[(f"{n} stages", functools.partial(engine_kernel, num_stages=n), False) for n in (2, 3, 4, 6, 8)],
+                ("prefetch, 2 stages (before 2026-11-29)", functools.partial(engine_kernel, prefetch=True,
+                                                                             num_stages=2), False),
+                ("page index as a vector", functools.partial(engine_kernel, scalar_page=False), False),
+                ("8 warps", functools.partial(engine_kernel, num_warps=8), False),
                 ("2 warps", functools.partial(engine_kernel, num_warps=2), False),
-                ("1 warp", functools.partial(engine_kernel, num_warps=1), False),
-                ("1 stage", functools.partial(engine_kernel, num_stages=1), False),
-                ("3 stages", functools.partial(engine_kernel, num_stages=3), False),
-                ("no prefetch", functools.partial(engine_kernel, prefetch=False), False),
+                ("128 keys", functools.partial(engine_kernel, block_keys=128), False),
                 ("contexts not split", functools.partial(engine_kernel, splits=1), False),
-                ("no prefetch, 128 keys", functools.partial(engine_kernel, prefetch=False, block_keys=128), False),
                 ("bf16 arithmetic", functools.partial(engine_kernel, compute_dtype=jnp.bfloat16), False),
                 ("libdevice exp", functools.partial(engine_kernel, fast_exp=False), False),
-                ("bf16 arithmetic, libdevice exp", functools.partial(engine_kernel, compute_dtype=jnp.bfloat16,
-                                                                     fast_exp=False), False),
                 ("heads-major layout", functools.partial(heads_major_attention, block_keys=64), True),
                 ("loads only, engine layout", functools.partial(heads_major_attention, read_only=True,
                                                                 heads_major=False, block_keys=64), False)]

@@ -37,9 +37,9 @@ LOG2E = 1.4426950408889634
 
 def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, page_table: jax.Array,
                            positions: jax.Array, layer: jax.Array, *, block_keys: int = 64,
-                           num_warps: int = 4, num_stages: int = 2, prefetch: bool = True,
+                           num_warps: int = 4, num_stages: int = 5, prefetch: bool = False,
                            splits: int | None = None, compute_dtype=None, fast_exp: bool = True,
-                           interpret: bool = False) -> jax.Array:
+                           scalar_page: bool = True, interpret: bool = False) -> jax.Array:
     """q: [B, 1, q_heads, D]; caches: [layers, pages, page_size, kv_heads, D]; page_table: [B, P];
     positions: [B, 1] (the token at position p sees keys 0..p). Returns [B, 1, q_heads, D] in
     q's dtype, as `attention.paged_attention_reference`. Keys are taken block_keys at a time
@@ -90,6 +90,7 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     kernel = functools.partial(_kernel, pages_per_block=pages_per_block, page_size=page_size, num_pages=pages,
                                max_length=per_slot * page_size, scale=d ** -0.5,
                                prefetch=prefetch, compute_dtype=jnp.dtype(compute_dtype), exp=exp,
+                               scalar_page=scalar_page and pages_per_block == 1,
                                blocks_per_split=blocks_per_split if splits > 1 else None)
     cache_spec = pl.BlockSpec((layers * pages, page_size, None, d), lambda i, h, s: (0, 0, h, 0))
     parts = lambda *shape: pl.BlockSpec((None, None, None, *shape), lambda i, h, s: (i, h, s) + (0,) * len(shape))  # noqa: E731
@@ -139,7 +140,7 @@ def supports(cache: jax.Array | jax.ShapeDtypeStruct) -> bool:
 
 def _kernel(layer_ref, q_ref, k_ref, v_ref, pages_ref, position_ref, *out_refs, pages_per_block, page_size,
             num_pages, max_length, scale, prefetch=True, blocks_per_split=None, compute_dtype=jnp.bfloat16,
-            exp="exp"):
+            exp="exp", scalar_page=False):
     """One (slot, KV head), over all its blocks of keys, or with blocks_per_split over the
     program's share of them, writing its unnormalised output and softmax statistics. The cache's
     page i of this layer is flat page layer * num_pages + i. exp: "exp" (libdevice),
@@ -164,6 +165,9 @@ def _kernel(layer_ref, q_ref, k_ref, v_ref, pages_ref, position_ref, *out_refs, 
         end = jnp.minimum(first + blocks_per_split, num_blocks)
 
     def load(i):
+        if scalar_page:
+            page = layer_first_page + jnp.clip(pages_ref[i], 0, num_pages - 1)
+            return k_ref[page], v_ref[page]
         pages = layer_first_page + jnp.clip(pages_ref[pl.ds(i * pages_per_block, pages_per_block)], 0, num_pages - 1)
         return k_ref[pages], v_ref[pages]
 
