@@ -33,7 +33,7 @@ from scripts.bench import median_time  # noqa: E402
 INTERPRET = jax.default_backend() != "gpu"      # a CPU run checks the variants' numbers only
 
 
-def heads_major_attention(q, k_cache, v_cache, page_table, positions, layer, *, block_keys=64, num_warps=4,
+def heads_major_attention(q, k_cache, v_cache, page_table, positions, layer, *, block_keys=64, num_warps=2,
                           num_stages=5, read_only=False, heads_major=True, prefetch=False):
     """decode_attention.paged_decode_attention's program per (slot, KV head) on a cache laid out
     [layers, pages, kv_heads, page_size, D] (heads_major) or the engine's layout."""
@@ -138,13 +138,14 @@ def main() -> int:
         return jax.lax.scan(one, jnp.float32(0), jnp.arange(layers))[0]
 
     engine_kernel = functools.partial(decode_attention.paged_decode_attention, interpret=INTERPRET)
-    variants = [("engine kernel (64 keys, 5 stages, 4 warps, fp16, ex2)", engine_kernel, False),
+    variants = [("engine kernel (64 keys, 5 stages, 2 warps, fp16, ex2)", engine_kernel, False),
                 *[(f"{n} stages", functools.partial(engine_kernel, num_stages=n), False) for n in (2, 3, 4, 6, 8)],
-                ("prefetch, 2 stages (before 2026-11-29)", functools.partial(engine_kernel, prefetch=True,
-                                                                             num_stages=2), False),
+                ("prefetch, 2 stages, 4 warps (before 2026-11-29)",
+                 functools.partial(engine_kernel, prefetch=True, num_stages=2, num_warps=4), False),
                 ("page index as a vector", functools.partial(engine_kernel, scalar_page=False), False),
+                ("4 warps", functools.partial(engine_kernel, num_warps=4), False),
                 ("8 warps", functools.partial(engine_kernel, num_warps=8), False),
-                ("2 warps", functools.partial(engine_kernel, num_warps=2), False),
+                ("1 warp", functools.partial(engine_kernel, num_warps=1), False),
                 ("128 keys", functools.partial(engine_kernel, block_keys=128), False),
                 ("contexts not split", functools.partial(engine_kernel, splits=1), False),
                 ("bf16 arithmetic", functools.partial(engine_kernel, compute_dtype=jnp.bfloat16), False),

@@ -37,7 +37,7 @@ LOG2E = 1.4426950408889634
 
 def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, page_table: jax.Array,
                            positions: jax.Array, layer: jax.Array, *, block_keys: int = 64,
-                           num_warps: int = 4, num_stages: int = 5, prefetch: bool = False,
+                           num_warps: int = 2, num_stages: int = 5, prefetch: bool = False,
                            splits: int | None = None, compute_dtype=None, fast_exp: bool = True,
                            scalar_page: bool = True, interpret: bool = False) -> jax.Array:
     """q: [B, 1, q_heads, D]; caches: [layers, pages, page_size, kv_heads, D]; page_table: [B, P];
