@@ -90,18 +90,18 @@ def test_decode_kernel_equals_the_reference_in_each_layer_context_and_split(cach
     q = jnp.asarray(rng.standard_normal((4, 1, hk * g, d)), jnp.bfloat16)
     for layer in (0, 1):
         ref = attention.paged_attention_reference(q, k, v, table, positions, jnp.int32(layer))
-        # the whole context per program, or split in 2 or 3 (3 blocks of keys: the first slot's
-        # later splits hold no key) and combined
-        for splits in (1, 2, 3):
+        # blocks of two pages (a vector of page indices) and of one (a scalar index, the engine's
+        # default at pages of 64), each block loaded in its iteration or, with prefetch, during
+        # the block before; the whole context per program, or split in 2 or 3 and combined (the
+        # first slot's later splits hold no key)
+        forms = [dict(block_keys=16, splits=n) for n in (1, 2, 3)]
+        forms += [dict(block_keys=8, splits=n, prefetch=prefetch) for n in (1, 3) for prefetch in (False, True)]
+        forms += [dict(block_keys=8, splits=1, scalar_page=False), dict(block_keys=16, splits=3, prefetch=True)]
+        for form in forms:
             out = decode_attention.paged_decode_attention(q, k, v, table, positions, jnp.int32(layer),
-                                                          block_keys=16, splits=splits, interpret=INTERPRET)
-            np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
-        # each block loaded just before its own arithmetic, not during the previous block's
-        for splits in (1, 3):
-            out = decode_attention.paged_decode_attention(q, k, v, table, positions, jnp.int32(layer),
-                                                          block_keys=16, splits=splits, prefetch=False,
-                                                          interpret=INTERPRET)
-            np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+                                                          interpret=INTERPRET, **form)
+            np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2,
+                                       err_msg=str(form))
         # libdevice's exp in base e and the cache's own dtype in the dots, not the defaults
         out = decode_attention.paged_decode_attention(q, k, v, table, positions, jnp.int32(layer), block_keys=16,
                                                       splits=2, compute_dtype=jnp.bfloat16, fast_exp=False,

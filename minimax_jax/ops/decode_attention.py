@@ -6,11 +6,15 @@ step of 303 slots with 960-token contexts that was about 0.75 ms per layer on an
 0.12 ms to read the FP8 keys and values once. Here one program per (slot, KV head) walks the
 slot's pages in place (the cache's layer and page are folded into one index, so no layer slice
 is copied), widens FP8 entries in registers and keeps an online softmax, so keys and values are
-read once and nothing else touches memory. Each block's loads are issued before the previous
-block's arithmetic, which the compiler's pipelining did not do for loads addressed through the
-page table; and when the (slot, KV head) programs are too few to occupy the GPU (one request on
-TP4 is two), each context is split over several programs whose partial softmax sums are combined
-afterwards (flash-decoding).
+read once and nothing else touches memory. A block is one page, loaded by a scalar page index:
+Triton's pipeliner then keeps the next 4 blocks' loads in flight (5 stages) while a block is
+computed, which it did not do for a block loaded by a vector of page indices (the kernel used to
+load the next block into registers itself, which held 233 registers a thread and two programs an
+SM). At W1's DEP4 decode shape on an H200 that took the kernel from 332-334 to 215-227 us a
+layer with 2 warps a program, about the time of its loads alone (docs/benchmarks.md, runs DB-DE).
+When the (slot, KV head) programs are too few to occupy the GPU (one request on TP4 is two), each
+context is split over several programs whose partial softmax sums are combined afterwards
+(flash-decoding).
 
 The softmax's running sums are kept per row and key column and summed across the columns once,
 after the last block (per block that sum crossed the warps), and only the last block masks keys
@@ -43,9 +47,12 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     """q: [B, 1, q_heads, D]; caches: [layers, pages, page_size, kv_heads, D]; page_table: [B, P];
     positions: [B, 1] (the token at position p sees keys 0..p). Returns [B, 1, q_heads, D] in
     q's dtype, as `attention.paged_attention_reference`. Keys are taken block_keys at a time
-    (whole pages); page_size and D must be powers of two (`supports`). prefetch: each block's
-    keys and values are loaded while the block before it is computed (at W1's decode shape on an
-    H200 the loads alone took about half of the kernel's time without it).
+    (whole pages); page_size and D must be powers of two (`supports`). num_stages: the blocks
+    Triton's pipeliner keeps in flight (2-4 took 240-257 us a layer at W1's decode shape, 5-8
+    took 223-227, run DE); scalar_page: a one-page block is loaded by a scalar page index, which
+    the pipeliner overlaps (a vector index of one page took 357 against 246 us, run DC). prefetch:
+    the kernel loads each next block into registers itself before the block's arithmetic (the
+    default until 2026-11-29: 332-334 us, with 4 warps and 2 stages).
 
     splits: programs per (slot, KV head), each over its share of the context, their partial
     softmax sums combined after the kernel; None picks enough to give every SM two programs
