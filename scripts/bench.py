@@ -776,8 +776,9 @@ def copy_bandwidth(copy: Callable[[jax.Array], jax.Array], x: jax.Array, chain: 
     before, dispatched back to back with one wait at the end (the median of `repeats` chains),
     so the device streams them without waiting for the host. Each copy timed alone from the
     host with a wait per copy read 3.26-3.39 TB/s on an H200 where its kernel took 4.26 TB/s
-    on the device timeline and a chain 4.20-4.22 (docs/benchmarks.md, run CX): the dispatch
-    before each copy left the device idle, and every floor divided by that figure until then."""
+    on the device timeline and 20 copies in flight 4.20-4.22 (docs/benchmarks.md, run CX; a
+    chain 4.17 in run CY): the dispatch before each copy left the device idle, and every floor
+    divided by that figure until then."""
     jax.block_until_ready(copy(x))
     times = []
     for _ in range(repeats):

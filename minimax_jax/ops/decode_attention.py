@@ -146,7 +146,7 @@ def supports(cache: jax.Array | jax.ShapeDtypeStruct) -> bool:
 
 
 def _kernel(layer_ref, q_ref, k_ref, v_ref, pages_ref, position_ref, *out_refs, pages_per_block, page_size,
-            num_pages, max_length, scale, prefetch=True, blocks_per_split=None, compute_dtype=jnp.bfloat16,
+            num_pages, max_length, scale, prefetch=False, blocks_per_split=None, compute_dtype=jnp.bfloat16,
             exp="exp", scalar_page=False):
     """One (slot, KV head), over all its blocks of keys, or with blocks_per_split over the
     program's share of them, writing its unnormalised output and softmax statistics. The cache's
