@@ -1017,7 +1017,9 @@ def bench_profile(args) -> None:
                "us/step/device", f"mean over {devices} traced devices")
     idle = sum(trace.idle_before.values()) / args.profile_steps / devices
     record("profile", f"{args.profile_phase}: idle, every stream", idle, "us/step/device",
-           "gaps with no kernel on any stream, within the traced steps and between them")
+           "gaps with no kernel on any stream, within the traced steps and between them; the first "
+           "step's include the trace's own start (at 256 decode slots on an H200 all of it: "
+           "docs/benchmarks.md, run DG)")
     for name, dur in sorted(trace.idle_before.items(), key=lambda kv: -kv[1])[:12]:
         record("profile", f"{args.profile_phase} idle before: {name[:80]}", dur / args.profile_steps / devices,
                "us/step/device", "the device waited with nothing to run until this kernel began")
