@@ -140,8 +140,8 @@ def main() -> int:
     engine_kernel = functools.partial(decode_attention.paged_decode_attention, interpret=INTERPRET)
     variants = [("engine kernel (64 keys, 5 stages, 2 warps, fp16, ex2)", engine_kernel, False),
                 *[(f"{n} stages", functools.partial(engine_kernel, num_stages=n), False) for n in (2, 3, 4, 6, 8)],
-                ("prefetch, 2 stages, 4 warps (before 2026-11-29)",
-                 functools.partial(engine_kernel, prefetch=True, num_stages=2, num_warps=4), False),
+                ("prefetch, 2 stages, 4 warps, vector index (before 2026-11-29)",
+                 functools.partial(engine_kernel, prefetch=True, num_stages=2, num_warps=4, scalar_page=False), False),
                 ("page index as a vector", functools.partial(engine_kernel, scalar_page=False), False),
                 ("4 warps", functools.partial(engine_kernel, num_warps=4), False),
                 ("8 warps", functools.partial(engine_kernel, num_warps=8), False),

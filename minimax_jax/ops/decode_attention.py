@@ -10,7 +10,7 @@ read once and nothing else touches memory. A block is one page, loaded by a scal
 Triton's pipeliner then keeps the next 4 blocks' loads in flight (5 stages) while a block is
 computed, which it did not do for a block loaded by a vector of page indices (the kernel used to
 load the next block into registers itself, which held 233 registers a thread and two programs an
-SM). At W1's DEP4 decode shape on an H200 that took the kernel from 332-334 to 215-227 us a
+SM). At W1's DEP4 decode shape on an H200 that took the kernel from 332-340 to 215-227 us a
 layer with 2 warps a program, about the time of its loads alone (docs/benchmarks.md, runs DB-DE).
 When the (slot, KV head) programs are too few to occupy the GPU (one request on TP4 is two), each
 context is split over several programs whose partial softmax sums are combined afterwards
@@ -52,7 +52,7 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     took 223-227, run DE); scalar_page: a one-page block is loaded by a scalar page index, which
     the pipeliner overlaps (a vector index of one page took 357 against 246 us, run DC). prefetch:
     the kernel loads each next block into registers itself before the block's arithmetic (the
-    default until 2026-11-29: 332-334 us, with 4 warps and 2 stages).
+    default until 2026-11-29, with 4 warps and 2 stages: 332-340 us, runs DA-DE).
 
     splits: programs per (slot, KV head), each over its share of the context, their partial
     softmax sums combined after the kernel; None picks enough to give every SM two programs
