@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from minimax_jax.ops import grouped_gemm_ws, moe, triton_common
+from minimax_jax.ops.triton_common import whole_block
 from quant import fp8
 
 KERNELS = ("auto", "xla-w8a8", "mosaic-ws-w8a8", "triton-w8a8")
@@ -105,11 +106,10 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | 
         acc = jax.lax.fori_loop(start, start + per_split, step, jnp.zeros((FEW_ROWS, block_n), jnp.float32))
         o_ref[...] = acc.astype(o_ref.dtype)
 
-    whole = lambda shape: pl.BlockSpec(shape, lambda j, s: (0,) * len(shape))  # noqa: E731
     out = pl.pallas_call(
         kernel, grid=(n // block_n, splits),
-        in_specs=[whole((1,)), whole((FEW_ROWS, k)), whole((FEW_ROWS, k // BLOCK)), whole((layers * n, k)),
-                  whole((layers * n // BLOCK, k // BLOCK))],
+        in_specs=[whole_block((1,)), whole_block((FEW_ROWS, k)), whole_block((FEW_ROWS, k // BLOCK)),
+                  whole_block((layers * n, k)), whole_block((layers * n // BLOCK, k // BLOCK))],
         out_specs=pl.BlockSpec((None, FEW_ROWS, block_n), lambda j, s: (s, 0, j)),
         out_shape=jax.ShapeDtypeStruct((splits, FEW_ROWS, n), x.dtype if splits == 1 else jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from minimax_jax.ops import grouped_gemm_ws, triton_common
+from minimax_jax.ops.triton_common import whole_block
 
 BLOCK = grouped_gemm_ws.SCALE_BLOCK      # the FP8 checkpoint's scale block, along N and K
 
@@ -60,12 +61,11 @@ def pair_products(rows: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.
         first = pl.program_id(2) * per_split
         o_ref[...] = jax.lax.fori_loop(first, first + per_split, step, jnp.zeros((block_n,), jnp.float32))
 
-    whole = lambda shape: pl.BlockSpec(shape, lambda i, j, s: (0,) * len(shape))  # noqa: E731
     out = pl.pallas_call(
         kernel, grid=(r, n // block_n, splits),
-        in_specs=[whole((1,)), pl.BlockSpec((None, 1), lambda i, j, s: (i, 0)),
+        in_specs=[whole_block((1,)), pl.BlockSpec((None, 1), lambda i, j, s: (i, 0)),
                   pl.BlockSpec((None, k), lambda i, j, s: (i // pairs_per_row, 0)),
-                  whole((layers * e * n, k)), whole((layers * e * n // BLOCK, k // BLOCK))],
+                  whole_block((layers * e * n, k)), whole_block((layers * e * n // BLOCK, k // BLOCK))],
         out_specs=pl.BlockSpec((None, None, block_n), lambda i, j, s: (s, i, j)),
         out_shape=jax.ShapeDtypeStruct((splits, r, n), jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from minimax_jax.ops import triton_common
+from minimax_jax.ops.triton_common import whole_block
 
 FEW_ROWS = triton_common.DOT_MIN_ROWS       # rows are padded to a Triton dot's smallest M
 BLOCK_K = 128
@@ -67,10 +68,9 @@ def route_few(h: jax.Array, weight: jax.Array, bias: jax.Array, layer: jax.Array
         start = pl.program_id(1) * per_split
         o_ref[...] = jax.lax.fori_loop(start, start + per_split, step, jnp.zeros((FEW_ROWS, block_e), jnp.float32))
 
-    whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
     partial = pl.pallas_call(
         logits_kernel, grid=(experts // block_e, splits),
-        in_specs=[whole((1,)), whole((given, hidden)), whole((layers * hidden, experts))],
+        in_specs=[whole_block((1,)), whole_block((given, hidden)), whole_block((layers * hidden, experts))],
         out_specs=pl.BlockSpec((None, FEW_ROWS, block_e), lambda j, s: (s, 0, j)),
         out_shape=jax.ShapeDtypeStruct((splits, FEW_ROWS, experts), jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=3),    # Triton, not Mosaic
@@ -104,8 +104,9 @@ def route_few(h: jax.Array, weight: jax.Array, bias: jax.Array, layer: jax.Array
     # through shared memory between warps (4 warps over 16 rows took 34 us on an H200)
     ids, weights = pl.pallas_call(
         top_k_kernel, grid=(1,),
-        in_specs=[whole((1,)), whole((splits, choosing, experts)), whole((layers, experts)), whole((choosing,))],
-        out_specs=[whole((choosing, top_k))] * 2,
+        in_specs=[whole_block((1,)), whole_block((splits, choosing, experts)), whole_block((layers, experts)),
+                  whole_block((choosing,))],
+        out_specs=[whole_block((choosing, top_k))] * 2,
         out_shape=[jax.ShapeDtypeStruct((choosing, top_k), jnp.int32),
                    jax.ShapeDtypeStruct((choosing, top_k), jnp.float32)],
         compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),

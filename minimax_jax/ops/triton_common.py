@@ -20,6 +20,12 @@ def next_power_of_two(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def whole_block(shape: tuple[int, ...]):
+    """A Pallas BlockSpec that hands every program the whole array of this shape."""
+    from jax.experimental import pallas as pl
+    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
 def offsets_wrap(array: jax.Array | jax.ShapeDtypeStruct) -> bool:
     """Whether a kernel would read `array` at wrapped addresses: Pallas's Triton lowering computes
     element offsets in signed 32 bits for arrays of at most 4 GiB, so one of more than 2**31
