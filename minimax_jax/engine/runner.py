@@ -72,7 +72,7 @@ class ModelRunner:
         self.forward = sharded_forward(cfg, graphdef, self.state, layout, self.mesh, combine_dtype=model.dtype)
         kv_dtype = kv_dtype or model.dtype
         if pages_per_rank is None:
-            fitting = self._pages_that_fit(kv_dtype, mem_fraction_static, None)
+            fitting = self._pages_that_fit(kv_dtype, mem_fraction_static)
             pages = fitting if max_pages_per_rank is None else min(fitting, max_pages_per_rank)
             self.pages_per_rank = self._pages_the_decode_kernel_reads(pages, fitting, kv_dtype)
         self._check_decode_kernel(kv_dtype, decode_attention_backend, model.dtype)
@@ -108,10 +108,10 @@ class ModelRunner:
         shape = NamedSharding(self.mesh, KV_SPEC).shard_shape(self._kv_shape(pages_per_rank))
         return jax.ShapeDtypeStruct(shape, dtype)
 
-    def _pages_that_fit(self, dtype: Any, fraction: float, max_pages: int | None) -> int:
+    def _pages_that_fit(self, dtype: Any, fraction: float) -> int:
         one_page = self._kv_shard(1, dtype)         # k and v of one page per rank, as one device holds it
         per_page = 2 * int(np.prod(one_page.shape)) * jnp.dtype(dtype).itemsize
-        return kv_pages_that_fit([d.memory_stats() for d in self.mesh.devices.flat], fraction, per_page, max_pages)
+        return kv_pages_that_fit([d.memory_stats() for d in self.mesh.devices.flat], fraction, per_page, None)
 
     def _pages_the_decode_kernel_reads(self, pages: int, fitting: int, dtype: Any) -> int:
         chosen = pages_the_decode_kernel_reads(pages, fitting, lambda n: self._kv_shard(n, dtype))
