@@ -326,7 +326,8 @@ def test_routed_experts_through_the_w8a8_kernel_equal_its_xla_reference():
     assert err < W8A8_BLOCK_TOLERANCE and rounding > 1e-2, (err, rounding)     # 5e-6 and 4e-2 when written
 
 
-def test_swiglu_in_the_gate_up_kernel_rounds_as_the_unfused_path():
+@pytest.mark.parametrize("block_m", [128, 64])
+def test_swiglu_in_the_gate_up_kernel_rounds_as_the_unfused_path(block_m):
     """The epilogue's SwiGLU and FP8 rounding against the gate/up kernel, SwiGLU in XLA and
     quantize_groups: the same scales, the same FP8 codes but for the odd tie that exp's last bit
     moves."""
@@ -336,21 +337,22 @@ def test_swiglu_in_the_gate_up_kernel_rounds_as_the_unfused_path():
     w, scale = fp8.quantize_blockwise(rng.standard_normal((len(sizes), 2 * inter, k))
                                       * rng.uniform(0.01, 1, (len(sizes), 2 * inter, 1)))
     xq, xs = fp8.quantize_groups(jnp.asarray(rng.standard_normal((m, k)) * rng.uniform(0.01, 100, (m, 1)), jnp.bfloat16))
-    dest, block_group, m_padded = aligned_rows.layout(jnp.asarray(sizes), m, 128)
+    dest, block_group, m_padded = aligned_rows.layout(jnp.asarray(sizes), m, block_m)
     source = aligned_rows.sources(jnp.arange(m), dest, m_padded, fill=m)
     xq, xs = (jnp.take(a, source, axis=0, mode="fill", fill_value=0) for a in (xq, xs))
-    opts = dict(max_concurrent_steps=2, **INTERPRET)
+    opts = dict(max_concurrent_steps=2, block_m=block_m, **INTERPRET)
     act, act_scale = grouped_gemm_ws.aligned_gate_up_swiglu_w8a8(xq, xs, block_group, w, scale, **opts)
     gate_up = grouped_gemm_ws.aligned_gemm_w8a8_quantized(xq, xs, block_group, w, scale, **opts).astype(jnp.float32)
     want, want_scale = fp8.quantize_groups((jax.nn.silu(gate_up[:, :inter]) * gate_up[:, inter:]).astype(jnp.bfloat16))
-    rows = np.asarray(block_group)[np.arange(m_padded) // 128] < len(sizes)       # blocks that hold rows
+    rows = np.asarray(block_group)[np.arange(m_padded) // block_m] < len(sizes)       # blocks that hold rows
     assert act.dtype == jnp.float8_e4m3fn and act_scale.shape == (m_padded, inter // 128)
     np.testing.assert_allclose(np.asarray(act_scale)[rows], np.asarray(want_scale)[rows], rtol=1e-5)
     codes, want_codes = (np.asarray(a, np.float32)[rows] for a in (act, want))
     assert np.mean(codes != want_codes) < 1e-3 and np.abs(want_codes).max() > 100
 
 
-def test_routed_experts_with_swiglu_in_the_kernel_equal_the_w8a8_reference():
+@pytest.mark.parametrize("block_m", [128, 64])
+def test_routed_experts_with_swiglu_in_the_kernel_equal_the_w8a8_reference(block_m):
     """Gate and up weights of different magnitudes per expert: a scale row of the other half
     shows. 2e-5 of the largest output when written."""
     rng = np.random.RandomState(17)
@@ -361,7 +363,7 @@ def test_routed_experts_with_swiglu_in_the_kernel_equal_the_w8a8_reference():
     w13, s13 = fp8.quantize_blockwise(rng.standard_normal((local, 2, i, h)) * 10.0 ** rng.uniform(-2, 1, (local, 2, 1, 1)))
     w2, s2 = fp8.quantize_blockwise(rng.standard_normal((local, h, i)) * rng.uniform(0.01, 1, (local, 1, 1)))
     fused = moe.routed_experts(x, ids, weights, local, first, moe.fp8_matmuls(
-        w13, s13, w2, s2, kernel="mosaic-ws-w8a8", fuse_swiglu=True, **INTERPRET))
+        w13, s13, w2, s2, kernel="mosaic-ws-w8a8", fuse_swiglu=True, block_m=block_m, **INTERPRET))
     reference = moe.routed_experts(x, ids, weights, local, first, moe.fp8_matmuls(w13, s13, w2, s2, kernel="xla-w8a8"))
     scale = np.abs(np.asarray(reference)).max()
     assert scale > 0 and np.abs(np.asarray(fused) - np.asarray(reference)).max() < W8A8_BLOCK_TOLERANCE * scale
@@ -387,11 +389,12 @@ def test_routed_experts_through_the_warp_specialised_kernel_equal_the_reference(
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-2 * scale)
 
 
-@pytest.mark.parametrize("sizes", [[5, 0, 130, 17], [0, 0, 0]])
-def test_w8a8_warp_specialised_kernel_equals_fp32_products_of_the_fp8_operands(sizes):
+@pytest.mark.parametrize("sizes,block_m", [([5, 0, 130, 17], 128), ([5, 0, 130, 17], 64), ([0, 0, 0], 128)])
+def test_w8a8_warp_specialised_kernel_equals_fp32_products_of_the_fp8_operands(sizes, block_m):
     """Rows spanning four decades, weight scales that differ along K by four decades (a step
     using another step's scale shows), rows rounded per 128 columns: against the product of the
-    same FP8 operands in fp32, only the fp32 summation order and the bf16 output differ."""
+    same FP8 operands in fp32, only the fp32 summation order and the bf16 output differ. Tiles
+    of 128 rows split between the warpgroups by rows, of 64 by columns."""
     rng = np.random.RandomState(12)
     g, n, k, m = len(sizes), 256, 384, sum(sizes) + 9
     w_f32 = (rng.standard_normal((g, n, k)) * rng.uniform(0.1, 10, (g, n, 1))
@@ -400,8 +403,8 @@ def test_w8a8_warp_specialised_kernel_equals_fp32_products_of_the_fp8_operands(s
     x = jnp.asarray(rng.standard_normal((m, k)) * rng.uniform(0.01, 100, (m, 1)), jnp.bfloat16)
     group_sizes = jnp.asarray(sizes, jnp.int32)
     gemm = functools.partial(grouped_gemm_ws.aligned_gemm_w8a8, w=w, w_scale=scale, max_concurrent_steps=2,
-                             **INTERPRET)
-    out = np.asarray(aligned_rows.on_aligned_rows(gemm, x, group_sizes, 128), np.float32)
+                             block_m=block_m, **INTERPRET)
+    out = np.asarray(aligned_rows.on_aligned_rows(gemm, x, group_sizes, block_m), np.float32)
     xq, xs = fp8.quantize_groups(x)
     ref = jax.lax.ragged_dot(fp8.dequantize_groups(xq, xs), fp8.dequantize_blockwise(w, scale).transpose(0, 2, 1),
                              group_sizes, precision="highest")
@@ -489,8 +492,19 @@ def test_warp_specialised_kernel_lowers_for_gpus_and_takes_checkpoint_layout_exp
     f = jax.jit(lambda xq, xs, groups, w, s, layer: grouped_gemm_ws.aligned_gate_up_swiglu_w8a8(
         xq, xs, groups, w, s, layer=layer, num_blocks=132))
     assert "mosaic_gpu" in f.trace(*fused_args).lower(lowering_platforms=("cuda",)).as_text()
+    few_rows_args = (*fused_args[:2], jax.ShapeDtypeStruct((m // 64,), jnp.int32), *fused_args[3:])
+    f = jax.jit(lambda xq, xs, groups, w, s, layer: grouped_gemm_ws.aligned_gate_up_swiglu_w8a8(
+        xq, xs, groups, w, s, layer=layer, block_m=64, num_blocks=132))
+    assert "mosaic_gpu" in f.trace(*few_rows_args).lower(lowering_platforms=("cuda",)).as_text()
     with pytest.raises(ValueError, match="mosaic-ws needs FP8 or NVFP4"):
         moe.resolve_kernel("mosaic-ws", "bf16", 3072, 1536)
+
+
+def test_w8a8_tiles_take_64_rows_where_experts_hold_few_and_the_columns_split_in_256():
+    assert moe.ws_w8a8_block_rows(256 * 8, 256, 1536) == 64            # one GPU, 256 requests decoding
+    assert moe.ws_w8a8_block_rows(1212 * 8, 256, 1536) == 64           # W1's DEP4 decode step
+    assert moe.ws_w8a8_block_rows(4 * 8192 * 8, 256, 1536) == 128      # a DEP4 prefill step
+    assert moe.ws_w8a8_block_rows(256 * 8, 256, 384) == 128            # TP4 experts: 384 columns
 
 
 def test_auto_kernel_on_hopper_is_mosaic_for_bf16_and_the_w8a8_ws_kernel_for_fp8(monkeypatch):

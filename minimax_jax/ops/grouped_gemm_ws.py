@@ -25,6 +25,8 @@ from minimax_jax.ops.mosaic_common import sm_count, stacked_layers, swizzled, tr
 from quant import fp8
 
 SCALE_BLOCK = 128     # the FP8 checkpoint's scale block, along N and K of the weights
+WG_ROWS = 64          # rows of one warpgroup's wgmma accumulator
+SHARED_MEMORY = 227 * 1024    # bytes of shared memory a thread block may hold on Hopper
 
 
 def aligned_gemm(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, *, block_m: int = 128,
@@ -97,15 +99,23 @@ def aligned_gemm(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, *, 
 
 
 def aligned_gemm_w8a8(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array, w_scale: jax.Array, *,
-                      layer: jax.Array | int | None = None, block_m: int = 128, max_concurrent_steps: int = 4,
-                      num_blocks: int | None = None, interpret=None) -> jax.Array:
+                      layer: jax.Array | int | None = None, block_m: int = 128,
+                      max_concurrent_steps: int | None = None, num_blocks: int | None = None,
+                      interpret=None) -> jax.Array:
     """x_aligned [m_padded, K] (bf16, group-aligned rows) @ dequantised w[group].T -> [m_padded, N]
     in x's dtype, with w [G, N, K] float8_e4m3fn and w_scale [G, N/128, K/128] as the checkpoint
     stores them. The rows are rounded to FP8 per row and 128 columns (`quant.fp8.quantize_groups`;
     XLA fuses that into whatever produced the rows); each 128-deep FP8 wgmma is scaled by its
-    row scales times its weight block's scale and summed in fp32 registers (two accumulators of
-    64 rows per compute warpgroup, which is why a tile is 128 x 128 here against 128 x 256 in
-    `aligned_gemm`). Blocks of no group are left unwritten.
+    row scales times its weight block's scale and summed in fp32 registers. Blocks of no group
+    are left unwritten.
+
+    Each compute warpgroup multiplies 64 rows by 128 columns. block_m=128: the two split a tile's
+    rows (tiles of 128 x 128); block_m=64: its columns (tiles of 64 x 256), which reads each
+    weight block for half the rows and so streams half the row bytes per weight byte from L2,
+    for steps whose experts hold few rows each (decode; steps of 64 deep, which would fit more
+    stages beside its 64 KiB of weights a step, measured slower, docs/benchmarks.md run DK).
+    max_concurrent_steps: the pipeline's stages, by default as many as shared memory holds, up
+    to 4.
 
     layer: w [L, G, N, K] and w_scale [L, G, N/128, K/128] hold every layer's experts and the
     kernel reads this layer's (a slice of the stacked weights passed into the row buckets' switch
@@ -119,7 +129,7 @@ def aligned_gemm_w8a8(x_aligned: jax.Array, block_group: jax.Array, w: jax.Array
 def aligned_gemm_w8a8_quantized(xq: jax.Array, xs: jax.Array, block_group: jax.Array, w: jax.Array,
                                 w_scale: jax.Array, *, layer: jax.Array | int | None = None,
                                 out_dtype=jnp.bfloat16, block_m: int = 128,
-                                max_concurrent_steps: int = 4, num_blocks: int | None = None,
+                                max_concurrent_steps: int | None = None, num_blocks: int | None = None,
                                 interpret=None) -> jax.Array:
     """`aligned_gemm_w8a8` on rows already rounded by `quant.fp8.quantize_groups`: xq [m_padded, K]
     float8_e4m3fn, xs [m_padded, K/128] float32. Rounding the tokens before they are gathered
@@ -130,7 +140,7 @@ def aligned_gemm_w8a8_quantized(xq: jax.Array, xs: jax.Array, block_group: jax.A
 
 def aligned_gate_up_swiglu_w8a8(xq: jax.Array, xs: jax.Array, block_group: jax.Array, w13: jax.Array,
                                 w13_scale: jax.Array, *, layer: jax.Array | int | None = None, block_m: int = 128,
-                                max_concurrent_steps: int = 4, num_blocks: int | None = None,
+                                max_concurrent_steps: int | None = None, num_blocks: int | None = None,
                                 interpret=None) -> tuple[jax.Array, jax.Array]:
     """The gate/up GEMM of `aligned_gemm_w8a8_quantized` with SwiGLU and the next GEMM's rounding
     in its epilogue: w13 [(L,) G, 2I, K] (gate rows, then up rows). Each tile multiplies its rows
@@ -158,27 +168,31 @@ def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_
     m_padded, k = xq.shape
     _, g, n, k2 = w.shape
     block = SCALE_BLOCK
-    wg_rows = block_m // 2                       # each compute warpgroup's rows of the tile
     halves = 2 if swiglu else 1                  # weight tiles per output tile: gate and up
-    if (k != k2 or m_padded % block_m or block_m != 128 or n % (block * halves) or k % block
+    n_out = n // halves
+    row_groups = block_m // WG_ROWS              # 2: the compute warpgroups split a tile's rows; 1: its columns
+    tile_n = block * (2 // max(row_groups, 1))
+    if (k != k2 or block_m not in (64, 128) or m_padded % block_m or n_out % tile_n or k % block
             or w.dtype != jnp.float8_e4m3fn or w_scale.shape != (w.shape[0], g, n // block, k // block)
             or block_group.shape != (m_padded // block_m,)):
-        raise ValueError(f"W8A8 warp-specialised grouped GEMM needs x [M, K] with M a multiple of block_m={block_m} "
-                         f"(128: two accumulators of 64 rows per compute warpgroup fill its registers), w [(L,) G, N, K] "
-                         f"float8_e4m3fn with N a multiple of {block * halves} and K of {block}, w_scale "
-                         f"[(L,) G, N/{block}, K/{block}], one group per row block; got {xq.shape}, {w.shape} {w.dtype}, "
-                         f"{w_scale.shape}, block_group {block_group.shape}")
-    n_out = n // halves
-    grid_m, grid_n = m_padded // block_m, n_out // block
+        raise ValueError(f"W8A8 warp-specialised grouped GEMM needs block_m 64 or 128 (got {block_m}), x [M, K] with "
+                         f"M a multiple of block_m, w [(L,) G, N, K] float8_e4m3fn with N a multiple of "
+                         f"{tile_n * halves} (tiles of {tile_n} columns{', gate and up' if swiglu else ''}) and K "
+                         f"of {block}, w_scale [(L,) G, N/{block}, K/{block}], one group per row block; got "
+                         f"{xq.shape}, {w.shape} {w.dtype}, {w_scale.shape}, block_group {block_group.shape}")
+    grid_m, grid_n = m_padded // block_m, n_out // tile_n
     fp8_tile = swizzled(block, jnp.float8_e4m3fn)
+    stages = max_concurrent_steps or _stages_that_fit(
+        block_m * (block + 4) + halves * tile_n * block,         # a step's FP8 rows, their scales, its weights
+        2 * WG_ROWS * (block * jnp.dtype(dtype).itemsize + (4 if swiglu else 0)))     # the epilogue's buffers
 
     def get_pipeline(step, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
             step, grid=(k // block,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
             in_specs=[plgpu.BlockSpec((block_m, block), lambda kk: (0, kk), transforms=fp8_tile),
-                      *[plgpu.BlockSpec((block, block), lambda kk: (0, kk), transforms=fp8_tile)] * halves,
+                      *[plgpu.BlockSpec((tile_n, block), lambda kk: (0, kk), transforms=fp8_tile)] * halves,
                       plgpu.BlockSpec((1, block_m), lambda kk: (kk, 0))],
-            max_concurrent_steps=max_concurrent_steps, compute_context=compute_context)
+            max_concurrent_steps=stages, compute_context=compute_context)
 
     def body(group_ref, layer_ref, x_gmem, xs_gmem, w_gmem, s_gmem, *outs_and_scratch):
         o_gmem, *outs_and_scratch = outs_and_scratch
@@ -190,12 +204,15 @@ def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_
 
         def slices(mi, ni, group):
             rows = pl.ds(mi * block_m, block_m)
-            weights = [w_gmem.at[layer, group, pl.ds(h * n_out + ni * block, block)] for h in range(halves)]
+            weights = [w_gmem.at[layer, group, pl.ds(h * n_out + ni * tile_n, tile_n)] for h in range(halves)]
             return x_gmem.at[rows], *weights, xs_gmem.at[:, rows]
 
         def tile(wg, mi, ni, group):
-            my_rows = pl.ds(wg * wg_rows, wg_rows)
-            out_rows = pl.ds(mi * block_m + wg * wg_rows, wg_rows)
+            row_part, col_part = (wg, 0) if row_groups == 2 else (0, wg)
+            my_rows = pl.ds(row_part * WG_ROWS, WG_ROWS)
+            my_cols = pl.ds(col_part * block, block)
+            out_rows = pl.ds(mi * block_m + row_part * WG_ROWS, WG_ROWS)
+            col_block = ni * (tile_n // block) + col_part        # of this warpgroup's 128 output columns
 
             def step(idx, x_smem, *refs):
                 *w_smems, xs_smem, totals = refs
@@ -203,19 +220,20 @@ def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_
 
                 def product(w_smem, acc_ref):
                     my_scratch = [ref.at[wg] for ref in interpret_scratch]
-                    plgpu.wgmma(acc_ref, x_smem.at[my_rows], transposed_operand(w_smem, my_scratch, interpret))
+                    plgpu.wgmma(acc_ref, x_smem.at[my_rows],
+                                transposed_operand(w_smem.at[my_cols], my_scratch, interpret))
                     plgpu.wgmma_wait(0)
                     return acc_ref[...]
 
                 new = []
                 for h, (w_smem, total) in enumerate(zip(w_smems, totals)):
-                    weight_scale = s_gmem[layer, group, h * grid_n + ni, idx[0]]
-                    p = pl.run_scoped(functools.partial(product, w_smem), plgpu.ACC((wg_rows, block)))
+                    weight_scale = s_gmem[layer, group, h * (n_out // block) + col_block, idx[0]]
+                    p = pl.run_scoped(functools.partial(product, w_smem), plgpu.ACC((WG_ROWS, block)))
                     new.append(total + p * lax.broadcast_in_dim(row_scale * weight_scale, p.shape, [0]))
                 return tuple(new)
 
             def compute_context(run_pipeline):
-                zeros = jnp.zeros((wg_rows, block), jnp.float32)
+                zeros = jnp.zeros((WG_ROWS, block), jnp.float32)
                 if not interpret:
                     zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
                 totals = run_pipeline((zeros,) * halves)
@@ -227,20 +245,20 @@ def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_
                 else:
                     o_smem[wg] = totals[0].astype(dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[out_rows, pl.ds(ni * block, block)])
+                plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[out_rows, pl.ds(col_block * block, block)])
                 if swiglu:
-                    plgpu.copy_smem_to_gmem(os_smem.at[wg], os_gmem.at[ni, out_rows])
+                    plgpu.copy_smem_to_gmem(os_smem.at[wg], os_gmem.at[col_block, out_rows])
             return step, compute_context
 
         _over_tiles(get_pipeline, slices, tile, group_ref, g, grid_m, grid_n)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    scratch = [plgpu.SMEM((2, wg_rows, block), dtype, transforms=swizzled(block, dtype)),
-               *([plgpu.SMEM((2, wg_rows), jnp.float32)] if swiglu else []),
+    scratch = [plgpu.SMEM((2, WG_ROWS, block), dtype, transforms=swizzled(block, dtype)),
+               *([plgpu.SMEM((2, WG_ROWS), jnp.float32)] if swiglu else []),
                *transpose_scratch((2, block, block), jnp.float8_e4m3fn, interpret)]
     out_type = jax.ShapeDtypeStruct((m_padded, n_out), dtype)
     if swiglu:
-        out_type = (out_type, jax.ShapeDtypeStruct((grid_n, m_padded), jnp.float32))
+        out_type = (out_type, jax.ShapeDtypeStruct((n_out // block, m_padded), jnp.float32))
     kernel = plgpu.kernel(
         body, out_type=out_type, grid=(num_blocks or sm_count(),),
         grid_names=("sm",), num_threads=3, thread_name="wg", scratch_types=scratch,
@@ -249,6 +267,12 @@ def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_
     # the row scales and the output's scales lie transposed, so a tile's rows are contiguous
     out = kernel(block_group.astype(jnp.int32), layer, xq, xs.T, w, w_scale)
     return (out[0], out[1].T) if swiglu else out
+
+
+def _stages_that_fit(step_bytes: float, other_bytes: float, most: int = 4) -> int:
+    """Pipeline stages of step_bytes each that shared memory holds beside other_bytes (the
+    epilogue's buffers, and 1 KiB for barriers), up to `most`."""
+    return int(max(1, min(most, (SHARED_MEMORY - other_bytes - 1024) // step_bytes)))
 
 
 def _swiglu_rounded(gate: jax.Array, up: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -172,6 +172,21 @@ def _gather_aligned_rows(tokens: Any, index: jax.Array) -> Any:
 
 
 WS_BLOCK_ROWS = 128      # rows per tile of the warp-specialised kernel
+# an expert's mean rows in a step up to which the W8A8 kernel's tiles take 64 rows: at 8 and 38
+# (256 and 1212 tokens) the MoE block took 1040 against 1261 and 355 against 408 us a layer on
+# an H200 (docs/benchmarks.md, run DI)
+WS_W8A8_FEW_ROWS = 48
+
+
+def ws_w8a8_block_rows(pairs: int, num_experts: int, intermediate: int) -> int:
+    """Rows per tile of the W8A8 warp-specialised kernels for a step of `pairs` token-expert
+    pairs over num_experts experts, intermediate wide on this device: 64, whose two compute
+    warpgroups split a tile's 256 columns, where an expert averages few rows
+    (WS_W8A8_FEW_ROWS) and the intermediate size takes tiles of 256 columns; otherwise 128, whose
+    warpgroups split its rows. A tile of 128 rows streams a whole row block from L2 for every
+    128 columns of weights, mostly the zeros that pad an expert's few rows."""
+    few = pairs <= WS_W8A8_FEW_ROWS * num_experts
+    return 64 if few and intermediate % 256 == 0 else WS_BLOCK_ROWS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,7 +319,8 @@ def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: j
     [E, 2, I, H] with scale [E, 2, I/128, H/128]; w2 [E, H, I] with scale [E, H/128, I/128] (the
     checkpoint's orientation). kernel: one of FP8_KERNELS ("xla-w8a8" is the XLA reference of
     "mosaic-ws-w8a8": the same rounding of the rows, fp32 products, rows contiguous by expert);
-    block_m defaults to 64 rows, 128 (WS_BLOCK_ROWS) for the warp-specialised kernel. The W8A8
+    block_m defaults to 64 rows, 128 (WS_BLOCK_ROWS) for the warp-specialised kernel (64 or 128
+    there, see `ws_w8a8_block_rows`). The W8A8
     forms round the tokens in `prepare` (`token_rounding`); out_dtype: the reference's products
     (the Mosaic kernels return bf16).
 
