@@ -95,15 +95,15 @@ class LocalComm:
         return logits
 
 
-def project(x: jax.Array, w: jax.Array) -> jax.Array:
+def project(x: jax.Array, w: jax.Array, precision: jax.lax.Precision | None = None) -> jax.Array:
     """x [N, K] @ w [K, M]. A single row is computed as two: XLA's GPU compiler rewrites a
     one-row dot into an elementwise multiply and a reduction, writing the [K, M] product out and
     reading it back (three times the weight bytes, two kernels), which measured 75 us per layer
     for one decode token's attention projections on an H200 against about 10 us as a GEMM."""
     if x.shape[0] != 1:
-        return x @ w
+        return jnp.matmul(x, w, precision=precision)
     # the barrier keeps the simplifier from moving the slice back into the dot
-    return jax.lax.optimization_barrier(jnp.concatenate([x, x]) @ w)[:1]
+    return jax.lax.optimization_barrier(jnp.matmul(jnp.concatenate([x, x]), w, precision=precision))[:1]
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -263,7 +263,9 @@ class Router(nnx.Module):
                 return routing.route_few(h, weight, bias, layer, valid, self.top_k, self.scaling,
                                          interpret=not on_gpu)
             weight, bias = weight[layer], bias[layer]
-        scores = jax.nn.sigmoid(project(h.astype(jnp.float32), weight))
+        # fp32 products as transformers' router takes them: XLA's default on GPUs rounds fp32
+        # operands to TF32 (10-bit mantissas), which a prefill profile showed (run DM)
+        scores = jax.nn.sigmoid(project(h.astype(jnp.float32), weight, precision=jax.lax.Precision.HIGHEST))
         _, ids = jax.lax.top_k(scores + bias, self.top_k)
         weights = jnp.take_along_axis(scores, ids, axis=-1)
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True) * self.scaling

@@ -60,6 +60,26 @@ def test_router_kernels_break_ties_toward_the_lower_expert_as_top_k_does():
     assert ids.tolist() == want.tolist() == [[3, 9]]
 
 
+def test_router_scores_many_tokens_in_full_fp32_as_transformers_does():
+    """64 tokens take XLA's router: its dot must ask for fp32 products whatever the default
+    precision (XLA's on GPUs rounds fp32 operands to TF32, about 1e-3 off), checked in the
+    lowered program and against float64 numbers."""
+    router = stacked_router(layers=1, hidden=1536, experts=64, top_k=8, seed=3)
+    h = jnp.asarray(np.random.RandomState(5).standard_normal((64, 1536)), jnp.bfloat16)
+    valid = jnp.ones((64,), bool)
+    router.kernel = "xla"
+    f = jax.jit(lambda h: router(h, valid, jnp.int32(0)))
+    with jax.default_matmul_precision("tensorfloat32"):       # as on GPUs (this suite asks for "highest")
+        assert "precision = [HIGHEST, HIGHEST]" in f.trace(h).lower().as_text()
+        ids, weights = f(h)
+    w64 = np.asarray(router.weight[0], np.float64)
+    scores = 1 / (1 + np.exp(-(np.asarray(h, np.float64) @ w64)))
+    want_ids = np.argsort(-(scores + np.asarray(router.bias[0], np.float64)), axis=1, kind="stable")[:, :8]
+    want = np.take_along_axis(scores, want_ids, axis=1)
+    np.testing.assert_array_equal(np.asarray(ids), want_ids)
+    np.testing.assert_allclose(np.asarray(weights), want / want.sum(axis=1, keepdims=True) * 1.5, rtol=2e-6)
+
+
 def test_router_takes_xla_for_shapes_the_kernels_do_not_take():
     assert routing.supports(16, 3072, 256, 8)
     assert not routing.supports(17, 3072, 256, 8)       # more tokens than a kernel's rows
