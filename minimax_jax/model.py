@@ -388,7 +388,8 @@ class Experts(nnx.Module):
             return moe_ops.per_pair_experts(x, expert_ids, weights, w13, w2, mine).astype(out_dtype)
         if kernel in moe_ops.FP8_KERNELS:                   # reads only the FP8 bytes
             ws_w8a8 = kernel == "mosaic-ws-w8a8"
-            block_m = moe_ops.ws_w8a8_block_rows(expert_ids.size, self.num_experts, self.w2.shape[-1]) if ws_w8a8 else None
+            hidden, inter = self.w2.shape[-2:]
+            block_m = moe_ops.ws_w8a8_block_rows(expert_ids.size, self.num_experts, inter, hidden) if ws_w8a8 else None
             matmuls = moe_ops.fp8_matmuls(self.w13[...], self.w13_scale[...], self.w2[...], self.w2_scale[...],
                                           kernel=kernel, layer=layer, out_dtype=self.dtype, block_m=block_m,
                                           fuse_swiglu=self.fuse_swiglu and ws_w8a8)

@@ -443,17 +443,23 @@ def test_stacked_experts_given_a_layer_equal_that_layers_own_module(kernel, toke
     Mosaic FP8 kernels (which read the layer in place), through a per-layer slice (every other
     path), and for few tokens on a Hopper GPU (each pair's expert read in place by the pair
     kernel, not the FP8 kernel that "auto" names) the result is that layer's own module's, bit
-    for bit."""
+    for bit. 40 tokens' 80 pairs over 4 experts are a decode-sized step: the W8A8 kernel's tiles
+    take 64 rows."""
     from flax import nnx
     from minimax_jax.config import preset
     from minimax_jax.model import Experts
-    cfg = dataclasses.replace(preset("tiny"), hidden_size=256, intermediate_size=128, num_experts=4)
+    cfg = dataclasses.replace(preset("tiny"), hidden_size=256, intermediate_size=256, num_experts=4)
     layers = [Experts(cfg, jnp.bfloat16, nnx.Rngs(i), expert_format="fp8") for i in range(3)]
     graphdef, _ = nnx.split(layers[0])
     stacked = nnx.merge(graphdef, jax.tree.map(lambda *a: jnp.stack(a), *[nnx.split(e)[1] for e in layers]))
     for experts in layers + [stacked]:
         experts.kernel = kernel
-    monkeypatch.setattr(moe, "fp8_matmuls", functools.partial(moe.fp8_matmuls, **INTERPRET))
+    tiles, fp8_matmuls = [], moe.fp8_matmuls
+
+    def fp8_matmuls_interpreted(*args, **kwargs):
+        tiles.append(kwargs.get("block_m"))
+        return fp8_matmuls(*args, **kwargs, **INTERPRET)
+    monkeypatch.setattr(moe, "fp8_matmuls", fp8_matmuls_interpreted)
     pair_products = pair_experts.pair_products
     monkeypatch.setattr(pair_experts, "pair_products",
                         lambda *args, **kwargs: pair_products(*args, **{**kwargs, "interpret": not ON_GPU}))
@@ -464,6 +470,8 @@ def test_stacked_experts_given_a_layer_equal_that_layers_own_module(kernel, toke
     weights = jnp.asarray(rng.random((tokens, 2)), jnp.float32)
     got = np.asarray(stacked(x, ids, weights, first_expert=0, layer=jnp.int32(1)))
     np.testing.assert_array_equal(got, np.asarray(layers[1](x, ids, weights, first_expert=0)))
+    if kernel == "mosaic-ws-w8a8":
+        assert set(tiles) == {64}
     assert np.abs(got - np.asarray(layers[2](x, ids, weights, first_expert=0))).max() > 0
     with pytest.raises(ValueError, match="stacked over layers"):
         layers[1](x, ids, weights, first_expert=0, layer=jnp.int32(1))
@@ -501,10 +509,11 @@ def test_warp_specialised_kernel_lowers_for_gpus_and_takes_checkpoint_layout_exp
 
 
 def test_w8a8_tiles_take_64_rows_where_experts_hold_few_and_the_columns_split_in_256():
-    assert moe.ws_w8a8_block_rows(256 * 8, 256, 1536) == 64            # one GPU, 256 requests decoding
-    assert moe.ws_w8a8_block_rows(1212 * 8, 256, 1536) == 64           # W1's DEP4 decode step
-    assert moe.ws_w8a8_block_rows(4 * 8192 * 8, 256, 1536) == 128      # a DEP4 prefill step
-    assert moe.ws_w8a8_block_rows(256 * 8, 256, 384) == 128            # TP4 experts: 384 columns
+    assert moe.ws_w8a8_block_rows(256 * 8, 256, 1536, 3072) == 64            # one GPU, 256 requests decoding
+    assert moe.ws_w8a8_block_rows(1212 * 8, 256, 1536, 3072) == 64           # W1's DEP4 decode step
+    assert moe.ws_w8a8_block_rows(4 * 8192 * 8, 256, 1536, 3072) == 128      # a DEP4 prefill step
+    assert moe.ws_w8a8_block_rows(256 * 8, 256, 384, 3072) == 128            # TP4 experts: 384 columns
+    assert moe.ws_w8a8_block_rows(256 * 8, 256, 1536, 384) == 128            # a down GEMM of 384 columns
 
 
 def test_auto_kernel_on_hopper_is_mosaic_for_bf16_and_the_w8a8_ws_kernel_for_fp8(monkeypatch):

@@ -178,15 +178,15 @@ WS_BLOCK_ROWS = 128      # rows per tile of the warp-specialised kernel
 WS_W8A8_FEW_ROWS = 48
 
 
-def ws_w8a8_block_rows(pairs: int, num_experts: int, intermediate: int) -> int:
+def ws_w8a8_block_rows(pairs: int, num_experts: int, intermediate: int, hidden: int) -> int:
     """Rows per tile of the W8A8 warp-specialised kernels for a step of `pairs` token-expert
-    pairs over num_experts experts, intermediate wide on this device: 64, whose two compute
+    pairs over num_experts experts (intermediate: this device's share): 64, whose two compute
     warpgroups split a tile's 256 columns, where an expert averages few rows
-    (WS_W8A8_FEW_ROWS) and the intermediate size takes tiles of 256 columns; otherwise 128, whose
+    (WS_W8A8_FEW_ROWS) and both GEMMs' outputs take tiles of 256 columns; otherwise 128, whose
     warpgroups split its rows. A tile of 128 rows streams a whole row block from L2 for every
     128 columns of weights, mostly the zeros that pad an expert's few rows."""
     few = pairs <= WS_W8A8_FEW_ROWS * num_experts
-    return 64 if few and intermediate % 256 == 0 else WS_BLOCK_ROWS
+    return 64 if few and intermediate % 256 == 0 and hidden % 256 == 0 else WS_BLOCK_ROWS
 
 
 @dataclasses.dataclass(frozen=True)
