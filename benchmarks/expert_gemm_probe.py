@@ -39,10 +39,48 @@ VARIANTS = {"128 rows by rows": (128, {}, {}),
 
 
 def random_fp8_experts(key, shape):
-    """FP8 experts of `shape` [..., N, K] with block scales around 1e-3, made on the device."""
+    """FP8 experts of `shape` [..., N, K] with block scales of 2-4e-4, made on the device."""
     w = (jax.random.normal(key, shape, jnp.bfloat16) * 64).astype(jnp.float8_e4m3fn)
     scale_shape = (*shape[:-2], shape[-2] // 128, shape[-1] // 128)
     return w, jax.random.uniform(jax.random.fold_in(key, 1), scale_shape, jnp.float32, 2e-4, 4e-4)
+
+
+def local_rows(tokens: int, local: int, hidden: int, key, experts: int = 256, top_k: int = 8):
+    """The rows a step of `tokens` routed at random to top_k of `experts` gives the first `local`
+    experts: (rows per local expert, the rows rounded to FP8 and their scales)."""
+    rng = np.random.RandomState(tokens)
+    ids = np.argsort(rng.random((tokens, experts)), axis=1)[:, :top_k]
+    sizes = jnp.asarray(np.bincount(ids[ids < local], minlength=local), jnp.int32)
+    rows = jax.random.normal(jax.random.fold_in(key, tokens), (int(sizes.sum()), hidden), jnp.bfloat16)
+    return sizes, *fp8.quantize_groups(rows)
+
+
+def run_variant(variant, sizes, xq, xs, experts, *, layers: int, iters: int, opts: dict):
+    """One tiling on these rows: (the down output of layer 0 in the rows' order, seconds a layer
+    for both kernels, seconds a layer for the gate/up kernel alone)."""
+    block_m, gate_up_options, down_options = variant
+    m = xq.shape[0]
+    dest, groups, m_padded = aligned_rows.layout(sizes, m, block_m)
+    source = aligned_rows.sources(jnp.arange(m), dest, m_padded, fill=m)
+    rows = [jnp.take(a, source, axis=0, mode="fill", fill_value=0) for a in (xq, xs)]
+    gate_up = functools.partial(grouped_gemm_ws.aligned_gate_up_swiglu_w8a8, block_m=block_m, **gate_up_options,
+                                **opts)
+    down = functools.partial(grouped_gemm_ws.aligned_gemm_w8a8_quantized, block_m=block_m, **down_options, **opts)
+    w13, s13, w2, s2 = experts
+
+    def over_layers(xq, xs, groups, w13, s13, w2, s2, both=True):
+        def one(total, layer):
+            act, act_scale = gate_up(xq, xs, groups, w13, s13, layer=layer)
+            out = down(act, act_scale, groups, w2, s2, layer=layer) if both else act
+            return total + out[:, :8].astype(jnp.float32).sum(), None
+        return jax.lax.scan(one, jnp.float32(0), jnp.arange(layers))[0]
+
+    act, act_scale = jax.jit(gate_up)(*rows, groups, w13, s13, layer=0)
+    out = np.asarray(jax.jit(down)(act, act_scale, groups, w2, s2, layer=0), np.float32)[dest]
+    operands = (*rows, groups, *experts)
+    both = median_time(jax.jit(over_layers), *operands, warmup=1, iters=iters) / layers
+    alone = median_time(jax.jit(functools.partial(over_layers, both=False)), *operands, warmup=1, iters=iters) / layers
+    return out, both, alone
 
 
 def main() -> int:
@@ -57,11 +95,11 @@ def main() -> int:
     p.add_argument("--variants", nargs="+", metavar="TEXT", help="run only the variants whose names contain one of "
                    "these (the first variant always runs: the others are checked against it)")
     args = p.parse_args()
-    experts, top_k, local, h, i = 256, 8, args.local_experts, args.hidden, args.intermediate
+    local, h, i = args.local_experts, args.hidden, args.intermediate
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    w13, s13 = random_fp8_experts(keys[0], (args.layers, local, 2 * i, h))
-    w2, s2 = random_fp8_experts(keys[1], (args.layers, local, h, i))
-    floor_bytes = (w13.nbytes + w2.nbytes) / args.layers
+    experts = (*random_fp8_experts(keys[0], (args.layers, local, 2 * i, h)),
+               *random_fp8_experts(keys[1], (args.layers, local, h, i)))
+    floor_bytes = (experts[0].nbytes + experts[2].nbytes) / args.layers
     bandwidth = copy_bandwidth(*copy_case((1 << 30) if not INTERPRET else (1 << 20)))
     variants = {name: v for name, v in VARIANTS.items()
                 if not args.variants or name == next(iter(VARIANTS)) or any(t in name for t in args.variants)}
@@ -70,42 +108,19 @@ def main() -> int:
     opts = dict(interpret=InterpretGPUParams(), num_blocks=2) if INTERPRET else {}
     table = []
     for tokens in args.tokens:
-        rng = np.random.RandomState(tokens)
-        ids = np.argsort(rng.random((tokens, experts)), axis=1)[:, :top_k]
-        sizes = jnp.asarray(np.bincount(ids[ids < local], minlength=local), jnp.int32)
-        m = int(sizes.sum())
-        xq, xs = fp8.quantize_groups(jax.random.normal(jax.random.fold_in(keys[2], tokens), (m, h), jnp.bfloat16))
+        sizes, xq, xs = local_rows(tokens, local, h, keys[2])
         first = None
-        for name, (block_m, gate_up_options, down_options) in variants.items():
-            dest, groups, m_padded = aligned_rows.layout(sizes, m, block_m)
-            source = aligned_rows.sources(jnp.arange(m), dest, m_padded, fill=m)
-            rows = [jnp.take(a, source, axis=0, mode="fill", fill_value=0) for a in (xq, xs)]
-            gate_up = functools.partial(grouped_gemm_ws.aligned_gate_up_swiglu_w8a8, block_m=block_m,
-                                        **gate_up_options, **opts)
-            down = functools.partial(grouped_gemm_ws.aligned_gemm_w8a8_quantized, block_m=block_m, **down_options,
-                                     **opts)
-
-            def layers(xq, xs, groups, w13, s13, w2, s2, *, gate_up=gate_up, down=down, both=True):
-                def one(total, layer):
-                    act, act_scale = gate_up(xq, xs, groups, w13, s13, layer=layer)
-                    out = down(act, act_scale, groups, w2, s2, layer=layer) if both else act
-                    return total + out[:, :8].astype(jnp.float32).sum(), None
-                return jax.lax.scan(one, jnp.float32(0), jnp.arange(args.layers))[0]
-
+        for name, variant in variants.items():
             try:
-                act, act_scale = jax.jit(gate_up)(*rows, groups, w13, s13, layer=0)
-                out = np.asarray(jax.jit(down)(act, act_scale, groups, w2, s2, layer=0), np.float32)[dest]
-                err = 0.0 if first is None else float(np.abs(out - first).max() / np.abs(first).max())
-                first = out if first is None else first
-                operands = (*rows, groups, w13, s13, w2, s2)
-                both = median_time(jax.jit(layers), *operands, warmup=1, iters=args.iters) / args.layers
-                alone = median_time(jax.jit(functools.partial(layers, both=False)), *operands,
-                                    warmup=1, iters=args.iters) / args.layers
+                out, both, alone = run_variant(variant, sizes, xq, xs, experts, layers=args.layers, iters=args.iters,
+                                               opts=opts)
             except Exception as e:  # noqa: BLE001 - a variant that does not lower is reported, the rest go on
                 print(f"{tokens} tokens, {name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
-            table.append((tokens, m, name, both, alone, err))
-            print(f"{tokens} tokens ({m} local rows), {name}: {both * 1e6:.0f} us/layer "
+            err = 0.0 if first is None else float(np.abs(out - first).max() / np.abs(first).max())
+            first = out if first is None else first
+            table.append((tokens, xq.shape[0], name, both, alone, err))
+            print(f"{tokens} tokens ({xq.shape[0]} local rows), {name}: {both * 1e6:.0f} us/layer "
                   f"(gate/up {alone * 1e6:.0f}, down {(both - alone) * 1e6:.0f}), {floor_bytes / both / 1e12:.2f} TB/s "
                   f"of weights, max error vs the first {err:.1e}", flush=True)
     floor = floor_bytes / bandwidth
