@@ -9,7 +9,8 @@ and the down kernel, reading each layer of --layers-deep stacked FP8 experts in 
 jitted scan (no layer's weights stay in L2; the host's dispatch is paid once). Variants: tiles
 of 128 rows split between the two compute warpgroups by rows (the engine's tiling before
 2026-11-29) and tiles of 64 rows split by columns, at the default pipeline depths (as many
-stages as shared memory holds, up to 4) and others.
+stages as shared memory holds, up to 4) and others; for the gate/up kernel also tiles of 64 rows
+by 128 columns whose gate and up halves are each one warpgroup's.
 Each variant's down output must equal the first variant's (the same products summed in the
 same order); the time per layer is printed beside the floor, the local experts' FP8 bytes over
 the copy bandwidth measured in the same process.
@@ -35,6 +36,7 @@ INTERPRET = jax.default_backend() != "gpu"      # a CPU run checks the variants'
 VARIANTS = {"128 rows by rows": (128, {}, {}),
             "64 rows by columns": (64, {}, {}),
             "64 rows by columns, down 3 stages": (64, {}, dict(max_concurrent_steps=3)),
+            "64 rows, gate and up by warpgroup": (64, dict(halves_by_warpgroup=True), {}),
             "128 rows by rows, 3 stages": (128, dict(max_concurrent_steps=3), dict(max_concurrent_steps=3))}
 
 

@@ -326,11 +326,12 @@ def test_routed_experts_through_the_w8a8_kernel_equal_its_xla_reference():
     assert err < W8A8_BLOCK_TOLERANCE and rounding > 1e-2, (err, rounding)     # 5e-6 and 4e-2 when written
 
 
-@pytest.mark.parametrize("block_m", [128, 64])
-def test_swiglu_in_the_gate_up_kernel_rounds_as_the_unfused_path(block_m):
+@pytest.mark.parametrize("block_m,by_warpgroup", [(128, False), (64, False), (64, True)])
+def test_swiglu_in_the_gate_up_kernel_rounds_as_the_unfused_path(block_m, by_warpgroup):
     """The epilogue's SwiGLU and FP8 rounding against the gate/up kernel, SwiGLU in XLA and
     quantize_groups: the same scales, the same FP8 codes but for the odd tie that exp's last bit
-    moves."""
+    moves; also with the gate and up halves on different warpgroups (the up product handed over
+    in shared memory)."""
     rng = np.random.RandomState(16)
     sizes, inter, k = [5, 0, 130, 17], 256, 384
     m = sum(sizes) + 9
@@ -341,7 +342,8 @@ def test_swiglu_in_the_gate_up_kernel_rounds_as_the_unfused_path(block_m):
     source = aligned_rows.sources(jnp.arange(m), dest, m_padded, fill=m)
     xq, xs = (jnp.take(a, source, axis=0, mode="fill", fill_value=0) for a in (xq, xs))
     opts = dict(max_concurrent_steps=2, block_m=block_m, **INTERPRET)
-    act, act_scale = grouped_gemm_ws.aligned_gate_up_swiglu_w8a8(xq, xs, block_group, w, scale, **opts)
+    act, act_scale = grouped_gemm_ws.aligned_gate_up_swiglu_w8a8(xq, xs, block_group, w, scale,
+                                                                 halves_by_warpgroup=by_warpgroup, **opts)
     gate_up = grouped_gemm_ws.aligned_gemm_w8a8_quantized(xq, xs, block_group, w, scale, **opts).astype(jnp.float32)
     want, want_scale = fp8.quantize_groups((jax.nn.silu(gate_up[:, :inter]) * gate_up[:, inter:]).astype(jnp.bfloat16))
     rows = np.asarray(block_group)[np.arange(m_padded) // block_m] < len(sizes)       # blocks that hold rows
@@ -501,9 +503,10 @@ def test_warp_specialised_kernel_lowers_for_gpus_and_takes_checkpoint_layout_exp
         xq, xs, groups, w, s, layer=layer, num_blocks=132))
     assert "mosaic_gpu" in f.trace(*fused_args).lower(lowering_platforms=("cuda",)).as_text()
     few_rows_args = (*fused_args[:2], jax.ShapeDtypeStruct((m // 64,), jnp.int32), *fused_args[3:])
-    f = jax.jit(lambda xq, xs, groups, w, s, layer: grouped_gemm_ws.aligned_gate_up_swiglu_w8a8(
-        xq, xs, groups, w, s, layer=layer, block_m=64, num_blocks=132))
-    assert "mosaic_gpu" in f.trace(*few_rows_args).lower(lowering_platforms=("cuda",)).as_text()
+    for by_warpgroup in (False, True):
+        f = jax.jit(lambda xq, xs, groups, w, s, layer: grouped_gemm_ws.aligned_gate_up_swiglu_w8a8(
+            xq, xs, groups, w, s, layer=layer, block_m=64, halves_by_warpgroup=by_warpgroup, num_blocks=132))
+        assert "mosaic_gpu" in f.trace(*few_rows_args).lower(lowering_platforms=("cuda",)).as_text()
     with pytest.raises(ValueError, match="mosaic-ws needs FP8 or NVFP4"):
         moe.resolve_kernel("mosaic-ws", "bf16", 3072, 1536)
 

@@ -140,26 +140,34 @@ def aligned_gemm_w8a8_quantized(xq: jax.Array, xs: jax.Array, block_group: jax.A
 
 def aligned_gate_up_swiglu_w8a8(xq: jax.Array, xs: jax.Array, block_group: jax.Array, w13: jax.Array,
                                 w13_scale: jax.Array, *, layer: jax.Array | int | None = None, block_m: int = 128,
-                                max_concurrent_steps: int | None = None, num_blocks: int | None = None,
-                                interpret=None) -> tuple[jax.Array, jax.Array]:
+                                halves_by_warpgroup: bool = False, max_concurrent_steps: int | None = None,
+                                num_blocks: int | None = None, interpret=None) -> tuple[jax.Array, jax.Array]:
     """The gate/up GEMM of `aligned_gemm_w8a8_quantized` with SwiGLU and the next GEMM's rounding
     in its epilogue: w13 [(L,) G, 2I, K] (gate rows, then up rows). Each tile multiplies its rows
     by 128 gate and the matching 128 up columns, takes silu(gate) * up (both rounded to bf16 first,
     as the unfused GEMM's output is) to bf16, and rounds that to e4m3 with one scale per row: the
     128 columns are one scale group. Returns (act [m_padded, I] float8_e4m3fn, act_scale
     [m_padded, I/128] float32), the down GEMM's rows, without writing the gate/up product or
-    reading it back."""
+    reading it back.
+
+    halves_by_warpgroup (block_m=64 only): tiles of 64 rows by 128 columns, one compute
+    warpgroup multiplying them by the gate columns and the other by the up columns; the up
+    warpgroup hands its product to the gate's through shared memory for SwiGLU. A step's weights
+    are 32 KiB instead of 64 (tiles of 256 columns), so shared memory holds 4 stages instead of 2,
+    at twice the row bytes per weight byte. Not yet measured on a GPU (docs/benchmarks.md, "Runs
+    still to make"); nothing selects it by default."""
     return _w8a8_kernel(xq, xs, block_group, layer, w13, w13_scale, dtype=jnp.float8_e4m3fn, block_m=block_m,
                         max_concurrent_steps=max_concurrent_steps, num_blocks=num_blocks, interpret=interpret,
-                        swiglu=True)
+                        swiglu=True, halves_by_warpgroup=halves_by_warpgroup)
 
 
 def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_concurrent_steps, num_blocks,
-                 interpret, swiglu: bool = False):
+                 interpret, swiglu: bool = False, halves_by_warpgroup: bool = False):
     """Both W8A8 kernels: rows xq [M, K] with scales xs [M, K/128]; w [(L,) G, N, K] (layer: its
     index into L). swiglu: w's rows are gate then up; each tile takes 128 of each and its
     epilogue writes SwiGLU's output rounded to e4m3 ([M, N/2]) and the rows' scales
-    ([M, N/2/128]); otherwise the product [M, N] in dtype."""
+    ([M, N/2/128]); otherwise the product [M, N] in dtype. halves_by_warpgroup: see
+    `aligned_gate_up_swiglu_w8a8`."""
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -171,7 +179,10 @@ def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_
     halves = 2 if swiglu else 1                  # weight tiles per output tile: gate and up
     n_out = n // halves
     row_groups = block_m // WG_ROWS              # 2: the compute warpgroups split a tile's rows; 1: its columns
-    tile_n = block * (2 // max(row_groups, 1))
+    split = halves_by_warpgroup                  # or, with SwiGLU, its gate and up halves
+    if split and (not swiglu or block_m != WG_ROWS):
+        raise ValueError(f"halves by warpgroup are for the SwiGLU kernel's tiles of {WG_ROWS} rows (block_m {block_m})")
+    tile_n = block if split else block * (2 // max(row_groups, 1))
     if (k != k2 or block_m not in (64, 128) or m_padded % block_m or n_out % tile_n or k % block
             or w.dtype != jnp.float8_e4m3fn or w_scale.shape != (w.shape[0], g, n // block, k // block)
             or block_group.shape != (m_padded // block_m,)):
@@ -182,10 +193,10 @@ def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_
                          f"{xq.shape}, {w.shape} {w.dtype}, {w_scale.shape}, block_group {block_group.shape}")
     grid_m, grid_n = m_padded // block_m, n_out // tile_n
     fp8_tile = swizzled(block, jnp.float8_e4m3fn)
+    exchange_bytes = WG_ROWS * block * 2 if split else 0             # the up product handed over in bf16
     stages = max_concurrent_steps or _stages_that_fit(
         block_m * (block + 4) + halves * tile_n * block,         # a step's FP8 rows, their scales, its weights
-        2 * WG_ROWS * (block * jnp.dtype(dtype).itemsize + (4 if swiglu else 0)))     # the epilogue's buffers
-
+        2 * WG_ROWS * (block * jnp.dtype(dtype).itemsize + (4 if swiglu else 0)) + exchange_bytes)
     def get_pipeline(step, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
             step, grid=(k // block,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
@@ -199,6 +210,8 @@ def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_
         os_gmem = outs_and_scratch.pop(0) if swiglu else None
         o_smem, *outs_and_scratch = outs_and_scratch
         os_smem = outs_and_scratch.pop(0) if swiglu else None
+        if split:
+            exchange, up_ready, up_taken, *outs_and_scratch = outs_and_scratch
         interpret_scratch = outs_and_scratch
         layer = layer_ref[0]
 
@@ -208,7 +221,7 @@ def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_
             return x_gmem.at[rows], *weights, xs_gmem.at[:, rows]
 
         def tile(wg, mi, ni, group):
-            row_part, col_part = (wg, 0) if row_groups == 2 else (0, wg)
+            row_part, col_part = (wg, 0) if row_groups == 2 else (0, 0) if split else (0, wg)
             my_rows = pl.ds(row_part * WG_ROWS, WG_ROWS)
             my_cols = pl.ds(col_part * block, block)
             out_rows = pl.ds(mi * block_m + row_part * WG_ROWS, WG_ROWS)
@@ -217,18 +230,22 @@ def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_
             def step(idx, x_smem, *refs):
                 *w_smems, xs_smem, totals = refs
                 row_scale = xs_smem[0, my_rows]
+                my_halves = [wg] if split else range(halves)       # split: 0 gate, 1 up
 
-                def product(w_smem, acc_ref):
+                def product(h, acc_ref):
                     my_scratch = [ref.at[wg] for ref in interpret_scratch]
-                    plgpu.wgmma(acc_ref, x_smem.at[my_rows],
-                                transposed_operand(w_smem.at[my_cols], my_scratch, interpret))
+                    for half, w_smem in enumerate(w_smems):     # the one of w_smems that h names
+                        @pl.when(h == half)
+                        def _():
+                            plgpu.wgmma(acc_ref, x_smem.at[my_rows],
+                                        transposed_operand(w_smem.at[my_cols], my_scratch, interpret))
                     plgpu.wgmma_wait(0)
                     return acc_ref[...]
 
                 new = []
-                for h, (w_smem, total) in enumerate(zip(w_smems, totals)):
+                for h, total in zip(my_halves, totals):
                     weight_scale = s_gmem[layer, group, h * (n_out // block) + col_block, idx[0]]
-                    p = pl.run_scoped(functools.partial(product, w_smem), plgpu.ACC((WG_ROWS, block)))
+                    p = pl.run_scoped(functools.partial(product, h), plgpu.ACC((WG_ROWS, block)))
                     new.append(total + p * lax.broadcast_in_dim(row_scale * weight_scale, p.shape, [0]))
                 return tuple(new)
 
@@ -236,7 +253,10 @@ def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_
                 zeros = jnp.zeros((WG_ROWS, block), jnp.float32)
                 if not interpret:
                     zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
-                totals = run_pipeline((zeros,) * halves)
+                totals = run_pipeline((zeros,) * (1 if split else halves))
+                if split:
+                    _swiglu_across_warpgroups(wg, totals[0], exchange, up_ready, up_taken, store)
+                    return
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)      # the slot's last store
                 if swiglu:
                     act, scale = _swiglu_rounded(*totals)
@@ -248,6 +268,14 @@ def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_
                 plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[out_rows, pl.ds(col_block * block, block)])
                 if swiglu:
                     plgpu.copy_smem_to_gmem(os_smem.at[wg], os_gmem.at[col_block, out_rows])
+
+            def store(act, scale):          # the gate warpgroup's SwiGLU output, halves by warpgroup
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                o_smem[0] = act
+                os_smem[0] = scale
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem.at[0], o_gmem.at[out_rows, pl.ds(col_block * block, block)])
+                plgpu.copy_smem_to_gmem(os_smem.at[0], os_gmem.at[col_block, out_rows])
             return step, compute_context
 
         _over_tiles(get_pipeline, slices, tile, group_ref, g, grid_m, grid_n)
@@ -255,6 +283,8 @@ def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_
 
     scratch = [plgpu.SMEM((2, WG_ROWS, block), dtype, transforms=swizzled(block, dtype)),
                *([plgpu.SMEM((2, WG_ROWS), jnp.float32)] if swiglu else []),
+               *([plgpu.SMEM((WG_ROWS, block), jnp.bfloat16, transforms=swizzled(block, jnp.bfloat16)),
+                  plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=1)] if split else []),
                *transpose_scratch((2, block, block), jnp.float8_e4m3fn, interpret)]
     out_type = jax.ShapeDtypeStruct((m_padded, n_out), dtype)
     if swiglu:
@@ -267,6 +297,28 @@ def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_
     # the row scales and the output's scales lie transposed, so a tile's rows are contiguous
     out = kernel(block_group.astype(jnp.int32), layer, xq, xs.T, w, w_scale)
     return (out[0], out[1].T) if swiglu else out
+
+
+def _swiglu_across_warpgroups(wg, product, exchange, up_ready, up_taken, store) -> None:
+    """SwiGLU of a tile whose gate product is warpgroup 0's and up product warpgroup 1's: the up
+    warpgroup writes its product, rounded to bf16 as the unfused GEMM's output is, to `exchange`
+    and waits until the gate warpgroup has read it (so the next tile cannot overwrite it first);
+    the gate warpgroup reads it and hands SwiGLU's rounded output to store(act, scale)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    @pl.when(wg == 1)
+    def _():
+        exchange[...] = product.astype(jnp.bfloat16)
+        plgpu.barrier_arrive(up_ready)
+        plgpu.barrier_wait(up_taken)
+
+    @pl.when(wg == 0)
+    def _():
+        plgpu.barrier_wait(up_ready)
+        up = exchange[...]
+        plgpu.barrier_arrive(up_taken)
+        store(*_swiglu_rounded(product, up))
 
 
 def _stages_that_fit(step_bytes: float, other_bytes: float, most: int = 4) -> int:
