@@ -197,6 +197,7 @@ def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_
     stages = max_concurrent_steps or _stages_that_fit(
         block_m * (block + 4) + halves * tile_n * block,         # a step's FP8 rows, their scales, its weights
         2 * WG_ROWS * (block * jnp.dtype(dtype).itemsize + (4 if swiglu else 0)) + exchange_bytes)
+
     def get_pipeline(step, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
             step, grid=(k // block,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
@@ -254,28 +255,23 @@ def _w8a8_kernel(xq, xs, block_group, layer, w, w_scale, *, dtype, block_m, max_
                 if not interpret:
                     zeros = plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
                 totals = run_pipeline((zeros,) * (1 if split else halves))
-                if split:
-                    _swiglu_across_warpgroups(wg, totals[0], exchange, up_ready, up_taken, store)
-                    return
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)      # the slot's last store
-                if swiglu:
-                    act, scale = _swiglu_rounded(*totals)
-                    o_smem[wg] = act
-                    os_smem[wg] = scale
+                if split:       # the gate warpgroup stores from slot 0
+                    _swiglu_across_warpgroups(wg, totals[0], exchange, up_ready, up_taken,
+                                              functools.partial(store, 0))
+                elif swiglu:
+                    store(wg, *_swiglu_rounded(*totals))
                 else:
-                    o_smem[wg] = totals[0].astype(dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[out_rows, pl.ds(col_block * block, block)])
-                if swiglu:
-                    plgpu.copy_smem_to_gmem(os_smem.at[wg], os_gmem.at[col_block, out_rows])
+                    store(wg, totals[0].astype(dtype))
 
-            def store(act, scale):          # the gate warpgroup's SwiGLU output, halves by warpgroup
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                o_smem[0] = act
-                os_smem[0] = scale
+            def store(slot, out, scale=None):       # the tile's output, with SwiGLU its rows' scales
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)      # the slot's last store
+                o_smem[slot] = out
+                if scale is not None:
+                    os_smem[slot] = scale
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem.at[0], o_gmem.at[out_rows, pl.ds(col_block * block, block)])
-                plgpu.copy_smem_to_gmem(os_smem.at[0], os_gmem.at[col_block, out_rows])
+                plgpu.copy_smem_to_gmem(o_smem.at[slot], o_gmem.at[out_rows, pl.ds(col_block * block, block)])
+                if scale is not None:
+                    plgpu.copy_smem_to_gmem(os_smem.at[slot], os_gmem.at[col_block, out_rows])
             return step, compute_context
 
         _over_tiles(get_pipeline, slices, tile, group_ref, g, grid_m, grid_n)
