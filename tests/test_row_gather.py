@@ -52,6 +52,7 @@ def test_kernel_refuses_what_it_cannot_gather():
     assert row_gather.supported([codes], 17920 * 16)
     assert not row_gather.supported([codes], 1056768)
     assert not row_gather.supported([jax.ShapeDtypeStruct((8, 16), jnp.float4_e2m1fn)], 16)
+    assert not row_gather.supported([codes], 17920 * 16 + 8)      # not whole programs of 16 rows
     table = jnp.zeros((8, 16), jnp.float32)
     with pytest.raises(ValueError, match="multiple of 16"):
         row_gather.gather_rows([table], jnp.zeros((20,), jnp.int32))

@@ -164,8 +164,7 @@ def _gather_aligned_rows(tokens: Any, index: jax.Array) -> Any:
     else:
         tables, tree = jax.tree.flatten(tokens)
         segments = None
-    if not (kernel_gathers_rows() and row_gather.supported(tables, index.shape[0], segments)
-            and index.shape[0] % row_gather.ROWS_PER_PROGRAM == 0):
+    if not (kernel_gathers_rows() and row_gather.supported(tables, index.shape[0], segments)):
         return _take_rows(tokens, index)
     columns = row_gather.gather_rows(tables, index, segments)
     return tokens.from_columns(columns) if isinstance(tokens, PackedTokens) else jax.tree.unflatten(tree, columns)

@@ -23,12 +23,14 @@ MAX_CHUNK = 1024        # columns a program moves per load
 ROWS_PER_PROGRAM = 16   # the index's length must be a multiple of it
 
 
-def supported(tables: Sequence[jax.Array], rows: int, segments: Sequence[tuple[int, int, int]] | None = None) -> bool:
-    """Whether the kernel gathers `rows` rows from these tables: 2-D tables of one row count and
-    of whole bytes, and no table or output it would offset wrongly (`triton_common.offsets_wrap`:
-    an FP8 output of over 2**31 entries, about 700k rows of 3072, is one that a prefill step's
-    largest row bucket can reach)."""
-    if not all(t.ndim == 2 and t.shape[0] == tables[0].shape[0] and jax.dtypes.itemsize_bits(t.dtype) >= 8
+def supported(tables: Sequence[jax.Array], rows: int, segments: Sequence[tuple[int, int, int]] | None = None,
+              rows_per_program: int = ROWS_PER_PROGRAM) -> bool:
+    """Whether the kernel gathers `rows` rows from these tables, rows_per_program a program:
+    rows a multiple of it, 2-D tables of one row count and of whole bytes, and no table or
+    output it would offset wrongly (`triton_common.offsets_wrap`: an FP8 output of over 2**31
+    entries, about 700k rows of 3072, is one that a prefill step's largest row bucket can
+    reach)."""
+    if rows % rows_per_program or not all(t.ndim == 2 and t.shape[0] == tables[0].shape[0] and jax.dtypes.itemsize_bits(t.dtype) >= 8
                for t in tables):
         return False
     outputs = [jax.ShapeDtypeStruct((rows, width), tables[t].dtype) for t, _, width in _segments(tables, segments)]
@@ -57,7 +59,7 @@ def gather_rows(tables: Sequence[jax.Array], index: jax.Array, segments: Sequenc
     for t, first, width in segments:
         if not (0 <= t < len(tables) and 0 <= first and width > 0 and first + width <= tables[t].shape[1]):
             raise ValueError(f"segment {(t, first, width)} lies outside tables {[t.shape for t in tables]}")
-    if not supported(tables, m, segments) or m % rows_per_program:
+    if not supported(tables, m, segments, rows_per_program):
         raise ValueError(f"gather_rows takes 2-D tables of one row count, tables and outputs of at most 2**31 "
                          f"entries or over 4 GiB, and an index a multiple of {rows_per_program} long; got "
                          f"{[(t.shape, str(t.dtype)) for t in tables]}, index {index.shape}")
