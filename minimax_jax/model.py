@@ -106,6 +106,35 @@ def project(x: jax.Array, w: jax.Array, precision: jax.lax.Precision | None = No
     return jax.lax.optimization_barrier(jnp.matmul(jnp.concatenate([x, x]), w, precision=precision))[:1]
 
 
+def fp32_product(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [N, K] @ w [K, M] (w float32) with fp32 products, as transformers' router takes them
+    (XLA's default on GPUs rounds fp32 operands to TF32, 10-bit mantissas; docs/benchmarks.md run
+    DM). For bf16 x, w splits exactly into three parts of 8 significant bits each (`bf16_parts`),
+    whose products with x are exact in fp32: one bf16 GEMM against the parts side by side, with
+    fp32 sums, runs on tensor cores where `Precision.HIGHEST` takes an fp32 GEMM without them.
+    Other x take `Precision.HIGHEST`."""
+    if x.dtype != jnp.bfloat16:
+        return project(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+    side_by_side = jnp.concatenate(bf16_parts(w)[::-1], axis=-1)      # smallest first: summed first
+    products = jnp.dot(x, side_by_side, precision=jax.lax.Precision.DEFAULT, preferred_element_type=jnp.float32)
+    lo, mid, hi = jnp.split(products, 3, axis=-1)
+    return (lo + mid) + hi
+
+
+def bf16_parts(w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Three bf16 arrays that sum to float32 w exactly: each takes the top 8 significant bits of
+    what the ones before left, by truncating the bits (a rounding cast would do, but XLA on GPUs
+    may drop an f32 -> bf16 -> f32 round trip as excess precision, which run DO measured as
+    2.5e-4 off)."""
+    parts, rest = [], w.astype(jnp.float32)
+    for _ in range(3):
+        bits = jax.lax.bitcast_convert_type(rest, jnp.uint32) & jnp.uint32(0xFFFF0000)
+        part = jax.lax.bitcast_convert_type(bits, jnp.float32)
+        parts.append(part.astype(jnp.bfloat16))
+        rest = rest - part
+    return tuple(parts)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm as transformers computes it: fp32 statistics, cast back, then scale."""
     xf = x.astype(jnp.float32)
@@ -263,9 +292,7 @@ class Router(nnx.Module):
                 return routing.route_few(h, weight, bias, layer, valid, self.top_k, self.scaling,
                                          interpret=not on_gpu)
             weight, bias = weight[layer], bias[layer]
-        # fp32 products as transformers' router takes them: XLA's default on GPUs rounds fp32
-        # operands to TF32 (10-bit mantissas), which a prefill profile showed (run DM)
-        scores = jax.nn.sigmoid(project(h.astype(jnp.float32), weight, precision=jax.lax.Precision.HIGHEST))
+        scores = jax.nn.sigmoid(fp32_product(h, weight))
         _, ids = jax.lax.top_k(scores + bias, self.top_k)
         weights = jnp.take_along_axis(scores, ids, axis=-1)
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True) * self.scaling

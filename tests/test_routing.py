@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from minimax_jax.config import ModelConfig
-from minimax_jax.model import Router
+from minimax_jax.model import Router, bf16_parts, fp32_product
 from minimax_jax.ops import routing
 
 ON_GPU = os.environ.get("MINIMAX_JAX_KERNEL_TESTS") == "gpu"
@@ -70,14 +70,38 @@ def test_router_scores_many_tokens_in_full_fp32_as_transformers_does():
     router.kernel = "xla"
     f = jax.jit(lambda h: router(h, valid, jnp.int32(0)))
     with jax.default_matmul_precision("tensorfloat32"):       # as on GPUs (this suite asks for "highest")
-        assert "precision = [HIGHEST, HIGHEST]" in f.trace(h).lower().as_text()
+        dots = [line for line in f.trace(h).lower().as_text().splitlines() if "dot_general" in line]
         ids, weights = f(h)
+    assert dots and all(not_rounded_to_tf32(dot) for dot in dots), dots
     w64 = np.asarray(router.weight[0], np.float64)
     scores = 1 / (1 + np.exp(-(np.asarray(h, np.float64) @ w64)))
     want_ids = np.argsort(-(scores + np.asarray(router.bias[0], np.float64)), axis=1, kind="stable")[:, :8]
     want = np.take_along_axis(scores, want_ids, axis=1)
     np.testing.assert_array_equal(np.asarray(ids), want_ids)
     np.testing.assert_allclose(np.asarray(weights), want / want.sum(axis=1, keepdims=True) * 1.5, rtol=2e-6)
+
+
+def not_rounded_to_tf32(dot: str) -> bool:
+    """A lowered dot_general whose operands are 16-bit, or that asks for fp32 products."""
+    operands = dot.rsplit(" : (", 1)[1].split(") ->")[0]
+    return "f32>" not in operands or "precision = [HIGHEST, HIGHEST]" in dot
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_fp32_product_matches_float64_to_fp32_sums(dtype):
+    """bf16 rows against fp32 weights through three exact bf16 parts of the weights (one bf16
+    GEMM), fp32 rows through fp32 products: both within fp32 summation of float64's numbers,
+    where TF32's operand rounding is 5e-5 of the absolute sums off on these numbers."""
+    rng = np.random.RandomState(11)
+    x = jnp.asarray(rng.standard_normal((48, 3072)), dtype)
+    w = rng.standard_normal((3072, 256)) * np.exp(rng.uniform(-6, 2, (3072, 256)))   # many exponents
+    w = jnp.asarray(w, jnp.float32)
+    with jax.default_matmul_precision("tensorfloat32"):
+        got = np.asarray(jax.jit(fp32_product)(x, w), np.float64)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    bound = np.abs(x64) @ np.abs(w64) * 3072 * 2.0 ** -24          # fp32 summation, each term exact
+    assert np.all(np.abs(got - x64 @ w64) <= bound)
+    assert np.max(np.abs(got - x64 @ w64) / (np.abs(x64) @ np.abs(w64))) < 1e-6
 
 
 def test_router_takes_xla_for_shapes_the_kernels_do_not_take():
@@ -102,3 +126,12 @@ def test_router_kernels_lower_for_gpus_at_full_size():
     f = jax.jit(lambda h, w, b, layer, valid: routing.route_few(h, w, b, layer, valid, 8, 1.0))
     text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 2
+
+
+def test_bf16_parts_sum_to_the_fp32_weights_exactly():
+    rng = np.random.RandomState(2)
+    w = jnp.asarray(rng.standard_normal((64, 32)) * np.exp(rng.uniform(-40, 40, (64, 32))), jnp.float32)
+    parts = jax.jit(bf16_parts)(w)
+    assert all(p.dtype == jnp.bfloat16 for p in parts)
+    np.testing.assert_array_equal(sum(np.asarray(p, np.float64) for p in parts), np.asarray(w, np.float64))
+    assert np.any(np.asarray(parts[2]) != 0)        # the third part is needed
