@@ -511,11 +511,12 @@ def test_warp_specialised_kernel_lowers_for_gpus_and_takes_checkpoint_layout_exp
         moe.resolve_kernel("mosaic-ws", "bf16", 3072, 1536)
 
 
-def test_w8a8_tiles_take_64_rows_where_experts_hold_few_and_the_columns_split_in_256():
+def test_w8a8_tiles_take_64_rows_where_experts_hold_few_and_the_columns_split():
     assert moe.ws_w8a8_block_rows(256 * 8, 256, 1536, 3072) == 64            # one GPU, 256 requests decoding
     assert moe.ws_w8a8_block_rows(1212 * 8, 256, 1536, 3072) == 64           # W1's DEP4 decode step
     assert moe.ws_w8a8_block_rows(4 * 8192 * 8, 256, 1536, 3072) == 128      # a DEP4 prefill step
-    assert moe.ws_w8a8_block_rows(256 * 8, 256, 384, 3072) == 128            # TP4 experts: 384 columns
+    assert moe.ws_w8a8_block_rows(256 * 8, 256, 384, 3072) == 64             # TP4 experts: 384 columns
+    assert moe.ws_w8a8_block_rows(256 * 8, 256, 192, 3072) == 128            # TP8: 192 do not split in 128
     assert moe.ws_w8a8_block_rows(256 * 8, 256, 1536, 384) == 128            # a down GEMM of 384 columns
 
 

@@ -179,13 +179,15 @@ WS_W8A8_FEW_ROWS = 48
 
 def ws_w8a8_block_rows(pairs: int, num_experts: int, intermediate: int, hidden: int) -> int:
     """Rows per tile of the W8A8 warp-specialised kernels for a step of `pairs` token-expert
-    pairs over num_experts experts (intermediate: this device's share): 64, whose two compute
-    warpgroups split a tile's 256 columns, where an expert averages few rows
-    (WS_W8A8_FEW_ROWS) and both GEMMs' outputs take tiles of 256 columns; otherwise 128, whose
-    warpgroups split its rows. A tile of 128 rows streams a whole row block from L2 for every
-    128 columns of weights, mostly the zeros that pad an expert's few rows."""
+    pairs over num_experts experts (intermediate: this device's share): 64 where an expert
+    averages few rows (WS_W8A8_FEW_ROWS), the gate/up tile's gate and up halves each one compute
+    warpgroup's (128 columns of intermediate) and the down tile's 256 columns of hidden split
+    between them; otherwise 128, whose warpgroups split its rows. A tile of 128 rows streams a
+    whole row block from L2 for every 128 columns of weights, mostly the zeros that pad an
+    expert's few rows (TP4's experts, 384 columns of intermediate: 396 against 515 us a layer at
+    256 tokens over 256 experts on an H200, docs/benchmarks.md run DR)."""
     few = pairs <= WS_W8A8_FEW_ROWS * num_experts
-    return 64 if few and intermediate % 256 == 0 and hidden % 256 == 0 else WS_BLOCK_ROWS
+    return 64 if few and intermediate % 128 == 0 and hidden % 256 == 0 else WS_BLOCK_ROWS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,7 +332,8 @@ def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: j
     (`Experts.__call__` takes it).
 
     fuse_swiglu ("mosaic-ws-w8a8" only): the gate/up kernel applies SwiGLU and rounds its output
-    for the down GEMM in its epilogue (`grouped_gemm_ws.aligned_gate_up_swiglu_w8a8`), so the
+    for the down GEMM in its epilogue (`grouped_gemm_ws.aligned_gate_up_swiglu_w8a8`, its gate
+    and up halves on different warpgroups where tiles hold 64 rows), so the
     gate/up product is neither written nor read back: the MoE block of 64 local experts took
     2.84 against 3.26 ms at 32768 tokens and 428 against 523 us at 1212 on an H200 (run BH);
     `Experts` asks for it by default."""
@@ -348,7 +351,7 @@ def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: j
         prepare = token_rounding(kernel)
         if fuse_swiglu:
             gate_up = functools.partial(grouped_gemm_ws.aligned_gate_up_swiglu_w8a8, w13=w13, w13_scale=w13_scale,
-                                        **options)
+                                        halves_by_warpgroup=options["block_m"] == grouped_gemm_ws.WG_ROWS, **options)
             down = functools.partial(grouped_gemm_ws.aligned_gemm_w8a8_quantized, w=w2, w_scale=w2_scale, **options)
             return GroupedMatmuls(lambda rows, groups: gate_up(*rows, groups), lambda act, groups: down(*act, groups),
                                   block_rows=options["block_m"], prepare=prepare, activates=True)
