@@ -21,6 +21,7 @@ more than one layer's tensors.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -342,8 +343,14 @@ def quantize_experts_nvfp4(w: np.ndarray) -> nvfp4.NVFP4Array:
 
 
 def _on_host(fn: Callable, *args, **kwargs):
-    """Runs a quant function on the host CPU device and returns numpy (never touches a GPU)."""
-    with jax.default_device(jax.devices("cpu")[0]):
+    """Runs a quant function on the host CPU device and returns numpy (no accelerator memory
+    held). A process whose JAX was started without its CPU backend (`JAX_PLATFORMS=cuda`) runs
+    it on the default device instead, one tensor at a time."""
+    try:
+        host = jax.devices("cpu")[0]
+    except RuntimeError:        # "Unknown backend cpu"
+        host = None
+    with contextlib.nullcontext() if host is None else jax.default_device(host):
         return jax.tree.map(np.asarray, fn(*args, **kwargs))
 
 

@@ -123,3 +123,21 @@ def test_mtp_layers_in_checkpoint_are_skipped(tiny_hf_dir, tmp_path):
     model = load_model(path)
     for a, b in zip(jax.tree.leaves(nnx.state(reference)), jax.tree.leaves(nnx.state(model))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_host_quantisation_runs_where_jax_has_no_cpu_backend(monkeypatch):
+    """`JAX_PLATFORMS=cuda` leaves JAX without a CPU backend; loading then rounds on the default
+    device instead of failing with "Unknown backend cpu"."""
+    from minimax_jax import loader
+    from quant import fp8
+    real_devices = jax.devices
+
+    def devices(backend=None):
+        if backend == "cpu":
+            raise RuntimeError("Unknown backend cpu. Available backends are ['cuda']")
+        return real_devices(backend)
+
+    monkeypatch.setattr(jax, "devices", devices)
+    w = np.random.RandomState(0).standard_normal((256, 128)).astype(np.float32)
+    q, scale = loader._on_host(fp8.quantize_blockwise, w, block=loader.FP8_BLOCK)
+    assert isinstance(q, np.ndarray) and q.shape == (256, 128) and scale.shape == (2, 1)
