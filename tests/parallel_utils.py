@@ -19,12 +19,17 @@ def make_step(tokens, valid, page_table, start=0) -> StepInput:
                      valid=jnp.asarray(valid), page_table=jnp.asarray(page_table, jnp.int32))
 
 
+def needs_devices(count: int) -> None:
+    """Skips the test where the platform has fewer devices (e.g. the kernel tests on one GPU)."""
+    if jax.device_count() < count:
+        pytest.skip(f"needs {count} devices, {jax.device_count()} here")
+
+
 class LayoutRunner:
     """The jitted sharded forward of `model` on `layout` with a fresh (or given) KV cache."""
 
     def __init__(self, model, layout: Layout, pages_per_rank: int, page_size: int, kv_fill=None):
-        if jax.device_count() < layout.dp * layout.tp:      # e.g. the kernel tests on one GPU
-            pytest.skip(f"{layout} needs {layout.dp * layout.tp} devices, {jax.device_count()} here")
+        needs_devices(layout.dp * layout.tp)
         cfg = self.cfg = model.cfg
         self.layout, self.mesh = layout, make_mesh(layout)
         graphdef, state = nnx.split(model)

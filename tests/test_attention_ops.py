@@ -76,27 +76,28 @@ def test_decode_uses_the_reference_and_backends_resolve(monkeypatch):
         attention.resolve_backend("flashinfer")
 
 
+@pytest.mark.parametrize("page_size", [8, 16])
 @pytest.mark.parametrize("cache_dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
-def test_decode_kernel_equals_the_reference_in_each_layer_context_and_split(cache_dtype):
+def test_decode_kernel_equals_the_reference_in_each_layer_context_and_split(cache_dtype, page_size):
     """Contexts of one key, one that ends inside a block of pages, one that ends on a block's
-    boundary, and one longer than the pages handed out before the table's padding; the kernel
-    runs under Pallas's interpreter here."""
+    boundary, and one as long as the pages handed out before the table's padding (pages of 8);
+    the kernel runs under Pallas's interpreter here."""
     rng = np.random.RandomState(1)
-    layers, pages, page_size, hk, g, d = 2, 24, 8, 2, 6, 16
+    layers, pages, hk, g, d = 2, 24, 2, 6, 16
     k, v = (jnp.asarray(rng.standard_normal((layers, pages, page_size, hk, d)), jnp.float32).astype(cache_dtype)
             for _ in range(2))
     table = jnp.asarray(rng.permutation(pages)[:20].reshape(4, 5), jnp.int32)
     positions = jnp.asarray([[0], [20], [31], [39]], jnp.int32)
     q = jnp.asarray(rng.standard_normal((4, 1, hk * g, d)), jnp.bfloat16)
+    if page_size == 8:      # blocks of two pages and of four: a vector of page indices
+        forms = [dict(block_keys=16, splits=n) for n in (1, 2, 3)] + [dict(block_keys=32, splits=3, prefetch=True)]
+    else:   # blocks of one page (a scalar index, the engine's default at pages of 64), each loaded in its
+        # iteration or, with prefetch, during the block before; the whole context per program, or split
+        # in 2 or 3 and combined (the first slot's later splits hold no key)
+        forms = [dict(block_keys=16, splits=n, prefetch=prefetch) for n in (1, 3) for prefetch in (False, True)]
+        forms += [dict(block_keys=16, splits=1, scalar_page=False), dict(block_keys=32, splits=2)]
     for layer in (0, 1):
         ref = attention.paged_attention_reference(q, k, v, table, positions, jnp.int32(layer))
-        # blocks of two pages (a vector of page indices) and of one (a scalar index, the engine's
-        # default at pages of 64), each block loaded in its iteration or, with prefetch, during
-        # the block before; the whole context per program, or split in 2 or 3 and combined (the
-        # first slot's later splits hold no key)
-        forms = [dict(block_keys=16, splits=n) for n in (1, 2, 3)]
-        forms += [dict(block_keys=8, splits=n, prefetch=prefetch) for n in (1, 3) for prefetch in (False, True)]
-        forms += [dict(block_keys=8, splits=1, scalar_page=False), dict(block_keys=16, splits=3, prefetch=True)]
         for form in forms:
             out = decode_attention.paged_decode_attention(q, k, v, table, positions, jnp.int32(layer),
                                                           interpret=INTERPRET, **form)
@@ -111,6 +112,15 @@ def test_decode_kernel_equals_the_reference_in_each_layer_context_and_split(cach
     other = decode_attention.paged_decode_attention(q, k, v, table, positions, jnp.int32(0), block_keys=16,
                                                     interpret=INTERPRET)
     assert not np.allclose(np.asarray(other, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+
+
+def test_decode_kernel_refuses_blocks_smaller_than_a_triton_dot():
+    """A block of 8 keys gave twice the answer on an H200 (run DR): Triton's dots need 16."""
+    k = jnp.zeros((1, 4, 8, 1, 16), jnp.bfloat16)
+    q = jnp.zeros((1, 1, 2, 16), jnp.bfloat16)
+    with pytest.raises(ValueError, match="at least 16 keys"):
+        decode_attention.paged_decode_attention(q, k, k, jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 1), jnp.int32),
+                                                jnp.int32(0), block_keys=8, interpret=True)
 
 
 def test_decode_backend_resolves_to_the_reference_off_gpus(monkeypatch):

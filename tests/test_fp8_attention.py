@@ -15,7 +15,7 @@ from minimax_jax.model import attention_format
 from minimax_jax.ops import fp8_linear
 from quant import fp8
 from sharding.mesh import Layout
-from tests.parallel_utils import LayoutRunner, make_step, reference_logits
+from tests.parallel_utils import LayoutRunner, make_step, needs_devices, reference_logits
 from tests.test_model_vs_transformers import prefill_logits
 
 # the smallest shapes whose heads are whole 128-wide blocks: 4 query heads per KV head
@@ -149,6 +149,7 @@ def test_engine_greedy_tokens_on_tp4_over_two_kv_heads_and_dep_equal_one_device(
     """Through the engine (its runner's placement, the scheduler, sampling): tp 4 splits each
     KV head's group in two, DEP 2 x TP 2 runs whole groups; greedy tokens equal one device's."""
     from minimax_jax.engine.engine import Engine
+    needs_devices(4)
     rng = np.random.RandomState(5)
     prompts = [rng.randint(0, 512, n).tolist() for n in (4, 13, 9)]
 

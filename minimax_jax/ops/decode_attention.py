@@ -76,6 +76,9 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
         raise ValueError(f"decode attention kernel needs a power-of-two page size and head dim, and an 8-bit cache "
                          f"of at most 2**31 entries or over 4 GiB, got {k_cache.shape} {k_cache.dtype}")
     pages_per_block = max(1, block_keys // page_size)
+    if pages_per_block * page_size < MIN_ROWS:     # Triton's dots; the GPU summed padding (twice the answer)
+        raise ValueError(f"decode attention kernel needs blocks of at least {MIN_ROWS} keys, got block_keys "
+                         f"{block_keys} over pages of {page_size}")
     group = hq // hk
     rows = max(MIN_ROWS, triton_common.next_power_of_two(group))
     qg = jnp.pad(q.reshape(b, hk, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
