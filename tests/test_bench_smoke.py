@@ -67,3 +67,12 @@ def test_workloads_set_the_issue_shapes_and_flags_beside_them_win():
     assert (plain.requests, plain.prompt, plain.output, plain.max_running_requests, plain.engine_layout) == (
         256, 900, 100, None, "dep")
     assert bench.workload_name(w2) == "W2 512x1000/1000 at 256 in flight"
+
+
+def test_router_probe_prints_each_form_against_float64():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "router_probe.py"), "--tokens", "32",
+                           "--layers", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {line[7:31].strip(): line.split() for line in proc.stdout.splitlines()[1:]}
+    assert set(lines) == {"default (TF32 on GPUs)", "HIGHEST", "BF16_BF16_F32_X3", "three bf16 parts"}
+    assert float(lines["three bf16 parts"][-2]) < 1e-6 and lines["three bf16 parts"][-1] == "0.00%"
