@@ -684,6 +684,7 @@ def bench_engine(args) -> None:
     warm = prompts[:args.warmup_requests] if args.warmup_requests else prompts
     warm_params = dict(params, max_new_tokens=args.warmup_output or args.output)
     engine.generate(input_ids=warm, sampling_params=warm_params)    # the same shapes compile their buckets
+    engine.flush_cache()        # the measured prompts are the warm-up's: none may start on its pages
     # the decode batch of the full concurrency compiles here, at every page-table width its
     # contexts reach, not inside the measured wall (run BG's wall held one such compile, about 3 s)
     engine.compile_decode(min(concurrency(args), len(prompts)),
@@ -825,6 +826,7 @@ def bench_url(args) -> None:
     random token ids, at most --max-running-requests in flight; TTFT counts from each request's
     send to its first streamed token. The API key comes from OPENAI_API_KEY."""
     import asyncio
+    import httpx
     import openai
     from minimax_jax.config import PRESETS
     vocab = PRESETS[args.preset].vocab_size if args.preset in PRESETS else args.url_vocab
@@ -853,6 +855,14 @@ def bench_url(args) -> None:
         model = (await client.models.list()).data[0].id
         warm = prompts[:args.warmup_requests or concurrency(args)]
         await run(model, warm, args.warmup_output or args.output)     # the server compiles its buckets
+        # the measured prompts are the warm-up's: empty the server's prefix cache first, as sglang's
+        # bench_serving does (a server without the endpoint answers 404)
+        async with httpx.AsyncClient(timeout=60) as http:
+            flushed = await http.post(args.url.rstrip("/") + "/flush_cache",
+                                      headers={"Authorization": f"Bearer {client.api_key}"})
+        if flushed.status_code != 200:
+            print(f"[url] POST /flush_cache answered {flushed.status_code}: the measured prompts may find the "
+                  f"warm-up's in the server's prefix cache", flush=True)
         start = time.perf_counter()
         times = await run(model, prompts, args.output)
         return model, time.perf_counter() - start, times
@@ -990,6 +1000,7 @@ def bench_profile(args) -> None:
     prompts = [rng.randint(0, engine.cfg.vocab_size, args.prompt).tolist() for _ in range(args.requests)]
     params = {"max_new_tokens": args.output, "temperature": 0.0, "ignore_eos": True}
     engine.generate(input_ids=prompts, sampling_params=params)        # compiles every bucket traced below
+    engine.flush_cache()                                              # the same prompts follow
     for p in prompts:
         engine.submit(engine.make_request(input_ids=p, sampling_params=params))
     if args.profile_phase == "decode":

@@ -45,6 +45,7 @@ ENGINE_FLAGS = {
     "moe_kernel": "moe_kernel", "attention_backend": "attention_backend", "kv_cache_dtype": "kv_cache_dtype",
     "decode_attention_backend": "decode_attention_backend",
     "mem_fraction_static": "mem_fraction_static", "cuda_graph_max_bs": "cuda_graph_max_bs",
+    "disable_radix_cache": "disable_radix_cache",
 }
 
 
@@ -130,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "requests together (default on GPUs: what fits in --mem-fraction-static)")
     sched.add_argument("--mem-fraction-static", type=float, help="share of each device's memory limit for "
                        "weights and KV cache; the rest is left to activations (default: 0.85)")
+    sched.add_argument("--disable-radix-cache", action="store_true", default=None,
+                       help="no prefix caching: by default a prompt starts on the KV pages an earlier request "
+                       "computed for the same leading tokens (whole pages of --page-size tokens); POST /flush_cache "
+                       "empties the cache")
     sched.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES),
                        help="KV cache storage: auto (the model dtype) or fp8_e4m3 with unit scale, half the "
                        "bytes (default: auto)")
@@ -137,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     srv.add_argument("--port", type=int, default=30000, help="port to bind; 0 picks a free one (default: %(default)s)")
-    srv.add_argument("--api-key", help="require 'Authorization: Bearer <key>' on /v1/* endpoints")
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer <key>' on /v1/* and /flush_cache")
     srv.add_argument("--reasoning-parser", choices=["minimax"],
                      help="split <think>...</think> of chat outputs into message.reasoning_content "
                           "(default: off, the raw text is the content)")

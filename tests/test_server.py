@@ -187,9 +187,23 @@ def test_health_and_metrics_answer_without_api_key(http):
     m = metrics(http)
     assert m["minimax_jax_kv_pages_total"] > 0
     assert {"minimax_jax_num_running_reqs", "minimax_jax_num_waiting_reqs", "minimax_jax_kv_pages_used",
+            "minimax_jax_kv_pages_cached",
             "minimax_jax_prompt_tokens_total", "minimax_jax_generation_tokens_total",
             "minimax_jax_time_to_first_token_seconds_count", "minimax_jax_time_per_output_token_seconds_count",
             "minimax_jax_requests_total{finish_reason=abort}", "minimax_jax_aborted_requests_total"} <= set(m)
+
+
+def test_a_repeated_prompt_reports_its_cached_tokens_until_the_cache_is_flushed(client, http):
+    ids = list(range(100, 140))                # 40 tokens: two full pages of 16 may be reused
+    ask = lambda: client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0.0)  # noqa: E731
+    first, second = ask(), ask()
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == 32
+    assert second.choices[0].text == first.choices[0].text
+    assert http.post("/flush_cache").status_code == 401                 # --api-key guards it
+    flushed = http.post("/flush_cache", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert flushed.status_code == 200 and flushed.json()["flushed_pages"] >= 2
+    assert ask().usage.prompt_tokens_details.cached_tokens == 0
 
 
 # -- greedy outputs against the oracles ----------------------------------------------------------------

@@ -40,6 +40,7 @@ class EngineStats:
     waiting: int
     kv_pages_used: int
     kv_pages_total: int
+    kv_pages_cached: int = 0          # pages the prefix cache keeps, held by requests or not
 
 
 @dataclasses.dataclass
@@ -52,6 +53,7 @@ class StreamDelta:
     prompt_tokens: int
     completion_tokens: int                      # cumulative
     finish_reason: dict | None = None           # engine format, set on the last delta only
+    cached_tokens: int = 0                      # prompt tokens found in the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -200,7 +202,7 @@ class AsyncEngine:
                 completion_tokens += len(event.token_ids)
                 finished = finish is not None
                 yield StreamDelta(piece, event.token_ids, event.logprobs, event.top_logprobs,
-                                  len(req.prompt_ids), completion_tokens, finish)
+                                  len(req.prompt_ids), completion_tokens, finish, req.cached_tokens)
         finally:
             if not finished:
                 self.abort(req.rid)
@@ -218,6 +220,19 @@ class AsyncEngine:
         reason: the finish reason to record (default {"type": "abort"})."""
         with contextlib.suppress(EngineClosed):
             self._post(lambda: self._abort(rid, reason or {"type": "abort"}))
+
+    async def flush_cache(self) -> int:
+        """Empties the prefix cache of the pages no request holds, in the engine thread between
+        steps; returns how many pages it dropped. Raises EngineClosed once shutting down."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[int] = loop.create_future()
+
+        def flush() -> None:
+            count = self.engine.flush_cache()
+            with contextlib.suppress(RuntimeError):      # the loop is already closed: nobody waits
+                loop.call_soon_threadsafe(done.set_result, count)
+        self._post(flush)
+        return await done
 
     def _post(self, command: Callable[[], None]) -> None:
         with self._cond:
@@ -310,7 +325,8 @@ class AsyncEngine:
 
     def _report_stats(self) -> None:
         e = self.engine
-        self.observer.on_stats(EngineStats(e.num_running, e.num_waiting, e.kv_pages_used, e.kv_pages_total))
+        self.observer.on_stats(EngineStats(e.num_running, e.num_waiting, e.kv_pages_used, e.kv_pages_total,
+                                           e.kv_pages_cached))
 
 
 def merge_deltas(parts: list[StreamDelta]) -> StreamDelta:
@@ -322,4 +338,4 @@ def merge_deltas(parts: list[StreamDelta]) -> StreamDelta:
         logprobs=[lp for p in parts for lp in p.logprobs],
         top_logprobs=[top for p in parts for top in p.top_logprobs],
         prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-        finish_reason=last.finish_reason)
+        finish_reason=last.finish_reason, cached_tokens=last.cached_tokens)

@@ -76,6 +76,7 @@ class EngineArgs:
                                              # when max_total_tokens is not given)
     cuda_graph_max_bs: int = 0               # decode steps of at most this many slots per dp rank run as
                                              # XLA command buffers (CUDA graphs) of every thunk; 0: XLA's defaults
+    disable_radix_cache: bool = False        # no prefix caching: every prompt is computed whole
 
 
 # (chunked_prefill_size, max_prefill_tokens) per platform. On GPUs every prefill step pays fixed
@@ -142,7 +143,8 @@ class Engine:
                              f"or raise --mem-fraction-static")
         chunk = args.chunked_prefill_size
         self.token_buckets = powers_of_two(16, chunk) if chunk > 16 else [16]
-        self.schedulers = [Scheduler(PageAllocator(num_pages), args.page_size, per_rank,
+        cache_pages = None if args.disable_radix_cache else args.page_size
+        self.schedulers = [Scheduler(PageAllocator(num_pages, cache_pages), args.page_size, per_rank,
                                      args.chunked_prefill_size, args.max_prefill_tokens,
                                      self.batch_buckets, self.token_buckets)
                            for _ in range(self.layout.dp)]
@@ -265,6 +267,14 @@ class Engine:
     def kv_pages_total(self) -> int:
         return sum(s.allocator.num_pages for s in self.schedulers)
 
+    @property
+    def kv_pages_cached(self) -> int:
+        return sum(s.allocator.num_cached for s in self.schedulers)
+
+    def flush_cache(self) -> int:
+        """Empties the prefix cache of the pages no running request holds; returns how many."""
+        return sum(s.allocator.flush() for s in self.schedulers)
+
     # -- stepping ------------------------------------------------------------------------------
 
     def step(self) -> list[Request]:
@@ -284,9 +294,9 @@ class Engine:
         scheduled = assemble(plans, self.batch_buckets, self.token_buckets, self.pages_per_seq, self.args.page_size)
         planned = time.perf_counter()
         out = self.runner.launch(scheduled.step, scheduled.logit_index, scheduled.sampling, scheduled.sources)
-        for plan in plans:
+        for scheduler, plan in zip(self.schedulers, plans):
             if plan is not None:
-                Scheduler.advance(plan)
+                scheduler.advance(plan)
         for slot, req in scheduled.sampled():
             req.pending += 1
             req.pending_slot = slot
@@ -383,7 +393,7 @@ class Engine:
         stop = req.finish_reason or {}
         if stop.get("type") == "stop" and isinstance(stop.get("matched"), str):
             text = text[:find_stop(text, req.params.stop)]
-        meta = {"id": req.rid, "prompt_tokens": len(req.prompt_ids),
+        meta = {"id": req.rid, "prompt_tokens": len(req.prompt_ids), "cached_tokens": req.cached_tokens,
                 "completion_tokens": len(req.output_ids), "finish_reason": req.finish_reason}
         if return_logprob:
             meta["output_token_logprobs"] = [

@@ -5,6 +5,10 @@ one decode token for each running request; `assemble` pads all ranks' plans to o
 bucket (B and T from a small fixed set) so the jitted step compiles once per bucket. A decode
 rank beside a prefilling one rides the same step as one-token chunks. A request is admitted only when pages for
 its whole prompt plus max_new_tokens are free, so a running request never runs out of pages.
+
+With prefix caching (the allocator's), an admitted prompt starts on the cached pages that hold its
+first full pages, less its last token (whose logits the first step needs), and prefills from
+there; a request's full pages are cached once its prompt is prefilled and when it ends.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class Request:
     output_top_logprobs: list[list[tuple[float, int]]] = dataclasses.field(default_factory=list)
     pages: list[int] = dataclasses.field(default_factory=list)
     num_computed: int = 0             # tokens whose KV is in the cache
+    cached_tokens: int = 0            # of the prompt, found in the prefix cache at admission
     finish_reason: dict | None = None
     scheduler: "Scheduler | None" = dataclasses.field(default=None, repr=False)   # its dp rank's
     pending: int = 0                  # tokens sampled by a step still in flight (0 or 1)
@@ -139,6 +144,10 @@ class Scheduler:
         return None
 
     def release(self, req: Request) -> None:
+        """Gives back the request's pages, caching its full ones first: their tokens are the
+        prompt's and outputs' known on the host whose keys and values a launched step writes."""
+        known = req.prompt_ids + req.output_ids
+        self.allocator.remember(known[:min(req.num_computed, len(known))], req.pages)
         self.allocator.free(req.pages)
         req.pages = []
 
@@ -157,11 +166,14 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
-            need = self._pages_needed(req)
+            cached = self.allocator.match(req.prompt_ids, (len(req.prompt_ids) - 1) // self.page_size)
+            need = self._pages_needed(req) - len(cached)
             if need > self.allocator.num_free:
+                self.allocator.free(cached)
                 break
             self.waiting.popleft()
-            req.pages = self.allocator.allocate(need)
+            req.pages = cached + self.allocator.allocate(need)
+            req.num_computed = req.cached_tokens = len(cached) * self.page_size
             self.running.append(req)
 
     # -- step assembly -------------------------------------------------------------------------
@@ -207,11 +219,14 @@ class Scheduler:
             budget -= n
         return plan
 
-    @staticmethod
-    def advance(plan: RankPlan) -> None:
-        """Marks the plan's tokens as computed (their KV is now in the cache)."""
+    def advance(self, plan: RankPlan) -> None:
+        """Marks the plan's tokens as computed (their KV is now in the cache); a prompt now
+        prefilled has its full pages cached for the requests after it."""
         for req, chunk in zip(plan.requests, plan.chunks):
+            was_prefilled = req.prefilled
             req.num_computed += len(chunk)
+            if req.prefilled and not was_prefilled:
+                self.allocator.remember(req.prompt_ids, req.pages)
 
 
 def assemble(plans: list[RankPlan | None], batch_buckets: list[int], token_buckets: list[int],

@@ -34,6 +34,7 @@ from minimax_jax.server.tool_calls import TOOL_CALL_PARSERS, ToolCallSplitter
 T = TypeVar("T")
 DEFAULT_COMPLETION_MAX_TOKENS = 16         # OpenAI's default for /v1/completions
 REASONING_PARSERS = ("minimax",)
+GUARDED_PATHS = ("/v1", "/flush_cache")     # what --api-key protects (/health and /metrics stay open)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -74,6 +75,11 @@ def create_app(engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig
     async def prometheus_metrics() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
+
+    @app.post("/flush_cache")
+    async def flush_cache() -> Response:
+        pages = await engine.flush_cache()
+        return JSONResponse({"status": "ok", "flushed_pages": pages})
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -133,7 +139,7 @@ class OpenAIServing:
             token_ids=out.token_ids if body.return_token_ids else None,
             prompt_token_ids=req.prompt_ids if body.return_token_ids else None)
         return _json(CompletionResponse(id=req.rid, created=created, model=model, choices=[choice],
-                                        usage=UsageInfo.of(out.prompt_tokens, out.completion_tokens)))
+                                        usage=UsageInfo.of(out)))
 
     async def _completion_chunks(self, body: CompletionRequest, req: EngineRequest, created: int,
                                  model: str) -> AsyncIterator[BaseModel]:
@@ -153,7 +159,7 @@ class OpenAIServing:
                 yield CompletionResponse(id=req.rid, created=created, model=model, choices=[choice])
         if body.include_usage and last is not None:
             yield CompletionResponse(id=req.rid, created=created, model=model, choices=[],
-                                     usage=UsageInfo.of(last.prompt_tokens, last.completion_tokens))
+                                     usage=UsageInfo.of(last))
 
     def _completion_logprobs(self, delta: StreamDelta, top: int, offset: int) -> CompletionLogprobs:
         tokens = [self._token_text(t) for t in delta.token_ids]
@@ -196,7 +202,7 @@ class OpenAIServing:
             token_ids=out.token_ids if body.return_token_ids else None)
         return _json(ChatCompletionResponse(
             id=req.rid, created=created, model=model, choices=[choice],
-            usage=UsageInfo.of(out.prompt_tokens, out.completion_tokens),
+            usage=UsageInfo.of(out),
             prompt_token_ids=req.prompt_ids if body.return_token_ids else None))
 
     async def _chat_chunks(self, body: ChatCompletionRequest, req: EngineRequest, created: int,
@@ -228,7 +234,7 @@ class OpenAIServing:
                     finish_reason=_chat_finish_reason(delta.finish_reason, called > 0),
                     token_ids=delta.token_ids if body.return_token_ids else None)])
         if body.include_usage and last is not None:
-            yield chunk([], UsageInfo.of(last.prompt_tokens, last.completion_tokens))
+            yield chunk([], UsageInfo.of(last))
 
     def _tool_call_splitter(self, body: ChatCompletionRequest) -> ToolCallSplitter | None:
         """A splitter of the output's tool calls, if the server parses them and the request
@@ -404,7 +410,7 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"].startswith("/v1") and not self._authorised(headers):
+        if self.api_key and scope["path"].startswith(GUARDED_PATHS) and not self._authorised(headers):
             response = _error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                                        code="invalid_api_key")
             return await response(scope, receive, send)

@@ -22,6 +22,8 @@ class ServerMetrics(EngineObserver):
         self.waiting = Gauge(PREFIX + "num_waiting_reqs", "Requests queued for admission", registry=r)
         self.kv_pages_used = Gauge(PREFIX + "kv_pages_used", "KV cache pages owned by requests", registry=r)
         self.kv_pages_total = Gauge(PREFIX + "kv_pages_total", "KV cache pages in the pool", registry=r)
+        self.kv_pages_cached = Gauge(PREFIX + "kv_pages_cached",
+                                     "KV cache pages the prefix cache keeps, held by requests or not", registry=r)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of submitted requests", registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens", registry=r)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Submission to first token",
@@ -61,6 +63,7 @@ class ServerMetrics(EngineObserver):
         self.waiting.set(stats.waiting)
         self.kv_pages_used.set(stats.kv_pages_used)
         self.kv_pages_total.set(stats.kv_pages_total)
+        self.kv_pages_cached.set(stats.kv_pages_cached)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of the text exposition format."""

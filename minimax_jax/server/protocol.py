@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from minimax_jax.engine.tokenizer import THINK_END, THINK_START, stop_holdback
+
+if TYPE_CHECKING:
+    from minimax_jax.engine.async_engine import StreamDelta
 
 MAX_TOP_LOGPROBS = 20            # the sampler returns at most 20 alternatives per token
 UNSET = lambda v: v is None      # noqa: E731  (exclude_if predicate: drop optional extensions)
@@ -201,15 +204,22 @@ def now() -> int:
     return int(time.time())
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int          # prompt tokens whose keys and values the prefix cache held
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> "UsageInfo":
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+    def of(cls, out: "StreamDelta") -> "UsageInfo":
+        """The usage of a request's (last) `StreamDelta`."""
+        return cls(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                   total_tokens=out.prompt_tokens + out.completion_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=out.cached_tokens))
 
 
 class CompletionLogprobs(BaseModel):

@@ -1,0 +1,114 @@
+"""Prefix caching: the allocator's page chains, and the engine starting prompts on cached pages
+with the tokens it would have computed without them."""
+import numpy as np
+import pytest
+
+from minimax_jax.engine.engine import Engine
+from minimax_jax.kv_cache import OutOfPages, PageAllocator
+
+GREEDY = {"temperature": 0.0, "max_new_tokens": 6}
+
+
+def test_a_prompt_matches_the_cached_chain_of_its_full_pages_up_to_the_first_miss():
+    pool = PageAllocator(8, page_size=2)
+    pages = pool.allocate(3)
+    pool.remember([1, 2, 3, 4, 5], pages)                   # two full pages, the third holds one token
+    assert pool.num_cached == 2
+    assert pool.match([1, 2, 3, 4, 5, 6], max_pages=3) == pages[:2]
+    assert pool.match([1, 2, 9, 9], max_pages=2) == pages[:1]
+    assert pool.match([3, 4], max_pages=1) == []            # the same tokens after another prefix
+    assert pool.match([1, 2, 3, 4], max_pages=1) == pages[:1]
+    pool.free(pages)
+    for _ in range(3):                                       # the holds the matches gave
+        pool.free(pages[:1])
+    pool.free(pages[1:2])
+    assert pool.num_used == 0 and pool.num_free == 8 and pool.num_cached == 2
+
+
+def test_unheld_cached_pages_are_taken_last_and_a_continuation_before_its_prefix():
+    pool = PageAllocator(4, page_size=2)
+    pages = pool.allocate(3)
+    pool.remember([1, 2, 3, 4, 5, 6], pages)
+    pool.free(pages)
+    assert pool.num_free == 4 and pool.num_cached == 3
+    first = pool.allocate(1)                                 # the never-used page goes first
+    assert first not in pages and pool.num_cached == 3
+    second = pool.allocate(1)                                # then the chain's last page
+    assert second == [pages[2]] and pool.match([1, 2, 3, 4, 5, 6], max_pages=3) == pages[:2]
+    pool.free(pages[:2])
+    pool.allocate(2)                                         # both left: the chain is gone
+    assert pool.num_cached == 0 and pool.match([1, 2, 3, 4], max_pages=2) == []
+    with pytest.raises(OutOfPages):
+        pool.allocate(1)
+
+
+def test_flush_drops_the_cached_pages_nobody_holds_and_keeps_the_held_ones():
+    pool = PageAllocator(6, page_size=2)
+    kept, dropped = pool.allocate(1), pool.allocate(1)
+    pool.remember([1, 2], kept)
+    pool.remember([3, 4], dropped)
+    pool.free(dropped)
+    assert pool.flush() == 1
+    assert pool.match([3, 4, 0], max_pages=1) == [] and pool.match([1, 2, 0], max_pages=1) == kept
+
+
+def test_without_a_page_size_nothing_is_cached():
+    pool = PageAllocator(4)
+    pages = pool.allocate(2)
+    pool.remember([1, 2, 3, 4], pages)
+    pool.free(pages)
+    assert pool.num_cached == 0 and pool.match([1, 2, 3, 4], max_pages=2) == [] and pool.num_free == 4
+
+
+def make_engine(path, **kw):
+    return Engine(model_path=str(path), dtype="float32", context_length=64, page_size=4, **kw)
+
+
+def test_prompts_sharing_pages_start_on_them_and_get_the_tokens_computed_without_the_cache(tiny_hf_dir):
+    rng = np.random.RandomState(7)
+    system = rng.randint(0, 512, 10).tolist()
+    prompts = [system + rng.randint(0, 512, n).tolist() for n in (3, 6, 1)]
+    cold = make_engine(tiny_hf_dir, disable_radix_cache=True)
+    want = [cold.generate(input_ids=p, sampling_params=GREEDY) for p in prompts]
+    assert all(out["meta_info"]["cached_tokens"] == 0 for out in want)
+    engine = make_engine(tiny_hf_dir)
+    got = [engine.generate(input_ids=p, sampling_params=GREEDY) for p in prompts]
+    assert [out["output_ids"] for out in got] == [out["output_ids"] for out in want]
+    # the first request found nothing; the others the 2 pages of 4 the system prompt fills
+    assert [out["meta_info"]["cached_tokens"] for out in got] == [0, 8, 8]
+    # a next turn starts on the pages of the previous turn's prompt and output
+    turn = prompts[0] + got[0]["output_ids"] + [5, 6]
+    again = engine.generate(input_ids=turn, sampling_params=GREEDY)
+    assert again["output_ids"] == cold.generate(input_ids=turn, sampling_params=GREEDY)["output_ids"]
+    assert again["meta_info"]["cached_tokens"] == (len(prompts[0]) + len(got[0]["output_ids"]) - 1) // 4 * 4
+    cached = engine.kv_pages_cached
+    assert engine.kv_pages_used == 0 and cached > 0
+    assert engine.flush_cache() == cached and engine.kv_pages_cached == 0
+
+
+def test_a_full_cache_gives_its_oldest_pages_to_new_prompts(tiny_hf_dir):
+    """A KV pool of 24 pages, 9 a request: each new prompt evicts what the ones before cached,
+    and the tokens stay those computed without a cache."""
+    rng = np.random.RandomState(8)
+    prompts = [rng.randint(0, 512, 30).tolist() for _ in range(4)]
+    prompts.append(prompts[0][:20] + [1, 2, 3])                # its prefix is long gone
+    engine = make_engine(tiny_hf_dir, max_total_tokens=96, max_running_requests=2)
+    cold = make_engine(tiny_hf_dir, max_total_tokens=96, max_running_requests=2, disable_radix_cache=True)
+    for p in prompts:
+        out = engine.generate(input_ids=p, sampling_params=GREEDY)
+        assert out["output_ids"] == cold.generate(input_ids=p, sampling_params=GREEDY)["output_ids"]
+    assert out["meta_info"]["cached_tokens"] == 0
+    allocator = engine.schedulers[0].allocator
+    assert allocator.num_used == 0 and allocator.num_free == allocator.num_pages
+
+
+def test_aborted_and_concurrent_requests_leave_no_page_held(tiny_hf_dir):
+    engine = make_engine(tiny_hf_dir)
+    shared = list(range(1, 13))
+    reqs = [engine.submit(engine.make_request(input_ids=shared + [20 + i], sampling_params=GREEDY))
+            for i in range(3)]
+    engine.step()
+    engine.abort(reqs[1].rid)
+    engine.run_until_done()
+    late = engine.generate(input_ids=shared + [40], sampling_params=GREEDY)
+    assert late["meta_info"]["cached_tokens"] == 12 and engine.kv_pages_used == 0
