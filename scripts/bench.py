@@ -656,13 +656,16 @@ def make_bench_engine(args):
                   attention_backend=args.attention_backend, moe_dispatch_fp4=args.moe_dispatch_fp4,
                   moe_dispatch_fp8=args.moe_dispatch_fp8,
                   decode_attention_backend=args.decode_attention_backend,
-                  moe_kernel=args.moe_kernel, cuda_graph_max_bs=args.cuda_graph_max_bs, **kv_cache_flags(args),
+                  moe_kernel=args.moe_kernel, cuda_graph_max_bs=args.cuda_graph_max_bs,
+                  disable_radix_cache=args.disable_radix_cache, **kv_cache_flags(args),
                   json_model_override_args=json.dumps({"num_hidden_layers": args.engine_layers}), **flags)
 
 
 def workload_prompts(args, vocab: int) -> list[list[int]]:
+    """Random token ids, each prompt's first --shared-prefix of them the same."""
     rng = np.random.RandomState(0)
-    return [rng.randint(0, vocab, args.prompt).tolist() for _ in range(args.requests)]
+    prefix = rng.randint(0, vocab, args.shared_prefix).tolist()
+    return [prefix + rng.randint(0, vocab, args.prompt - len(prefix)).tolist() for _ in range(args.requests)]
 
 
 def concurrency(args) -> int:
@@ -721,10 +724,15 @@ def bench_engine(args) -> None:
     dispatch += "" if args.moe_dispatch_fp8 else " no-fp8-dispatch"
     moe_tp = " moe-tp" if args.ep_size == 1 else ""
     graphs = f" cuda-graph-max-bs={args.cuda_graph_max_bs}" if args.cuda_graph_max_bs else ""
+    graphs += " no-radix-cache" if args.disable_radix_cache else ""
     tag = (f"{args.engine_layout.upper()}{n}{moe_tp} {args.engine_layers}L {workload_name(args)} "
            f"attn={args.attention_backend} moe={args.moe_kernel}{dispatch}{graphs}")
     record_latencies(tag, wall, [(submitted[r.rid], first[r.rid], last[r.rid], len(r.output_ids)) for r in reqs],
                      f"{compiles} compiles in warm-up, {engine.num_compiles - compiles} while measured")
+    if args.shared_prefix:
+        cached, total = sum(r.cached_tokens for r in reqs), sum(len(p) for p in prompts)
+        record("engine", f"{tag} prompt tokens from the prefix cache", cached / total, "fraction",
+               f"{cached} of {total} prompt tokens")
     times = list(engine.step_times)
     for kind in ("prefill", "decode"):
         steps = [s for s in times if s["kind"] == kind]
@@ -752,7 +760,8 @@ def bench_engine(args) -> None:
 def workload_name(args) -> str:
     c = concurrency(args)
     name = f"{args.workload} " if args.workload else ""
-    return f"{name}{args.requests}x{args.prompt}/{args.output}" + (f" at {c} in flight" if c < args.requests else "")
+    prefix = f" ({args.shared_prefix} shared)" if args.shared_prefix else ""
+    return f"{name}{args.requests}x{args.prompt}{prefix}/{args.output}" + (f" at {c} in flight" if c < args.requests else "")
 
 
 def record_latencies(tag: str, wall: float, times: list[tuple[float, float, float, int]], note: str) -> None:
@@ -1149,6 +1158,11 @@ def parse_args(argv=None):
                    help="engine and profile: W8A8 experts get their tokens all-gathered as FP8 codes")
     p.add_argument("--mem-fraction-static", type=float, default=0.85,
                    help="weights + KV share of device memory; the KV cache takes what fits")
+    p.add_argument("--shared-prefix", type=int, default=0,
+                   help="engine (and --url): the first N prompt tokens are the same in every request, as a system "
+                   "prompt is, for the prefix cache (default: 0, every token random)")
+    p.add_argument("--disable-radix-cache", action="store_true",
+                   help="engine and profile: no prefix caching (serve.py's flag)")
     p.add_argument("--hf-batch", type=int, default=16)
     p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--xla-flag-sets", nargs="+", choices=list(XLA_FLAG_SETS),
@@ -1172,6 +1186,8 @@ def parse_args(argv=None):
     for k, v in {**ENGINE_DEFAULTS, **{k: v for k, v in preset.items() if k != "what"}}.items():
         if k not in given:
             setattr(args, k, v)
+    if not 0 <= args.shared_prefix < args.prompt:
+        p.error(f"--shared-prefix must be in [0, --prompt), got {args.shared_prefix} with --prompt {args.prompt}")
     return args
 
 

@@ -34,6 +34,14 @@ def test_every_cpu_section_of_the_benchmark_records_its_rows(tmp_path):
         "x max|logit|": 0.0, "fraction equal": 1.0}
 
 
+def test_a_shared_prefix_is_computed_once_then_read_from_the_prefix_cache(tmp_path):
+    # 4 prompts of 24 tokens whose first 16 (two pages of 8) are shared; one request in flight
+    rows, _ = run_bench(tmp_path, "--sections", "engine", "--requests", "4", "--shared-prefix", "16",
+                        "--max-running-requests", "1")
+    share = {r["variant"].rsplit(" ", 1)[0][-40:]: r["value"] for r in rows if r["unit"] == "fraction"}
+    assert list(share.values()) == [3 * 16 / (4 * 24)], share
+
+
 def test_fp8_kernel_section_runs_its_reference_on_cpus(tmp_path):
     rows, _ = run_bench(tmp_path, "--sections", "kernels", "--quantization", "fp8")
     assert [r["variant"] for r in rows if r["section"] == "kernels"] == [
