@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.util
+import json
 import os
 import random
 import re
@@ -204,6 +205,40 @@ def test_a_repeated_prompt_reports_its_cached_tokens_until_the_cache_is_flushed(
     flushed = http.post("/flush_cache", headers={"Authorization": f"Bearer {API_KEY}"})
     assert flushed.status_code == 200 and flushed.json()["flushed_pages"] >= 2
     assert ask().usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_native_generate_gives_the_engines_greedy_tokens_whole_streamed_and_batched(http, reference_engine):
+    ids, other = list(range(200, 212)), list(range(300, 309))
+    greedy = {"max_new_tokens": 6, "temperature": 0.0}
+    want = engine_greedy(reference_engine, ids, 6)["output_ids"]
+    whole = http.post("/generate", headers=auth(), json={"input_ids": ids, "sampling_params": greedy,
+                                                          "return_logprob": True}).json()
+    assert whole["output_ids"] == want and whole["meta_info"]["completion_tokens"] == len(want)
+    assert whole["meta_info"]["finish_reason"]["type"] in ("stop", "length")
+    assert [entry[1] for entry in whole["meta_info"]["output_token_logprobs"]] == want
+    with http.stream("POST", "/generate", headers=auth(), json={"input_ids": ids, "sampling_params": greedy,
+                                                                "stream": True}) as response:
+        events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["output_ids"] == want and chunks[-1]["text"] == whole["text"]
+    assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
+    batch = http.post("/generate", headers=auth(), json={"input_ids": [ids, other], "sampling_params": greedy}).json()
+    assert [r["output_ids"] for r in batch] == [want, engine_greedy(reference_engine, other, 6)["output_ids"]]
+    assert http.get("/get_model_info", headers=auth()).json()["model_path"] == MODEL
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"text": "hi", "input_ids": [1, 2]}, 400, "text"),
+    ({"input_ids": [[1, 2], [3]], "stream": True}, 400, "stream"),
+    ({"text": "hi", "image_data": "x.png"}, 400, "image_data"),
+    ({"text": "hi", "sampling_params": {"temperature": -1}}, 400, "temperature"),
+    ({"text": "hi", "return_logprob": True, "logprob_start_len": 0}, 400, "logprob_start_len"),
+], ids=["text-and-ids", "stream-batch", "image", "bad-temperature", "prompt-logprobs"])
+def test_native_generate_refuses_what_it_cannot_do_by_name(http, body, status, param):
+    response = http.post("/generate", headers=auth(), json=body)
+    assert response.status_code == status and response.json()["error"]["param"] == param, response.text
+    assert http.post("/generate", json={"text": "hi"}).status_code == 401
 
 
 # -- greedy outputs against the oracles ----------------------------------------------------------------

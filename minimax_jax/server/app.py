@@ -1,5 +1,6 @@
 """The OpenAI-compatible FastAPI app: /v1/completions, /v1/chat/completions, /v1/models,
-/health and /metrics, over an AsyncEngine.
+sglang's native /generate and /get_model_info, /flush_cache, /health and /metrics, over an
+AsyncEngine.
 
 Every 4xx answer is an OpenAI error body {"error": {"message", "type", "param", "code"}}.
 """
@@ -23,6 +24,7 @@ from minimax_jax.engine.async_engine import AsyncEngine, EngineClosed, StreamDel
 from minimax_jax.engine.engine import RequestError
 from minimax_jax.engine.scheduler import Request as EngineRequest
 from minimax_jax.server.metrics import ServerMetrics
+from minimax_jax.server.native import GenerateRequest, generate_result
 from minimax_jax.server.protocol import (
     REQUEST_FIELDS, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatLogprobs, ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob, CompletionChoice,
@@ -34,7 +36,7 @@ from minimax_jax.server.tool_calls import TOOL_CALL_PARSERS, ToolCallSplitter
 T = TypeVar("T")
 DEFAULT_COMPLETION_MAX_TOKENS = 16         # OpenAI's default for /v1/completions
 REASONING_PARSERS = ("minimax",)
-GUARDED_PATHS = ("/v1", "/flush_cache")     # what --api-key protects (/health and /metrics stay open)
+GUARDED_PATHS = ("/v1", "/generate", "/get_model_info", "/flush_cache")   # what --api-key protects
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -61,7 +63,7 @@ def create_app(engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig
         await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="minimax-jax", lifespan=lifespan, docs_url=None, redoc_url=None)
-    serving = OpenAIServing(engine, config)
+    serving, native = OpenAIServing(engine, config), NativeServing(engine, config)
     app.add_middleware(GuardMiddleware, api_key=config.api_key, max_request_bytes=config.max_request_bytes)
     _add_error_handlers(app)
 
@@ -85,6 +87,14 @@ def create_app(engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig
     async def models() -> ModelList:
         return serving.models()
 
+    @app.post("/generate")
+    async def generate(body: GenerateRequest, request: Request) -> Response:
+        return await native.generate(body, request)
+
+    @app.get("/get_model_info")
+    async def model_info() -> Response:
+        return JSONResponse(native.model_info())
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await serving.completions(body, request)
@@ -98,10 +108,28 @@ def create_app(engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig
 
 # -- request handling ----------------------------------------------------------------------------
 
-class OpenAIServing:
+class _Serving:
+    """What both APIs' handlers share: the engine, the config, tokenising a text prompt."""
+
     def __init__(self, engine: AsyncEngine, config: ServerConfig):
         self.engine, self.config = engine, config
         self.created = now()
+
+    def _check_alive(self) -> None:
+        if not self.engine.is_alive:
+            raise EngineClosed("the engine is not running")
+
+    def _encode(self, text: str) -> list[int]:
+        if self.engine.tokenizer is None:
+            raise OpenAIError(400, "this model has no tokenizer: give the prompt as token ids", "prompt")
+        return self.engine.tokenizer.encode(text)
+
+    def _token_text(self, token: int) -> str:
+        tokenizer = self.engine.tokenizer
+        return tokenizer.decode([token]) if tokenizer is not None else f"<{token}>"
+
+
+class OpenAIServing(_Serving):
 
     def models(self) -> ModelList:
         card = ModelCard(id=self.config.served_model_name, created=self.created,
@@ -109,8 +137,7 @@ class OpenAIServing:
         return ModelList(data=[card])
 
     def _check(self, body: CompletionRequest | ChatCompletionRequest) -> None:
-        if not self.engine.is_alive:
-            raise EngineClosed("the engine is not running")
+        self._check_alive()
         if body.model is not None and body.model != self.config.served_model_name:
             raise OpenAIError(404, f"the model {body.model!r} does not exist; this server serves "
                                    f"{self.config.served_model_name!r}", "model", "model_not_found")
@@ -256,11 +283,6 @@ class OpenAIServing:
 
     # -- shared --
 
-    def _encode(self, text: str) -> list[int]:
-        if self.engine.tokenizer is None:
-            raise OpenAIError(400, "this model has no tokenizer: give the prompt as token ids", "prompt")
-        return self.engine.tokenizer.encode(text)
-
     def _encode_chat(self, body: ChatCompletionRequest) -> list[int]:
         if self.engine.tokenizer is None:
             raise OpenAIError(400, "this model has no tokenizer, so it cannot render chat messages", "messages")
@@ -282,9 +304,47 @@ class OpenAIServing:
                     message = message.replace(engine_name, openai_name)
             raise OpenAIError(400, message, param) from None
 
-    def _token_text(self, token: int) -> str:
-        tokenizer = self.engine.tokenizer
-        return tokenizer.decode([token]) if tokenizer is not None else f"<{token}>"
+
+class NativeServing(_Serving):
+    """sglang's native API (wire format: `server.native`)."""
+
+    def model_info(self) -> dict[str, Any]:
+        return {"model_path": self.config.served_model_name, "is_generation": True,
+                "context_length": self.engine.context_length}
+
+    async def generate(self, body: GenerateRequest, request: Request) -> Response:
+        self._check_alive()
+        error = body.unsupported()
+        if error is not None:
+            raise error
+        prompts = body.prompts()
+        reqs = []
+        for prompt, (params, rid) in zip(prompts, body.per_prompt(len(prompts))):
+            ids = await asyncio.to_thread(self._encode, prompt) if isinstance(prompt, str) else list(prompt)
+            reqs.append(self.engine.make_request(input_ids=ids, sampling_params=params, rid=rid))
+        if body.stream:
+            return _sse(self._chunks(body, reqs[0]))
+        outs = await _unless_disconnected(request, asyncio.gather(*(self.engine.generate(r) for r in reqs)))
+        results = [generate_result(req.rid, out.text, out.token_ids, out, self._logprobs(body, out), i)
+                   for i, (req, out) in enumerate(zip(reqs, outs))]
+        return JSONResponse([r.model_dump() for r in results]) if body.is_batch else _json(results[0])
+
+    async def _chunks(self, body: GenerateRequest, req: EngineRequest) -> AsyncIterator[BaseModel]:
+        text, ids, logprobs = "", [], [] if body.return_logprob else None
+        async with contextlib.aclosing(self.engine.generate_stream(req)) as stream:
+            async for delta in stream:
+                text, ids = text + delta.text, ids + delta.token_ids
+                if logprobs is not None:
+                    logprobs = logprobs + self._logprobs(body, delta)
+                if delta.text or delta.token_ids or delta.finished:
+                    yield generate_result(req.rid, text, ids, delta, logprobs)
+
+    def _logprobs(self, body: GenerateRequest, delta: StreamDelta) -> list[list[Any]] | None:
+        """[logprob, token id, text or None] of each of the delta's tokens, with return_logprob."""
+        if not body.return_logprob:
+            return None
+        text = self._token_text if body.return_text_in_logprobs else (lambda _: None)
+        return [[lp, t, text(t)] for lp, t in zip(delta.logprobs, delta.token_ids)]
 
 
 def _max_tokens(requested: int | None, default: int) -> int:
@@ -391,7 +451,7 @@ def _param_path(loc: list[Any]) -> str | None:
     for part in loc:
         if isinstance(part, int) and path:
             path += f"[{part}]"
-        elif isinstance(part, str) and part in REQUEST_FIELDS:
+        elif isinstance(part, str) and (part in REQUEST_FIELDS or part in GenerateRequest.model_fields):
             path += f".{part}" if path else part
         else:
             break
