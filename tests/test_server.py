@@ -241,6 +241,37 @@ def test_native_generate_refuses_what_it_cannot_do_by_name(http, body, status, p
     assert http.post("/generate", json={"text": "hi"}).status_code == 401
 
 
+def test_n_choices_and_batched_prompts_come_back_indexed_with_their_usage(client, reference_engine):
+    ids, other = list(range(220, 230)), list(range(330, 337))
+    want = [engine_greedy(reference_engine, p, 4)["output_ids"] for p in (ids, other)]
+    out = client.completions.create(model=MODEL, prompt=[ids, other], n=2, max_tokens=4, temperature=0.0,
+                                    extra_body={"return_token_ids": True, "ignore_eos": True})
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert [c.token_ids for c in out.choices] == [want[0], want[0], want[1], want[1]]
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids) + len(other), 16)
+    sampled = client.completions.create(model=MODEL, prompt=ids, n=3, max_tokens=8, temperature=1.0, seed=5,
+                                        extra_body={"return_token_ids": True, "ignore_eos": True})
+    assert len({tuple(c.token_ids) for c in sampled.choices}) > 1        # seeds 5, 6, 7: different draws
+    chunks = list(client.completions.create(model=MODEL, prompt=ids, n=2, max_tokens=4, temperature=0.0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"return_token_ids": True, "ignore_eos": True}))
+    streamed = {0: [], 1: []}
+    for chunk in chunks[:-1]:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.token_ids or []
+    assert streamed == {0: want[0], 1: want[0]} and chunks[-1].usage.completion_tokens == 8
+    chat = client.chat.completions.create(model=MODEL, messages=CHAT_MESSAGES, n=2, max_tokens=5, temperature=0.0)
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content
+    chat_chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT_MESSAGES, n=2, max_tokens=5,
+                                                      temperature=0.0, stream=True))
+    texts = {0: "", 1: ""}
+    for chunk in chat_chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == {0: chat.choices[0].message.content, 1: chat.choices[0].message.content}
+
+
 # -- greedy outputs against the oracles ----------------------------------------------------------------
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
@@ -412,7 +443,8 @@ BAD_REQUESTS = {
     "top-p-zero": ("/v1/completions", _body(top_p=0), auth(), 400, "top_p", None),
     "top-p-above-one": ("/v1/chat/completions", _chat(top_p=1.5), auth(), 400, "top_p", None),
     "logprobs-too-many": ("/v1/completions", _body(logprobs=21), auth(), 400, "logprobs", None),
-    "n-above-one": ("/v1/completions", _body(n=2), auth(), 400, "n", None),
+    "n-above-the-cap": ("/v1/completions", _body(n=17), auth(), 400, "n", None),
+    "empty-prompt-in-a-batch": ("/v1/completions", _body(prompt=["hi", ""]), auth(), 400, "prompt", None),
     "unknown-model": ("/v1/completions", _body(model="gpt-4"), auth(), 404, "model", "model_not_found"),
     "missing-api-key": ("/v1/completions", _body(), {}, 401, None, "invalid_api_key"),
     "wrong-api-key": ("/v1/chat/completions", _chat(), {"Authorization": "Bearer nope"}, 401, None, "invalid_api_key"),

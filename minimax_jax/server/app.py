@@ -149,31 +149,45 @@ class OpenAIServing(_Serving):
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self._check(body)
-        prompt = body.single_prompt()
-        ids = await asyncio.to_thread(self._encode, prompt) if isinstance(prompt, str) else list(prompt)
-        default = min(DEFAULT_COMPLETION_MAX_TOKENS, self.engine.context_length - len(ids))
-        req = self._make_request(
-            ids, body.sampling_params(_max_tokens(body.max_tokens, default), body.logprobs or 0),
-            new_id("cmpl"), names={"prompt": "prompt", "input_ids": "prompt", "max_new_tokens": "max_tokens",
-                                   "top_logprobs_num": "logprobs"})
+        prompts = body.prompts()
+        rid, reqs = new_id("cmpl"), []
+        names = {"prompt": "prompt", "input_ids": "prompt", "max_new_tokens": "max_tokens", "top_logprobs_num": "logprobs"}
+        for prompt in prompts:
+            ids = await asyncio.to_thread(self._encode, prompt) if isinstance(prompt, str) else list(prompt)
+            default = min(DEFAULT_COMPLETION_MAX_TOKENS, self.engine.context_length - len(ids))
+            for choice in range(body.n):
+                params = body.sampling_params(_max_tokens(body.max_tokens, default), body.logprobs or 0, choice)
+                reqs.append(self._make_request(ids, params, _choice_rid(rid, len(reqs), len(prompts) * body.n), names))
         created, model = now(), self.config.served_model_name
         if body.stream:
-            return _sse(self._completion_chunks(body, req, created, model))
-        out = await _unless_disconnected(request, self.engine.generate(req))
-        choice = CompletionChoice(
-            text=out.text, finish_reason=openai_finish_reason(out.finish_reason),
+            return _sse(self._completion_chunks(body, reqs, rid, created, model))
+        outs = await _unless_disconnected(request, asyncio.gather(*(self.engine.generate(r) for r in reqs)))
+        choices = [CompletionChoice(
+            index=index, text=out.text, finish_reason=openai_finish_reason(out.finish_reason),
             logprobs=self._completion_logprobs(out, body.logprobs, 0) if body.logprobs is not None else None,
             token_ids=out.token_ids if body.return_token_ids else None,
             prompt_token_ids=req.prompt_ids if body.return_token_ids else None)
-        return _json(CompletionResponse(id=req.rid, created=created, model=model, choices=[choice],
-                                        usage=UsageInfo.of(out)))
+            for index, (req, out) in enumerate(zip(reqs, outs))]
+        return _json(CompletionResponse(id=rid, created=created, model=model, choices=choices,
+                                        usage=UsageInfo.of(outs, body.n)))
 
-    async def _completion_chunks(self, body: CompletionRequest, req: EngineRequest, created: int,
+    async def _completion_chunks(self, body: CompletionRequest, reqs: list[EngineRequest], rid: str, created: int,
                                  model: str) -> AsyncIterator[BaseModel]:
-        offset, last = 0, None
+        lasts: list[StreamDelta | None] = [None] * len(reqs)
+        async for chunk in _merged([self._completion_choice_chunks(body, req, index, rid, created, model, lasts)
+                                    for index, req in enumerate(reqs)]):
+            yield chunk
+        if body.include_usage and all(lasts):
+            yield CompletionResponse(id=rid, created=created, model=model, choices=[],
+                                     usage=UsageInfo.of(lasts, body.n))
+
+    async def _completion_choice_chunks(self, body: CompletionRequest, req: EngineRequest, index: int, rid: str,
+                                        created: int, model: str,
+                                        lasts: list[StreamDelta | None]) -> AsyncIterator[BaseModel]:
+        offset = 0
         async with contextlib.aclosing(self.engine.generate_stream(req)) as stream:
             async for delta in stream:
-                last = delta
+                lasts[index] = delta
                 if not (delta.text or delta.finished or body.return_token_ids or body.logprobs is not None):
                     continue
                 logprobs = None
@@ -181,12 +195,10 @@ class OpenAIServing(_Serving):
                     logprobs = self._completion_logprobs(delta, body.logprobs, offset)
                     offset += sum(len(t) for t in logprobs.tokens)
                 choice = CompletionChoice(
-                    text=delta.text, logprobs=logprobs, finish_reason=openai_finish_reason(delta.finish_reason),
+                    index=index, text=delta.text, logprobs=logprobs,
+                    finish_reason=openai_finish_reason(delta.finish_reason),
                     token_ids=delta.token_ids if body.return_token_ids else None)
-                yield CompletionResponse(id=req.rid, created=created, model=model, choices=[choice])
-        if body.include_usage and last is not None:
-            yield CompletionResponse(id=req.rid, created=created, model=model, choices=[],
-                                     usage=UsageInfo.of(last))
+                yield CompletionResponse(id=rid, created=created, model=model, choices=[choice])
 
     def _completion_logprobs(self, delta: StreamDelta, top: int, offset: int) -> CompletionLogprobs:
         tokens = [self._token_text(t) for t in delta.token_ids]
@@ -207,14 +219,21 @@ class OpenAIServing(_Serving):
         ids = await asyncio.to_thread(self._encode_chat, body)
         max_tokens = _max_tokens(body.requested_max_tokens, self.engine.context_length - len(ids))
         top = (body.top_logprobs or 0) if body.logprobs else 0
-        req = self._make_request(
-            ids, body.sampling_params(max_tokens, top), new_id("chatcmpl"),
-            names={"prompt": "messages", "input_ids": "messages", "max_new_tokens": body.max_tokens_field,
-                   "top_logprobs_num": "top_logprobs"})
+        names = {"prompt": "messages", "input_ids": "messages", "max_new_tokens": body.max_tokens_field,
+                 "top_logprobs_num": "top_logprobs"}
+        rid = new_id("chatcmpl")
+        reqs = [self._make_request(ids, body.sampling_params(max_tokens, top, choice), _choice_rid(rid, choice, body.n),
+                                   names) for choice in range(body.n)]
         created, model = now(), self.config.served_model_name
         if body.stream:
-            return _sse(self._chat_chunks(body, req, created, model))
-        out = await _unless_disconnected(request, self.engine.generate(req))
+            return _sse(self._chat_chunks(body, reqs, rid, created, model))
+        outs = await _unless_disconnected(request, asyncio.gather(*(self.engine.generate(r) for r in reqs)))
+        return _json(ChatCompletionResponse(
+            id=rid, created=created, model=model,
+            choices=[self._chat_choice(body, out, top, index) for index, out in enumerate(outs)],
+            usage=UsageInfo.of(outs, body.n), prompt_token_ids=ids if body.return_token_ids else None))
+
+    def _chat_choice(self, body: ChatCompletionRequest, out: StreamDelta, top: int, index: int) -> ChatChoice:
         reasoning, content = None, out.text
         if self.config.reasoning_parser:
             reasoning, content = split_reasoning(out.text)
@@ -222,30 +241,38 @@ class OpenAIServing(_Serving):
         if tool_calls := self._tool_call_splitter(body):
             content, calls = tool_calls.feed(content, final=True)
             content = content.strip() or None if calls else content
-        choice = ChatChoice(
+        return ChatChoice(
+            index=index,
             message=ChatResponseMessage(content=content, reasoning_content=reasoning or None, tool_calls=calls or None),
             logprobs=self._chat_logprobs(out, top) if body.logprobs else None,
             finish_reason=_chat_finish_reason(out.finish_reason, bool(calls)),
             token_ids=out.token_ids if body.return_token_ids else None)
-        return _json(ChatCompletionResponse(
-            id=req.rid, created=created, model=model, choices=[choice],
-            usage=UsageInfo.of(out),
-            prompt_token_ids=req.prompt_ids if body.return_token_ids else None))
 
-    async def _chat_chunks(self, body: ChatCompletionRequest, req: EngineRequest, created: int,
+    async def _chat_chunks(self, body: ChatCompletionRequest, reqs: list[EngineRequest], rid: str, created: int,
                            model: str) -> AsyncIterator[BaseModel]:
-        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=req.rid, created=created, model=model, choices=choices, usage=usage)
+        lasts: list[StreamDelta | None] = [None] * len(reqs)
+        async for chunk in _merged([self._chat_choice_chunks(body, req, index, rid, created, model, lasts)
+                                    for index, req in enumerate(reqs)]):
+            yield chunk
+        if body.include_usage and all(lasts):
+            yield ChatCompletionChunk(id=rid, created=created, model=model, choices=[],
+                                      usage=UsageInfo.of(lasts, body.n))
+
+    async def _chat_choice_chunks(self, body: ChatCompletionRequest, req: EngineRequest, index: int, rid: str,
+                                  created: int, model: str,
+                                  lasts: list[StreamDelta | None]) -> AsyncIterator[BaseModel]:
+        def chunk(choice: ChatStreamChoice) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
         splitter = ReasoningSplitter() if self.config.reasoning_parser else None
         tool_calls = self._tool_call_splitter(body)
         top = (body.top_logprobs or 0) if body.logprobs else 0
-        yield chunk([ChatStreamChoice(delta=DeltaMessage(role="assistant", content=""),
-                                      token_ids=[] if body.return_token_ids else None)])
-        last, called = None, 0
+        yield chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""),
+                                     token_ids=[] if body.return_token_ids else None))
+        called = 0
         async with contextlib.aclosing(self.engine.generate_stream(req)) as stream:
             async for delta in stream:
-                last = delta
+                lasts[index] = delta
                 reasoning, content = splitter.feed(delta.text, delta.finished) if splitter else ("", delta.text)
                 calls = []
                 if tool_calls:
@@ -254,14 +281,13 @@ class OpenAIServing(_Serving):
                     called += len(calls)
                 if not (reasoning or content or calls or delta.finished or body.return_token_ids or body.logprobs):
                     continue
-                yield chunk([ChatStreamChoice(
+                yield chunk(ChatStreamChoice(
+                    index=index,
                     delta=DeltaMessage(content=content or None, reasoning_content=reasoning or None,
                                        tool_calls=calls or None),
                     logprobs=self._chat_logprobs(delta, top) if body.logprobs else None,
                     finish_reason=_chat_finish_reason(delta.finish_reason, called > 0),
-                    token_ids=delta.token_ids if body.return_token_ids else None)])
-        if body.include_usage and last is not None:
-            yield chunk([], UsageInfo.of(last))
+                    token_ids=delta.token_ids if body.return_token_ids else None))
 
     def _tool_call_splitter(self, body: ChatCompletionRequest) -> ToolCallSplitter | None:
         """A splitter of the output's tool calls, if the server parses them and the request
@@ -349,6 +375,48 @@ class NativeServing(_Serving):
 
 def _max_tokens(requested: int | None, default: int) -> int:
     return requested if requested is not None else max(default, 1)
+
+
+def _choice_rid(rid: str, index: int, choices: int) -> str:
+    """The engine request id of one of a response's choices: the response's id when it has one."""
+    return rid if choices == 1 else f"{rid}-{index}"
+
+
+async def _merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
+    """The items of several async iterators as each comes (a response's choices streamed
+    together); an iterator's error is raised here; leaving early closes every iterator."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as only:
+            async for item in only:
+                yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream: AsyncIterator[T]) -> None:
+        try:
+            async with contextlib.aclosing(stream):
+                async for item in stream:
+                    await queue.put((item, None))
+        except Exception as e:      # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put((done, e))
+            return
+        await queue.put((done, None))
+
+    tasks = [asyncio.ensure_future(pump(stream)) for stream in streams]
+    try:
+        for _ in tasks:
+            while True:
+                item, error = await queue.get()
+                if error is not None:
+                    raise error
+                if item is done:
+                    break
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:

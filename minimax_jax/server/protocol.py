@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from minimax_jax.engine.async_engine import StreamDelta
 
 MAX_TOP_LOGPROBS = 20            # the sampler returns at most 20 alternatives per token
+MAX_CHOICES = 16                 # n: each choice is a request of its own
 UNSET = lambda v: v is None      # noqa: E731  (exclude_if predicate: drop optional extensions)
 
 
@@ -57,12 +58,10 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     logit_bias: dict[str, float] | None = None
 
     def unsupported(self) -> OpenAIError | None:
-        if self.n != 1:
-            return OpenAIError(400, "n > 1 is not supported yet", "n")
         if self.logit_bias:
             return OpenAIError(400, "logit_bias is not supported yet", "logit_bias")
         return None
@@ -71,14 +70,15 @@ class _Request(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_new_tokens: int, top_logprobs: int) -> dict[str, Any]:
-        """SamplingParams fields; None means the engine's default."""
+    def sampling_params(self, max_new_tokens: int, top_logprobs: int, choice: int = 0) -> dict[str, Any]:
+        """SamplingParams fields of the choice-th of n choices (a given seed counts up from the
+        first, so the choices differ); None means the engine's default."""
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return {
             "max_new_tokens": max_new_tokens,
             "temperature": 1.0 if self.temperature is None else self.temperature,
             "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
-            "seed": None if self.seed is None else self.seed % 2**32,
+            "seed": None if self.seed is None else (self.seed + choice) % 2**32,
             "stop": [s for s in stops if s],
             "stop_token_ids": self.stop_token_ids,
             "ignore_eos": self.ignore_eos,
@@ -105,17 +105,14 @@ class CompletionRequest(_Request):
             return OpenAIError(400, "best_of > 1 is not supported yet", "best_of")
         return super().unsupported()
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt, as text or token ids (lists of several prompts are refused)."""
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each text or token ids: one, or a batch (a list of strings or of id lists)."""
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise OpenAIError(400, "batched prompts are not supported yet: send one prompt per request",
-                                  "prompt")
-            prompt = prompt[0]
-        if not prompt:
+        batch = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+        prompts = list(prompt) if batch else [prompt]
+        if any(not p for p in prompts):
             raise OpenAIError(400, "the prompt is empty", "prompt")
-        return prompt
+        return prompts
 
 
 class ContentPart(BaseModel):
@@ -215,11 +212,13 @@ class UsageInfo(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
     @classmethod
-    def of(cls, out: "StreamDelta") -> "UsageInfo":
-        """The usage of a request's (last) `StreamDelta`."""
-        return cls(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                   total_tokens=out.prompt_tokens + out.completion_tokens,
-                   prompt_tokens_details=PromptTokensDetails(cached_tokens=out.cached_tokens))
+    def of(cls, outs: list["StreamDelta"], choices_per_prompt: int = 1) -> "UsageInfo":
+        """The usage of a response's choices from their last `StreamDelta`s, prompt by prompt,
+        choices_per_prompt (n) each: a prompt counts once, as OpenAI counts it."""
+        firsts = outs[::choices_per_prompt]
+        prompt, completion = sum(o.prompt_tokens for o in firsts), sum(o.completion_tokens for o in outs)
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(o.cached_tokens for o in firsts)))
 
 
 class CompletionLogprobs(BaseModel):
