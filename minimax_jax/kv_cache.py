@@ -77,9 +77,8 @@ class PageAllocator:
             else:
                 self._free.append(page)
 
-    def match(self, tokens: list[int], max_pages: int) -> list[int]:
-        """The cached pages that hold tokens' first full pages, up to max_pages of them, each now
-        held once more (give them back with `free`)."""
+    def cached(self, tokens: list[int], max_pages: int) -> list[int]:
+        """The cached pages that hold tokens' first full pages, up to max_pages of them (not held)."""
         if not self.prefix_caching:
             return []
         pages, parent = [], 0
@@ -89,6 +88,11 @@ class PageAllocator:
                 break
             pages.append(page)
             parent = self._node_of[page]
+        return pages
+
+    def match(self, tokens: list[int], max_pages: int) -> list[int]:
+        """`cached`, each page now held once more (give them back with `free`)."""
+        pages = self.cached(tokens, max_pages)
         for page in pages:
             self._refs[page] = self._refs.get(page, 0) + 1
             self._unheld.pop(page, None)

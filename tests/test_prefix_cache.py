@@ -112,3 +112,20 @@ def test_aborted_and_concurrent_requests_leave_no_page_held(tiny_hf_dir):
     engine.run_until_done()
     late = engine.generate(input_ids=shared + [40], sampling_params=GREEDY)
     assert late["meta_info"]["cached_tokens"] == 12 and engine.kv_pages_used == 0
+
+
+def test_a_next_turn_joins_the_dp_rank_that_holds_its_history(tiny_hf_dir):
+    """Two dp ranks: the second turn goes to the rank whose cache holds the first, though that
+    rank is one request busier; with no cached pages anywhere the least loaded rank takes it."""
+    engine = make_engine(tiny_hf_dir, tp_size=2, dp_size=2, enable_dp_attention=True)
+    first = list(range(1, 14))
+    turn = engine.generate(input_ids=first, sampling_params=GREEDY)
+    home = engine.schedulers[0]
+    assert home.cached_pages(first + turn["output_ids"] + [7]) == 4
+    busy = engine.submit(engine.make_request(input_ids=[9] * 5, sampling_params=dict(GREEDY, max_new_tokens=30)))
+    assert busy.scheduler is home                             # both idle: the first rank
+    follow = engine.submit(engine.make_request(input_ids=first + turn["output_ids"] + [7], sampling_params=GREEDY))
+    fresh = engine.submit(engine.make_request(input_ids=[11] * 9, sampling_params=GREEDY))
+    assert follow.scheduler is home and fresh.scheduler is engine.schedulers[1]
+    engine.run_until_done()
+    assert follow.cached_tokens == 16 and fresh.cached_tokens == 0

@@ -234,10 +234,19 @@ class Engine:
         if req.params.max_new_tokens == 0:
             req.finish_reason = {"type": "length", "length": 0}
             return req
-        least_loaded = min(self.schedulers, key=lambda s: len(s.running) + len(s.waiting))
-        least_loaded.add(req)
-        req.scheduler = least_loaded
+        req.scheduler = self._rank_for(req.prompt_ids)
+        req.scheduler.add(req)
         return req
+
+    def _rank_for(self, prompt: list[int]) -> Scheduler:
+        """The dp rank a new request joins: of the ranks at most an eighth (at least 1) more
+        loaded than the least loaded one, the one whose prefix cache holds most of the prompt (a
+        chat's next turn goes where its previous turns' pages are), then the least loaded."""
+        least = min(s.load for s in self.schedulers)
+        near = [s for s in self.schedulers if s.load <= least + max(1, least // 8)]
+        if len(near) == 1:
+            return near[0]
+        return max(near, key=lambda s: (s.cached_pages(prompt), -s.load))
 
     def abort(self, rid: str) -> bool:
         for scheduler in self.schedulers:

@@ -163,10 +163,21 @@ class Scheduler:
         total = len(req.prompt_ids) + req.params.max_new_tokens
         return -(-total // self.page_size)
 
+    @property
+    def load(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    def cached_pages(self, prompt: list[int]) -> int:
+        """Pages of this prompt that admission would find in the prefix cache now."""
+        return len(self.allocator.cached(prompt, self._max_cached_pages(prompt)))
+
+    def _max_cached_pages(self, prompt: list[int]) -> int:
+        return (len(prompt) - 1) // self.page_size        # the last token is always computed
+
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
-            cached = self.allocator.match(req.prompt_ids, (len(req.prompt_ids) - 1) // self.page_size)
+            cached = self.allocator.match(req.prompt_ids, self._max_cached_pages(req.prompt_ids))
             need = self._pages_needed(req) - len(cached)
             if need > self.allocator.num_free:
                 self.allocator.free(cached)
