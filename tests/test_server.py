@@ -201,6 +201,7 @@ def test_a_repeated_prompt_reports_its_cached_tokens_until_the_cache_is_flushed(
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert second.usage.prompt_tokens_details.cached_tokens == 32
     assert second.choices[0].text == first.choices[0].text
+    assert metrics(http)["minimax_jax_cached_prompt_tokens_total"] >= 32
     assert http.post("/flush_cache").status_code == 401                 # --api-key guards it
     flushed = http.post("/flush_cache", headers={"Authorization": f"Bearer {API_KEY}"})
     assert flushed.status_code == 200 and flushed.json()["flushed_pages"] >= 2

@@ -65,7 +65,7 @@ class EngineObserver:
 
     def on_submit(self, prompt_tokens: int) -> None: ...
 
-    def on_first_token(self, seconds: float) -> None: ...
+    def on_first_token(self, seconds: float, cached_tokens: int = 0) -> None: ...
 
     def on_tokens(self, count: int) -> None: ...
 
@@ -308,7 +308,7 @@ class AsyncEngine:
         new_ids = req.output_ids[start:]
         if new_ids and sink.first_token_at is None:
             sink.first_token_at = now
-            self.observer.on_first_token(now - sink.arrival)
+            self.observer.on_first_token(now - sink.arrival, sink.req.cached_tokens)
         self.observer.on_tokens(len(new_ids))
         sink.published = len(req.output_ids)
         finish = dict(req.finish_reason) if req.finish_reason is not None else None

@@ -26,6 +26,8 @@ class ServerMetrics(EngineObserver):
                                      "KV cache pages the prefix cache keeps, held by requests or not", registry=r)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of submitted requests", registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens", registry=r)
+        self.cached_prompt_tokens = Counter(PREFIX + "cached_prompt_tokens",
+                                            "Prompt tokens found in the prefix cache", registry=r)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Submission to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram(PREFIX + "time_per_output_token_seconds",
@@ -43,8 +45,10 @@ class ServerMetrics(EngineObserver):
     def on_submit(self, prompt_tokens: int) -> None:
         self.prompt_tokens.inc(prompt_tokens)
 
-    def on_first_token(self, seconds: float) -> None:
+    def on_first_token(self, seconds: float, cached_tokens: int = 0) -> None:
         self.ttft.observe(seconds)
+        if cached_tokens:
+            self.cached_prompt_tokens.inc(cached_tokens)
 
     def on_tokens(self, count: int) -> None:
         if count:
