@@ -151,7 +151,8 @@ class OpenAIServing(_Serving):
         self._check(body)
         prompts = body.prompts()
         rid, reqs = new_id("cmpl"), []
-        names = {"prompt": "prompt", "input_ids": "prompt", "max_new_tokens": "max_tokens", "top_logprobs_num": "logprobs"}
+        names = {"prompt": "prompt", "input_ids": "prompt", "max_new_tokens": "max_tokens",
+                 "top_logprobs_num": "logprobs"}
         for prompt in prompts:
             ids = await asyncio.to_thread(self._encode, prompt) if isinstance(prompt, str) else list(prompt)
             default = min(DEFAULT_COMPLETION_MAX_TOKENS, self.engine.context_length - len(ids))
