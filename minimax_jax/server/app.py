@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import secrets
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -161,7 +162,9 @@ class OpenAIServing(_Serving):
                 reqs.append(self._make_request(ids, params, _choice_rid(rid, len(reqs), len(prompts) * body.n), names))
         created, model = now(), self.config.served_model_name
         if body.stream:
-            return _sse(self._completion_chunks(body, reqs, rid, created, model))
+            return _sse(_choices_then_usage(
+                reqs, functools.partial(self._completion_choice_chunks, body, rid, created, model), body,
+                lambda usage: CompletionResponse(id=rid, created=created, model=model, choices=[], usage=usage)))
         outs = await _unless_disconnected(request, asyncio.gather(*(self.engine.generate(r) for r in reqs)))
         choices = [CompletionChoice(
             index=index, text=out.text, finish_reason=openai_finish_reason(out.finish_reason),
@@ -172,18 +175,8 @@ class OpenAIServing(_Serving):
         return _json(CompletionResponse(id=rid, created=created, model=model, choices=choices,
                                         usage=UsageInfo.of(outs, body.n)))
 
-    async def _completion_chunks(self, body: CompletionRequest, reqs: list[EngineRequest], rid: str, created: int,
-                                 model: str) -> AsyncIterator[BaseModel]:
-        lasts: list[StreamDelta | None] = [None] * len(reqs)
-        async for chunk in _merged([self._completion_choice_chunks(body, req, index, rid, created, model, lasts)
-                                    for index, req in enumerate(reqs)]):
-            yield chunk
-        if body.include_usage and all(lasts):
-            yield CompletionResponse(id=rid, created=created, model=model, choices=[],
-                                     usage=UsageInfo.of(lasts, body.n))
-
-    async def _completion_choice_chunks(self, body: CompletionRequest, req: EngineRequest, index: int, rid: str,
-                                        created: int, model: str,
+    async def _completion_choice_chunks(self, body: CompletionRequest, rid: str, created: int, model: str,
+                                        req: EngineRequest, index: int,
                                         lasts: list[StreamDelta | None]) -> AsyncIterator[BaseModel]:
         offset = 0
         async with contextlib.aclosing(self.engine.generate_stream(req)) as stream:
@@ -227,7 +220,9 @@ class OpenAIServing(_Serving):
                                    names) for choice in range(body.n)]
         created, model = now(), self.config.served_model_name
         if body.stream:
-            return _sse(self._chat_chunks(body, reqs, rid, created, model))
+            return _sse(_choices_then_usage(
+                reqs, functools.partial(self._chat_choice_chunks, body, rid, created, model), body,
+                lambda usage: ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)))
         outs = await _unless_disconnected(request, asyncio.gather(*(self.engine.generate(r) for r in reqs)))
         return _json(ChatCompletionResponse(
             id=rid, created=created, model=model,
@@ -249,18 +244,8 @@ class OpenAIServing(_Serving):
             finish_reason=_chat_finish_reason(out.finish_reason, bool(calls)),
             token_ids=out.token_ids if body.return_token_ids else None)
 
-    async def _chat_chunks(self, body: ChatCompletionRequest, reqs: list[EngineRequest], rid: str, created: int,
-                           model: str) -> AsyncIterator[BaseModel]:
-        lasts: list[StreamDelta | None] = [None] * len(reqs)
-        async for chunk in _merged([self._chat_choice_chunks(body, req, index, rid, created, model, lasts)
-                                    for index, req in enumerate(reqs)]):
-            yield chunk
-        if body.include_usage and all(lasts):
-            yield ChatCompletionChunk(id=rid, created=created, model=model, choices=[],
-                                      usage=UsageInfo.of(lasts, body.n))
-
-    async def _chat_choice_chunks(self, body: ChatCompletionRequest, req: EngineRequest, index: int, rid: str,
-                                  created: int, model: str,
+    async def _chat_choice_chunks(self, body: ChatCompletionRequest, rid: str, created: int, model: str,
+                                  req: EngineRequest, index: int,
                                   lasts: list[StreamDelta | None]) -> AsyncIterator[BaseModel]:
         def chunk(choice: ChatStreamChoice) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
@@ -381,6 +366,19 @@ def _max_tokens(requested: int | None, default: int) -> int:
 def _choice_rid(rid: str, index: int, choices: int) -> str:
     """The engine request id of one of a response's choices: the response's id when it has one."""
     return rid if choices == 1 else f"{rid}-{index}"
+
+
+async def _choices_then_usage(reqs: list[EngineRequest], choice_chunks: Callable[..., AsyncIterator[BaseModel]],
+                              body: CompletionRequest | ChatCompletionRequest,
+                              usage_chunk: Callable[[UsageInfo], BaseModel]) -> AsyncIterator[BaseModel]:
+    """Every choice's chunks (choice_chunks(req, index, lasts), which keeps lasts[index], the
+    choice's last delta) as they come, then with stream_options.include_usage one chunk of the
+    usage of all of them."""
+    lasts: list[StreamDelta | None] = [None] * len(reqs)
+    async for chunk in _merged([choice_chunks(req, index, lasts) for index, req in enumerate(reqs)]):
+        yield chunk
+    if body.include_usage and all(lasts):
+        yield usage_chunk(UsageInfo.of(lasts, body.n))
 
 
 async def _merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
