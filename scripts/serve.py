@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     srv.add_argument("--port", type=int, default=30000, help="port to bind; 0 picks a free one (default: %(default)s)")
-    srv.add_argument("--api-key", help="require 'Authorization: Bearer <key>' on /v1/* and /flush_cache")
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer <key>' on /v1/*, /generate, /get_model_info "
+                     "and /flush_cache (/health and /metrics stay open)")
     srv.add_argument("--reasoning-parser", choices=["minimax"],
                      help="split <think>...</think> of chat outputs into message.reasoning_content "
                           "(default: off, the raw text is the content)")
