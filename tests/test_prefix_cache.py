@@ -2,6 +2,8 @@
 with the tokens it would have computed without them."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minimax_jax.engine.engine import Engine
 from minimax_jax.kv_cache import OutOfPages, PageAllocator
@@ -58,6 +60,50 @@ def test_without_a_page_size_nothing_is_cached():
     pool.remember([1, 2, 3, 4], pages)
     pool.free(pages)
     assert pool.num_cached == 0 and pool.match([1, 2, 3, 4], max_pages=2) == [] and pool.num_free == 4
+
+
+# a sequence of operations on a pool of 12 pages of 2 tokens: ("new", prompt) admits a sequence of
+# that prompt plus one output token as the scheduler does, ("end", i) releases the i-th live one,
+# ("flush", 0) empties the cache; tokens from a small alphabet so prefixes often repeat
+OPERATIONS = st.lists(st.one_of(
+    st.tuples(st.just("new"), st.lists(st.integers(0, 2), min_size=1, max_size=9)),
+    st.tuples(st.just("end"), st.integers(0, 5)),
+    st.tuples(st.just("flush"), st.just(0))), max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPERATIONS)
+def test_every_page_is_free_cached_or_held_and_a_match_holds_the_prompts_own_tokens(operations):
+    pool, size = PageAllocator(12, page_size=2), 2
+    written: dict[int, tuple] = {}          # page -> the tokens up to its end whose keys it holds
+    live: list[tuple[list[int], list[int]]] = []
+    for op, arg in operations:
+        if op == "new":
+            tokens = arg + [7]
+            cached = pool.match(arg, (len(arg) - 1) // size)
+            for i, page in enumerate(cached):
+                assert written[page] == tuple(arg[:(i + 1) * size])
+            need = -(-len(tokens) // size) - len(cached)
+            if need > pool.num_free:
+                pool.free(cached)
+                continue
+            pages = cached + pool.allocate(need)
+            for i in range(len(cached), len(pages)):
+                written[pages[i]] = tuple(tokens[:(i + 1) * size])
+            pool.remember(arg, pages)
+            live.append((tokens, pages))
+        elif op == "end" and live:
+            tokens, pages = live.pop(arg % len(live))
+            pool.remember(tokens, pages)
+            pool.free(pages)
+        elif op == "flush":
+            pool.flush()
+        held = {p for _, pages in live for p in pages}
+        assert pool.num_used == len(held) and pool.num_free == pool.num_pages - len(held)
+        assert len(set(pool._free)) == len(pool._free) and not set(pool._free) & (held | set(pool._key_of))
+    for _, pages in live:
+        pool.free(pages)
+    assert pool.num_used == 0 and pool.num_free == pool.num_pages
 
 
 def make_engine(path, **kw):
