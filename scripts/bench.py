@@ -1005,8 +1005,7 @@ def bench_profile(args) -> None:
     """A perfetto trace of a few prefill or decode steps of the engine workload, and the device
     time per kernel name summed over them (largest first)."""
     engine = make_bench_engine(args)
-    rng = np.random.RandomState(0)
-    prompts = [rng.randint(0, engine.cfg.vocab_size, args.prompt).tolist() for _ in range(args.requests)]
+    prompts = workload_prompts(args, engine.cfg.vocab_size)
     params = {"max_new_tokens": args.output, "temperature": 0.0, "ignore_eos": True}
     engine.generate(input_ids=prompts, sampling_params=params)        # compiles every bucket traced below
     engine.flush_cache()                                              # the same prompts follow
@@ -1159,7 +1158,7 @@ def parse_args(argv=None):
     p.add_argument("--mem-fraction-static", type=float, default=0.85,
                    help="weights + KV share of device memory; the KV cache takes what fits")
     p.add_argument("--shared-prefix", type=int, default=0,
-                   help="engine (and --url): the first N prompt tokens are the same in every request, as a system "
+                   help="engine, profile and --url: the first N prompt tokens are the same in every request, as a system "
                    "prompt is, for the prefix cache (default: 0, every token random)")
     p.add_argument("--disable-radix-cache", action="store_true",
                    help="engine and profile: no prefix caching (serve.py's flag)")

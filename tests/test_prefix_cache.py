@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minimax_jax.engine.engine import Engine
 from minimax_jax.kv_cache import OutOfPages, PageAllocator
+from tests.test_engine import make_engine
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 6}
 
@@ -104,10 +104,6 @@ def test_every_page_is_free_cached_or_held_and_a_match_holds_the_prompts_own_tok
     for _, pages in live:
         pool.free(pages)
     assert pool.num_used == 0 and pool.num_free == pool.num_pages
-
-
-def make_engine(path, **kw):
-    return Engine(model_path=str(path), dtype="float32", context_length=64, page_size=4, **kw)
 
 
 def test_prompts_sharing_pages_start_on_them_and_get_the_tokens_computed_without_the_cache(tiny_hf_dir):

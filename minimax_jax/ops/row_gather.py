@@ -30,8 +30,8 @@ def supported(tables: Sequence[jax.Array], rows: int, segments: Sequence[tuple[i
     output it would offset wrongly (`triton_common.offsets_wrap`: an FP8 output of over 2**31
     entries, about 700k rows of 3072, is one that a prefill step's largest row bucket can
     reach)."""
-    if rows % rows_per_program or not all(t.ndim == 2 and t.shape[0] == tables[0].shape[0] and jax.dtypes.itemsize_bits(t.dtype) >= 8
-               for t in tables):
+    if rows % rows_per_program or not all(
+            t.ndim == 2 and t.shape[0] == tables[0].shape[0] and jax.dtypes.itemsize_bits(t.dtype) >= 8 for t in tables):
         return False
     outputs = [jax.ShapeDtypeStruct((rows, width), tables[t].dtype) for t, _, width in _segments(tables, segments)]
     return not any(triton_common.offsets_wrap(a) for a in [*tables, *outputs])

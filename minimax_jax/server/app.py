@@ -125,6 +125,14 @@ class _Serving:
             raise OpenAIError(400, "this model has no tokenizer: give the prompt as token ids", "prompt")
         return self.engine.tokenizer.encode(text)
 
+    async def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """A prompt's token ids: text is tokenised off the event loop."""
+        return await asyncio.to_thread(self._encode, prompt) if isinstance(prompt, str) else list(prompt)
+
+    async def _generate_all(self, request: Request, reqs: list[EngineRequest]) -> list[StreamDelta]:
+        """Every request's whole output, or all of them aborted if the client goes away."""
+        return await _unless_disconnected(request, asyncio.gather(*(self.engine.generate(r) for r in reqs)))
+
     def _token_text(self, token: int) -> str:
         tokenizer = self.engine.tokenizer
         return tokenizer.decode([token]) if tokenizer is not None else f"<{token}>"
@@ -155,7 +163,7 @@ class OpenAIServing(_Serving):
         names = {"prompt": "prompt", "input_ids": "prompt", "max_new_tokens": "max_tokens",
                  "top_logprobs_num": "logprobs"}
         for prompt in prompts:
-            ids = await asyncio.to_thread(self._encode, prompt) if isinstance(prompt, str) else list(prompt)
+            ids = await self._prompt_ids(prompt)
             default = min(DEFAULT_COMPLETION_MAX_TOKENS, self.engine.context_length - len(ids))
             for choice in range(body.n):
                 params = body.sampling_params(_max_tokens(body.max_tokens, default), body.logprobs or 0, choice)
@@ -165,7 +173,7 @@ class OpenAIServing(_Serving):
             return _sse(_choices_then_usage(
                 reqs, functools.partial(self._completion_choice_chunks, body, rid, created, model), body,
                 lambda usage: CompletionResponse(id=rid, created=created, model=model, choices=[], usage=usage)))
-        outs = await _unless_disconnected(request, asyncio.gather(*(self.engine.generate(r) for r in reqs)))
+        outs = await self._generate_all(request, reqs)
         choices = [CompletionChoice(
             index=index, text=out.text, finish_reason=openai_finish_reason(out.finish_reason),
             logprobs=self._completion_logprobs(out, body.logprobs, 0) if body.logprobs is not None else None,
@@ -223,7 +231,7 @@ class OpenAIServing(_Serving):
             return _sse(_choices_then_usage(
                 reqs, functools.partial(self._chat_choice_chunks, body, rid, created, model), body,
                 lambda usage: ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)))
-        outs = await _unless_disconnected(request, asyncio.gather(*(self.engine.generate(r) for r in reqs)))
+        outs = await self._generate_all(request, reqs)
         return _json(ChatCompletionResponse(
             id=rid, created=created, model=model,
             choices=[self._chat_choice(body, out, top, index) for index, out in enumerate(outs)],
@@ -332,11 +340,11 @@ class NativeServing(_Serving):
         prompts = body.prompts()
         reqs = []
         for prompt, (params, rid) in zip(prompts, body.per_prompt(len(prompts))):
-            ids = await asyncio.to_thread(self._encode, prompt) if isinstance(prompt, str) else list(prompt)
+            ids = await self._prompt_ids(prompt)
             reqs.append(self.engine.make_request(input_ids=ids, sampling_params=params, rid=rid))
         if body.stream:
             return _sse(self._chunks(body, reqs[0]))
-        outs = await _unless_disconnected(request, asyncio.gather(*(self.engine.generate(r) for r in reqs)))
+        outs = await self._generate_all(request, reqs)
         results = [generate_result(req.rid, out.text, out.token_ids, out, self._logprobs(body, out), i)
                    for i, (req, out) in enumerate(zip(reqs, outs))]
         return JSONResponse([r.model_dump() for r in results]) if body.is_batch else _json(results[0])
