@@ -24,7 +24,7 @@ from flax import nnx
 
 from minimax_jax.config import ModelConfig
 from minimax_jax.ops import attention as attn_ops
-from minimax_jax.ops import fp8_linear
+from minimax_jax.ops import attention_inputs, decode_attention, fp8_linear
 from minimax_jax.ops import moe as moe_ops
 from minimax_jax.ops import pair_experts
 from minimax_jax.ops import routing
@@ -213,6 +213,9 @@ class Attention(nnx.Module):
         the new cache."""
         cfg = self.cfg
         b, t = step.tokens.shape
+        if self._decodes_few_rows(h, t, kv[0]):
+            out, kv = self._few_rows_decode(h, kv, layer, step, comm)
+            return fp8_linear.fp8_linear(out, self.wo_fp8[...], self.wo_fp8_scale[...], layer, self.fp8_kernel), kv
         q, k, v = self._qkv(h, layer)
         q, k = self._joint_qk_norm(q, k, comm)
         d = cfg.head_dim
@@ -234,6 +237,39 @@ class Attention(nnx.Module):
         else:
             o = project(out, self.wo[...])
         return o, (k_cache, v_cache)
+
+    def _decodes_few_rows(self, h: jax.Array, t: int, k_cache: jax.Array) -> bool:
+        """Whether this step takes `_few_rows_decode`: FP8 projections by the few-rows kernel,
+        one query per slot, and the decode attention kernel."""
+        cfg = self.cfg
+        return (self.format == "fp8" and t == 1
+                and fp8_linear.resolve_kernel(self.fp8_kernel, h.shape[0], self.wqkv_fp8) == "triton-w8a16"
+                and attn_ops.resolve_decode_backend(self.decode_backend, h.dtype) == "pallas"
+                and decode_attention.supports(k_cache)
+                and attention_inputs.supports(cfg.head_dim, cfg.rotary_dim, k_cache.shape[3], k_cache))
+
+    def _few_rows_decode(self, h: jax.Array, kv: tuple[jax.Array, jax.Array], layer: jax.Array, step: StepInput,
+                         comm: Comm) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """A few decode rows from the qkv projection to the attention's output [N, local q heads * D]
+        in Triton kernels (`ops.attention_inputs`): the numbers of the path below, in four
+        kernels where XLA ran eleven small ones between the projections."""
+        cfg, d = self.cfg, self.cfg.head_dim
+        interpret = jax.default_backend() != "gpu"
+        k_cache, v_cache = kv
+        rows, kv_heads = h.shape[0], k_cache.shape[3]
+        group = self.q_norm.shape[-1] // self.k_norm.shape[-1]
+        parts = fp8_linear.few_rows(h, self.wqkv_fp8[...], self.wqkv_fp8_scale[...], layer, partial_sums=True,
+                                    interpret=interpret)
+        sums = attention_inputs.sums_of_squares(parts, rows, kv_heads, group, d, h.dtype, interpret=interpret)
+        pages, page_size = k_cache.shape[1:3]
+        slots = attn_ops.kv_slots(step.positions, step.valid, step.page_table, page_size, pages)
+        q, k_cache, v_cache = attention_inputs.finish(
+            parts, comm.qk_sum_squares(sums), self.q_norm[...], self.k_norm[...], step.positions.reshape(-1),
+            slots.reshape(-1), k_cache, v_cache, layer, group=group, rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta,
+            q_size=cfg.q_size, kv_size=cfg.kv_size, eps=cfg.rms_norm_eps, dtype=h.dtype, interpret=interpret)
+        out = decode_attention.paged_decode_attention(q, k_cache, v_cache, step.page_table, step.positions, layer,
+                                                      group=group, interpret=interpret)
+        return out.reshape(rows, -1), (k_cache, v_cache)
 
     def _qkv(self, h: jax.Array, layer: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q [N, local q heads * D], k and v [N, local KV heads * D]."""

@@ -90,15 +90,15 @@ def test_tensor_parallel_splits_the_kv_head_groups_as_one_device_computes_them(f
     assert np.sum(error > 1e-5) <= 1 and error.max() <= 1e-3
 
 
-@pytest.mark.parametrize("kernel,rows", [("mosaic-ws-w8a8", 130), ("triton-w8a8", 1), ("triton-w8a8", 3),
-                                         ("triton-w8a8", 16)])
+@pytest.mark.parametrize("kernel,rows", [("mosaic-ws-w8a8", 130), ("triton-w8a16", 1), ("triton-w8a16", 3),
+                                         ("triton-w8a16", 16)])
 def test_each_kernel_reads_a_layer_of_stacked_weights_as_the_reference_computes_it(kernel, rows):
     """Under Pallas's interpreters here; 130 rows: a partial second block of 128 for the Mosaic
-    kernel, which takes any number; the Triton kernel takes up to 16."""
+    kernel, which takes any number; the Triton kernel takes up to 16, unrounded (weight-only)."""
     rng = np.random.RandomState(1)
     w, scale = fp8.quantize_blockwise(rng.standard_normal((3, 256, 384)).astype(np.float32) * 0.02)
     x = jnp.asarray(rng.standard_normal((rows, 384)), jnp.bfloat16)
-    ref = fp8_linear.reference(x, w[2], scale[2])
+    ref = fp8_linear.reference(x, w[2], scale[2], round_rows=kernel != "triton-w8a16")
     on_gpu = jax.default_backend() == "gpu"
     interpret = None if on_gpu else (InterpretGPUParams() if kernel.startswith("mosaic") else True)
     out = fp8_linear.fp8_linear(x, w, scale, jnp.int32(2), kernel=kernel, interpret=interpret)
@@ -111,7 +111,7 @@ def test_each_kernel_reads_a_layer_of_stacked_weights_as_the_reference_computes_
 def test_auto_takes_the_triton_kernel_for_a_few_rows_on_hopper_and_the_reference_elsewhere(monkeypatch):
     from minimax_jax.ops import moe
     monkeypatch.setattr(moe, "on_hopper", lambda: True)
-    assert fp8_linear.resolve_kernel("auto", rows=1) == fp8_linear.resolve_kernel("auto", rows=16) == "triton-w8a8"
+    assert fp8_linear.resolve_kernel("auto", rows=1) == fp8_linear.resolve_kernel("auto", rows=16) == "triton-w8a16"
     assert fp8_linear.resolve_kernel("auto", rows=17) == "mosaic-ws-w8a8"
     monkeypatch.setattr(moe, "on_hopper", lambda: False)
     assert fp8_linear.resolve_kernel("auto", rows=1) == "xla-w8a8"
@@ -133,16 +133,21 @@ def _config(head_dim: int, hidden_size: int) -> ModelConfig:
                        num_experts_per_tok=2)
 
 
-def test_few_rows_split_over_k_adds_its_partial_sums_to_the_reference():
-    """K of 12 blocks: `triton_common.k_splits` gives 4 programs over K per block of channels."""
+@pytest.mark.parametrize("rows", [1, 2])
+def test_few_rows_split_over_k_adds_its_partial_sums_to_the_weight_only_reference(rows):
+    """K of 12 blocks: `triton_common.k_splits` gives 4 programs over K per block of channels;
+    one row is repeated inside the kernel, two are padded before it."""
     rng = np.random.RandomState(2)
     w, scale = fp8.quantize_blockwise(rng.standard_normal((2, 128, 1536)).astype(np.float32) * 0.02)
-    x = jnp.asarray(rng.standard_normal((2, 1536)), jnp.bfloat16)
-    ref = fp8_linear.reference(x, w[1], scale[1])
+    x = jnp.asarray(rng.standard_normal((rows, 1536)), jnp.bfloat16)
+    ref = np.asarray(fp8_linear.reference(x.astype(jnp.float32), w[1], scale[1], round_rows=False))
+    interpret = jax.default_backend() != "gpu"
     for splits in (None, 2):
-        out = fp8_linear.few_rows(x, w, scale, jnp.int32(1), splits=splits, interpret=jax.default_backend() != "gpu")
-        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
-                                   atol=1e-2 * float(jnp.abs(ref.astype(jnp.float32)).max()))
+        out = fp8_linear.few_rows(x, w, scale, jnp.int32(1), splits=splits, interpret=interpret)
+        np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=1e-2, atol=1e-3 * np.abs(ref).max())
+    parts = fp8_linear.few_rows(x, w, scale, jnp.int32(1), partial_sums=True, interpret=interpret)
+    assert parts.shape == (4, 16, 128) and parts.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(parts.sum(0)[:rows]), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
 def test_engine_greedy_tokens_on_tp4_over_two_kv_heads_and_dep_equal_one_device(checkpoints):

@@ -43,7 +43,8 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                            positions: jax.Array, layer: jax.Array, *, block_keys: int = 64,
                            num_warps: int = 2, num_stages: int = 5, prefetch: bool = False,
                            splits: int | None = None, compute_dtype=None, fast_exp: bool = True,
-                           scalar_page: bool = True, interpret: bool = False) -> jax.Array:
+                           scalar_page: bool = True, group: int | None = None,
+                           interpret: bool = False) -> jax.Array:
     """q: [B, 1, q_heads, D]; caches: [layers, pages, page_size, kv_heads, D]; page_table: [B, P];
     positions: [B, 1] (the token at position p sees keys 0..p). Returns [B, 1, q_heads, D] in
     q's dtype, as `attention.paged_attention_reference`. Keys are taken block_keys at a time
@@ -57,7 +58,12 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     splits: programs per (slot, KV head), each over its share of the context, their partial
     softmax sums combined after the kernel; None picks enough to give every SM two programs
     (`context_splits`): one request on TP4 is 2 programs otherwise, each walking its 1000 keys
-    alone while the other SMs idle.
+    alone while the other SMs idle. The splits are rounded up to a power of two (one past the
+    context weighs nothing) and combined by a second kernel (`_combine`): as XLA's three fusions
+    it was two more kernels a layer.
+
+    group: q is already the kernel's rows, [B, kv_heads, 16, D], each KV head's `group` query
+    heads then zero rows (`attention_inputs.finish` writes them so).
 
     compute_dtype: what keys, values, queries and probabilities enter the dots as; None: fp16
     for an 8-bit cache (e4m3 widens to fp16 exactly in one instruction per pair, and fp16 holds
@@ -68,10 +74,17 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
-    b, t, hq, d = q.shape
-    layers, pages, page_size, hk, _ = k_cache.shape
-    if t != 1:
-        raise ValueError(f"decode attention takes one query per slot, got {t}")
+    layers, pages, page_size, hk, d = k_cache.shape
+    if group is None:
+        b, t, hq, _ = q.shape
+        group = hq // hk
+        if t != 1:
+            raise ValueError(f"decode attention takes one query per slot, got {t}")
+    else:
+        b, hq = q.shape[0], hk * group
+        if q.shape[1:] != (hk, MIN_ROWS, d) or group > MIN_ROWS:
+            raise ValueError(f"padded queries must be [B, {hk}, {MIN_ROWS}, {d}] holding at most {MIN_ROWS} "
+                             f"heads each, got {q.shape} for {group}")
     if not supports(k_cache):
         raise ValueError(f"decode attention kernel needs a power-of-two page size and head dim, and an 8-bit cache "
                          f"of at most 2**31 entries or over 4 GiB, got {k_cache.shape} {k_cache.dtype}")
@@ -79,9 +92,9 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     if pages_per_block * page_size < MIN_ROWS:     # Triton's dots; the GPU summed padding (twice the answer)
         raise ValueError(f"decode attention kernel needs blocks of at least {MIN_ROWS} keys, got block_keys "
                          f"{block_keys} over pages of {page_size}")
-    group = hq // hk
     rows = max(MIN_ROWS, triton_common.next_power_of_two(group))
-    qg = jnp.pad(q.reshape(b, hk, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    qg = q if q.shape[1:] == (hk, rows, d) else jnp.pad(q.reshape(b, hk, group, d),
+                                                        ((0, 0), (0, 0), (0, rows - group), (0, 0)))
     # one flat page index over (layer, page): the kernel reads this layer's pages in place
     blocks = -(-page_table.shape[1] // pages_per_block)
     per_slot = blocks * pages_per_block
@@ -93,6 +106,8 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     splits = min(splits or context_splits(b * hk), blocks)
     blocks_per_split = -(-blocks // splits)
     splits = -(-blocks // blocks_per_split)          # none left empty by the rounding
+    if splits > 1:      # a power of two for the combine's vectors; the rest attend nothing
+        splits = triton_common.next_power_of_two(splits)
 
     if compute_dtype is None:   # FP8 entries widen to fp16 exactly, in one instruction per pair
         compute_dtype = jnp.float16 if jnp.dtype(k_cache.dtype).itemsize == 1 else q.dtype
@@ -106,7 +121,7 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     parts = lambda *shape: pl.BlockSpec((None, None, None, *shape), lambda i, h, s: (i, h, s) + (0,) * len(shape))  # noqa: E731
     if splits == 1:
         out_specs = pl.BlockSpec((None, None, rows, d), lambda i, h, s: (i, h, 0, 0))
-        out_shape = jax.ShapeDtypeStruct(qg.shape, q.dtype)
+        out_shape = jax.ShapeDtypeStruct(qg.shape, qg.dtype)
     else:       # unnormalised output, running max and sum of each split
         out_specs = [parts(rows, d), parts(rows), parts(rows)]
         out_shape = [jax.ShapeDtypeStruct((b, hk, splits, rows, d), jnp.float32),
@@ -126,10 +141,34 @@ def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
         name="paged_decode_attention",
     )(jnp.asarray(layer, jnp.int32).reshape(1), qg, k_flat, v_flat, table, positions[:, :1].astype(jnp.int32))
     if splits > 1:
-        o, m, l = out
-        weight = jnp.exp(m - m.max(axis=2, keepdims=True))           # a split with no keys weighs 0
-        out = ((o * weight[..., None]).sum(axis=2) / (l * weight).sum(axis=2)[..., None]).astype(q.dtype)
+        return _combine(*out, group, qg.dtype, interpret).reshape(b, 1, hq, d)
     return out[:, :, :group].reshape(b, 1, hq, d)
+
+
+def _combine(o: jax.Array, m: jax.Array, l: jax.Array, group: int, dtype, interpret: bool) -> jax.Array:
+    """The context splits' partial softmax sums combined, one program per (slot, query head):
+    o [B, kv_heads, splits, rows, D] unnormalised outputs, m and l [B, kv_heads, splits, rows]
+    running maxima (base e) and sums. Returns [B, kv_heads * group, D] in dtype."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    b, hk, splits, _, d = o.shape
+
+    def kernel(o_ref, m_ref, l_ref, out_ref):
+        m = m_ref[...]
+        weight = jnp.exp(m - jnp.max(m))                  # a split with no keys weighs 0
+        total = jnp.sum(o_ref[...] * weight[:, None], axis=0)
+        out_ref[...] = (total / jnp.sum(l_ref[...] * weight)).astype(out_ref.dtype)
+
+    stat = pl.BlockSpec((None, None, splits, None), lambda i, h, g: (i, h, 0, g))
+    return pl.pallas_call(
+        kernel, grid=(b, hk, group),
+        in_specs=[pl.BlockSpec((None, None, splits, None, d), lambda i, h, g: (i, h, 0, g, 0)), stat, stat],
+        out_specs=pl.BlockSpec((None, None, d), lambda i, h, g: (i, h * group + g, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, hk * group, d), dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),
+        interpret=interpret, name="decode_attention_combine",
+    )(o, m, l)
 
 
 def context_splits(programs: int) -> int:

@@ -9,6 +9,12 @@ kernel that spreads them over more SMs (`few_rows`). A layer's slice of stacked 
 cuBLAS GEMM is copied out first by XLA (about 80 us a decode layer for bf16 attention on a DEP4
 rank of W1, docs/benchmarks.md), which this avoids. Elsewhere the reference computes the same
 numbers in fp32 on the layer's slice.
+
+The few-rows kernel is weight-only (W8A16): its rows enter unrounded, as the experts' pair
+kernel takes them (`ops.pair_experts`). Rounding them took three small XLA kernels per
+projection ahead of it (a maximum per block, the scales, the codes), about 4 us each time on an
+H200 for one request's decode, and rounding inside the kernel was slower still
+(docs/benchmarks.md); the unrounded rows are the more exact product.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from minimax_jax.ops import grouped_gemm_ws, moe, triton_common
 from minimax_jax.ops.triton_common import whole_block
 from quant import fp8
 
-KERNELS = ("auto", "xla-w8a8", "mosaic-ws-w8a8", "triton-w8a8")
+KERNELS = ("auto", "xla-w8a8", "mosaic-ws-w8a8", "triton-w8a16")
 BLOCK = grouped_gemm_ws.SCALE_BLOCK
 FEW_ROWS = triton_common.DOT_MIN_ROWS      # rows up to which "auto" takes the Triton kernel
 
@@ -35,7 +41,7 @@ def resolve_kernel(kernel: str, rows: int = FEW_ROWS + 1, w: jax.Array | None = 
         if not moe.on_hopper():
             return "xla-w8a8"
         few = rows <= FEW_ROWS and (w is None or not triton_common.offsets_wrap(w))
-        return "triton-w8a8" if few else "mosaic-ws-w8a8"
+        return "triton-w8a16" if few else "mosaic-ws-w8a8"
     return kernel
 
 
@@ -43,9 +49,10 @@ def fp8_linear(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array 
                interpret=None) -> jax.Array:
     """x [M, K] @ dequantised w[layer].T -> [M, N] in x's dtype. w: [L, N, K] float8_e4m3fn
     (rows = output channels, as checkpoints store them); w_scale: [L, N/128, K/128] fp32. The
-    rows are rounded to e4m3 with one scale per row and 128 columns (`quant.fp8.quantize_groups`)
-    and the products summed in fp32. interpret (tests off GPUs): the Mosaic interpreter's
-    parameters, or for the Triton kernel any true value."""
+    rows are rounded to e4m3 with one scale per row and 128 columns (`quant.fp8.quantize_groups`),
+    except by the few-rows kernel ("triton-w8a16", `few_rows`), and the products summed in fp32.
+    interpret (tests off GPUs): the Mosaic interpreter's parameters; the Triton kernel always
+    runs under its interpreter off GPUs."""
     layers, n, k = w.shape
     if x.shape[-1] != k or n % BLOCK or k % BLOCK or w_scale.shape != (layers, n // BLOCK, k // BLOCK):
         raise ValueError(f"fp8_linear needs x [M, K], w [L, N, K] and w_scale [L, N/{BLOCK}, K/{BLOCK}] with N and K "
@@ -53,8 +60,8 @@ def fp8_linear(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array 
     kernel = resolve_kernel(kernel, x.shape[0], w)
     if kernel == "xla-w8a8":
         return reference(x, w[layer], w_scale[layer])
-    if kernel == "triton-w8a8":
-        return few_rows(x, w, w_scale, layer, interpret=bool(interpret))
+    if kernel == "triton-w8a16":
+        return few_rows(x, w, w_scale, layer, interpret=bool(interpret) or jax.default_backend() != "gpu")
     m = x.shape[0]
     rows = -(-m // BLOCK) * BLOCK
     x_rows = jnp.pad(x, ((0, rows - m), (0, 0)))
@@ -65,19 +72,20 @@ def fp8_linear(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array 
 
 
 def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | int, *, block_n: int = 32,
-             splits: int | None = None, num_warps: int = 4, num_stages: int = 4,
+             splits: int | None = None, num_warps: int = 4, num_stages: int = 4, partial_sums: bool = False,
              interpret: bool = False) -> jax.Array:
-    """`fp8_linear` for at most 16 rows as a Pallas (Triton) kernel: one program per block_n
-    output channels, so a decode step's few rows spread the weight reads over the SMs (the Mosaic
-    kernel's 128 x 128 tiles are N / 128 programs: 24-32 of an H200's 132 SMs for one request's
-    projections on TP2). Each program walks K in the 128-wide scale blocks: FP8 weights and
-    rounded rows widen to fp16 exactly, their dot sums in fp32 and takes the row scales times the
-    block's scale, as the W8A8 kernel's FP8 wgmma does. The rows are rounded before the kernel,
-    in XLA (`quant.fp8.quantize_groups` without its exact division: two kernels rather than
-    four); rounded inside it, the kernel took 10 -> 13.5 us for one row's qkv on an H200
-    (docs/benchmarks.md). The layer's first weight row is found inside the kernel. splits:
-    programs over K per block of channels, their fp32 partial sums added after the kernel (more
-    loads in flight per SM); None: `triton_common.k_splits`."""
+    """`fp8_linear` for at most 16 rows as a Pallas (Triton) kernel, weight-only: one program per
+    block_n output channels, so a decode step's few rows spread the weight reads over the SMs (the
+    Mosaic kernel's 128 x 128 tiles are N / 128 programs: 24-32 of an H200's 132 SMs for one
+    request's projections on TP2). Each program walks K in the 128-wide scale blocks: FP8 weights
+    widen exactly to bf16 (fp32 for other rows), their dot with the rows sums in fp32 and takes the
+    block's scale.
+    One row is repeated to the 16 a Triton dot needs inside the kernel; 2-16 rows are padded by
+    XLA, which fuses the padding into the pass that makes them. The layer's first weight row is
+    found inside the kernel. splits: programs over K per block of channels, their fp32 partial
+    sums added after the kernel (more loads in flight per SM); None: `triton_common.k_splits`.
+    partial_sums: return the fp32 partial sums [splits, 16, N] as the kernel wrote them (a kernel
+    that reads them next adds them itself, `ops.attention_inputs`)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -88,18 +96,23 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | 
         raise ValueError(f"few_rows takes at most {FEW_ROWS} rows, block_n dividing {BLOCK} and N, splits dividing "
                          f"K/{BLOCK}, and weights of at most 2**31 entries or over 4 GiB; got x {x.shape}, w {w.shape}, "
                          f"block_n {block_n}, splits {splits}")
-    xq, xs = fp8.quantize_groups(jnp.pad(x, ((0, FEW_ROWS - m), (0, 0))), BLOCK, exact_scale=False)
+    compute = jnp.bfloat16 if x.dtype == jnp.bfloat16 else jnp.float32      # e4m3 widens to either exactly
+    rows = x.astype(compute)
+    if m > 1:
+        rows = jnp.pad(rows, ((0, FEW_ROWS - m), (0, 0)))
 
-    def kernel(layer_ref, x_ref, xs_ref, w_ref, s_ref, o_ref):
+    def kernel(layer_ref, x_ref, w_ref, s_ref, o_ref):
         first = layer_ref[0] * n + pl.program_id(0) * block_n       # this layer's rows in the flat weights
         scale_row = first // BLOCK
 
         def step(kb, acc):
             cols = pl.ds(pl.multiple_of(kb * BLOCK, BLOCK), BLOCK)
-            wb = w_ref[pl.ds(first, block_n), cols].astype(jnp.float16)
-            xb = x_ref[:, cols].astype(jnp.float16)
-            part = pltriton.dot(xb, wb.T).astype(jnp.float32)
-            return acc + part * (xs_ref[:, kb] * s_ref[scale_row, kb])[:, None]
+            wb = w_ref[pl.ds(first, block_n), cols].astype(compute)
+            xb = x_ref[:, cols]
+            if m == 1:
+                xb = jnp.broadcast_to(xb, (FEW_ROWS, BLOCK))
+            part = pltriton.dot(xb, wb.T, allow_tf32=False if compute == jnp.float32 else None)
+            return acc + part.astype(jnp.float32) * s_ref[scale_row, kb]
 
         per_split = k // BLOCK // splits
         start = pl.program_id(1) * per_split
@@ -108,22 +121,27 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | 
 
     out = pl.pallas_call(
         kernel, grid=(n // block_n, splits),
-        in_specs=[whole_block((1,)), whole_block((FEW_ROWS, k)), whole_block((FEW_ROWS, k // BLOCK)),
-                  whole_block((layers * n, k)), whole_block((layers * n // BLOCK, k // BLOCK))],
+        in_specs=[whole_block((1,)), whole_block(rows.shape), whole_block((layers * n, k)),
+                  whole_block((layers * n // BLOCK, k // BLOCK))],
         out_specs=pl.BlockSpec((None, FEW_ROWS, block_n), lambda j, s: (s, 0, j)),
-        out_shape=jax.ShapeDtypeStruct((splits, FEW_ROWS, n), x.dtype if splits == 1 else jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((splits, FEW_ROWS, n),
+                                       x.dtype if splits == 1 and not partial_sums else jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="fp8_linear_few_rows",
-    )(jnp.asarray(layer, jnp.int32).reshape(1), xq, xs, w.reshape(layers * n, k),
+    )(jnp.asarray(layer, jnp.int32).reshape(1), rows, w.reshape(layers * n, k),
       w_scale.reshape(layers * n // BLOCK, k // BLOCK))
+    if partial_sums:
+        return out
     return out.sum(axis=0)[:m].astype(x.dtype)
 
 
-def reference(x: jax.Array, w: jax.Array, w_scale: jax.Array) -> jax.Array:
+def reference(x: jax.Array, w: jax.Array, w_scale: jax.Array, round_rows: bool = True) -> jax.Array:
     """One layer's W8A8 product in fp32: w [N, K] e4m3, w_scale [N/128, K/128]. The rounded rows
     sit behind a barrier, since XLA's GPU compiler otherwise drops a round trip through FP8 as
-    excess precision."""
-    rounded = jax.lax.optimization_barrier(fp8.quantize_groups(x, BLOCK))
+    excess precision. round_rows=False: the weight-only product (`few_rows`)."""
+    rows = x.astype(jnp.float32)
+    if round_rows:
+        rows = fp8.dequantize_groups(*jax.lax.optimization_barrier(fp8.quantize_groups(x, BLOCK)))
     w32 = fp8.dequantize_blockwise(w, w_scale)
-    return jnp.dot(fp8.dequantize_groups(*rounded), w32.T, precision=jax.lax.Precision.HIGHEST,
+    return jnp.dot(rows, w32.T, precision=jax.lax.Precision.HIGHEST,
                    preferred_element_type=jnp.float32).astype(x.dtype)
