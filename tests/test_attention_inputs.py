@@ -13,6 +13,7 @@ from minimax_jax.ops import attention_inputs
 from quant import fp8
 
 LAYERS, PAGES, PAGE_SIZE = 2, 12, 16
+INTERPRET = jax.default_backend() != "gpu"
 
 
 def _config(kv_heads: int = 2) -> ModelConfig:
@@ -77,11 +78,11 @@ def test_attention_inputs_queries_are_padded_rows_of_each_kv_head():
     attn = _attention(cfg, jnp.bfloat16)
     h, kv, step = _decode_step(cfg, [7], [True], jnp.bfloat16, jnp.bfloat16)
     parts = model.fp8_linear.few_rows(h, attn.wqkv_fp8[...], attn.wqkv_fp8_scale[...], 0, partial_sums=True,
-                                      interpret=True)
-    sums = attention_inputs.sums_of_squares(parts, 1, 2, 6, 32, interpret=True)
+                                      interpret=INTERPRET)
+    sums = attention_inputs.sums_of_squares(parts, 1, 2, 6, 32, interpret=INTERPRET)
     q, _, _ = attention_inputs.finish(parts, sums, attn.q_norm[...], attn.k_norm[...], jnp.asarray([7]),
                                       jnp.asarray([3]), *kv, 0, group=6, rotary_dim=16, theta=1e4,
-                                      q_size=cfg.q_size, kv_size=cfg.kv_size, eps=1e-6, interpret=True)
+                                      q_size=cfg.q_size, kv_size=cfg.kv_size, eps=1e-6, interpret=INTERPRET)
     assert q.shape == (1, 2, 16, 32) and q.dtype == jnp.bfloat16
     assert np.all(np.asarray(q[:, :, 6:], np.float32) == 0) and np.all(np.abs(np.asarray(q[:, :, :6], np.float32)).sum(-1) > 0)
     # the sums of squares are each KV head's: q over its 6 heads, k over its one

@@ -146,7 +146,7 @@ def test_few_rows_split_over_k_adds_its_partial_sums_to_the_weight_only_referenc
         out = fp8_linear.few_rows(x, w, scale, jnp.int32(1), splits=splits, interpret=interpret)
         np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=1e-2, atol=1e-3 * np.abs(ref).max())
     parts = fp8_linear.few_rows(x, w, scale, jnp.int32(1), partial_sums=True, interpret=interpret)
-    assert parts.shape == (4, 16, 128) and parts.dtype == jnp.float32
+    assert parts.shape == (4, 1 if rows == 1 else 16, 128) and parts.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(parts.sum(0)[:rows]), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 

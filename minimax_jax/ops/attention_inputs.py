@@ -50,7 +50,7 @@ def inverse_frequencies(rotary_dim: int, theta: float) -> np.ndarray:
 
 def sums_of_squares(parts: jax.Array, rows: int, kv_heads: int, group: int, head_dim: int,
                     dtype=jnp.bfloat16, interpret: bool = False) -> jax.Array:
-    """parts: [splits, 16, kv_heads * (group + 2) * head_dim] fp32 partial sums of the qkv
+    """parts: [splits, >= rows, kv_heads * (group + 2) * head_dim] fp32 partial sums of the qkv
     projection (`fp8_linear.few_rows(partial_sums=True)`). Returns [rows, kv_heads, 2] fp32: each
     KV head's sum of squares over its query heads' columns and over its key's, of the projection
     rounded to dtype."""
@@ -126,19 +126,22 @@ def finish(parts: jax.Array, sums: jax.Array, q_norm: jax.Array, k_norm: jax.Arr
             for value, (offset, size) in zip(pieces, bounds):
                 ref[(*index, pl.ds(offset, size))] = value.astype(dtype).astype(out_dtype)
 
+        # every load before the first store: Triton keeps loads behind stores to memory they may share
         head_cols = h * (group + 2) * d
-        for g in range(group):
-            store(q_ref, (g,), normed_rotated(head_cols + g * d, qw_ref, (h * group + g) * d, q_scale), q_ref.dtype)
+        queries = [normed_rotated(head_cols + g * d, qw_ref, (h * group + g) * d, q_scale) for g in range(group)]
+        key = normed_rotated(head_cols + group * d, kw_ref, h * d, k_scale)
+        value = _column_sum(parts_ref, splits, i, head_cols + (group + 1) * d, d, dtype)
+        slot = slot_ref[0]
+        flat = layer_ref[0] * slots_per_layer + slot
+        for g, pieces in enumerate(queries):
+            store(q_ref, (g,), pieces, q_ref.dtype)
         for g in range(group, padded):
             q_ref[g, :] = jnp.zeros((d,), q_ref.dtype)
-        slot = slot_ref[0]
 
         @pl.when((slot >= 0) & (slot < slots_per_layer))
         def _write():
-            flat = layer_ref[0] * slots_per_layer + slot
-            store(k_ref, (flat, h), normed_rotated(head_cols + group * d, kw_ref, h * d, k_scale), k_ref.dtype)
-            v = _column_sum(parts_ref, splits, i, head_cols + (group + 1) * d, d, dtype)
-            v_ref[flat, h, :] = v.astype(dtype).astype(v_ref.dtype)
+            store(k_ref, (flat, h), key, k_ref.dtype)
+            v_ref[flat, h, :] = value.astype(v_ref.dtype)
 
     flat_shape = (layers * slots_per_layer, kv_heads, d)
     per_row = lambda *shape: pl.BlockSpec((None, *shape), lambda i, h: (i,) + (0,) * len(shape))  # noqa: E731

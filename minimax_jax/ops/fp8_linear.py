@@ -79,13 +79,16 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | 
     Mosaic kernel's 128 x 128 tiles are N / 128 programs: 24-32 of an H200's 132 SMs for one
     request's projections on TP2). Each program walks K in the 128-wide scale blocks: FP8 weights
     widen exactly to bf16 (fp32 for other rows), their dot with the rows sums in fp32 and takes the
-    block's scale.
-    One row is repeated to the 16 a Triton dot needs inside the kernel; 2-16 rows are padded by
-    XLA, which fuses the padding into the pass that makes them. The layer's first weight row is
-    found inside the kernel. splits: programs over K per block of channels, their fp32 partial
-    sums added after the kernel (more loads in flight per SM); None: `triton_common.k_splits`.
-    partial_sums: return the fp32 partial sums [splits, 16, N] as the kernel wrote them (a kernel
-    that reads them next adds them itself, `ops.attention_inputs`)."""
+    block's scale. One row takes no dot: its products with the weights widened to fp32 are summed
+    on the CUDA cores (a dot needs 16 rows, and FP8 widens to bf16 in several instructions where
+    fp16 and fp32 take one or two: one request's qkv and o on an H200 took 10.2 and 8.2 us with the
+    rows rounded to FP8 and widened to fp16, 12.8 and 12.2 us as a bf16 dot of the row repeated,
+    docs/benchmarks.md); 2-16 rows are padded by XLA, which fuses the padding into the pass that
+    makes them. The layer's first weight row is found inside the kernel. splits: programs over K
+    per block of channels, their fp32 partial sums added after the kernel (more loads in flight per
+    SM); None: `triton_common.k_splits`. partial_sums: return the fp32 partial sums [splits, rows,
+    N] as the kernel wrote them, rows 1 for one row and 16 for more (a kernel that reads them next
+    adds them itself, `ops.attention_inputs`)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -101,30 +104,33 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | 
     if m > 1:
         rows = jnp.pad(rows, ((0, FEW_ROWS - m), (0, 0)))
 
+    out_rows = 1 if m == 1 else FEW_ROWS
+
     def kernel(layer_ref, x_ref, w_ref, s_ref, o_ref):
         first = layer_ref[0] * n + pl.program_id(0) * block_n       # this layer's rows in the flat weights
         scale_row = first // BLOCK
 
         def step(kb, acc):
             cols = pl.ds(pl.multiple_of(kb * BLOCK, BLOCK), BLOCK)
-            wb = w_ref[pl.ds(first, block_n), cols].astype(compute)
-            xb = x_ref[:, cols]
-            if m == 1:
-                xb = jnp.broadcast_to(xb, (FEW_ROWS, BLOCK))
-            part = pltriton.dot(xb, wb.T, allow_tf32=False if compute == jnp.float32 else None)
+            if m == 1:      # products and sums in fp32 on the CUDA cores
+                wb = w_ref[pl.ds(first, block_n), cols].astype(jnp.float32)
+                part = jnp.sum(wb * x_ref[0, cols].astype(jnp.float32)[None, :], axis=1)[None, :]
+            else:
+                wb = w_ref[pl.ds(first, block_n), cols].astype(compute)
+                part = pltriton.dot(x_ref[:, cols], wb.T, allow_tf32=False if compute == jnp.float32 else None)
             return acc + part.astype(jnp.float32) * s_ref[scale_row, kb]
 
         per_split = k // BLOCK // splits
         start = pl.program_id(1) * per_split
-        acc = jax.lax.fori_loop(start, start + per_split, step, jnp.zeros((FEW_ROWS, block_n), jnp.float32))
+        acc = jax.lax.fori_loop(start, start + per_split, step, jnp.zeros((out_rows, block_n), jnp.float32))
         o_ref[...] = acc.astype(o_ref.dtype)
 
     out = pl.pallas_call(
         kernel, grid=(n // block_n, splits),
         in_specs=[whole_block((1,)), whole_block(rows.shape), whole_block((layers * n, k)),
                   whole_block((layers * n // BLOCK, k // BLOCK))],
-        out_specs=pl.BlockSpec((None, FEW_ROWS, block_n), lambda j, s: (s, 0, j)),
-        out_shape=jax.ShapeDtypeStruct((splits, FEW_ROWS, n),
+        out_specs=pl.BlockSpec((None, out_rows, block_n), lambda j, s: (s, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((splits, out_rows, n),
                                        x.dtype if splits == 1 and not partial_sums else jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="fp8_linear_few_rows",
