@@ -4,13 +4,14 @@ the Triton few-rows kernel (`minimax_jax.ops.fp8_linear`) and the pair kernel
 
     python benchmarks/fp8_linear_probe.py [--rows 1 16] [--layers 62]
 
-Shapes are one device's share on TP2 and TP4: the attention projections (qkv rows 8192 / tp, o
-rows 3072 over 6144 / tp columns) and one token's 8 expert pairs under MoE-TP (gate/up 2 x 1536
+Shapes are one device's share on TP1, TP2 and TP4: the attention projections (qkv rows 8192 / tp,
+o rows 3072 over 6144 / tp columns) and one token's 8 expert pairs under MoE-TP (gate/up 2 x 1536
 / tp rows over 3072, down 3072 rows over 1536 / tp). Each call reads another layer of --layers
 stacked weights (none stays in L2), and the time is the device's: the kernels' durations summed
 from a profiler trace (a few-microsecond kernel timed by the wall clock is the host's launch
 rate). Prints one line per variant: device time per call, the weight bytes' bandwidth, and the
-error against the reference.
+error against the reference (the W8A8 product for the Mosaic kernel, the weight-only product for
+the Triton kernels, which take the rows unrounded).
 """
 import argparse
 import functools
@@ -27,7 +28,7 @@ import numpy as np  # noqa: E402
 from minimax_jax.ops import fp8_linear, pair_experts  # noqa: E402
 from scripts.bench import read_trace  # noqa: E402
 
-PROJECTIONS = {"qkv TP2": (4096, 3072), "o TP2": (3072, 3072), "qkv TP4": (2048, 3072), "o TP4": (3072, 1536)}
+PROJECTIONS = {"qkv TP1": (8192, 3072), "o TP1": (3072, 6144), "qkv TP2": (4096, 3072), "o TP2": (3072, 3072), "qkv TP4": (2048, 3072), "o TP4": (3072, 1536)}
 EXPERTS = {"gate/up TP2": (1536, 3072), "down TP2": (3072, 768), "gate/up TP4": (768, 3072), "down TP4": (3072, 384)}
 PAIRS, LOCAL_EXPERTS = 8, 32        # one token's pairs; experts per layer held here (the bytes read are the pairs')
 
@@ -40,7 +41,8 @@ def main() -> int:
     args = p.parse_args()
     interpret = jax.default_backend() != "gpu"      # a CPU run checks the variants' numbers only
     triton = {f"triton block_n={b} splits={s} stages={st}": dict(block_n=b, splits=s, num_stages=st, interpret=interpret)
-              for b, s, st in ((32, 1, 3), (32, 2, 3), (32, 4, 3), (16, 4, 3), (32, 4, 4), (64, 4, 3))}
+              for b, s, st in ((32, 1, 3), (32, 2, 3), (32, 4, 3), (16, 4, 3), (32, 4, 4), (64, 4, 3), (32, 8, 3),
+                               (16, 8, 3))}
     linears = {"mosaic-ws-w8a8": functools.partial(fp8_linear.fp8_linear, kernel="mosaic-ws-w8a8")}
     linears.update({name: functools.partial(fp8_linear.few_rows, **opts) for name, opts in triton.items()})
     table = []
@@ -49,9 +51,10 @@ def main() -> int:
         w, scale = _weights(keys[0], (args.layers, n, k))
         for rows in args.rows:
             x = jax.random.normal(keys[1], (rows, k), jnp.bfloat16)
-            ref = fp8_linear.reference(x, w[1], scale[1])
+            refs = {rounded: fp8_linear.reference(x, w[1], scale[1], round_rows=rounded) for rounded in (True, False)}
             for name, linear in linears.items():
-                table += _measure(f"{shape_name} rows={rows}", name, linear, (x, w, scale), ref, n * k, args)
+                table += _measure(f"{shape_name} rows={rows}", name, linear, (x, w, scale), refs[name.startswith("mosaic")],
+                                  n * k, args)
     experts = jax.random.randint(keys[2], (PAIRS,), 0, LOCAL_EXPERTS)
     for shape_name, (n, k) in EXPERTS.items():
         w, scale = _weights(keys[0], (args.layers, LOCAL_EXPERTS, n, k))

@@ -167,6 +167,9 @@ def attention_format(cfg: ModelConfig, expert_format: str) -> str:
 
 # attention's FP8 weights stay stacked over layers in the layer loop: its kernel reads them in place
 FP8_ATTENTION_WEIGHTS = ("wqkv_fp8", "wqkv_fp8_scale", "wo_fp8", "wo_fp8_scale")
+# and the qk norms' weights: a layer's slice handed to a kernel was a copy of its own, two a layer
+# (`ops.attention_inputs` indexes the layer)
+QK_NORMS = ("q_norm", "k_norm")
 
 
 class Attention(nnx.Module):
@@ -217,7 +220,7 @@ class Attention(nnx.Module):
             out, kv = self._few_rows_decode(h, kv, layer, step, comm)
             return fp8_linear.fp8_linear(out, self.wo_fp8[...], self.wo_fp8_scale[...], layer, self.fp8_kernel), kv
         q, k, v = self._qkv(h, layer)
-        q, k = self._joint_qk_norm(q, k, comm)
+        q, k = self._joint_qk_norm(q, k, comm, layer)
         d = cfg.head_dim
         q = rope(q.reshape(b, t, -1, d), step.positions, cfg.rotary_dim, cfg.rope_theta)
         k = rope(k.reshape(b, t, -1, d), step.positions, cfg.rotary_dim, cfg.rope_theta)
@@ -281,11 +284,12 @@ class Attention(nnx.Module):
         flat = lambda a: a.reshape(h.shape[0], -1)  # noqa: E731
         return flat(qkv[:, :, :group]), flat(qkv[:, :, group]), flat(qkv[:, :, group + 1])
 
-    def _joint_qk_norm(self, q: jax.Array, k: jax.Array, comm: Comm) -> tuple[jax.Array, jax.Array]:
+    def _joint_qk_norm(self, q: jax.Array, k: jax.Array, comm: Comm, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
         """One RMSNorm over the whole q projection and one over the whole k projection.
 
         With heads split over devices each holds part of the projection, so the fp32 sums of
-        squares are reduced once ([N, 2]) before scaling.
+        squares are reduced once ([N, 2]) before scaling. The norms' weights are held for every
+        layer in the layer loop (`QK_NORMS`) and indexed here.
         """
         cfg = self.cfg
         qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
@@ -293,8 +297,9 @@ class Attention(nnx.Module):
         ss = comm.qk_sum_squares(ss)
         q_scale = jax.lax.rsqrt(ss[:, 0:1] / cfg.q_size + cfg.rms_norm_eps)
         k_scale = jax.lax.rsqrt(ss[:, 1:2] / cfg.kv_size + cfg.rms_norm_eps)
-        q = self.q_norm[...] * (qf * q_scale).astype(q.dtype)
-        k = self.k_norm[...] * (kf * k_scale).astype(k.dtype)
+        q_norm, k_norm = (w if w.ndim == 1 else w[layer] for w in (self.q_norm[...], self.k_norm[...]))
+        q = q_norm * (qf * q_scale).astype(q.dtype)
+        k = k_norm * (kf * k_scale).astype(k.dtype)
         return q, k
 
 
@@ -333,8 +338,9 @@ class Router(nnx.Module):
         weights = jnp.take_along_axis(scores, ids, axis=-1)
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True) * self.scaling
         num_experts = scores.shape[-1]
-        ids = jnp.where(valid[:, None], ids, num_experts).astype(jnp.int32)
-        return ids, jnp.where(valid[:, None], weights, 0.0)
+        keep = valid[:, None] != 0
+        ids = jnp.where(keep, ids, num_experts).astype(jnp.int32)
+        return ids, jnp.where(keep, weights, 0.0)
 
 
 EXPERT_FORMATS = ("bf16", "fp8", "nvfp4")
@@ -480,7 +486,7 @@ class DecoderLayer(nnx.Module):
                  step: StepInput, valid: jax.Array, comm: Comm):
         """One layer's schedule. r: residual of the tokens this device owns; m: the previous
         layer's MoE output for them (not yet added: its reduction fuses with this add + norm);
-        valid: validity of the owned tokens; index: this layer's, into the KV cache and into the
+        valid: validity of the owned tokens (int32, 1 for a real token); index: this layer's, into the KV cache and into the
         experts, which hold every layer's weights (see MiniMaxM2.__call__). Returns (r, m, kv,
         routed-token count per expert with a last bin for "no expert")."""
         r = comm.finish_residual(r, m)
@@ -526,7 +532,9 @@ class MiniMaxM2(nnx.Module):
         comm = comm or LocalComm()
         b, t = step.tokens.shape
         x = self.embed[...][comm.own_tokens(step.tokens.reshape(-1))]
-        valid = comm.own_tokens(step.valid.reshape(-1))
+        # as int32 flags, once: the routing kernel takes them so, and converted in the layer loop
+        # they were one more kernel a layer
+        valid = comm.own_tokens(step.valid.reshape(-1)).astype(jnp.int32)
         # the experts', the router's and FP8 attention's weights stay stacked and each layer is
         # told its index (Experts.__call__, Router, Attention): their kernels read them in place;
         # the rest is sliced by the scan
@@ -553,7 +561,7 @@ class MiniMaxM2(nnx.Module):
 
 
 def _held_whole(path: tuple, _) -> bool:
-    return "experts" in path or "router" in path or path[-1] in FP8_ATTENTION_WEIGHTS
+    return "experts" in path or "router" in path or path[-1] in FP8_ATTENTION_WEIGHTS + QK_NORMS
 
 
 def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any,

@@ -33,8 +33,9 @@ def _attention(cfg: ModelConfig, dtype, seed: int = 0) -> model.Attention:
     wo, so = fp8.quantize_blockwise(rng.standard_normal((LAYERS, cfg.hidden_size, cfg.q_size)).astype(np.float32) * 0.05)
     attn.wqkv_fp8, attn.wqkv_fp8_scale = nnx.Param(wqkv), nnx.Param(sqkv)
     attn.wo_fp8, attn.wo_fp8_scale = nnx.Param(wo), nnx.Param(so)
-    attn.q_norm = nnx.Param(jnp.asarray(1 + 0.3 * rng.standard_normal(cfg.q_size), dtype))
-    attn.k_norm = nnx.Param(jnp.asarray(1 + 0.3 * rng.standard_normal(cfg.kv_size), dtype))
+    # the norms' weights held for every layer too, as the layer loop holds them (model.QK_NORMS)
+    attn.q_norm = nnx.Param(jnp.asarray(1 + 0.3 * rng.standard_normal((LAYERS, cfg.q_size)), dtype))
+    attn.k_norm = nnx.Param(jnp.asarray(1 + 0.3 * rng.standard_normal((LAYERS, cfg.kv_size)), dtype))
     attn.fp8_kernel, attn.decode_backend = "triton-w8a16", "pallas"
     return attn
 
@@ -80,7 +81,7 @@ def test_attention_inputs_queries_are_padded_rows_of_each_kv_head():
     parts = model.fp8_linear.few_rows(h, attn.wqkv_fp8[...], attn.wqkv_fp8_scale[...], 0, partial_sums=True,
                                       interpret=INTERPRET)
     sums = attention_inputs.sums_of_squares(parts, 1, 2, 6, 32, interpret=INTERPRET)
-    q, _, _ = attention_inputs.finish(parts, sums, attn.q_norm[...], attn.k_norm[...], jnp.asarray([7]),
+    q, _, _ = attention_inputs.finish(parts, sums, attn.q_norm[0], attn.k_norm[0], jnp.asarray([7]),
                                       jnp.asarray([3]), *kv, 0, group=6, rotary_dim=16, theta=1e4,
                                       q_size=cfg.q_size, kv_size=cfg.kv_size, eps=1e-6, interpret=INTERPRET)
     assert q.shape == (1, 2, 16, 32) and q.dtype == jnp.bfloat16

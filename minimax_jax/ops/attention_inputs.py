@@ -85,7 +85,7 @@ def finish(parts: jax.Array, sums: jax.Array, q_norm: jax.Array, k_norm: jax.Arr
            rotary_dim: int, theta: float, q_size: int, kv_size: int, eps: float, dtype=jnp.bfloat16,
            interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """parts as `sums_of_squares`; sums: its output summed over the devices; q_norm, k_norm: the
-    local columns' norm weights; positions, slots: [rows] int32 (slots: the flat slot within a
+    local columns' norm weights, or every layer's [layers, columns] (the layer's are read); positions, slots: [rows] int32 (slots: the flat slot within a
     layer, page * page_size + offset; one past the layer's slots or more writes nothing); caches
     [layers, pages, page_size, kv_heads, head_dim]; q_size, kv_size: the whole projection's
     widths the norms divide by. Returns (queries [rows, kv_heads, 16, head_dim] in dtype, each KV
@@ -99,6 +99,7 @@ def finish(parts: jax.Array, sums: jax.Array, q_norm: jax.Array, k_norm: jax.Arr
     slots_per_layer = pages * page_size
     padded = triton_common.DOT_MIN_ROWS
     half, rest = rotary_dim // 2, d - rotary_dim
+    stacked_norms = q_norm.ndim == 2
 
     def kernel(parts_ref, sums_ref, qw_ref, kw_ref, freq_ref, pos_ref, slot_ref, layer_ref, _k_in, _v_in,
                q_ref, k_ref, v_ref):
@@ -115,7 +116,8 @@ def finish(parts: jax.Array, sums: jax.Array, q_norm: jax.Array, k_norm: jax.Arr
             (first half of the rotary dims, second half, the rest)."""
             def piece(offset, size):
                 x = _column_sum(parts_ref, splits, i, col + offset, size, dtype)
-                w = weight_ref[pl.ds(weight_col + offset, size)].astype(jnp.float32)
+                cols = pl.ds(weight_col + offset, size)
+                w = (weight_ref[layer_ref[0], cols] if stacked_norms else weight_ref[cols]).astype(jnp.float32)
                 return _rounded(w * _rounded(x * scale, dtype), dtype)
             lo, hi = piece(0, half), piece(half, half)
             out = [lo * cos - hi * sin, hi * cos + lo * sin]
