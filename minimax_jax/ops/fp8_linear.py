@@ -80,7 +80,7 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | 
     request's projections on TP2). Each program walks K in the 128-wide scale blocks: FP8 weights
     widen exactly to bf16 (fp32 for other rows), their dot with the rows sums in fp32 and takes the
     block's scale. One row takes no dot: its products with the weights widened to fp32 are summed
-    on the CUDA cores (a dot needs 16 rows, and FP8 widens to bf16 in several instructions where
+    on the CUDA cores (`triton_common.row_products`; a dot needs 16 rows, and FP8 widens to bf16 in several instructions where
     fp16 and fp32 take one or two: one request's qkv and o on an H200 took 10.2 and 8.2 us with the
     rows rounded to FP8 and widened to fp16, 12.8 and 12.2 us as a bf16 dot of the row repeated,
     docs/benchmarks.md); 2-16 rows are padded by XLA, which fuses the padding into the pass that
@@ -110,18 +110,20 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | 
         first = layer_ref[0] * n + pl.program_id(0) * block_n       # this layer's rows in the flat weights
         scale_row = first // BLOCK
 
-        def step(kb, acc):
-            cols = pl.ds(pl.multiple_of(kb * BLOCK, BLOCK), BLOCK)
-            if m == 1:      # products and sums in fp32 on the CUDA cores
-                wb = w_ref[pl.ds(first, block_n), cols].astype(jnp.float32)
-                part = jnp.sum(wb * x_ref[0, cols].astype(jnp.float32)[None, :], axis=1)[None, :]
-            else:
-                wb = w_ref[pl.ds(first, block_n), cols].astype(compute)
-                part = pltriton.dot(x_ref[:, cols], wb.T, allow_tf32=False if compute == jnp.float32 else None)
-            return acc + part.astype(jnp.float32) * s_ref[scale_row, kb]
-
         per_split = k // BLOCK // splits
         start = pl.program_id(1) * per_split
+        if m == 1:      # products and sums in fp32 on the CUDA cores
+            products = triton_common.row_products(lambda cols: x_ref[0, cols], w_ref, s_ref, first, block_n,
+                                                  start, per_split, BLOCK)
+            o_ref[...] = products[None, :].astype(o_ref.dtype)
+            return
+
+        def step(kb, acc):
+            cols = pl.ds(pl.multiple_of(kb * BLOCK, BLOCK), BLOCK)
+            wb = w_ref[pl.ds(first, block_n), cols].astype(compute)
+            part = pltriton.dot(x_ref[:, cols], wb.T, allow_tf32=False if compute == jnp.float32 else None)
+            return acc + part.astype(jnp.float32) * s_ref[scale_row, kb]
+
         acc = jax.lax.fori_loop(start, start + per_split, step, jnp.zeros((out_rows, block_n), jnp.float32))
         o_ref[...] = acc.astype(o_ref.dtype)
 
