@@ -170,3 +170,11 @@ def test_engine_greedy_tokens_on_tp4_over_two_kv_heads_and_dep_equal_one_device(
     # random weights of these shapes drawn on the devices, KV head groups split there
     dummy = greedy(tp_size=4, load_format="dummy")
     assert [len(tokens) for tokens in dummy] == [8] * 3 and dummy != expected
+
+
+def test_few_rows_takes_eight_splits_where_four_leave_few_programs():
+    """One row on an H200 (docs/benchmarks.md): TP1's o (48 K blocks, 96 blocks of channels) and
+    TP4's qkv take 8; TP1's qkv (256 blocks of channels) keeps 4, TP4's o (12 K blocks) too."""
+    assert fp8_linear.few_rows_splits(48, 96) == 8 and fp8_linear.few_rows_splits(24, 64) == 8
+    assert fp8_linear.few_rows_splits(24, 256) == 4 and fp8_linear.few_rows_splits(12, 96) == 4
+    assert fp8_linear.few_rows_splits(6, 96) == 1

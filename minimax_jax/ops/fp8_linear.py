@@ -79,14 +79,15 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | 
     Mosaic kernel's 128 x 128 tiles are N / 128 programs: 24-32 of an H200's 132 SMs for one
     request's projections on TP2). Each program walks K in the 128-wide scale blocks: FP8 weights
     widen exactly to bf16 (fp32 for other rows), their dot with the rows sums in fp32 and takes the
-    block's scale. One row takes no dot: its products with the weights widened to fp32 are summed
-    on the CUDA cores (`triton_common.row_products`; a dot needs 16 rows, and FP8 widens to bf16 in several instructions where
-    fp16 and fp32 take one or two: one request's qkv and o on an H200 took 10.2 and 8.2 us with the
-    rows rounded to FP8 and widened to fp16, 12.8 and 12.2 us as a bf16 dot of the row repeated,
+    block's scale. One row takes no dot: its products with the weights widened to fp32 are added
+    per column on the CUDA cores and summed along K once at the end (a dot needs 16 rows, and FP8
+    widens to bf16 in several instructions where fp16 and fp32 take one or two; on an H200 one
+    request's qkv and o took 10.1 and 8.2 us a layer with the rows rounded to FP8 and widened to
+    fp16, 10.1 and 13.0 us summed along K every block, 9.4 and 10.2 us summed once,
     docs/benchmarks.md); 2-16 rows are padded by XLA, which fuses the padding into the pass that
     makes them. The layer's first weight row is found inside the kernel. splits: programs over K
     per block of channels, their fp32 partial sums added after the kernel (more loads in flight per
-    SM); None: `triton_common.k_splits`. partial_sums: return the fp32 partial sums [splits, rows,
+    SM); None: `few_rows_splits`. partial_sums: return the fp32 partial sums [splits, rows,
     N] as the kernel wrote them, rows 1 for one row and 16 for more (a kernel that reads them next
     adds them itself, `ops.attention_inputs`)."""
     from jax.experimental import pallas as pl
@@ -94,7 +95,7 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | 
 
     m, k = x.shape
     layers, n, _ = w.shape
-    splits = splits or triton_common.k_splits(k // BLOCK)
+    splits = splits or few_rows_splits(k // BLOCK, n // block_n)
     if m > FEW_ROWS or n % block_n or BLOCK % block_n or (k // BLOCK) % splits or triton_common.offsets_wrap(w):
         raise ValueError(f"few_rows takes at most {FEW_ROWS} rows, block_n dividing {BLOCK} and N, splits dividing "
                          f"K/{BLOCK}, and weights of at most 2**31 entries or over 4 GiB; got x {x.shape}, w {w.shape}, "
@@ -112,10 +113,14 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | 
 
         per_split = k // BLOCK // splits
         start = pl.program_id(1) * per_split
-        if m == 1:      # products and sums in fp32 on the CUDA cores
-            products = triton_common.row_products(lambda cols: x_ref[0, cols], w_ref, s_ref, first, block_n,
-                                                  start, per_split, BLOCK)
-            o_ref[...] = products[None, :].astype(o_ref.dtype)
+        if m == 1:      # products in fp32 on the CUDA cores, summed along K once at the end
+            def row_step(kb, total):
+                cols = pl.ds(pl.multiple_of(kb * BLOCK, BLOCK), BLOCK)
+                wb = w_ref[pl.ds(first, block_n), cols].astype(jnp.float32)
+                return total + wb * (x_ref[0, cols].astype(jnp.float32) * s_ref[scale_row, kb])[None, :]
+
+            total = jax.lax.fori_loop(start, start + per_split, row_step, jnp.zeros((block_n, BLOCK), jnp.float32))
+            o_ref[...] = jnp.sum(total, axis=1)[None, :].astype(o_ref.dtype)
             return
 
         def step(kb, acc):
@@ -141,6 +146,17 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | 
     if partial_sums:
         return out
     return out.sum(axis=0)[:m].astype(x.dtype)
+
+
+def few_rows_splits(k_blocks: int, column_blocks: int, programs: int = 1024) -> int:
+    """Programs over K for `few_rows`: `triton_common.k_splits`, or 8 where that leaves fewer than
+    `programs` programs and 8 divides K's blocks. One row on an H200 (benchmarks/fp8_linear_probe.py,
+    docs/benchmarks.md): o on TP1 (96 blocks of channels) 11.1 -> 8.5 us with 8, TP2's qkv and o
+    7.4 -> 6.8 and 6.9 -> 5.8, TP4's qkv 6.4 -> 5.1; TP1's qkv (256 blocks) 10.4 with 4, 10.8 with 8."""
+    splits = triton_common.k_splits(k_blocks)
+    if column_blocks * splits < programs and k_blocks % 8 == 0:
+        return 8
+    return splits
 
 
 def reference(x: jax.Array, w: jax.Array, w_scale: jax.Array, round_rows: bool = True) -> jax.Array:

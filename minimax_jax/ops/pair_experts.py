@@ -6,8 +6,7 @@ expert (or, in its row buckets, whole 128-row tiles per expert); the per-pair pa
 `moe.per_pair_experts` gathers the 8 experts' blocks and dequantises them into bf16 copies before
 two einsums, writing and reading again twice the FP8 bytes. Here a Pallas (Triton) kernel runs
 one program per (pair, block of output channels) that walks its expert's FP8 rows once, widening
-them in registers: weight-only numbers (the rows are not rounded), products and sums in fp32
-(`triton_common.row_products`).
+them in registers: weight-only numbers (the rows are not rounded), products and sums in fp32.
 """
 
 from __future__ import annotations
@@ -50,9 +49,17 @@ def pair_products(rows: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.
         expert = jnp.where((expert >= 0) & (expert < e), expert, 0)
         # the pair's first row in the weights flattened to [L * E * N, K]
         start = (layer_ref[0] * e + expert) * n + pl.program_id(1) * block_n
-        steps = k // BLOCK // splits
-        o_ref[...] = triton_common.row_products(lambda cols: x_ref[cols], w_ref, s_ref, start, block_n,
-                                                pl.program_id(2) * steps, steps, BLOCK)
+        scale_row = start // BLOCK
+
+        def step(kb, acc):
+            cols = pl.ds(pl.multiple_of(kb * BLOCK, BLOCK), BLOCK)
+            wb = w_ref[pl.ds(start, block_n), cols].astype(jnp.float32)
+            xb = x_ref[cols].astype(jnp.float32)
+            return acc + jnp.sum(wb * xb[None, :], axis=1) * s_ref[scale_row, kb]
+
+        per_split = k // BLOCK // splits
+        first = pl.program_id(2) * per_split
+        o_ref[...] = jax.lax.fori_loop(first, first + per_split, step, jnp.zeros((block_n,), jnp.float32))
 
     out = pl.pallas_call(
         kernel, grid=(r, n // block_n, splits),

@@ -42,24 +42,3 @@ def k_splits(k_blocks: int) -> int:
     (24 blocks) 17.1 -> 12.1 us and TP4's o (12 blocks) 12.0 -> 9.7 us; a pair's down product on
     TP2 (6 blocks) was slower split in 2 (10.3 against 9.0 us)."""
     return 4 if k_blocks >= 12 and k_blocks % 4 == 0 else 1
-
-
-def row_products(load_row, w_ref, s_ref, first_row, block_n: int, first_step, steps: int, block: int) -> jax.Array:
-    """One row's products with block_n FP8 weight rows from first_row, over `steps` blocks of
-    `block` columns from first_step, in fp32 [block_n]: load_row(cols) gives the row's columns,
-    s_ref[row // block, step] each block's scale. A kernel body for one decode row, on the CUDA
-    cores (a Triton dot needs 16 rows). Each step adds its scaled products into a [block_n,
-    block] total that is summed along K once at the end: summed each step, the reduction across
-    the lanes came every block (docs/benchmarks.md)."""
-    from jax.experimental import pallas as pl
-
-    scale_row = first_row // block
-
-    def step(kb, total):
-        cols = pl.ds(pl.multiple_of(kb * block, block), block)
-        weights = w_ref[pl.ds(first_row, block_n), cols].astype(jnp.float32)
-        row = load_row(cols).astype(jnp.float32) * s_ref[scale_row, kb]
-        return total + weights * row[None, :]
-
-    total = jax.lax.fori_loop(first_step, first_step + steps, step, jnp.zeros((block_n, block), jnp.float32))
-    return jnp.sum(total, axis=1)
