@@ -5,7 +5,7 @@
 
   ar_fusion on (residual scattered: each device owns N/tp tokens of its rank)
     gather_tokens      all_gather(h, "tp")                    before q/k/v
-    qk_sum_squares     psum([N, 2] fp32, "tp")                joint QK RMSNorm
+    qk_sum_squares     psum([N, (KV heads,) 2] fp32, "tp")    joint QK RMSNorm
     reduce_attention   psum_scatter(o, "tp")                  then add + norm on owned tokens
     moe dispatch       all_gather(packed rows, ("dp", "tp"))  hidden (bf16, NVFP4, or the W8A8
                                                               experts' FP8 codes) + ids + weights

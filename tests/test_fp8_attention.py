@@ -178,3 +178,30 @@ def test_few_rows_takes_eight_splits_where_four_leave_few_programs():
     assert fp8_linear.few_rows_splits(48, 96) == 8 and fp8_linear.few_rows_splits(24, 64) == 8
     assert fp8_linear.few_rows_splits(24, 256) == 4 and fp8_linear.few_rows_splits(12, 96) == 4
     assert fp8_linear.few_rows_splits(6, 96) == 1
+
+
+def test_engine_greedy_tokens_through_the_few_rows_kernels_on_tp4_equal_one_device(checkpoints, monkeypatch):
+    """A few decode rows take the Triton kernels (weight-only projections, `ops.attention_inputs`,
+    the decode attention), interpreted here: on TP4 each KV head is copied to two devices and the
+    sums of squares are reduced per KV head; greedy tokens equal one device's."""
+    from minimax_jax.engine.engine import Engine
+    from minimax_jax.ops import attention_inputs
+    needs_devices(4)
+    resolve, finish = fp8_linear.resolve_kernel, attention_inputs.finish
+    monkeypatch.setattr(fp8_linear, "resolve_kernel", lambda kernel, rows=17, w=None: (
+        "triton-w8a16" if kernel == "auto" and rows <= fp8_linear.FEW_ROWS else resolve(kernel, rows, w)))
+    traced = []
+    monkeypatch.setattr(attention_inputs, "finish", lambda *a, **k: traced.append(1) or finish(*a, **k))
+    rng = np.random.RandomState(6)
+    prompts = [rng.randint(0, 512, n).tolist() for n in (4, 9)]
+
+    def greedy(**flags):
+        engine = Engine(model_path=str(checkpoints[1]), quantization="fp8", dtype="float32", context_length=32,
+                        page_size=4, decode_attention_backend="pallas", **flags)
+        outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 6, "temperature": 0.0})
+        return [o["output_ids"] for o in outs]
+
+    expected = greedy()
+    one_device = len(traced)
+    assert one_device and greedy(tp_size=4) == expected
+    assert len(traced) > one_device            # the TP4 step took the kernels too
