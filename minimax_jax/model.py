@@ -486,8 +486,8 @@ class DecoderLayer(nnx.Module):
                  step: StepInput, valid: jax.Array, comm: Comm):
         """One layer's schedule. r: residual of the tokens this device owns; m: the previous
         layer's MoE output for them (not yet added: its reduction fuses with this add + norm);
-        valid: validity of the owned tokens (int32, 1 for a real token); index: this layer's, into the KV cache and into the
-        experts, which hold every layer's weights (see MiniMaxM2.__call__). Returns (r, m, kv,
+        valid: validity of the owned tokens (int32, 1 for a real token); index: this layer's, into
+        the KV cache and into the experts, which hold every layer's weights (see MiniMaxM2.__call__). Returns (r, m, kv,
         routed-token count per expert with a last bin for "no expert")."""
         r = comm.finish_residual(r, m)
         h = rms_norm(r, self.attn_norm[...], self.eps)
@@ -521,13 +521,18 @@ class MiniMaxM2(nnx.Module):
         self.lm_head = _normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype)
 
     def __call__(self, step: StepInput, kv: tuple[jax.Array, jax.Array],
-                 logit_index: jax.Array | None = None, comm: Comm | None = None):
+                 logit_index: jax.Array | None = None, comm: Comm | None = None,
+                 targets: jax.Array | None = None, top: int = 0):
         """Runs one step.
 
         kv: (k, v) caches, each [layers, pages, page_size, kv_heads, head_dim].
         logit_index: [B] index along T of the one token per slot whose logits are wanted; None
         gives logits for every token. Returns (fp32 logits [B, V] or [B, T, V], new kv, and the
         routed-token counts [layers, experts + 1] of the tokens this device owns).
+
+        targets: [B, T] the token whose log-probability each position scores (the prompt's next
+        token; -1 none): a fourth output (`score_targets`) for prompt logprobs, with the `top`
+        most likely tokens of each position when top > 0.
         """
         comm = comm or LocalComm()
         b, t = step.tokens.shape
@@ -553,11 +558,44 @@ class MiniMaxM2(nnx.Module):
             one_layer, (x, jnp.zeros_like(x), tuple(kv), jnp.zeros((), jnp.int32)), layer_state)
         r = comm.finish_residual(r, m)
         h = comm.gather_tokens(rms_norm(r, self.norm[...], self.cfg.rms_norm_eps))
+        logits_of = lambda rows: comm.gather_logits(  # noqa: E731
+            jnp.dot(rows, self.lm_head[...], preferred_element_type=jnp.float32))
+        scored = None if targets is None else score_targets(h, targets.reshape(-1), top, logits_of, (b, t))
         h = h.reshape(b, t, -1)
         if logit_index is not None:
             h = jnp.take_along_axis(h, logit_index[:, None, None], axis=1)[:, 0]
-        logits = jnp.dot(h, self.lm_head[...], preferred_element_type=jnp.float32)
-        return comm.gather_logits(logits), tuple(kv), expert_counts
+        out = (logits_of(h), tuple(kv), expert_counts)
+        return out if scored is None else (*out, scored)
+
+
+PROMPT_SCORE_ROWS = 256      # positions whose full-vocabulary logits exist at once when scoring a prompt
+
+
+def score_targets(h: jax.Array, targets: jax.Array, top: int, logits_of: Callable[[jax.Array], jax.Array],
+                  shape: tuple[int, int]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-probabilities of targets under the logits of h's rows (log-softmax over the
+    vocabulary, as sampling takes them), PROMPT_SCORE_ROWS rows at a time so a long prefill
+    chunk never holds its [tokens, vocabulary] logits whole. h [N, H]; targets [N] (-1: scored as
+    token 0, ignored by the caller). Returns (logprobs [*shape], the top ids and logprobs
+    [*shape, top])."""
+    n = h.shape[0]
+    rows = min(n, PROMPT_SCORE_ROWS)
+    blocks = -(-n // rows)
+    h = jnp.pad(h, ((0, blocks * rows - n), (0, 0))).reshape(blocks, rows, -1)
+    targets = jnp.pad(jnp.maximum(targets, 0), (0, blocks * rows - n)).reshape(blocks, rows)
+
+    def block(args):
+        rows_h, rows_targets = args
+        logprobs = jax.nn.log_softmax(logits_of(rows_h), axis=-1)
+        chosen = jnp.take_along_axis(logprobs, rows_targets[:, None], axis=-1)[:, 0]
+        if not top:
+            return chosen, jnp.zeros((rows, 0), jnp.int32), jnp.zeros((rows, 0), jnp.float32)
+        values, ids = jax.lax.top_k(logprobs, top)
+        return chosen, ids.astype(jnp.int32), values
+
+    chosen, ids, values = jax.lax.map(block, (h, targets))
+    flat = lambda a: a.reshape(blocks * rows, *a.shape[2:])[:n].reshape(*shape, *a.shape[2:])  # noqa: E731
+    return flat(chosen), flat(ids), flat(values)
 
 
 def _held_whole(path: tuple, _) -> bool:

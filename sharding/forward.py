@@ -20,7 +20,8 @@ from sharding.specs import KV_SPEC, STEP_SPEC, state_specs
 def sharded_forward(cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, layout: Layout,
                     mesh: Mesh, combine_dtype: Any) -> Callable:
     """forward(state, kv, step, logit_index) -> (logits [D*B, V], kv, routed-token counts
-    [devices, layers, experts + 1]).
+    [devices, layers, experts + 1]); with targets [D*B, T] (and top, static) a fourth output,
+    the prompt positions' scores of `model.score_targets`.
 
     Step inputs stack every dp rank's B slots along the first axis; `state` only gives the tree
     structure for the parameter specs."""
@@ -29,23 +30,28 @@ def sharded_forward(cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, 
     step_specs = StepInput(tokens=STEP_SPEC, positions=STEP_SPEC, valid=STEP_SPEC, page_table=STEP_SPEC)
     param_specs = state_specs(state, layout)
 
-    def local(state, kv, step, logit_index):
+    def local(state, kv, step, logit_index, targets=None, top=0):
         # The scattered residual needs the rank's tokens to divide over tp; a step that does not
         # (one decode token on TP4) keeps it replicated: padding it to tp rows would route and
         # compute the padding too, and AR fusion's two collectives cost more than one all-reduce
         # at a few tokens anyway.
         comm = fused if step.tokens.size % layout.tp == 0 else replicated
         model = nnx.merge(graphdef, state)
-        logits, kv, counts = model(step, kv, logit_index, comm)
+        logits, kv, counts, *scored = model(step, kv, logit_index, comm, targets, top)
         if not comm.scatter and layout.tp > 1:      # every tp rank routed the same tokens
             counts = jnp.where(jax.lax.axis_index("tp") == 0, counts, 0)
-        return logits, kv, counts[None]
+        return (logits, kv, counts[None], *scored)
 
-    def forward(state, kv, step, logit_index):
+    def forward(state, kv, step, logit_index, targets=None, top=0):
         specs = dataclasses.replace(step_specs, fresh=step.fresh)     # the static field is part of the tree
-        return jax.shard_map(local, mesh=mesh,
-                             in_specs=(param_specs, (KV_SPEC, KV_SPEC), specs, P("dp")),
-                             out_specs=(P("dp"), (KV_SPEC, KV_SPEC), P(EXPERT_AXES)),
-                             check_vma=False)(state, kv, step, logit_index)
+        in_specs = (param_specs, (KV_SPEC, KV_SPEC), specs, P("dp"))
+        out_specs = (P("dp"), (KV_SPEC, KV_SPEC), P(EXPERT_AXES))
+        if targets is None:
+            return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                                 check_vma=False)(state, kv, step, logit_index)
+        scoring = lambda *args: local(*args, top=top)  # noqa: E731
+        return jax.shard_map(scoring, mesh=mesh, in_specs=(*in_specs, P("dp")),
+                             out_specs=(*out_specs, (P("dp"),) * 3),
+                             check_vma=False)(state, kv, step, logit_index, targets)
 
     return forward

@@ -30,7 +30,8 @@ def _attention(cfg: ModelConfig, dtype, seed: int = 0) -> model.Attention:
     attn = model.Attention(cfg, dtype, nnx.Rngs(seed), weight_format="fp8")
     rows = cfg.q_size + 2 * cfg.kv_size
     wqkv, sqkv = fp8.quantize_blockwise(rng.standard_normal((LAYERS, rows, cfg.hidden_size)).astype(np.float32) * 0.05)
-    wo, so = fp8.quantize_blockwise(rng.standard_normal((LAYERS, cfg.hidden_size, cfg.q_size)).astype(np.float32) * 0.05)
+    wo, so = fp8.quantize_blockwise(rng.standard_normal((LAYERS, cfg.hidden_size, cfg.q_size)).astype(np.float32)
+                                    * 0.05)
     attn.wqkv_fp8, attn.wqkv_fp8_scale = nnx.Param(wqkv), nnx.Param(sqkv)
     attn.wo_fp8, attn.wo_fp8_scale = nnx.Param(wo), nnx.Param(so)
     # the norms' weights held for every layer too, as the layer loop holds them (model.QK_NORMS)
@@ -85,11 +86,12 @@ def test_attention_inputs_queries_are_padded_rows_of_each_kv_head():
                                       jnp.asarray([3]), *kv, 0, group=6, rotary_dim=16, theta=1e4,
                                       q_size=cfg.q_size, kv_size=cfg.kv_size, eps=1e-6, interpret=INTERPRET)
     assert q.shape == (1, 2, 16, 32) and q.dtype == jnp.bfloat16
-    assert np.all(np.asarray(q[:, :, 6:], np.float32) == 0) and np.all(np.abs(np.asarray(q[:, :, :6], np.float32)).sum(-1) > 0)
+    q = np.asarray(q, np.float32)
+    assert np.all(q[:, :, 6:] == 0) and np.all(np.abs(q[:, :, :6]).sum(-1) > 0)
     # the sums of squares are each KV head's: q over its 6 heads, k over its one
     qkv = np.asarray(parts.sum(0)[0].astype(jnp.bfloat16), np.float32).reshape(2, 8, 32)
-    np.testing.assert_allclose(np.asarray(sums[0]), np.stack([(qkv[:, :6] ** 2).sum((1, 2)), (qkv[:, 6] ** 2).sum(-1)], -1),
-                               rtol=1e-5)
+    expected = np.stack([(qkv[:, :6] ** 2).sum((1, 2)), (qkv[:, 6] ** 2).sum(-1)], -1)
+    np.testing.assert_allclose(np.asarray(sums[0]), expected, rtol=1e-5)
 
 
 def test_supports_needs_power_of_two_pieces_and_unwrapped_offsets():
@@ -114,7 +116,8 @@ def test_attention_inputs_lower_to_triton_for_gpus_at_full_size(kv_heads, splits
         return attention_inputs.finish(parts, sums, qn, kn, pos, slots, k, v, layer, group=6, rotary_dim=64,
                                        theta=5e6, q_size=6144, kv_size=1024, eps=1e-6)
     args = (parts, jax.ShapeDtypeStruct((1, kv_heads, 2), jnp.float32),
-            jax.ShapeDtypeStruct((kv_heads * 768,), jnp.bfloat16), jax.ShapeDtypeStruct((kv_heads * 128,), jnp.bfloat16),
+            jax.ShapeDtypeStruct((kv_heads * 768,), jnp.bfloat16),
+            jax.ShapeDtypeStruct((kv_heads * 128,), jnp.bfloat16),
             jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32), cache, cache,
             jax.ShapeDtypeStruct((), jnp.int32))
     text = jax.jit(finish, donate_argnums=(6, 7)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

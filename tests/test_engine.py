@@ -218,3 +218,31 @@ def test_prefill_sizes_default_by_platform_and_given_sizes_stay():
     assert (cpu.chunked_prefill_size, cpu.max_prefill_tokens) == (256, 1024)
     given = prefill_defaults(EngineArgs(chunked_prefill_size=512, max_prefill_tokens=2048), "gpu")
     assert (given.chunked_prefill_size, given.max_prefill_tokens) == (512, 2048)
+
+
+def test_prompt_logprobs_on_dp_and_tp_ranks_equal_one_device_and_skip_decode_steps(tiny_hf_dir):
+    """The lm_head's vocabulary split over tp (each position's log-softmax gathered whole) and
+    prompts on two dp ranks, one batch with a request that scores nothing: the same prompt
+    logprobs as one device. Steps without a scored position compile no scoring variant."""
+    from tests.parallel_utils import needs_devices
+    needs_devices(4)
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [2, 7, 1, 8, 2, 8]]
+    params = {"max_new_tokens": 3, "temperature": 0.0, "top_logprobs_num": 2}
+
+    def scored(**flags):
+        engine = make_engine(tiny_hf_dir, **flags)
+        steps = []
+        engine.on_step.append(lambda scheduled, _: steps.append((scheduled.step.tokens.shape[1], scheduled.targets)))
+        outs = engine.generate(input_ids=prompts, sampling_params=params, return_logprob=True, logprob_start_len=2)
+        assert all(targets is None for t, targets in steps if t == 1)     # decode steps score nothing
+        assert any(targets is not None for t, targets in steps if t > 1)
+        plain = engine.generate(input_ids=prompts[1], sampling_params=params, return_logprob=True)
+        assert "input_token_logprobs" not in plain["meta_info"]
+        return [(o["meta_info"]["input_token_logprobs"], o["meta_info"]["input_top_logprobs"]) for o in outs]
+
+    one = scored()
+    assert [len(lps) for lps, _ in one] == [8, 4]
+    for flags in (dict(tp_size=2), dict(tp_size=2, dp_size=2, enable_dp_attention=True)):
+        for (lps, tops), (ref_lps, ref_tops) in zip(scored(**flags), one):
+            np.testing.assert_allclose([lp for lp, _, _ in lps], [lp for lp, _, _ in ref_lps], atol=1e-5)
+            assert [[t for _, t, _ in top] for top in tops] == [[t for _, t, _ in top] for top in ref_tops]

@@ -82,3 +82,34 @@ def test_batched_greedy_equals_each_request_alone(tiny_hf_dir):
     alone = [engine.generate(input_ids=p, sampling_params=s) for p, s in zip(prompts, params)]
     assert [o["output_ids"] for o in together] == [o["output_ids"] for o in alone]
     assert engine.kv_pages_used == 0
+
+
+def test_prompt_logprobs_match_transformers_across_chunks_and_from_a_start(hf_pair):
+    """Prompt logprobs (sglang's logprob_start_len): each prompt token's log-probability given the
+    tokens before it, and the top alternatives, equal transformers' log-softmax of the prompt's
+    logits; the prompt is prefilled in chunks of 5, scored from position 0 (None there) and from
+    position 7 (the prefix cache then gives back only pages before position 6)."""
+    hf, path = hf_pair
+    prompt = np.random.RandomState(3).randint(0, hf.config.vocab_size, 17).tolist()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1).numpy()
+    engine = Engine(model_path=str(path), dtype="float32", context_length=64, page_size=4,
+                    chunked_prefill_size=16, max_running_requests=4)
+    for scheduler in engine.schedulers:
+        scheduler.chunk_size = 5
+    params = {"max_new_tokens": 0, "temperature": 0.0, "top_logprobs_num": 3}
+    whole = engine.generate(input_ids=prompt, sampling_params=params, return_logprob=True, logprob_start_len=0)
+    meta = whole["meta_info"]
+    assert whole["output_ids"] == [] and meta["finish_reason"] == {"type": "length", "length": 0}
+    scored = meta["input_token_logprobs"]
+    assert [t for _, t, _ in scored] == prompt and scored[0][0] is None and meta["input_top_logprobs"][0] is None
+    expected = ref[np.arange(16), prompt[1:]]
+    np.testing.assert_allclose([lp for lp, _, _ in scored[1:]], expected, atol=1e-4)
+    for position, top in enumerate(meta["input_top_logprobs"][1:]):
+        assert [t for _, t, _ in top] == np.argsort(-ref[position])[:3].tolist()
+    later = engine.generate(input_ids=prompt, sampling_params={**params, "max_new_tokens": 2}, return_logprob=True,
+                            logprob_start_len=7)
+    assert later["meta_info"]["cached_tokens"] == 4        # the pages wholly before position 6
+    np.testing.assert_allclose([lp for lp, _, _ in later["meta_info"]["input_token_logprobs"]], expected[6:],
+                               atol=1e-4)
+    assert len(later["output_ids"]) == 2

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from minimax_jax.config import ModelConfig, preset
@@ -163,8 +164,11 @@ class Engine:
     # -- requests ------------------------------------------------------------------------------
 
     def make_request(self, prompt: str | None = None, input_ids: list[int] | None = None,
-                     sampling_params: dict | SamplingParams | None = None, rid: str | None = None) -> Request:
-        """Validates and tokenises one request (not yet queued)."""
+                     sampling_params: dict | SamplingParams | None = None, rid: str | None = None,
+                     logprob_start_len: int = -1) -> Request:
+        """Validates and tokenises one request (not yet queued). logprob_start_len >= 0: the
+        log-probabilities of the prompt's tokens from that position on (prompt logprobs, as
+        sglang's `logprob_start_len`; position 0 has none), computed even with max_new_tokens 0."""
         try:
             params = sampling_params if isinstance(sampling_params, SamplingParams) \
                 else SamplingParams.from_dict(sampling_params)
@@ -190,7 +194,10 @@ class Engine:
             raise RequestError(f"prompt ({len(input_ids)} tokens) + max_new_tokens "
                                f"({params.max_new_tokens}) exceeds the context length {self.context_length}",
                                param="max_new_tokens")
-        req = Request(prompt_ids=input_ids, params=params)
+        if not isinstance(logprob_start_len, int) or logprob_start_len < -1:
+            raise RequestError(f"logprob_start_len must be -1 (no prompt logprobs) or a position >= 0, "
+                               f"got {logprob_start_len!r}", param="logprob_start_len")
+        req = Request(prompt_ids=input_ids, params=params, logprob_start_len=logprob_start_len)
         if rid is not None:
             req.rid = rid
         # unseeded requests draw from (server seed, request id): reproducible across restarts
@@ -231,7 +238,7 @@ class Engine:
         return self.num_compiles - before
 
     def submit(self, req: Request) -> Request:
-        if req.params.max_new_tokens == 0:
+        if req.params.max_new_tokens == 0 and not req.input_logprobs:
             req.finish_reason = {"type": "length", "length": 0}
             return req
         req.scheduler = self._rank_for(req.prompt_ids)
@@ -302,7 +309,8 @@ class Engine:
             return updated + self._collect()
         scheduled = assemble(plans, self.batch_buckets, self.token_buckets, self.pages_per_seq, self.args.page_size)
         planned = time.perf_counter()
-        out = self.runner.launch(scheduled.step, scheduled.logit_index, scheduled.sampling, scheduled.sources)
+        out = self.runner.launch(scheduled.step, scheduled.logit_index, scheduled.sampling, scheduled.sources,
+                                 scheduled.targets)
         for scheduler, plan in zip(self.schedulers, plans):
             if plan is not None:
                 scheduler.advance(plan)
@@ -323,6 +331,8 @@ class Engine:
         waited = time.perf_counter()
         result = self.runner.read(out)
         done = time.perf_counter()
+        if scheduled.targets is not None:
+            self._record_prompt_logprobs(scheduled, result)
         updated = []
         for slot, req in scheduled.sampled():
             req.pending -= 1
@@ -340,9 +350,25 @@ class Engine:
         return any(r.params.frequency_penalty or r.params.presence_penalty
                    for s in self.schedulers for r in s.running)
 
+    @staticmethod
+    def _record_prompt_logprobs(scheduled: ScheduledStep, out: StepOutput) -> None:
+        """Each scored position's log-probability of the prompt token after it, into the
+        request's input_logprobs (index: that token's position less logprob_start_len)."""
+        for slot, req, start, n in scheduled.chunks():
+            for j in np.flatnonzero(scheduled.targets[slot, :n] >= 0):
+                index = start + int(j) + 1 - req.logprob_start_len
+                req.input_logprobs[index] = float(out.prompt_logprobs[slot, j])
+                if req.params.top_logprobs_num:
+                    k = req.params.top_logprobs_num
+                    req.input_top_logprobs[index] = [(float(v), int(t)) for v, t in zip(
+                        out.prompt_top_logprobs[slot, j, :k], out.prompt_top_ids[slot, j, :k])]
+
     def _append_token(self, req: Request, out: StepOutput, i: int) -> bool:
         if req.finished:
             return False
+        if req.params.max_new_tokens == 0:      # scored its prompt only
+            req.scheduler.finish(req, {"type": "length", "length": 0})
+            return True
         token = int(out.tokens[i])
         req.output_ids.append(token)
         req.output_logprobs.append(float(out.logprobs[i]))
@@ -381,15 +407,18 @@ class Engine:
     def generate(self, prompt: str | list[str] | None = None,
                  input_ids: list[int] | list[list[int]] | None = None,
                  sampling_params: dict | list[dict] | None = None,
-                 return_logprob: bool = False) -> dict | list[dict]:
-        """Generates for one prompt (returns a dict) or a batch (returns a list of dicts)."""
+                 return_logprob: bool = False, logprob_start_len: int = -1) -> dict | list[dict]:
+        """Generates for one prompt (returns a dict) or a batch (returns a list of dicts).
+        return_logprob: meta_info holds the output tokens' log-probabilities and, from
+        logprob_start_len >= 0, the prompt's (`make_request`)."""
         single = isinstance(prompt, str) or (input_ids is not None and input_ids and isinstance(input_ids[0], int))
         prompts = [prompt] if isinstance(prompt, str) else prompt
         ids = [input_ids] if single and input_ids is not None else input_ids
         n = len(prompts if prompts is not None else ids)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n
         reqs = [self.make_request(prompt=prompts[i] if prompts else None,
-                                  input_ids=ids[i] if ids else None, sampling_params=params[i])
+                                  input_ids=ids[i] if ids else None, sampling_params=params[i],
+                                  logprob_start_len=logprob_start_len if return_logprob else -1)
                 for i in range(n)]
         for req in reqs:
             self.submit(req)
@@ -410,6 +439,14 @@ class Engine:
             if req.output_top_logprobs:
                 meta["output_top_logprobs"] = [[(lp, t, self._token_text(t)) for lp, t in step]
                                                for step in req.output_top_logprobs]
+            if req.logprob_start_len >= 0:
+                scored = req.prompt_ids[req.logprob_start_len:]
+                meta["input_token_logprobs"] = [(lp, t, self._token_text(t))
+                                                for lp, t in zip(req.input_logprobs, scored)]
+                if req.params.top_logprobs_num:
+                    meta["input_top_logprobs"] = [
+                        None if step is None else [(lp, t, self._token_text(t)) for lp, t in step]
+                        for step in req.input_top_logprobs]
         return {"text": text, "output_ids": list(req.output_ids), "meta_info": meta}
 
     def decode(self, ids: list[int], params: SamplingParams | None = None) -> str:

@@ -29,6 +29,10 @@ class StepOutput:
     logprobs: np.ndarray        # [D*B]
     top_ids: np.ndarray         # [D*B, 20], or [D*B, 0] when no request asked
     top_logprobs: np.ndarray    # [D*B, 20], or [D*B, 0]
+    # each position's score of the prompt's next token, where the step was given targets
+    prompt_logprobs: np.ndarray | None = None       # [D*B, T]
+    prompt_top_ids: np.ndarray | None = None        # [D*B, T, 20], or [D*B, T, 0]
+    prompt_top_logprobs: np.ndarray | None = None   # likewise
 
 
 # XLA's command buffers for every kind of thunk (its defaults leave out collectives, loops and
@@ -130,31 +134,32 @@ class ModelRunner:
                         "--max-total-tokens or --mem-fraction-static)", cache.shape, jnp.dtype(dtype).name)
 
     def _step_impl(self, state, kv, packed: jax.Array, last_tokens: jax.Array, layout: "PackedLayout"):
-        step, logit_index, sampling, sources = layout.unpack(packed)
+        step, logit_index, sampling, sources, targets = layout.unpack(packed)
         # a decode slot whose input token the previous step sampled reads it here, on device
         first = jnp.where(sources >= 0, last_tokens[jnp.maximum(sources, 0)], step.tokens[:, 0])
         step = dataclasses.replace(step, tokens=step.tokens.at[:, 0].set(first))
-        logits, kv, _ = self.forward(state, kv, step, logit_index)
-        out = sample(logits, sampling)
+        logits, kv, _, *scored = self.forward(state, kv, step, logit_index, targets, sampling.top_logprobs)
+        out = (*sample(logits, sampling), *(scored[0] if scored else ()))
         last = jnp.zeros_like(last_tokens).at[:out[0].shape[0]].set(out[0])
         return kv, jax.lax.with_sharding_constraint(last, self._replicated), out
 
     def launch(self, step: StepInput, logit_index: np.ndarray, sampling: SamplingBatch,
-               sources: np.ndarray | None = None) -> tuple[jax.Array, ...]:
-        """Dispatches one step without waiting for it; `read` gives its results."""
-        packed, executable = self._prepare(step, logit_index, sampling, sources)
+               sources: np.ndarray | None = None, targets: np.ndarray | None = None) -> tuple[jax.Array, ...]:
+        """Dispatches one step without waiting for it; `read` gives its results. targets [D*B, T]:
+        the token each position scores (prompt logprobs; -1 none), None when no request asks."""
+        packed, executable = self._prepare(step, logit_index, sampling, sources, targets)
         self.kv, self.last_tokens, out = executable(self.state, self.kv, packed, self.last_tokens)
         return out
 
     def compile(self, step: StepInput, logit_index: np.ndarray, sampling: SamplingBatch,
-                sources: np.ndarray | None = None) -> None:
+                sources: np.ndarray | None = None, targets: np.ndarray | None = None) -> None:
         """Compiles the executable that `launch` would run for inputs of these shapes and static
         fields, without running it (the values do not matter)."""
-        self._prepare(step, logit_index, sampling, sources)
+        self._prepare(step, logit_index, sampling, sources, targets)
 
-    def _prepare(self, step, logit_index, sampling, sources):
+    def _prepare(self, step, logit_index, sampling, sources, targets=None):
         sources = np.full(step.tokens.shape[0], -1, np.int32) if sources is None else sources
-        packed, layout = PackedLayout.pack((step, logit_index, sampling, sources))
+        packed, layout = PackedLayout.pack((step, logit_index, sampling, sources, targets))
         packed = jax.device_put(packed, self._slots)       # one transfer for all step inputs
         key = (packed.shape, layout)
         if key not in self._compiled:
@@ -168,8 +173,9 @@ class ModelRunner:
     def read(out: tuple[jax.Array, ...]) -> StepOutput:
         return StepOutput(*(np.asarray(x) for x in out))
 
-    def run(self, step: StepInput, logit_index: np.ndarray, sampling: SamplingBatch) -> StepOutput:
-        return self.read(self.launch(step, logit_index, sampling))
+    def run(self, step: StepInput, logit_index: np.ndarray, sampling: SamplingBatch,
+            targets: np.ndarray | None = None) -> StepOutput:
+        return self.read(self.launch(step, logit_index, sampling, targets=targets))
 
 
 def random_sharded_state(abstract: MiniMaxM2, layout: Layout, mesh, seed: int) -> nnx.State:

@@ -43,6 +43,25 @@ class Request:
     scheduler: "Scheduler | None" = dataclasses.field(default=None, repr=False)   # its dp rank's
     pending: int = 0                  # tokens sampled by a step still in flight (0 or 1)
     pending_slot: int = -1            # that step's output slot holding the token
+    # prompt logprobs: the first prompt position scored (-1: none); per prompt position from it,
+    # the log-probability of its token given those before (None for position 0) and the most
+    # likely alternatives (with params.top_logprobs_num)
+    logprob_start_len: int = -1
+    input_logprobs: list[float | None] = dataclasses.field(default_factory=list)
+    input_top_logprobs: list[list[tuple[float, int]] | None] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if self.logprob_start_len >= 0 and not self.input_logprobs:
+            scored = max(len(self.prompt_ids) - self.logprob_start_len, 0)
+            self.input_logprobs = [None] * scored
+            self.input_top_logprobs = [None] * scored if self.params.top_logprobs_num else []
+
+    def target(self, position: int) -> int:
+        """The prompt token the logits at `position` score, or -1 (none asked)."""
+        following = position + 1
+        if 0 <= self.logprob_start_len <= following < len(self.prompt_ids):
+            return self.prompt_ids[following]
+        return -1
 
     @property
     def finished(self) -> bool:
@@ -88,6 +107,13 @@ class ScheduledStep:
     logit_index: np.ndarray
     sampling: SamplingBatch
     sources: np.ndarray               # [D*B]: in-flight output slot of each slot's first token, or -1
+    targets: np.ndarray | None = None  # [D*B, T]: the prompt token each position scores, -1 none
+
+    def chunks(self) -> list[tuple[int, Request, int, int]]:
+        """(slot, request, first position, tokens) of every request's chunk in this step."""
+        return [(rank * self.batch + i, req, start, len(chunk))
+                for rank, plan in enumerate(self.plans) if plan is not None
+                for i, (req, chunk, start) in enumerate(zip(plan.requests, plan.chunks, plan.starts))]
 
     def sampled(self) -> list[tuple[int, Request]]:
         """(slot, request) of every request that gets a token from this step."""
@@ -171,13 +197,16 @@ class Scheduler:
         """Pages of this prompt that admission would find in the prefix cache now."""
         return len(self.allocator.cached(prompt, self._max_cached_pages(prompt)))
 
-    def _max_cached_pages(self, prompt: list[int]) -> int:
-        return (len(prompt) - 1) // self.page_size        # the last token is always computed
+    def _max_cached_pages(self, prompt: list[int], scored_from: int = -1) -> int:
+        """The last token is always computed, and so is every position whose logits score a
+        prompt token (from scored_from - 1, with prompt logprobs)."""
+        computed_from = len(prompt) - 1 if scored_from < 0 else min(len(prompt) - 1, max(scored_from - 1, 0))
+        return computed_from // self.page_size
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
-            cached = self.allocator.match(req.prompt_ids, self._max_cached_pages(req.prompt_ids))
+            cached = self.allocator.match(req.prompt_ids, self._max_cached_pages(req.prompt_ids, req.logprob_start_len))
             need = self._pages_needed(req) - len(cached)
             if need > self.allocator.num_free:
                 self.allocator.free(cached)
@@ -278,4 +307,11 @@ def assemble(plans: list[RankPlan | None], batch_buckets: list[int], token_bucke
     sampling = SamplingBatch.build(params, seeds, sample_pos, d * b, outputs)
     fresh = t > 1 and all(start == 0 for p in live for start in p.starts)
     step = StepInput(tokens=tokens, positions=positions, valid=valid, page_table=page_table, fresh=fresh)
-    return ScheduledStep(plans, b, step, logit_index, sampling, sources)
+    scheduled = ScheduledStep(plans, b, step, logit_index, sampling, sources)
+    targets = np.full((d * b, t), -1, np.int32)
+    for slot, req, start, n in scheduled.chunks():
+        if req.logprob_start_len >= 0:
+            targets[slot, :n] = [req.target(p) for p in range(start, start + n)]
+    if (targets >= 0).any():        # else no scoring (a compile of its own)
+        scheduled.targets = targets
+    return scheduled

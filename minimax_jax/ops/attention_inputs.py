@@ -85,11 +85,12 @@ def finish(parts: jax.Array, sums: jax.Array, q_norm: jax.Array, k_norm: jax.Arr
            rotary_dim: int, theta: float, q_size: int, kv_size: int, eps: float, dtype=jnp.bfloat16,
            interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """parts as `sums_of_squares`; sums: its output summed over the devices; q_norm, k_norm: the
-    local columns' norm weights, or every layer's [layers, columns] (the layer's are read); positions, slots: [rows] int32 (slots: the flat slot within a
-    layer, page * page_size + offset; one past the layer's slots or more writes nothing); caches
-    [layers, pages, page_size, kv_heads, head_dim]; q_size, kv_size: the whole projection's
-    widths the norms divide by. Returns (queries [rows, kv_heads, 16, head_dim] in dtype, each KV
-    head's query heads then zero rows; the caches with this step's keys and values written)."""
+    local columns' norm weights, or every layer's [layers, columns] (the layer's are read);
+    positions, slots: [rows] int32 (slots: the flat slot within a layer, page * page_size +
+    offset; one past the layer's slots or more writes nothing); caches [layers, pages, page_size,
+    kv_heads, head_dim]; q_size, kv_size: the whole projection's widths the norms divide by.
+    Returns (queries [rows, kv_heads, 16, head_dim] in dtype, each KV head's query heads then zero
+    rows; the caches with this step's keys and values written)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 

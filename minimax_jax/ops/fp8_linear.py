@@ -104,14 +104,12 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | 
     rows = x.astype(compute)
     if m > 1:
         rows = jnp.pad(rows, ((0, FEW_ROWS - m), (0, 0)))
-
     out_rows = 1 if m == 1 else FEW_ROWS
+    per_split = k // BLOCK // splits
 
     def kernel(layer_ref, x_ref, w_ref, s_ref, o_ref):
         first = layer_ref[0] * n + pl.program_id(0) * block_n       # this layer's rows in the flat weights
         scale_row = first // BLOCK
-
-        per_split = k // BLOCK // splits
         start = pl.program_id(1) * per_split
         if m == 1:      # products in fp32 on the CUDA cores, summed along K once at the end
             def row_step(kb, total):
