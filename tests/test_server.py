@@ -234,8 +234,8 @@ def test_native_generate_gives_the_engines_greedy_tokens_whole_streamed_and_batc
     ({"input_ids": [[1, 2], [3]], "stream": True}, 400, "stream"),
     ({"text": "hi", "image_data": "x.png"}, 400, "image_data"),
     ({"text": "hi", "sampling_params": {"temperature": -1}}, 400, "temperature"),
-    ({"text": "hi", "return_logprob": True, "logprob_start_len": 0}, 400, "logprob_start_len"),
-], ids=["text-and-ids", "stream-batch", "image", "bad-temperature", "prompt-logprobs"])
+    ({"text": "hi", "return_logprob": True, "logprob_start_len": -2}, 400, "logprob_start_len"),
+], ids=["text-and-ids", "stream-batch", "image", "bad-temperature", "bad-logprob-start"])
 def test_native_generate_refuses_what_it_cannot_do_by_name(http, body, status, param):
     response = http.post("/generate", headers=auth(), json=body)
     assert response.status_code == status and response.json()["error"]["param"] == param, response.text
@@ -271,6 +271,39 @@ def test_n_choices_and_batched_prompts_come_back_indexed_with_their_usage(client
         for choice in chunk.choices:
             texts[choice.index] += choice.delta.content or ""
     assert texts == {0: chat.choices[0].message.content, 1: chat.choices[0].message.content}
+
+
+def test_prompt_logprobs_come_back_echoed_and_natively_as_the_engine_scores_them(client, http, reference_engine,
+                                                                                tokenizer):
+    """Completions with echo and logprobs (how evaluation harnesses score a text: max_tokens 0 or
+    1) give the prompt's tokens first, the first without a logprob; /generate with
+    logprob_start_len gives meta_info.input_token_logprobs from that position."""
+    prompt = "The river town woke slowly on market days."
+    ids = tokenizer.encode(prompt)
+    ref = reference_engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 1, "temperature": 0.0,
+                                                                     "top_logprobs_num": 2},
+                                    return_logprob=True, logprob_start_len=0)["meta_info"]
+    ref_scores = [lp for lp, _, _ in ref["input_token_logprobs"]]
+    scored = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    choice = scored.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length" and scored.usage.completion_tokens == 0
+    assert choice.logprobs.tokens == [tokenizer.decode([t]) for t in ids]
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(ref_scores[1:], abs=1e-4)
+    # (two alternatives that decode to the same text share one key of OpenAI's dict)
+    assert all(0 < len(top) <= 2 and max(top.values()) >= lp - 1e-6
+               for top, lp in zip(choice.logprobs.top_logprobs[1:], choice.logprobs.token_logprobs[1:]))
+    assert choice.logprobs.text_offset[:2] == [0, len(choice.logprobs.tokens[0])]
+    one = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    assert one.choices[0].logprobs.token_logprobs[1:len(ids)] == pytest.approx(ref_scores[1:], abs=1e-4)
+    assert len(one.choices[0].logprobs.tokens) == len(ids) + 1
+    assert one.choices[0].text.startswith(tokenizer.decode(ids))
+    native = http.post("/generate", headers=auth(), json={
+        "input_ids": ids, "sampling_params": {"max_new_tokens": 2, "temperature": 0.0}, "return_logprob": True,
+        "logprob_start_len": 3}).json()["meta_info"]
+    assert [t for _, t, _ in native["input_token_logprobs"]] == ids[3:]
+    assert [lp for lp, _, _ in native["input_token_logprobs"]] == pytest.approx(ref_scores[3:], abs=1e-4)
+    assert len(native["output_token_logprobs"]) == 2 and "input_top_logprobs" not in native
 
 
 # -- greedy outputs against the oracles ----------------------------------------------------------------
@@ -436,6 +469,7 @@ BAD_REQUESTS = {
     "prompt-token-out-of-vocab": ("/v1/completions", _body(prompt=[1, 2, 100000]), auth(), 400, "prompt", None),
     "prompt-longer-than-context": ("/v1/completions", _body(prompt=[7] * (CONTEXT + 10)), auth(), 400, "prompt", None),
     "max-tokens-zero": ("/v1/completions", _body(max_tokens=0), auth(), 400, "max_tokens", None),
+    "echo-streamed": ("/v1/completions", _body(echo=True, stream=True), auth(), 400, "echo", None),
     "max-tokens-negative": ("/v1/completions", _body(max_tokens=-5), auth(), 400, "max_tokens", None),
     "max-tokens-beyond-context": ("/v1/completions", _body(max_tokens=CONTEXT), auth(), 400, "max_tokens", None),
     "max-completion-tokens-beyond-context": ("/v1/chat/completions", _chat(max_completion_tokens=10 * CONTEXT),

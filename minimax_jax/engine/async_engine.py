@@ -54,6 +54,9 @@ class StreamDelta:
     completion_tokens: int                      # cumulative
     finish_reason: dict | None = None           # engine format, set on the last delta only
     cached_tokens: int = 0                      # prompt tokens found in the prefix cache
+    # prompt logprobs (Request.logprob_start_len >= 0), on the first delta only
+    input_logprobs: list[float | None] | None = None
+    input_top_logprobs: list[list[tuple[float, int]] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -80,6 +83,8 @@ class _TokenEvent:
     logprobs: list[float]
     top_logprobs: list[list[tuple[float, int]]]
     finish_reason: dict | None
+    input_logprobs: list[float | None] | None = None
+    input_top_logprobs: list | None = None
 
 
 @dataclasses.dataclass
@@ -91,6 +96,7 @@ class _Sink:
     arrival: float
     first_token_at: float | None = None
     published: int = 0
+    prompt_scores_sent: bool = False
 
     def push(self, event: _TokenEvent) -> None:
         with contextlib.suppress(RuntimeError):      # the loop is already closed: nobody listens
@@ -176,10 +182,10 @@ class AsyncEngine:
 
     def make_request(self, prompt: str | None = None, input_ids: list[int] | None = None,
                      sampling_params: dict[str, Any] | SamplingParams | None = None,
-                     rid: str | None = None) -> Request:
+                     rid: str | None = None, logprob_start_len: int = -1) -> Request:
         """Validates and tokenises (raises RequestError); reads only immutable engine state."""
-        return self.engine.make_request(prompt=prompt, input_ids=input_ids,
-                                        sampling_params=sampling_params, rid=rid)
+        return self.engine.make_request(prompt=prompt, input_ids=input_ids, sampling_params=sampling_params,
+                                        rid=rid, logprob_start_len=logprob_start_len)
 
     # -- asyncio side --------------------------------------------------------------------------
 
@@ -202,7 +208,8 @@ class AsyncEngine:
                 completion_tokens += len(event.token_ids)
                 finished = finish is not None
                 yield StreamDelta(piece, event.token_ids, event.logprobs, event.top_logprobs,
-                                  len(req.prompt_ids), completion_tokens, finish, req.cached_tokens)
+                                  len(req.prompt_ids), completion_tokens, finish, req.cached_tokens,
+                                  event.input_logprobs, event.input_top_logprobs)
         finally:
             if not finished:
                 self.abort(req.rid)
@@ -312,8 +319,12 @@ class AsyncEngine:
         self.observer.on_tokens(len(new_ids))
         sink.published = len(req.output_ids)
         finish = dict(req.finish_reason) if req.finish_reason is not None else None
-        sink.push(_TokenEvent(list(new_ids), req.output_logprobs[start:],
-                              req.output_top_logprobs[start:], finish))
+        event = _TokenEvent(list(new_ids), req.output_logprobs[start:], req.output_top_logprobs[start:], finish)
+        if req.logprob_start_len >= 0 and not sink.prompt_scores_sent and (new_ids or finish is not None):
+            # complete once the prompt's last chunk ran, which is the step of the first token
+            event.input_logprobs, event.input_top_logprobs = list(req.input_logprobs), list(req.input_top_logprobs)
+            sink.prompt_scores_sent = True
+        sink.push(event)
         if finish is not None:
             del self._live[req.rid]
             self._report_finish(sink, finish, now)
@@ -338,4 +349,6 @@ def merge_deltas(parts: list[StreamDelta]) -> StreamDelta:
         logprobs=[lp for p in parts for lp in p.logprobs],
         top_logprobs=[top for p in parts for top in p.top_logprobs],
         prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-        finish_reason=last.finish_reason, cached_tokens=last.cached_tokens)
+        finish_reason=last.finish_reason, cached_tokens=last.cached_tokens,
+        input_logprobs=next((p.input_logprobs for p in parts if p.input_logprobs is not None), None),
+        input_top_logprobs=next((p.input_top_logprobs for p in parts if p.input_top_logprobs is not None), None))

@@ -134,8 +134,11 @@ class _Serving:
         return await _unless_disconnected(request, asyncio.gather(*(self.engine.generate(r) for r in reqs)))
 
     def _token_text(self, token: int) -> str:
+        return self._text([token])
+
+    def _text(self, ids: list[int]) -> str:
         tokenizer = self.engine.tokenizer
-        return tokenizer.decode([token]) if tokenizer is not None else f"<{token}>"
+        return tokenizer.decode(ids) if tokenizer is not None else "".join(f"<{t}>" for t in ids)
 
 
 class OpenAIServing(_Serving):
@@ -162,12 +165,16 @@ class OpenAIServing(_Serving):
         rid, reqs = new_id("cmpl"), []
         names = {"prompt": "prompt", "input_ids": "prompt", "max_new_tokens": "max_tokens",
                  "top_logprobs_num": "logprobs"}
+        echoes = []         # each choice's prompt text, with echo
         for prompt in prompts:
             ids = await self._prompt_ids(prompt)
             default = min(DEFAULT_COMPLETION_MAX_TOKENS, self.engine.context_length - len(ids))
             for choice in range(body.n):
                 params = body.sampling_params(_max_tokens(body.max_tokens, default), body.logprobs or 0, choice)
-                reqs.append(self._make_request(ids, params, _choice_rid(rid, len(reqs), len(prompts) * body.n), names))
+                reqs.append(self._make_request(ids, params, _choice_rid(rid, len(reqs), len(prompts) * body.n), names,
+                                               logprob_start_len=0 if body.scores_prompt else -1))
+                if body.echo:
+                    echoes.append(prompt if isinstance(prompt, str) else self._text(ids))
         created, model = now(), self.config.served_model_name
         if body.stream:
             return _sse(_choices_then_usage(
@@ -175,8 +182,10 @@ class OpenAIServing(_Serving):
                 lambda usage: CompletionResponse(id=rid, created=created, model=model, choices=[], usage=usage)))
         outs = await self._generate_all(request, reqs)
         choices = [CompletionChoice(
-            index=index, text=out.text, finish_reason=openai_finish_reason(out.finish_reason),
-            logprobs=self._completion_logprobs(out, body.logprobs, 0) if body.logprobs is not None else None,
+            index=index, text=(echoes[index] if body.echo else "") + out.text,
+            finish_reason=openai_finish_reason(out.finish_reason),
+            logprobs=None if body.logprobs is None else self._completion_logprobs(
+                out, body.logprobs, 0, req.prompt_ids if body.echo else None),
             token_ids=out.token_ids if body.return_token_ids else None,
             prompt_token_ids=req.prompt_ids if body.return_token_ids else None)
             for index, (req, out) in enumerate(zip(reqs, outs))]
@@ -202,17 +211,24 @@ class OpenAIServing(_Serving):
                     token_ids=delta.token_ids if body.return_token_ids else None)
                 yield CompletionResponse(id=rid, created=created, model=model, choices=[choice])
 
-    def _completion_logprobs(self, delta: StreamDelta, top: int, offset: int) -> CompletionLogprobs:
-        tokens = [self._token_text(t) for t in delta.token_ids]
+    def _completion_logprobs(self, delta: StreamDelta, top: int, offset: int,
+                             echoed: list[int] | None = None) -> CompletionLogprobs:
+        """The delta's tokens, their logprobs, top alternatives and text offsets; echoed: the
+        prompt's tokens go first, scored by the engine (the first one has none)."""
+        ids, logprobs, alternatives = delta.token_ids, delta.logprobs, delta.top_logprobs
+        if echoed is not None:
+            ids, logprobs = echoed + ids, delta.input_logprobs + logprobs
+            alternatives = (delta.input_top_logprobs or [None] * len(echoed)) + alternatives
+        tokens = [self._token_text(t) for t in ids]
         offsets = []
         for text in tokens:
             offsets.append(offset)
             offset += len(text)
         tops = None
         if top:
-            tops = [{self._token_text(t): lp for lp, t in alternatives[:top]} for alternatives in delta.top_logprobs]
-        return CompletionLogprobs(tokens=tokens, token_logprobs=delta.logprobs, top_logprobs=tops,
-                                  text_offset=offsets)
+            tops = [None if alts is None else {self._token_text(t): lp for lp, t in alts[:top]}
+                    for alts in alternatives]
+        return CompletionLogprobs(tokens=tokens, token_logprobs=logprobs, top_logprobs=tops, text_offset=offsets)
 
     # -- /v1/chat/completions --
 
@@ -313,10 +329,11 @@ class OpenAIServing(_Serving):
             raise OpenAIError(400, f"cannot render the messages: {e}", "messages") from None
 
     def _make_request(self, ids: list[int], params: dict[str, Any], rid: str,
-                            names: dict[str, str]) -> EngineRequest:
+                      names: dict[str, str], logprob_start_len: int = -1) -> EngineRequest:
         """Engine validation; RequestError params are renamed to the OpenAI field names."""
         try:
-            return self.engine.make_request(input_ids=ids, sampling_params=params, rid=rid)
+            return self.engine.make_request(input_ids=ids, sampling_params=params, rid=rid,
+                                            logprob_start_len=logprob_start_len)
         except RequestError as e:
             message, param = str(e), names.get(e.param, e.param)
             for engine_name, openai_name in names.items():
@@ -341,23 +358,40 @@ class NativeServing(_Serving):
         reqs = []
         for prompt, (params, rid) in zip(prompts, body.per_prompt(len(prompts))):
             ids = await self._prompt_ids(prompt)
-            reqs.append(self.engine.make_request(input_ids=ids, sampling_params=params, rid=rid))
+            reqs.append(self.engine.make_request(input_ids=ids, sampling_params=params, rid=rid,
+                                                 logprob_start_len=body.prompt_logprobs_from))
         if body.stream:
             return _sse(self._chunks(body, reqs[0]))
         outs = await self._generate_all(request, reqs)
-        results = [generate_result(req.rid, out.text, out.token_ids, out, self._logprobs(body, out), i)
+        results = [generate_result(req.rid, out.text, out.token_ids, out, self._logprobs(body, out), i,
+                                   self._input_logprobs(body, req, out))
                    for i, (req, out) in enumerate(zip(reqs, outs))]
         return JSONResponse([r.model_dump() for r in results]) if body.is_batch else _json(results[0])
 
     async def _chunks(self, body: GenerateRequest, req: EngineRequest) -> AsyncIterator[BaseModel]:
-        text, ids, logprobs = "", [], [] if body.return_logprob else None
+        text, ids, logprobs, scored = "", [], [] if body.return_logprob else None, None
         async with contextlib.aclosing(self.engine.generate_stream(req)) as stream:
             async for delta in stream:
                 text, ids = text + delta.text, ids + delta.token_ids
                 if logprobs is not None:
                     logprobs = logprobs + self._logprobs(body, delta)
+                scored = scored or self._input_logprobs(body, req, delta)
                 if delta.text or delta.token_ids or delta.finished:
-                    yield generate_result(req.rid, text, ids, delta, logprobs)
+                    yield generate_result(req.rid, text, ids, delta, logprobs, input_logprobs=scored)
+
+    def _input_logprobs(self, body: GenerateRequest, req: EngineRequest,
+                        delta: StreamDelta) -> dict[str, list] | None:
+        """meta_info's input_token_logprobs ([logprob or None, token id, text or None] of each
+        prompt token from logprob_start_len) and, with top_logprobs_num, input_top_logprobs."""
+        if delta.input_logprobs is None:
+            return None
+        text = self._token_text if body.return_text_in_logprobs else (lambda _: None)
+        scored = req.prompt_ids[req.logprob_start_len:]
+        out = {"input_token_logprobs": [[lp, t, text(t)] for lp, t in zip(delta.input_logprobs, scored)]}
+        if req.params.top_logprobs_num:
+            out["input_top_logprobs"] = [None if alts is None else [[lp, t, text(t)] for lp, t in alts]
+                                         for alts in delta.input_top_logprobs]
+        return out
 
     def _logprobs(self, body: GenerateRequest, delta: StreamDelta) -> list[list[Any]] | None:
         """[logprob, token id, text or None] of each of the delta's tokens, with return_logprob."""

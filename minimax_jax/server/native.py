@@ -7,7 +7,10 @@ one dict for all prompts or one per prompt. A result is `{"text", "output_ids", 
 {"id", "prompt_tokens", "completion_tokens", "cached_tokens", "finish_reason"}}` (a list of them
 for a batch); streamed, each `data:` event carries the text and ids so far, as sglang's do, and
 the stream ends with `data: [DONE]`. `return_logprob` adds `meta_info.output_token_logprobs`,
-`[logprob, token id, text or null]` per output token (text with `return_text_in_logprobs`).
+`[logprob, token id, text or null]` per output token (text with `return_text_in_logprobs`), and
+with `logprob_start_len` >= 0 `meta_info.input_token_logprobs`, the same for each prompt token
+from that position (the logprob of position 0 is null), and with `top_logprobs_num`
+`input_top_logprobs`.
 """
 
 from __future__ import annotations
@@ -73,10 +76,15 @@ class GenerateRequest(BaseModel):
             return OpenAIError(400, "image_data: this model takes text only", "image_data")
         if self.lora_path is not None:
             return OpenAIError(400, "LoRA adapters are not supported", "lora_path")
-        if self.return_logprob and self.logprob_start_len not in (None, -1):
-            return OpenAIError(400, "prompt logprobs (logprob_start_len >= 0) are not supported yet",
+        if self.logprob_start_len is not None and self.logprob_start_len < -1:
+            return OpenAIError(400, "logprob_start_len must be -1 (output tokens only) or a prompt position >= 0",
                                "logprob_start_len")
         return None
+
+    @property
+    def prompt_logprobs_from(self) -> int:
+        """The engine request's logprob_start_len: -1 unless return_logprob asks from a position."""
+        return self.logprob_start_len if self.return_logprob and self.logprob_start_len is not None else -1
 
 
 class GenerateResult(BaseModel):
@@ -87,11 +95,14 @@ class GenerateResult(BaseModel):
 
 
 def generate_result(rid: str, text: str, output_ids: list[int], last: "StreamDelta",
-                    logprobs: list[list[Any]] | None, index: int = 0) -> GenerateResult:
-    """The result so far of one request, its numbers from its latest delta."""
+                    logprobs: list[list[Any]] | None, index: int = 0,
+                    input_logprobs: dict[str, list] | None = None) -> GenerateResult:
+    """The result so far of one request, its numbers from its latest delta; input_logprobs:
+    the prompt's entries of meta_info (`NativeServing._input_logprobs`)."""
     meta: dict[str, Any] = {"id": rid, "prompt_tokens": last.prompt_tokens,
                             "completion_tokens": last.completion_tokens, "cached_tokens": last.cached_tokens,
                             "finish_reason": last.finish_reason}
     if logprobs is not None:
         meta["output_token_logprobs"] = logprobs
+    meta.update(input_logprobs or {})
     return GenerateResult(text=text, output_ids=output_ids, meta_info=meta, index=index)

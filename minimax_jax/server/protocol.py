@@ -91,14 +91,22 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)        # 0 with echo: the prompt scored, nothing generated
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
 
+    @property
+    def scores_prompt(self) -> bool:
+        """echo with logprobs: the prompt's tokens come back with their log-probabilities."""
+        return self.echo and self.logprobs is not None
+
     def unsupported(self) -> OpenAIError | None:
-        if self.echo:
-            return OpenAIError(400, "echo is not supported yet", "echo")
+        if self.max_tokens == 0 and not self.echo:
+            return OpenAIError(400, "max_tokens 0 needs echo (the prompt is all that comes back)", "max_tokens")
+        if self.echo and self.stream:
+            return OpenAIError(400, "echo with stream is not supported yet", "echo")
         if self.suffix:
             return OpenAIError(400, "suffix is not supported yet", "suffix")
         if self.best_of not in (None, 1):
@@ -223,8 +231,8 @@ class UsageInfo(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None] = []              # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int] = []
 
 
