@@ -303,6 +303,13 @@ def test_prompt_logprobs_come_back_echoed_and_natively_as_the_engine_scores_them
     assert len(one.logprobs.tokens) == len(ids) + 1 and len(short.logprobs.tokens) == 6
     assert short.logprobs.token_logprobs[1:5] == pytest.approx(ref_scores[1:5], abs=1e-4)
     assert one.text.startswith(tokenizer.decode(ids))
+    streamed = [c.choices[0] for c in client.completions.create(model=MODEL, prompt=ids, max_tokens=1, echo=True,
+                                                                 logprobs=1, temperature=0, stream=True)]
+    assert "".join(c.text for c in streamed) == one.text
+    streamed_logprobs = [lp for c in streamed for lp in c.logprobs.token_logprobs]   # (alone, not in a batch)
+    assert streamed_logprobs[0] is None and streamed_logprobs[1:] == pytest.approx(one.logprobs.token_logprobs[1:],
+                                                                                    abs=1e-5)
+    assert [o for c in streamed for o in c.logprobs.text_offset] == one.logprobs.text_offset
     native = http.post("/generate", headers=auth(), json={
         "input_ids": ids, "sampling_params": {"max_new_tokens": 2, "temperature": 0.0}, "return_logprob": True,
         "logprob_start_len": 3}).json()["meta_info"]
@@ -474,7 +481,6 @@ BAD_REQUESTS = {
     "prompt-token-out-of-vocab": ("/v1/completions", _body(prompt=[1, 2, 100000]), auth(), 400, "prompt", None),
     "prompt-longer-than-context": ("/v1/completions", _body(prompt=[7] * (CONTEXT + 10)), auth(), 400, "prompt", None),
     "max-tokens-zero": ("/v1/completions", _body(max_tokens=0), auth(), 400, "max_tokens", None),
-    "echo-streamed": ("/v1/completions", _body(echo=True, stream=True), auth(), 400, "echo", None),
     "max-tokens-negative": ("/v1/completions", _body(max_tokens=-5), auth(), 400, "max_tokens", None),
     "max-tokens-beyond-context": ("/v1/completions", _body(max_tokens=CONTEXT), auth(), 400, "max_tokens", None),
     "max-completion-tokens-beyond-context": ("/v1/chat/completions", _chat(max_completion_tokens=10 * CONTEXT),

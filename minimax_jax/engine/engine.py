@@ -241,11 +241,11 @@ class Engine:
         if req.params.max_new_tokens == 0 and not req.input_logprobs:
             req.finish_reason = {"type": "length", "length": 0}
             return req
-        req.scheduler = self._rank_for(req.prompt_ids)
+        req.scheduler = self._rank_for(req)
         req.scheduler.add(req)
         return req
 
-    def _rank_for(self, prompt: list[int]) -> Scheduler:
+    def _rank_for(self, req: Request) -> Scheduler:
         """The dp rank a new request joins: of the ranks at most an eighth (at least 1) more
         loaded than the least loaded one, the one whose prefix cache holds most of the prompt (a
         chat's next turn goes where its previous turns' pages are), then the least loaded."""
@@ -253,7 +253,7 @@ class Engine:
         near = [s for s in self.schedulers if s.load <= least + max(1, least // 8)]
         if len(near) == 1:
             return near[0]
-        return max(near, key=lambda s: (s.cached_pages(prompt), -s.load))
+        return max(near, key=lambda s: (s.cached_pages(req.prompt_ids, req.logprob_start_len), -s.load))
 
     def abort(self, rid: str) -> bool:
         for scheduler in self.schedulers:

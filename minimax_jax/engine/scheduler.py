@@ -193,9 +193,9 @@ class Scheduler:
     def load(self) -> int:
         return len(self.running) + len(self.waiting)
 
-    def cached_pages(self, prompt: list[int]) -> int:
+    def cached_pages(self, prompt: list[int], scored_from: int = -1) -> int:
         """Pages of this prompt that admission would find in the prefix cache now."""
-        return len(self.allocator.cached(prompt, self._max_cached_pages(prompt)))
+        return len(self.allocator.cached(prompt, self._max_cached_pages(prompt, scored_from)))
 
     def _max_cached_pages(self, prompt: list[int], scored_from: int = -1) -> int:
         """The last token is always computed, and so is every position whose logits score a

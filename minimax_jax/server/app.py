@@ -178,7 +178,7 @@ class OpenAIServing(_Serving):
         created, model = now(), self.config.served_model_name
         if body.stream:
             return _sse(_choices_then_usage(
-                reqs, functools.partial(self._completion_choice_chunks, body, rid, created, model), body,
+                reqs, functools.partial(self._completion_choice_chunks, body, rid, created, model, echoes), body,
                 lambda usage: CompletionResponse(id=rid, created=created, model=model, choices=[], usage=usage)))
         outs = await self._generate_all(request, reqs)
         choices = [CompletionChoice(
@@ -193,22 +193,24 @@ class OpenAIServing(_Serving):
                                         usage=UsageInfo.of(outs, body.n)))
 
     async def _completion_choice_chunks(self, body: CompletionRequest, rid: str, created: int, model: str,
-                                        req: EngineRequest, index: int,
+                                        echoes: list[str], req: EngineRequest, index: int,
                                         lasts: list[StreamDelta | None]) -> AsyncIterator[BaseModel]:
-        offset = 0
+        """One choice's chunks; with echo the first carries the prompt (and its scored tokens)."""
+        offset, echo = 0, body.echo
         async with contextlib.aclosing(self.engine.generate_stream(req)) as stream:
             async for delta in stream:
                 lasts[index] = delta
-                if not (delta.text or delta.finished or body.return_token_ids or body.logprobs is not None):
+                if not (echo or delta.text or delta.finished or body.return_token_ids or body.logprobs is not None):
                     continue
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs = self._completion_logprobs(delta, body.logprobs, offset)
+                    logprobs = self._completion_logprobs(delta, body.logprobs, offset, req.prompt_ids if echo else None)
                     offset += sum(len(t) for t in logprobs.tokens)
                 choice = CompletionChoice(
-                    index=index, text=delta.text, logprobs=logprobs,
+                    index=index, text=(echoes[index] if echo else "") + delta.text, logprobs=logprobs,
                     finish_reason=openai_finish_reason(delta.finish_reason),
                     token_ids=delta.token_ids if body.return_token_ids else None)
+                echo = False
                 yield CompletionResponse(id=rid, created=created, model=model, choices=[choice])
 
     def _completion_logprobs(self, delta: StreamDelta, top: int, offset: int,

@@ -105,8 +105,6 @@ class CompletionRequest(_Request):
     def unsupported(self) -> OpenAIError | None:
         if self.max_tokens == 0 and not self.echo:
             return OpenAIError(400, "max_tokens 0 needs echo (the prompt is all that comes back)", "max_tokens")
-        if self.echo and self.stream:
-            return OpenAIError(400, "echo with stream is not supported yet", "echo")
         if self.suffix:
             return OpenAIError(400, "suffix is not supported yet", "suffix")
         if self.best_of not in (None, 1):
