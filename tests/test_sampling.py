@@ -45,8 +45,26 @@ def test_logprobs_are_the_models_distribution_not_the_tempered_one():
     assert list(np.asarray(top_ids[0, :3])) == [2, 1, 0]
 
 
+def test_logit_bias_moves_the_draw_not_the_reported_logprobs():
+    """OpenAI's logit_bias: +100 makes a token the greedy choice, -100 bans one, per slot; the
+    reported logprobs stay the model's."""
+    logits = jnp.asarray([[0.0, 1.0, 3.0, 2.5]] * 3, jnp.float32)
+    params = [SamplingParams.from_dict({"temperature": 0.0, "logit_bias": {"0": 100}}),
+              SamplingParams.from_dict({"temperature": 0.0, "logit_bias": {"2": -100, "1": 5.0}}),
+              SamplingParams(temperature=0.0)]
+    tokens, logprobs, _, _ = sample(logits, batch(params))
+    assert list(np.asarray(tokens)) == [0, 1, 2]
+    expected = np.asarray(jax.nn.log_softmax(logits[0]))
+    np.testing.assert_allclose(np.asarray(logprobs), expected[[0, 1, 2]], rtol=1e-6)
+    drawn = sample(logits[:1], batch([SamplingParams.from_dict({"temperature": 1.0, "seed": 3,
+                                                                "logit_bias": {"3": 100}})]))[0]
+    assert int(drawn[0]) == 3
+    assert batch(params).bias_ids.shape == (3, 2) and batch([SamplingParams()]).bias_ids.shape == (1, 0)
+
+
 @pytest.mark.parametrize("bad", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": 0},
-                                 {"min_p": 2}, {"presence_penalty": 3}, {"max_new_tokens": -1}, {"nope": 1}])
+                                 {"min_p": 2}, {"presence_penalty": 3}, {"max_new_tokens": -1}, {"nope": 1},
+                                 {"logit_bias": {"5": 101}}, {"logit_bias": {"x": 1}}])
 def test_invalid_sampling_parameters_name_the_field(bad):
     with pytest.raises(SamplingParamsError, match=next(iter(bad))):
         SamplingParams.from_dict(bad)

@@ -318,6 +318,19 @@ def test_prompt_logprobs_come_back_echoed_and_natively_as_the_engine_scores_them
     assert len(native["output_token_logprobs"]) == 2 and "input_top_logprobs" not in native
 
 
+def test_logit_bias_forces_and_bans_tokens_on_both_apis(client, http, reference_engine):
+    ids = list(range(240, 250))
+    greedy = engine_greedy(reference_engine, ids, 4)["output_ids"]
+    forced = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0, logit_bias={"77": 100},
+                                       extra_body={"return_token_ids": True, "ignore_eos": True})
+    assert forced.choices[0].token_ids == [77] * 4
+    banned = http.post("/generate", headers=auth(), json={"input_ids": ids, "sampling_params": {
+        "max_new_tokens": 1, "temperature": 0.0, "logit_bias": {str(greedy[0]): -100}}}).json()
+    assert banned["output_ids"][0] != greedy[0]
+    out_of_vocab = http.post("/v1/completions", headers=auth(), json=_body(logit_bias={"10000000": 1}))
+    assert out_of_vocab.status_code == 400 and out_of_vocab.json()["error"]["param"] == "logit_bias"
+
+
 # -- greedy outputs against the oracles ----------------------------------------------------------------
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])

@@ -187,6 +187,8 @@ class Engine:
             raise RequestError("the prompt is empty", param="prompt")
         if any(not 0 <= t < self.cfg.vocab_size for t in input_ids):
             raise RequestError(f"input_ids must be in [0, {self.cfg.vocab_size})", param="input_ids")
+        if params.logit_bias and max(params.logit_bias) >= self.cfg.vocab_size:
+            raise RequestError(f"logit_bias token ids must be in [0, {self.cfg.vocab_size})", param="logit_bias")
         if len(input_ids) >= self.context_length:
             raise RequestError(f"the prompt has {len(input_ids)} tokens; the context length is "
                                f"{self.context_length}", param="prompt")

@@ -33,6 +33,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     top_logprobs_num: int = 0
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None     # token id -> added to its logit before the draw
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "SamplingParams":
@@ -43,6 +44,11 @@ class SamplingParams:
             raise SamplingParamsError(f"unknown sampling parameter(s): {', '.join(unknown)}")
         if isinstance(d.get("stop"), str):
             d["stop"] = [d["stop"]]
+        if d.get("logit_bias"):         # JSON keys are strings (OpenAI's and sglang's form)
+            try:
+                d["logit_bias"] = {int(t): float(b) for t, b in d["logit_bias"].items()}
+            except (TypeError, ValueError, AttributeError):
+                raise SamplingParamsError("logit_bias must map token ids to numbers") from None
         params = cls(**{k: v for k, v in d.items() if v is not None})
         params.validate()
         return params
@@ -63,6 +69,10 @@ class SamplingParams:
                 raise SamplingParamsError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.top_logprobs_num < 0:
             raise SamplingParamsError(f"top_logprobs_num must be >= 0, got {self.top_logprobs_num}")
+        for token, bias in (self.logit_bias or {}).items():
+            if token < 0 or not -100 <= bias <= 100:
+                raise SamplingParamsError(f"logit_bias takes token ids >= 0 and biases in [-100, 100], "
+                                          f"got {token}: {bias}")
 
     @property
     def greedy(self) -> bool:
@@ -82,6 +92,8 @@ class SamplingBatch:
     frequency_penalty: jax.Array
     presence_penalty: jax.Array
     penalized_ids: jax.Array       # [B, W] output tokens so far of slots with a penalty, -1 padded
+    bias_ids: jax.Array            # [B, W2] token ids whose logits a slot biases, -1 padded
+    bias_values: jax.Array         # [B, W2] what is added to them
     top_logprobs: int = dataclasses.field(default=0, metadata=dict(static=True))   # 0 or TOP_LOGPROBS_MAX
     # Known on the host, so the step needs no device-side branch: on GPUs a conditional copies
     # its predicate to the host and blocks the launching thread until the device reaches it.
@@ -112,6 +124,7 @@ class SamplingBatch:
             frequency_penalty=column(lambda p: p.frequency_penalty, 0.0, np.float32),
             presence_penalty=column(lambda p: p.presence_penalty, 0.0, np.float32),
             penalized_ids=_penalized_ids(params, outputs, size),
+            **_logit_biases(params, size),
             top_logprobs=TOP_LOGPROBS_MAX if any(p is not None and p.top_logprobs_num for p in params) else 0,
             all_greedy=all(p is None or p.temperature == 0.0 for p in params),
             may_exceed_candidates=any(p is not None and p.temperature != 0.0 and not 0 < p.top_k <= CANDIDATES
@@ -131,13 +144,29 @@ def _penalized_ids(params, outputs, size: int) -> np.ndarray:
     return ids
 
 
+def _logit_biases(params, size: int) -> dict[str, np.ndarray]:
+    """bias_ids and bias_values [size, W]: W a power of two (few compiled widths), 0 when no slot
+    has a logit_bias."""
+    biased = [i for i, p in enumerate(params) if p is not None and p.logit_bias]
+    if not biased:
+        return {"bias_ids": np.zeros((size, 0), np.int32), "bias_values": np.zeros((size, 0), np.float32)}
+    width = 1 << (max(len(params[i].logit_bias) for i in biased) - 1).bit_length()
+    ids, values = np.full((size, width), -1, np.int32), np.zeros((size, width), np.float32)
+    for i in biased:
+        tokens = list(params[i].logit_bias)
+        ids[i, :len(tokens)] = tokens
+        values[i, :len(tokens)] = [params[i].logit_bias[t] for t in tokens]
+    return {"bias_ids": ids, "bias_values": values}
+
+
 TOP_LOGPROBS_MAX = 20
 CANDIDATES = 256
 
 
 def sample(logits: jax.Array, params: SamplingBatch, candidates: int = CANDIDATES):
     """logits: fp32 [B, V]. Frequency and presence penalties (OpenAI's definitions) subtract
-    penalty * count and penalty * (count > 0) of each token already in the slot's output.
+    penalty * count and penalty * (count > 0) of each token already in the slot's output; a
+    logit_bias adds its values to its tokens' logits (both before the draw, greedy included).
 
     The draw never sorts the vocabulary when it need not: an all-greedy batch (known on the host,
     `params.all_greedy`) takes the argmax;
@@ -157,6 +186,11 @@ def sample(logits: jax.Array, params: SamplingBatch, candidates: int = CANDIDATE
         counts = jnp.zeros((b, v), jnp.float32).at[rows, jnp.where(ids >= 0, ids, v)].add(1.0, mode="drop")
         logits = logits - params.frequency_penalty[:, None] * counts
         logits = logits - params.presence_penalty[:, None] * (counts > 0)
+    if params.bias_ids.shape[1]:
+        b, v = logits.shape
+        rows = jnp.broadcast_to(jnp.arange(b)[:, None], params.bias_ids.shape)
+        logits = logits.at[rows, jnp.where(params.bias_ids >= 0, params.bias_ids, v)].add(params.bias_values,
+                                                                                          mode="drop")
     greedy_tokens = jnp.argmax(logits, axis=-1)
     if params.all_greedy:
         tokens = greedy_tokens.astype(jnp.int32)

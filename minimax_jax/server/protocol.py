@@ -62,8 +62,6 @@ class _Request(BaseModel):
     logit_bias: dict[str, float] | None = None
 
     def unsupported(self) -> OpenAIError | None:
-        if self.logit_bias:
-            return OpenAIError(400, "logit_bias is not supported yet", "logit_bias")
         return None
 
     @property
@@ -86,6 +84,7 @@ class _Request(BaseModel):
             "presence_penalty": self.presence_penalty,
             "top_logprobs_num": top_logprobs,
             "skip_special_tokens": self.skip_special_tokens,
+            "logit_bias": self.logit_bias,
         }
 
 
