@@ -62,7 +62,7 @@ class ScriptedEngine:
         self.output, self.tokenizer = output, Tokenizer.tiny()
         self.is_alive, self.context_length, self.loaded_from = True, 512, "scripted"
 
-    def make_request(self, input_ids, sampling_params, rid):
+    def make_request(self, input_ids, sampling_params, rid, logprob_start_len=-1):
         return SimpleNamespace(rid=rid, prompt_ids=input_ids)
 
     async def generate_stream(self, req):
