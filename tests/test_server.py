@@ -226,16 +226,24 @@ def test_native_generate_gives_the_engines_greedy_tokens_whole_streamed_and_batc
     assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
     batch = http.post("/generate", headers=auth(), json={"input_ids": [ids, other], "sampling_params": greedy}).json()
     assert [r["output_ids"] for r in batch] == [want, engine_greedy(reference_engine, other, 6)["output_ids"]]
+    with http.stream("POST", "/generate", headers=auth(), json={"input_ids": [ids, other], "sampling_params": greedy,
+                                                                "stream": True}) as response:
+        events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    last = {}
+    for event in map(json.loads, events[:-1]):      # cumulative per request, interleaved by index
+        last[event["index"]] = event
+    assert [last[i]["output_ids"] for i in (0, 1)] == [r["output_ids"] for r in batch]
+    assert all(last[i]["meta_info"]["finish_reason"] is not None for i in (0, 1))
     assert http.get("/get_model_info", headers=auth()).json()["model_path"] == MODEL
 
 
 @pytest.mark.parametrize("body, status, param", [
     ({"text": "hi", "input_ids": [1, 2]}, 400, "text"),
-    ({"input_ids": [[1, 2], [3]], "stream": True}, 400, "stream"),
     ({"text": "hi", "image_data": "x.png"}, 400, "image_data"),
     ({"text": "hi", "sampling_params": {"temperature": -1}}, 400, "temperature"),
     ({"text": "hi", "return_logprob": True, "logprob_start_len": -2}, 400, "logprob_start_len"),
-], ids=["text-and-ids", "stream-batch", "image", "bad-temperature", "bad-logprob-start"])
+], ids=["text-and-ids", "image", "bad-temperature", "bad-logprob-start"])
 def test_native_generate_refuses_what_it_cannot_do_by_name(http, body, status, param):
     response = http.post("/generate", headers=auth(), json=body)
     assert response.status_code == status and response.json()["error"]["param"] == param, response.text

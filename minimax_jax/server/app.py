@@ -363,14 +363,14 @@ class NativeServing(_Serving):
             reqs.append(self.engine.make_request(input_ids=ids, sampling_params=params, rid=rid,
                                                  logprob_start_len=body.prompt_logprobs_from))
         if body.stream:
-            return _sse(self._chunks(body, reqs[0]))
+            return _sse(_merged([self._chunks(body, req, index) for index, req in enumerate(reqs)]))
         outs = await self._generate_all(request, reqs)
         results = [generate_result(req.rid, out.text, out.token_ids, out, self._logprobs(body, out), i,
                                    self._input_logprobs(body, req, out))
                    for i, (req, out) in enumerate(zip(reqs, outs))]
         return JSONResponse([r.model_dump() for r in results]) if body.is_batch else _json(results[0])
 
-    async def _chunks(self, body: GenerateRequest, req: EngineRequest) -> AsyncIterator[BaseModel]:
+    async def _chunks(self, body: GenerateRequest, req: EngineRequest, index: int = 0) -> AsyncIterator[BaseModel]:
         text, ids, logprobs, scored = "", [], [] if body.return_logprob else None, None
         async with contextlib.aclosing(self.engine.generate_stream(req)) as stream:
             async for delta in stream:
@@ -379,7 +379,7 @@ class NativeServing(_Serving):
                     logprobs = logprobs + self._logprobs(body, delta)
                 scored = scored or self._input_logprobs(body, req, delta)
                 if delta.text or delta.token_ids or delta.finished:
-                    yield generate_result(req.rid, text, ids, delta, logprobs, input_logprobs=scored)
+                    yield generate_result(req.rid, text, ids, delta, logprobs, index, scored)
 
     def _input_logprobs(self, body: GenerateRequest, req: EngineRequest,
                         delta: StreamDelta) -> dict[str, list] | None:

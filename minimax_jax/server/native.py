@@ -5,8 +5,9 @@ such lists) and `sampling_params` in sglang's names (`max_new_tokens`, `temperat
 `top_k`, `min_p`, `stop`, `stop_token_ids`, `ignore_eos`, ...: `engine.sampling.SamplingParams`),
 one dict for all prompts or one per prompt. A result is `{"text", "output_ids", "meta_info":
 {"id", "prompt_tokens", "completion_tokens", "cached_tokens", "finish_reason"}}` (a list of them
-for a batch); streamed, each `data:` event carries the text and ids so far, as sglang's do, and
-the stream ends with `data: [DONE]`. `return_logprob` adds `meta_info.output_token_logprobs`,
+for a batch); streamed, each `data:` event carries one request's text and ids so far, as sglang's
+do (a batch's requests interleave, each event with its `index`), and the stream ends with
+`data: [DONE]`. `return_logprob` adds `meta_info.output_token_logprobs`,
 `[logprob, token id, text or null]` per output token (text with `return_text_in_logprobs`), and
 with `logprob_start_len` >= 0 `meta_info.input_token_logprobs`, the same for each prompt token
 from that position (the logprob of position 0 is null), and with `top_logprobs_num`
@@ -40,7 +41,7 @@ class GenerateRequest(BaseModel):
     lora_path: Any = None
 
     def prompts(self) -> list[str | list[int]]:
-        """The prompts, each text or token ids; a batch is refused with stream."""
+        """The prompts, each text or token ids."""
         if (self.text is None) == (self.input_ids is None):
             raise OpenAIError(400, "give exactly one of text and input_ids", "text")
         if self.text is not None:
@@ -51,9 +52,6 @@ class GenerateRequest(BaseModel):
             prompts = [self.input_ids]
         if not prompts or any(not p for p in prompts):
             raise OpenAIError(400, "the prompt is empty", "text" if self.text is not None else "input_ids")
-        if self.stream and self.is_batch:
-            raise OpenAIError(400, "streaming a batch of prompts is not supported yet: stream one per request",
-                              "stream")
         return prompts
 
     @property
