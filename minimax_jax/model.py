@@ -218,7 +218,7 @@ class Attention(nnx.Module):
         b, t = step.tokens.shape
         if self._decodes_few_rows(h, t, kv[0]):
             out, kv = self._few_rows_decode(h, kv, layer, step, comm)
-            return fp8_linear.fp8_linear(out, self.wo_fp8[...], self.wo_fp8_scale[...], layer, self.fp8_kernel), kv
+            return self._output_projection(out, layer), kv
         q, k, v = self._qkv(h, layer)
         q, k = self._joint_qk_norm(q, k, comm, layer)
         d = cfg.head_dim
@@ -234,12 +234,13 @@ class Attention(nnx.Module):
                                        attn_ops.resolve_backend(self.backend, q.dtype),
                                        attn_ops.resolve_decode_backend(self.decode_backend, q.dtype),
                                        chunk_kv=(k, v) if step.fresh else None)
-        out = out.reshape(b * t, -1)
+        return self._output_projection(out.reshape(b * t, -1), layer), (k_cache, v_cache)
+
+    def _output_projection(self, out: jax.Array, layer: jax.Array) -> jax.Array:
+        """o_proj of the attention's output [N, local q heads * D]: partial sums over the heads here."""
         if self.format == "fp8":
-            o = fp8_linear.fp8_linear(out, self.wo_fp8[...], self.wo_fp8_scale[...], layer, self.fp8_kernel)
-        else:
-            o = project(out, self.wo[...])
-        return o, (k_cache, v_cache)
+            return fp8_linear.fp8_linear(out, self.wo_fp8[...], self.wo_fp8_scale[...], layer, self.fp8_kernel)
+        return project(out, self.wo[...])
 
     def _decodes_few_rows(self, h: jax.Array, t: int, k_cache: jax.Array) -> bool:
         """Whether this step takes `_few_rows_decode`: FP8 projections by the few-rows kernel,

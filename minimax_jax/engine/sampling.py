@@ -132,31 +132,28 @@ class SamplingBatch:
         )
 
 
+def _slot_rows(rows: dict[int, list], size: int, width: int, fill, dtype) -> np.ndarray:
+    """[size, width] with slot i's row from rows (width: a power of two, few compiled widths; 0
+    when no slot has one), `fill` elsewhere."""
+    out = np.full((size, width), fill, dtype)
+    for i, row in rows.items():
+        out[i, :len(row)] = row
+    return out
+
+
 def _penalized_ids(params, outputs, size: int) -> np.ndarray:
-    penalized = [i for i, p in enumerate(params)
-                 if p is not None and (p.frequency_penalty or p.presence_penalty) and outputs and outputs[i]]
-    if not penalized:
-        return np.zeros((size, 0), np.int32)
-    width = 1 << max(len(outputs[i]) for i in penalized).bit_length()     # few compiled widths
-    ids = np.full((size, width), -1, np.int32)
-    for i in penalized:
-        ids[i, :len(outputs[i])] = outputs[i]
-    return ids
+    penalized = {i: outputs[i] for i, p in enumerate(params)
+                 if p is not None and (p.frequency_penalty or p.presence_penalty) and outputs and outputs[i]}
+    width = 1 << max(map(len, penalized.values())).bit_length() if penalized else 0
+    return _slot_rows(penalized, size, width, -1, np.int32)
 
 
 def _logit_biases(params, size: int) -> dict[str, np.ndarray]:
-    """bias_ids and bias_values [size, W]: W a power of two (few compiled widths), 0 when no slot
-    has a logit_bias."""
-    biased = [i for i, p in enumerate(params) if p is not None and p.logit_bias]
-    if not biased:
-        return {"bias_ids": np.zeros((size, 0), np.int32), "bias_values": np.zeros((size, 0), np.float32)}
-    width = 1 << (max(len(params[i].logit_bias) for i in biased) - 1).bit_length()
-    ids, values = np.full((size, width), -1, np.int32), np.zeros((size, width), np.float32)
-    for i in biased:
-        tokens = list(params[i].logit_bias)
-        ids[i, :len(tokens)] = tokens
-        values[i, :len(tokens)] = [params[i].logit_bias[t] for t in tokens]
-    return {"bias_ids": ids, "bias_values": values}
+    """bias_ids and bias_values [size, W]."""
+    biases = {i: p.logit_bias for i, p in enumerate(params) if p is not None and p.logit_bias}
+    width = 1 << (max(map(len, biases.values())) - 1).bit_length() if biases else 0
+    return {"bias_ids": _slot_rows({i: list(b) for i, b in biases.items()}, size, width, -1, np.int32),
+            "bias_values": _slot_rows({i: list(b.values()) for i, b in biases.items()}, size, width, 0, np.float32)}
 
 
 TOP_LOGPROBS_MAX = 20
@@ -180,17 +177,11 @@ def sample(logits: jax.Array, params: SamplingBatch, candidates: int = CANDIDATE
     """
     logprobs_all = jax.nn.log_softmax(logits, axis=-1)
     if params.uses_penalties:
-        b, v = logits.shape
-        ids = params.penalized_ids
-        rows = jnp.broadcast_to(jnp.arange(b)[:, None], ids.shape)
-        counts = jnp.zeros((b, v), jnp.float32).at[rows, jnp.where(ids >= 0, ids, v)].add(1.0, mode="drop")
+        counts = _scatter_add(jnp.zeros_like(logits), params.penalized_ids, 1.0)
         logits = logits - params.frequency_penalty[:, None] * counts
         logits = logits - params.presence_penalty[:, None] * (counts > 0)
     if params.bias_ids.shape[1]:
-        b, v = logits.shape
-        rows = jnp.broadcast_to(jnp.arange(b)[:, None], params.bias_ids.shape)
-        logits = logits.at[rows, jnp.where(params.bias_ids >= 0, params.bias_ids, v)].add(params.bias_values,
-                                                                                          mode="drop")
+        logits = _scatter_add(logits, params.bias_ids, params.bias_values)
     greedy_tokens = jnp.argmax(logits, axis=-1)
     if params.all_greedy:
         tokens = greedy_tokens.astype(jnp.int32)
@@ -202,6 +193,12 @@ def sample(logits: jax.Array, params: SamplingBatch, candidates: int = CANDIDATE
     else:
         top_values, top_ids = jnp.zeros((logits.shape[0], 0)), jnp.zeros((logits.shape[0], 0), jnp.int32)
     return tokens, token_logprobs, top_ids.astype(jnp.int32), top_values
+
+
+def _scatter_add(dense: jax.Array, ids: jax.Array, values: jax.Array | float) -> jax.Array:
+    """dense [B, V] with values added at each slot's ids [B, W] (-1: none)."""
+    rows = jnp.broadcast_to(jnp.arange(dense.shape[0])[:, None], ids.shape)
+    return dense.at[rows, jnp.where(ids >= 0, ids, dense.shape[1])].add(values, mode="drop")
 
 
 def _draw(logits: jax.Array, params: SamplingBatch, candidates: int) -> jax.Array:

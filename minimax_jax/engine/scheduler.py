@@ -290,6 +290,7 @@ def assemble(plans: list[RankPlan | None], batch_buckets: list[int], token_bucke
     params: list = [None] * (d * b)
     sources = np.full((d * b,), -1, np.int32)
     seeds, sample_pos, outputs = [0] * (d * b), [0] * (d * b), [[] for _ in range(d * b)]
+    targets = None          # made only when a request scores its prompt: a compile of its own
     for rank, plan in enumerate(plans):
         if plan is None:
             continue
@@ -304,14 +305,11 @@ def assemble(plans: list[RankPlan | None], batch_buckets: list[int], token_bucke
             outputs[slot] = req.output_ids
             if plan.sources:
                 sources[slot] = plan.sources[i]
+            if req.logprob_start_len >= 0:
+                targets = np.full((d * b, t), -1, np.int32) if targets is None else targets
+                targets[slot, :n] = [req.target(p) for p in range(start, start + n)]
     sampling = SamplingBatch.build(params, seeds, sample_pos, d * b, outputs)
     fresh = t > 1 and all(start == 0 for p in live for start in p.starts)
     step = StepInput(tokens=tokens, positions=positions, valid=valid, page_table=page_table, fresh=fresh)
-    scheduled = ScheduledStep(plans, b, step, logit_index, sampling, sources)
-    targets = np.full((d * b, t), -1, np.int32)
-    for slot, req, start, n in scheduled.chunks():
-        if req.logprob_start_len >= 0:
-            targets[slot, :n] = [req.target(p) for p in range(start, start + n)]
-    if (targets >= 0).any():        # else no scoring (a compile of its own)
-        scheduled.targets = targets
-    return scheduled
+    scoring = targets is not None and (targets >= 0).any()      # a scoring request's decode steps score nothing
+    return ScheduledStep(plans, b, step, logit_index, sampling, sources, targets if scoring else None)

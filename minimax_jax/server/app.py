@@ -169,12 +169,12 @@ class OpenAIServing(_Serving):
         for prompt in prompts:
             ids = await self._prompt_ids(prompt)
             default = min(DEFAULT_COMPLETION_MAX_TOKENS, self.engine.context_length - len(ids))
+            if body.echo:
+                echoes += [prompt if isinstance(prompt, str) else self._text(ids)] * body.n
             for choice in range(body.n):
                 params = body.sampling_params(_max_tokens(body.max_tokens, default), body.logprobs or 0, choice)
                 reqs.append(self._make_request(ids, params, _choice_rid(rid, len(reqs), len(prompts) * body.n), names,
                                                logprob_start_len=0 if body.scores_prompt else -1))
-                if body.echo:
-                    echoes.append(prompt if isinstance(prompt, str) else self._text(ids))
         created, model = now(), self.config.served_model_name
         if body.stream:
             return _sse(_choices_then_usage(
