@@ -171,3 +171,71 @@ def test_a_next_turn_joins_the_dp_rank_that_holds_its_history(tiny_hf_dir):
     assert follow.scheduler is home and fresh.scheduler is engine.schedulers[1]
     engine.run_until_done()
     assert follow.cached_tokens == 16 and fresh.cached_tokens == 0
+
+
+def burst_scheduler(budget: int = 4096, page_size: int | None = 16):
+    from minimax_jax.engine.scheduler import Scheduler
+    return Scheduler(PageAllocator(10_000, page_size), 16, 64, 1024, budget)
+
+
+def request(rid: str, prompt: list[int]):
+    from minimax_jax.engine.sampling import SamplingParams
+    from minimax_jax.engine.scheduler import Request
+    return Request(rid=rid, prompt_ids=prompt, params=SamplingParams(max_new_tokens=4))
+
+
+def test_a_burst_is_admitted_a_prefill_steps_worth_at_a_time():
+    sched = burst_scheduler(budget=4096, page_size=None)
+    rng = np.random.RandomState(9)
+    for i in range(20):
+        sched.add(request(str(i), rng.randint(0, 512, 900).tolist()))
+    plan = sched.plan()
+    assert [len(c) for c in plan.chunks] == [900] * 4 + [496]
+    assert len(sched.running) == 5 and len(sched.waiting) == 15     # 5 x 900 >= 4096: the rest wait
+    sched.advance(plan)
+    sched.plan()
+    assert len(sched.running) == 10       # the fifth's 404 left + 5 x 900 more pass the budget
+
+
+def test_a_shared_system_prompt_in_a_burst_is_computed_once_and_unrelated_prompts_go_ahead():
+    """Six prompts of one 100-token system prompt and two unrelated ones, submitted at once: the
+    first step takes the first shared one and the unrelated ones; the other five wait for the
+    system prompt's pages and start on its 6 full pages of 16."""
+    rng = np.random.RandomState(10)
+    system = rng.randint(0, 512, 100).tolist()
+    sched = burst_scheduler()
+    shared = [request(f"s{i}", system + rng.randint(0, 512, 50).tolist()) for i in range(6)]
+    other = [request(f"o{i}", rng.randint(0, 512, 150).tolist()) for i in range(2)]
+    for req in shared[:3] + other + shared[3:]:
+        sched.add(req)
+    first = sched.plan()
+    assert [r.rid for r in first.requests] == ["s0", "o0", "o1"]
+    assert [r.rid for r in sched.waiting] == ["s1", "s2", "s3", "s4", "s5"]
+    sched.advance(first)
+    second = sched.plan()
+    assert [r.rid for r in second.requests] == ["s1", "s2", "s3", "s4", "s5"]
+    assert [r.cached_tokens for r in shared] == [0] + [96] * 5
+    assert all(len(c) == 150 - 96 for c in second.chunks)
+
+
+def test_without_prefix_caching_a_burst_sharing_a_system_prompt_is_not_held_back():
+    sched = burst_scheduler(page_size=None)
+    system = list(range(100))
+    for i in range(4):
+        sched.add(request(str(i), system + [200 + i] * 20))
+    assert len(sched.plan().requests) == 4
+
+
+def test_a_burst_sharing_a_system_prompt_gets_the_tokens_computed_without_the_cache(tiny_hf_dir, monkeypatch):
+    from minimax_jax.engine import scheduler
+    monkeypatch.setattr(scheduler, "SHARED_HEAD_TOKENS", 8)           # two pages of 4: prompts fit 64 tokens
+    rng = np.random.RandomState(11)
+    system = rng.randint(0, 512, 10).tolist()
+    prompts = [system + rng.randint(0, 512, n).tolist() for n in (3, 6, 1, 4)]
+    cold = make_engine(tiny_hf_dir, disable_radix_cache=True)
+    want = cold.generate(input_ids=prompts, sampling_params=GREEDY)
+    engine = make_engine(tiny_hf_dir)
+    got = engine.generate(input_ids=prompts, sampling_params=GREEDY)
+    assert [out["output_ids"] for out in got] == [out["output_ids"] for out in want]
+    assert [out["meta_info"]["cached_tokens"] for out in got] == [0, 8, 8, 8]
+    assert engine.kv_pages_used == 0

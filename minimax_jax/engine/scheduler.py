@@ -4,11 +4,14 @@ Each dp rank has its own Scheduler. A rank plans either prefill chunks of its ad
 one decode token for each running request; `assemble` pads all ranks' plans to one [D*B, T]
 bucket (B and T from a small fixed set) so the jitted step compiles once per bucket. A decode
 rank beside a prefilling one rides the same step as one-token chunks. A request is admitted only when pages for
-its whole prompt plus max_new_tokens are free, so a running request never runs out of pages.
+its whole prompt plus max_new_tokens are free, so a running request never runs out of pages, and
+only as the next prefill step has room for it.
 
 With prefix caching (the allocator's), an admitted prompt starts on the cached pages that hold its
 first full pages, less its last token (whose logits the first step needs), and prefills from
-there; a request's full pages are cached once its prompt is prefilled and when it ends.
+there; a request's full pages are cached as its prompt's chunks are computed and when it ends. A
+burst of prompts sharing a system prompt computes it once: the first is admitted, the others wait
+a step for its pages (`Scheduler._admit`).
 """
 
 from __future__ import annotations
@@ -137,6 +140,9 @@ def powers_of_two(lo: int, hi: int) -> list[int]:
     return out + [hi]
 
 
+SHARED_HEAD_TOKENS = 64        # a prompt sharing this many first tokens with one prefilling waits for its pages
+
+
 class Scheduler:
     """The requests of one dp rank and the pages of its share of the KV cache."""
 
@@ -204,17 +210,45 @@ class Scheduler:
         return computed_from // self.page_size
 
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_running:
-            req = self.waiting[0]
+        """Admits waiting requests, oldest first, while their pages are free and the next prefill
+        step has room for them: a burst is admitted a step's worth at a time, so a prompt admitted
+        later starts on the pages the ones before it cached. A prompt whose first pages (at least
+        SHARED_HEAD_TOKENS) equal those of a prompt still prefilling waits until they are cached
+        (a shared system prompt is computed once, not once per request of the step)."""
+        prefilling = [r for r in self.running if not r.prefilled]
+        demand = sum(self._next_chunk(r) for r in prefilling)
+        heads = {self._head(r.prompt_ids) for r in prefilling} - {None}
+        deferred = []
+        while self.waiting and len(self.running) < self.max_running and demand < self.max_prefill_tokens:
+            req = self.waiting.popleft()
+            head = self._head(req.prompt_ids)
+            head_pages = len(head or ()) // self.page_size
+            if head in heads and len(self.allocator.cached(req.prompt_ids, head_pages)) < head_pages:
+                deferred.append(req)
+                continue
             cached = self.allocator.match(req.prompt_ids, self._max_cached_pages(req.prompt_ids, req.logprob_start_len))
             need = self._pages_needed(req) - len(cached)
             if need > self.allocator.num_free:
                 self.allocator.free(cached)
+                self.waiting.appendleft(req)
                 break
-            self.waiting.popleft()
             req.pages = cached + self.allocator.allocate(need)
             req.num_computed = req.cached_tokens = len(cached) * self.page_size
             self.running.append(req)
+            demand += self._next_chunk(req)
+            heads.add(head)
+        self.waiting.extendleft(reversed(deferred))
+
+    def _next_chunk(self, req: Request) -> int:
+        return min(len(req.prompt_ids) - req.num_computed, self.chunk_size)
+
+    def _head(self, prompt: list[int]) -> tuple[int, ...] | None:
+        """The prompt's first full pages of at least SHARED_HEAD_TOKENS tokens, when the prefix
+        cache could hold them (its last token is always computed), else None."""
+        if not self.allocator.prefix_caching:
+            return None
+        length = -(-SHARED_HEAD_TOKENS // self.page_size) * self.page_size
+        return tuple(prompt[:length]) if len(prompt) > length else None
 
     # -- step assembly -------------------------------------------------------------------------
 
@@ -260,13 +294,14 @@ class Scheduler:
         return plan
 
     def advance(self, plan: RankPlan) -> None:
-        """Marks the plan's tokens as computed (their KV is now in the cache); a prompt now
-        prefilled has its full pages cached for the requests after it."""
+        """Marks the plan's tokens as computed (their KV is now in the cache, or being written by
+        the step in flight, ahead of any step that reads it); the full pages of each chunk's
+        prompt computed so far are cached for the requests after it."""
         for req, chunk in zip(plan.requests, plan.chunks):
-            was_prefilled = req.prefilled
+            prefilling = not req.prefilled
             req.num_computed += len(chunk)
-            if req.prefilled and not was_prefilled:
-                self.allocator.remember(req.prompt_ids, req.pages)
+            if prefilling:
+                self.allocator.remember(req.prompt_ids[:req.num_computed], req.pages)
 
 
 def assemble(plans: list[RankPlan | None], batch_buckets: list[int], token_buckets: list[int],
