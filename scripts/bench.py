@@ -686,7 +686,9 @@ def bench_engine(args) -> None:
     prompts = workload_prompts(args, engine.cfg.vocab_size)
     warm = prompts[:args.warmup_requests] if args.warmup_requests else prompts
     warm_params = dict(params, max_new_tokens=args.warmup_output or args.output)
-    engine.generate(input_ids=warm, sampling_params=warm_params)    # the same shapes compile their buckets
+    score = dict(logprob_start_len=args.logprob_start_len)
+    # the same shapes compile their buckets (the scoring steps theirs)
+    engine.generate(input_ids=warm, sampling_params=warm_params, return_logprob=args.logprob_start_len >= 0, **score)
     engine.flush_cache()        # the measured prompts are the warm-up's: none may start on its pages
     # the decode batch of the full concurrency compiles here, at every page-table width its
     # contexts reach, not inside the measured wall (run BG's wall held one such compile, about 3 s)
@@ -700,7 +702,7 @@ def bench_engine(args) -> None:
     engine.step_times.clear()
     floors: list[float] = []
     engine.on_step.append(decode_floor_hook(engine, bandwidth, floors))
-    reqs = [engine.make_request(input_ids=p, sampling_params=params) for p in prompts]
+    reqs = [engine.make_request(input_ids=p, sampling_params=params, **score) for p in prompts]
     submitted, first, last = {}, {}, {}
     waiting = list(reversed(reqs))
     start = time.perf_counter()
@@ -725,6 +727,7 @@ def bench_engine(args) -> None:
     moe_tp = " moe-tp" if args.ep_size == 1 else ""
     graphs = f" cuda-graph-max-bs={args.cuda_graph_max_bs}" if args.cuda_graph_max_bs else ""
     graphs += " no-radix-cache" if args.disable_radix_cache else ""
+    graphs += f" prompt-logprobs-from={args.logprob_start_len}" if args.logprob_start_len >= 0 else ""
     tag = (f"{args.engine_layout.upper()}{n}{moe_tp} {args.engine_layers}L {workload_name(args)} "
            f"attn={args.attention_backend} moe={args.moe_kernel}{dispatch}{graphs}")
     record_latencies(tag, wall, [(submitted[r.rid], first[r.rid], last[r.rid], len(r.output_ids)) for r in reqs],
@@ -733,6 +736,10 @@ def bench_engine(args) -> None:
         cached, total = sum(r.cached_tokens for r in reqs), sum(len(p) for p in prompts)
         record("engine", f"{tag} prompt tokens from the prefix cache", cached / total, "fraction",
                f"{cached} of {total} prompt tokens")
+    if args.logprob_start_len >= 0:
+        scored = sum(x is not None for r in reqs for x in r.input_logprobs)
+        record("engine", f"{tag} prompt tokens scored", scored, "tokens",
+               f"of {sum(len(p) for p in prompts)} prompt tokens; every prompt from position {args.logprob_start_len}")
     times = list(engine.step_times)
     for kind in ("prefill", "decode"):
         steps = [s for s in times if s["kind"] == kind]
@@ -1162,6 +1169,9 @@ def parse_args(argv=None):
                    "prompt is, for the prefix cache (default: 0, every token random)")
     p.add_argument("--disable-radix-cache", action="store_true",
                    help="engine and profile: no prefix caching (serve.py's flag)")
+    p.add_argument("--logprob-start-len", type=int, default=-1,
+                   help="engine: every request also scores its prompt's tokens from this position on (sglang's "
+                   "logprob_start_len; what /v1/completions with echo and logprobs asks), default -1: none")
     p.add_argument("--hf-batch", type=int, default=16)
     p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--xla-flag-sets", nargs="+", choices=list(XLA_FLAG_SETS),

@@ -42,6 +42,12 @@ def test_a_shared_prefix_is_computed_once_then_read_from_the_prefix_cache(tmp_pa
     assert list(share.values()) == [3 * 16 / (4 * 24)], share
 
 
+def test_prompt_logprobs_score_every_prompt_token_after_the_start(tmp_path):
+    rows, _ = run_bench(tmp_path, "--sections", "engine", "--requests", "3", "--logprob-start-len", "5")
+    scored = [r["value"] for r in rows if r["variant"].endswith("prompt tokens scored")]
+    assert scored == [3 * (24 - 5)], scored      # position 5 and on of each 24-token prompt
+
+
 def test_fp8_kernel_section_runs_its_reference_on_cpus(tmp_path):
     rows, _ = run_bench(tmp_path, "--sections", "kernels", "--quantization", "fp8")
     assert [r["variant"] for r in rows if r["section"] == "kernels"] == [
