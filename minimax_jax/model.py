@@ -375,7 +375,7 @@ class Experts(nnx.Module):
             self.w2 = _normal(rngs, (e, h, i), jnp.float8_e4m3fn, std=1.0)
             self.w2_scale = nnx.Param(jnp.full((e, -(-h // 128), -(-i // 128)), 0.02, jnp.float32))
         elif expert_format == "nvfp4":    # uniform random codes, std ~0.02 after scaling
-            codes = lambda shape: nnx.Param(jax.random.randint(rngs.params(), shape, 0, 256, jnp.int32).astype(jnp.uint8))
+            codes = lambda shape: nnx.Param(jax.random.bits(rngs.params(), shape, jnp.uint8))
             scale = lambda shape: nnx.Param(jnp.full(shape, 0.01, jnp.float32).astype(jnp.float8_e4m3fn))
             self.w13, self.w13_scale = codes((e, 2, i, h // 2)), scale((e, 2, i, h // 16))
             self.w13_scale_2 = nnx.Param(jnp.ones((e, 2), jnp.float32))
@@ -434,20 +434,21 @@ class Experts(nnx.Module):
         """The routed experts' weighted sum [N, H], summed in fp32, in out_dtype. x: [N, H], or
         with rounded what `token_rounding` made of it. layer: this module's arrays hold every
         layer's experts ([L, ...]) and this layer's run; the Mosaic FP8 kernels read them in
-        place, and so does a few pairs' FP8 kernel on Hopper GPUs (`ops.pair_experts`); every
-        other path takes the layer's slice."""
+        place, and so do a few pairs' FP8 and NVFP4 kernels on Hopper GPUs (`ops.pair_experts`);
+        every other path takes the layer's slice."""
         share = self.num_local / self.num_experts
         kernel, per_pair = self._path(expert_ids.size)
         if layer is not None and self.w13.ndim != 5:
             raise ValueError(f"a layer index needs experts stacked over layers (w13 [L, ...], 5-D); got w13 "
                              f"{self.w13.shape}")
         local = expert_ids - first_expert
-        if per_pair and self.format == "fp8" and moe_ops.on_hopper() and all(
+        if per_pair and self.format != "bf16" and moe_ops.on_hopper() and all(
                 pair_experts.supports(w[...]) for w in (self.w13, self.w2)):    # reads each pair's expert in place
             mine = (local >= 0) & (local < self.num_local)
-            return moe_ops.per_pair_experts_fp8(x, expert_ids, weights, local, mine, self.w13[...],
-                                                self.w13_scale[...], self.w2[...], self.w2_scale[...],
-                                                layer).astype(out_dtype)
+            quantised = ((self.w13, self.w13_scale, self.w2, self.w2_scale) if self.format == "fp8" else
+                         (self.w13, self.w13_scale, self.w13_scale_2, self.w2, self.w2_scale, self.w2_scale_2))
+            in_place = moe_ops.per_pair_experts_fp8 if self.format == "fp8" else moe_ops.per_pair_experts_nvfp4
+            return in_place(x, expert_ids, weights, local, mine, *(a[...] for a in quantised), layer).astype(out_dtype)
         if layer is not None and (per_pair or kernel not in moe_ops.STACKED_KERNELS):
             graphdef, state = nnx.split(self)
             return nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], state))(x, expert_ids, weights, first_expert,

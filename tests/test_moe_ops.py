@@ -438,9 +438,10 @@ def test_mosaic_fp8_matmuls_read_a_layer_of_stacked_weights_as_its_slice(kernel)
         moe.fp8_matmuls(w13, s13, w2, s2, layer=jnp.int32(1), kernel="xla-w8a8")
 
 
-@pytest.mark.parametrize("kernel,tokens", [("mosaic-ws-w8a8", 40), ("mosaic-fp8", 40), ("xla", 40),
-                                           ("xla-w8a8", 40), ("auto", 1)])
-def test_stacked_experts_given_a_layer_equal_that_layers_own_module(kernel, tokens, monkeypatch):
+@pytest.mark.parametrize("kernel,tokens,expert_format", [
+    ("mosaic-ws-w8a8", 40, "fp8"), ("mosaic-fp8", 40, "fp8"), ("xla", 40, "fp8"), ("xla-w8a8", 40, "fp8"),
+    ("auto", 1, "fp8"), ("auto", 1, "nvfp4")])
+def test_stacked_experts_given_a_layer_equal_that_layers_own_module(kernel, tokens, expert_format, monkeypatch):
     """The model's scan hands Experts every layer's weights and the layer's index: through the
     Mosaic FP8 kernels (which read the layer in place), through a per-layer slice (every other
     path), and for few tokens on a Hopper GPU (each pair's expert read in place by the pair
@@ -451,7 +452,7 @@ def test_stacked_experts_given_a_layer_equal_that_layers_own_module(kernel, toke
     from minimax_jax.config import preset
     from minimax_jax.model import Experts
     cfg = dataclasses.replace(preset("tiny"), hidden_size=256, intermediate_size=256, num_experts=4)
-    layers = [Experts(cfg, jnp.bfloat16, nnx.Rngs(i), expert_format="fp8") for i in range(3)]
+    layers = [Experts(cfg, jnp.bfloat16, nnx.Rngs(i), expert_format=expert_format) for i in range(3)]
     graphdef, _ = nnx.split(layers[0])
     stacked = nnx.merge(graphdef, jax.tree.map(lambda *a: jnp.stack(a), *[nnx.split(e)[1] for e in layers]))
     for experts in layers + [stacked]:
@@ -462,9 +463,17 @@ def test_stacked_experts_given_a_layer_equal_that_layers_own_module(kernel, toke
         tiles.append(kwargs.get("block_m"))
         return fp8_matmuls(*args, **kwargs, **INTERPRET)
     monkeypatch.setattr(moe, "fp8_matmuls", fp8_matmuls_interpreted)
-    pair_products = pair_experts.pair_products
-    monkeypatch.setattr(pair_experts, "pair_products",
-                        lambda *args, **kwargs: pair_products(*args, **{**kwargs, "interpret": not ON_GPU}))
+    pair_kernels = []
+
+    def interpreted(name):
+        kernel_fn = getattr(pair_experts, name)
+
+        def run(*args, **kwargs):
+            pair_kernels.append(name)
+            return kernel_fn(*args, **{**kwargs, "interpret": not ON_GPU})
+        return run
+    for name in ("pair_products", "pair_products_nvfp4"):
+        monkeypatch.setattr(pair_experts, name, interpreted(name))
     monkeypatch.setattr(moe, "on_hopper", lambda: True)
     rng = np.random.RandomState(14)
     x = jnp.asarray(rng.standard_normal((tokens, 256)), jnp.bfloat16)
@@ -472,6 +481,8 @@ def test_stacked_experts_given_a_layer_equal_that_layers_own_module(kernel, toke
     weights = jnp.asarray(rng.random((tokens, 2)), jnp.float32)
     got = np.asarray(stacked(x, ids, weights, first_expert=0, layer=jnp.int32(1)))
     np.testing.assert_array_equal(got, np.asarray(layers[1](x, ids, weights, first_expert=0)))
+    if tokens == 1:         # both products of every call through the format's pair kernel
+        assert pair_kernels == 4 * [{"fp8": "pair_products", "nvfp4": "pair_products_nvfp4"}[expert_format]]
     if kernel == "mosaic-ws-w8a8":
         assert set(tiles) == {64}
     assert np.abs(got - np.asarray(layers[2](x, ids, weights, first_expert=0))).max() > 0
@@ -619,3 +630,81 @@ def test_pair_products_read_each_tokens_row_for_all_its_choices():
     out = pair_experts.pair_products(rows, w, scale, 1, experts, pairs_per_row=2, interpret=not ON_GPU)
     ref = pair_experts.reference(jnp.repeat(rows, 2, axis=0), w, scale, 1, jnp.asarray([2, 0, 1, 0], jnp.int32))
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+
+
+def test_e2m1_codes_read_as_e4m3_are_their_values_over_64_for_every_byte():
+    from quant import nvfp4
+    codes = jnp.arange(256, dtype=jnp.uint8)
+    low, high = pair_experts.e2m1_as_e4m3(codes)
+    np.testing.assert_array_equal(np.asarray(low.astype(jnp.float32)) * 64, np.asarray(nvfp4.decode_e2m1(codes)))
+    np.testing.assert_array_equal(np.asarray(high.astype(jnp.float32)) * 64, np.asarray(nvfp4.decode_e2m1(codes >> 4)))
+
+
+def nvfp4_experts(rng, shape, parts):
+    """Random weights [L, E, N, K] quantised as ModelOpt does, one global scale per part of N."""
+    from quant import nvfp4
+    w = rng.standard_normal(shape).astype(np.float32) * 0.05
+    g = (np.abs(w).reshape(*shape[:2], parts, -1).max(-1) / (6 * 448)).astype(np.float32)         # [L, E, G]
+    q = nvfp4.quantize(w, np.repeat(g, shape[2] // parts, axis=-1)[..., None])
+    return q.codes, q.scales, jnp.asarray(g)
+
+
+@pytest.mark.parametrize("splits,wrapping_scales", [(1, False), (2, False), (2, True)])
+def test_nvfp4_pair_products_equal_the_reference(splits, wrapping_scales, monkeypatch):
+    """Pair r reads row r // 2 against its expert's codes, E4M3 scales and the global scale of
+    its half of N (a gate/up pair's two tensors); an expert id out of range reads expert 0.
+    Scales the kernel would read at wrapped offsets are gathered for the pairs first."""
+    from minimax_jax.ops import triton_common
+    rng = np.random.RandomState(6)
+    codes, scales, g = nvfp4_experts(rng, (2, 3, 64, 1024), parts=2)
+    if wrapping_scales:
+        monkeypatch.setattr(triton_common, "offsets_wrap", lambda a: a.dtype == jnp.float8_e4m3fn)
+    rows = jnp.asarray(rng.standard_normal((2, 1024)), jnp.bfloat16)
+    experts = jnp.asarray([2, 0, 1, 7], jnp.int32)
+    out = pair_experts.pair_products_nvfp4(rows, codes, scales, g, 1, experts, pairs_per_row=2, splits=splits,
+                                           block_n=16, interpret=not ON_GPU)
+    ref = pair_experts.reference_nvfp4(jnp.repeat(rows, 2, axis=0), codes, scales, g, 1,
+                                       jnp.asarray([2, 0, 1, 0], jnp.int32))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+    assert np.abs(np.asarray(ref[:, :32]) - np.asarray(ref[:, 32:])).max() > 0.1 * float(jnp.abs(ref).max())
+
+
+def test_nvfp4_pairs_read_in_place_equal_the_per_pair_path_on_dequantised_experts():
+    """`test_fp8_pairs_read_in_place_equal_the_per_pair_path_on_dequantised_experts` for NVFP4
+    experts as `model.Experts` holds them."""
+    from quant import nvfp4
+    rng = np.random.RandomState(7)
+    layers, experts, hidden, inter = 2, 4, 256, 256
+    c13, s13, g13 = nvfp4_experts(rng, (layers, experts, 2 * inter, hidden), parts=2)
+    c2, s2, g2 = nvfp4_experts(rng, (layers, experts, hidden, inter), parts=1)
+    w13 = (c13.reshape(layers, experts, 2, inter, -1), s13.reshape(layers, experts, 2, inter, -1), g13)
+    w2 = (c2, s2, g2[..., 0])
+    x = jnp.asarray(rng.standard_normal((2, hidden)), jnp.float32)
+    expert_ids = jnp.asarray([[5, 2], [3, 9]], jnp.int32)            # global ids; this device holds 2..5
+    weights = jnp.asarray([[0.7, 0.3], [0.6, 0.4]], jnp.float32)
+    local = expert_ids - 2
+    mine = (local >= 0) & (local < experts)
+    out = moe.per_pair_experts_nvfp4(x, expert_ids, weights, local, mine, *w13, *w2, 1, interpret=not ON_GPU)
+    picked = jnp.where(mine, local, 0).reshape(-1)
+    dense13 = nvfp4.dequantize(nvfp4.NVFP4Array(w13[0][1], w13[1][1], w13[2][1][..., None, None]))
+    dense2 = nvfp4.dequantize(nvfp4.NVFP4Array(w2[0][1], w2[1][1], w2[2][1][..., None, None]))
+    ref = moe.per_pair_experts(x, expert_ids, weights, dense13[picked].transpose(0, 3, 1, 2),
+                               dense2[picked].transpose(0, 2, 1), mine)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+    other = moe.per_pair_experts_nvfp4(x, expert_ids, weights, local, mine, *w13, *w2, 0, interpret=not ON_GPU)
+    assert not np.allclose(np.asarray(other), np.asarray(ref), atol=1e-2 * float(jnp.abs(ref).max()))
+
+
+def test_nvfp4_pair_kernel_lowers_for_gpus_at_full_size():
+    """One request's gate/up pairs at 62 layers on one device (256 experts of 2 x 1536 rows), and
+    on TP4, whose 2.3e9 scale bytes the kernel would read at wrapped offsets (gathered first)."""
+    from minimax_jax.ops import triton_common
+    for inter in (1536, 384):
+        args = (jax.ShapeDtypeStruct((1, 3072), jnp.bfloat16),
+                jax.ShapeDtypeStruct((62, 256, 2 * inter, 1536), jnp.uint8),
+                jax.ShapeDtypeStruct((62, 256, 2 * inter, 192), jnp.float8_e4m3fn),
+                jax.ShapeDtypeStruct((62, 256, 2), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32),
+                jax.ShapeDtypeStruct((8,), jnp.int32))
+        f = jax.jit(functools.partial(pair_experts.pair_products_nvfp4, pairs_per_row=8))
+        assert "xla.gpu.triton" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert triton_common.offsets_wrap(args[2]) == (inter == 384)

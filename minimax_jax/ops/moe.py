@@ -406,6 +406,31 @@ def per_pair_experts_fp8(x: jax.Array, expert_ids: jax.Array, weights: jax.Array
     return y.reshape(n, k, -1).sum(axis=1)
 
 
+def per_pair_experts_nvfp4(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, local: jax.Array,
+                           mine: jax.Array, w13: jax.Array, w13_scale: jax.Array, w13_scale_2: jax.Array,
+                           w2: jax.Array, w2_scale: jax.Array, w2_scale_2: jax.Array, layer: jax.Array | int | None,
+                           interpret: bool = False) -> jax.Array:
+    """`per_pair_experts_fp8` on NVFP4 experts as `model.Experts` holds them (w13 uint8 [L, E, 2,
+    I, H/2], w13_scale [L, E, 2, I, H/16], w13_scale_2 [L, E, 2], w2 [L, E, H, I/2], w2_scale
+    [L, E, H, I/16], w2_scale_2 [L, E]; layer None: unstacked), each pair's expert read in place
+    by `pair_experts.pair_products_nvfp4`. Returns fp32 [N, H]."""
+    if layer is None:
+        w13, w13_scale, w13_scale_2, w2, w2_scale, w2_scale_2 = (
+            a[None] for a in (w13, w13_scale, w13_scale_2, w2, w2_scale, w2_scale_2))
+        layer = 0
+    n, k = expert_ids.shape
+    layers, e, _, inter, half_hidden = w13.shape
+    experts = local.reshape(-1)         # the kernel reads expert 0 for pairs not `mine`, dropped below
+    gate_up = pair_experts.pair_products_nvfp4(
+        x, w13.reshape(layers, e, 2 * inter, half_hidden), w13_scale.reshape(layers, e, 2 * inter, -1), w13_scale_2,
+        layer, experts, pairs_per_row=k, interpret=interpret)
+    act = (jax.nn.silu(gate_up[:, :inter]) * gate_up[:, inter:]).astype(x.dtype)
+    y = pair_experts.pair_products_nvfp4(act, w2, w2_scale, w2_scale_2[..., None], layer, experts,
+                                         interpret=interpret)
+    y = jnp.where(mine.reshape(-1, 1), y * weights.reshape(-1, 1), 0.0)
+    return y.reshape(n, k, -1).sum(axis=1)
+
+
 def per_pair_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w13: jax.Array,
                      w2: jax.Array, mine: jax.Array) -> jax.Array:
     """The same sum for few tokens: pair r = (token, choice) multiplies by its own expert's

@@ -1,5 +1,5 @@
-"""A few tokens' routed experts in FP8, each (token, expert) pair against its own expert's
-weights read in place from the weights stacked over layers and experts.
+"""A few tokens' routed experts in FP8 or NVFP4, each (token, expert) pair against its own
+expert's weights read in place from the weights stacked over layers and experts.
 
 One request's decode picks 8 experts a layer. The grouped GEMM path would stream every local
 expert (or, in its row buckets, whole 128-row tiles per expert); the per-pair path of
@@ -7,6 +7,7 @@ expert (or, in its row buckets, whole 128-row tiles per expert); the per-pair pa
 two einsums, writing and reading again twice the FP8 bytes. Here a Pallas (Triton) kernel runs
 one program per (pair, block of output channels) that walks its expert's FP8 rows once, widening
 them in registers: weight-only numbers (the rows are not rounded), products and sums in fp32.
+`pair_products_nvfp4` does the same for ModelOpt's NVFP4 experts, reading half a byte a weight.
 """
 
 from __future__ import annotations
@@ -75,6 +76,104 @@ def pair_products(rows: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.
     return out.sum(axis=0)
 
 
+def nvfp4_block_k(k: int) -> int:
+    """Weights a program widens per step along K: 256 (128 bytes of codes a row), or the largest
+    smaller power of two dividing K (TP4's down product: K = 384)."""
+    return next(b for b in (256, 128, 64, 32, 16) if k % b == 0)
+
+
+def e2m1_as_e4m3(codes: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(low, high) nibbles of uint8 NVFP4 codes as float8_e4m3fn values 2**-6 times theirs.
+
+    An E2M1 code's magnitude bits (2 of exponent, 1 of mantissa) placed as an E4M3 number's lowest
+    exponent and highest mantissa bits read as its value over 64, subnormals included (E2M1's 0.5
+    is E4M3's subnormal 2**-7), and the sign moves to bit 7: a few bit operations a weight, and
+    the GPU's converter widens the FP8 (Hopper has no FP4 instructions)."""
+    low = ((codes & 0x07) << 2) | ((codes & 0x08) << 4)
+    high = ((codes >> 2) & 0x1C) | (codes & 0x80)
+    as_fp8 = lambda bits: jax.lax.bitcast_convert_type(bits, jnp.float8_e4m3fn)  # noqa: E731
+    return as_fp8(low), as_fp8(high)
+
+
+def pair_products_nvfp4(rows: jax.Array, codes: jax.Array, scales: jax.Array, global_scales: jax.Array,
+                        layer: jax.Array | int, experts: jax.Array, *, pairs_per_row: int = 1, block_n: int = 32,
+                        block_k: int | None = None, splits: int | None = None, num_warps: int = 4,
+                        num_stages: int = 3, interpret: bool = False) -> jax.Array:
+    """Pair r: rows[r // pairs_per_row] @ dequantised w[layer, experts[r]].T -> fp32 [R, N], w
+    in NVFP4 (`quant.nvfp4`: two E2M1 codes a byte, an E4M3 scale per 16 weights, an fp32 scale
+    per tensor).
+
+    codes: uint8 [L, E, N, K/2]; scales: float8_e4m3fn [L, E, N, K/16]; global_scales: fp32
+    [L, E, G], the N rows in G equal parts of one global scale each (a gate/up pair's two
+    tensors: G = 2); experts as `pair_products`; block_k: None `nvfp4_block_k`; splits: None 4
+    where K holds at least 8 steps of block_k, a multiple of 4, else 1. The rows are read as two halves, the even and
+    the odd columns (the codes' low and high nibbles), split here, where XLA folds it into the
+    rows' producer. Scales the kernel would read at wrapped offsets (`triton_common.offsets_wrap`:
+    2-4 GiB of them, e.g. 62 layers' gate/up on TP4) are gathered for the pairs first, one small
+    XLA gather."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    r, k = experts.size, rows.shape[1]
+    layers, e, n, half_k = codes.shape
+    parts = global_scales.shape[-1]
+    group = 16                                      # weights per E4M3 scale
+    block_k = block_k or nvfp4_block_k(k)
+    if splits is None:
+        splits = 4 if k // block_k >= 8 and (k // block_k) % 4 == 0 else 1
+    if (half_k * 2 != k or k % (block_k * splits) or n % parts or (n // parts) % block_n
+            or scales.shape != (layers, e, n, k // group) or global_scales.shape[:2] != (layers, e)
+            or not supports(codes) or rows.shape[0] * pairs_per_row < r):
+        raise ValueError(f"pair_products_nvfp4 needs a row [K] for every {pairs_per_row} of the {r} pairs, codes "
+                         f"[L, E, N, K/2], scales [L, E, N, K/{group}], global_scales [L, E, G] with N/G a multiple "
+                         f"of block_n {block_n}, K a multiple of block_k {block_k} x splits {splits}, and codes of at "
+                         f"most 2**31 entries or over 4 GiB; got rows {rows.shape}, codes {codes.shape}, scales "
+                         f"{scales.shape}, global_scales {global_scales.shape}")
+    steps = k // block_k // splits
+    step_bytes, step_groups = block_k // 2, block_k // group
+    gathered = triton_common.offsets_wrap(scales)
+    if gathered:
+        safe = jnp.where((experts >= 0) & (experts < e), experts, 0)
+        scales = jnp.asarray(scales)[jnp.asarray(layer, jnp.int32), safe][None]             # [1, R, N, K/16]
+
+    def kernel(layer_ref, expert_ref, x_ref, w_ref, s_ref, g_ref, o_ref):
+        expert = expert_ref[0]
+        expert = jnp.where((expert >= 0) & (expert < e), expert, 0)
+        tensor = layer_ref[0] * e + expert
+        start = tensor * n + pl.program_id(1) * block_n
+        scale_start = (pl.program_id(0) * n + pl.program_id(1) * block_n) if gathered else start
+        global_scale = g_ref[tensor * parts + pl.program_id(1) * block_n // (n // parts)]
+
+        def step(kb, acc):
+            low, high = e2m1_as_e4m3(w_ref[pl.ds(start, block_n), pl.ds(kb * step_bytes, step_bytes)])
+            even = x_ref[pl.ds(kb * step_bytes, step_bytes)].astype(jnp.float32)
+            odd = x_ref[pl.ds(half_k + kb * step_bytes, step_bytes)].astype(jnp.float32)
+            products = low.astype(jnp.float32) * even[None, :] + high.astype(jnp.float32) * odd[None, :]
+            per_scale = jnp.sum(products.reshape(block_n, step_groups, group // 2), axis=2)
+            s = s_ref[pl.ds(scale_start, block_n), pl.ds(kb * step_groups, step_groups)].astype(jnp.float32)
+            return acc + jnp.sum(per_scale * s, axis=1)
+
+        first = pl.program_id(2) * steps
+        acc = jax.lax.fori_loop(first, first + steps, step, jnp.zeros((block_n,), jnp.float32))
+        o_ref[...] = acc * (global_scale * 64.0)            # 64: the E4M3 reading of a code is its value / 64
+
+    deinterleaved = jnp.concatenate([rows[:, 0::2], rows[:, 1::2]], axis=1)
+    out = pl.pallas_call(
+        kernel, grid=(r, n // block_n, splits),
+        in_specs=[whole_block((1,)), pl.BlockSpec((None, 1), lambda i, j, s: (i, 0)),
+                  pl.BlockSpec((None, k), lambda i, j, s: (i // pairs_per_row, 0)),
+                  whole_block((layers * e * n, half_k)), whole_block((scales.size // (k // group), k // group)),
+                  whole_block((layers * e * parts,))],
+        out_specs=pl.BlockSpec((None, None, block_n), lambda i, j, s: (s, i, j)),
+        out_shape=jax.ShapeDtypeStruct((splits, r, n), jnp.float32),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret, name="nvfp4_pair_products",
+    )(jnp.asarray(layer, jnp.int32).reshape(1), experts.astype(jnp.int32).reshape(r, 1), deinterleaved,
+      codes.reshape(layers * e * n, half_k), scales.reshape(-1, k // group),
+      global_scales.astype(jnp.float32).reshape(-1))
+    return out.sum(axis=0)
+
+
 def supports(w: jax.Array | jax.ShapeDtypeStruct) -> bool:
     """Whether the kernel reads these weights at the right offsets (`triton_common.offsets_wrap`)."""
     return not triton_common.offsets_wrap(w)
@@ -85,4 +184,15 @@ def reference(rows: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Arra
     """`pair_products` in XLA: each pair's expert dequantised to fp32."""
     from quant import fp8
     picked = fp8.dequantize_blockwise(w[layer][experts], w_scale[layer][experts])       # [R, N, K]
+    return jnp.einsum("rk,rnk->rn", rows.astype(jnp.float32), picked, precision=jax.lax.Precision.HIGHEST)
+
+
+def reference_nvfp4(rows: jax.Array, codes: jax.Array, scales: jax.Array, global_scales: jax.Array,
+                    layer: jax.Array | int, experts: jax.Array) -> jax.Array:
+    """`pair_products_nvfp4` in XLA: each pair's expert dequantised to fp32."""
+    from quant import nvfp4
+    layers, e, n, _ = codes.shape
+    parts = global_scales.shape[-1]
+    g = jnp.repeat(global_scales[layer][experts], n // parts, axis=-1)[..., None]         # [R, N, 1]
+    picked = nvfp4.dequantize(nvfp4.NVFP4Array(codes[layer][experts], scales[layer][experts], g))
     return jnp.einsum("rk,rnk->rn", rows.astype(jnp.float32), picked, precision=jax.lax.Precision.HIGHEST)
