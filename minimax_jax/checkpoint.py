@@ -4,7 +4,7 @@ Layout of a converted checkpoint directory (docs/checkpoints.md):
 
     manifest.json   what was converted and how; "complete": true is written last
     state/          an orbax PyTree checkpoint (non-OCDBT, zarr3), one array per parameter, named
-                    like orbax names it ("layers.attn.wq"); stacked [layers, ...] parameters are
+                    like orbax names it ("layers.attn.wqkv"); stacked [layers, ...] parameters are
                     chunked one layer per file, split into small inner chunks (zarr3 sharding)
     tokenizer.json, tokenizer_config.json, ...   copied from the source directory
 
@@ -499,7 +499,7 @@ def restore_model(path: str | Path, dtype: Any = jnp.bfloat16, shardings: Shardi
 
     dtype: the compute dtype (dense weights stored in another float dtype are cast while read).
     shardings(key, abstract_leaf) gives each parameter's jax Sharding (key like
-    ('layers', 'attn', 'wq'), abstract_leaf a ShapeDtypeStruct), as for loader.load_model;
+    ('layers', 'attn', 'wqkv'), abstract_leaf a ShapeDtypeStruct), as for loader.load_model;
     None puts everything on the default device. expert_format / config, when given, must be
     what the checkpoint was converted for.
     """

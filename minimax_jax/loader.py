@@ -71,7 +71,7 @@ def load_model(path: str | Path, dtype: Any = jnp.bfloat16, quantization: str | 
 
     quantization: the experts' format on device in sglang's names ("fp8", "modelopt_fp4"), or
     None for the compute dtype. shardings(key, abstract_leaf) gives the jax Sharding of each
-    parameter (key like ('layers', 'attn', 'wq')); None puts everything on the default device.
+    parameter (key like ('layers', 'attn', 'wqkv')); None puts everything on the default device.
     """
     if quantization not in QUANTIZATION_TO_FORMAT:
         raise ValueError(f"quantization must be one of fp8, modelopt_fp4 or None, got {quantization!r}")
@@ -252,14 +252,21 @@ class CheckpointLayout:
         left: x @ W, so dense [out, in] weights are transposed)."""
         out = {}
         dense = self.dense_tensors(layer)
-        if attention_format(self.cfg, expert_format) == "fp8":
-            out.update({("attn",) + k: v for k, v in self.layer_attention_fp8(dense).items()})
-            dense = {k: v for k, v in dense.items() if k not in PROJECTIONS}
+        attention = (self.layer_attention_fp8(dense) if attention_format(self.cfg, expert_format) == "fp8"
+                     else self.layer_attention(dense, dtype))
+        out.update({("attn",) + k: v for k, v in attention.items()})
+        dense = {k: v for k, v in dense.items() if k not in PROJECTIONS}
         for key, (name, _) in dense.items():
             value = self.read(name, jnp.float32 if key[0] == "router" else dtype)
             out[key] = value.T if value.ndim == 2 else value
         out.update({("experts",) + k: v for k, v in self.layer_experts(layer, dtype, expert_format).items()})
         return out
+
+    def layer_attention(self, dense: dict, dtype: Any) -> dict[tuple[str, ...], np.ndarray]:
+        """A layer's projections as `model.Attention` holds bf16 ones: the checkpoint's rows
+        (output channels), q, k and v rows put together by KV head."""
+        q, k, v, wo = (self.read(dense[("attn", w)][0], dtype) for w in ("wq", "wk", "wv", "wo"))
+        return {("wqkv",): group_by_kv_head(q, k, v, self.cfg.num_kv_heads, self.cfg.head_dim), ("wo",): wo}
 
     def layer_attention_fp8(self, dense: dict) -> dict[tuple[str, ...], np.ndarray]:
         """A layer's projections as `model.Attention` holds FP8 ones: the checkpoint's e4m3

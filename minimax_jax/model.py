@@ -165,8 +165,8 @@ def attention_format(cfg: ModelConfig, expert_format: str) -> str:
     return "fp8" if expert_format == "fp8" and aligned else "bf16"
 
 
-# attention's FP8 weights stay stacked over layers in the layer loop: its kernel reads them in place
-FP8_ATTENTION_WEIGHTS = ("wqkv_fp8", "wqkv_fp8_scale", "wo_fp8", "wo_fp8_scale")
+# attention's projections stay stacked over layers in the layer loop: its kernels read them in place
+ATTENTION_WEIGHTS = ("wqkv", "wo", "wqkv_fp8", "wqkv_fp8_scale", "wo_fp8", "wo_fp8_scale")
 # and the qk norms' weights: a layer's slice handed to a kernel was a copy of its own, two a layer
 # (`ops.attention_inputs` indexes the layer)
 QK_NORMS = ("q_norm", "k_norm")
@@ -175,24 +175,23 @@ QK_NORMS = ("q_norm", "k_norm")
 class Attention(nnx.Module):
     """GQA attention with one RMSNorm over all q heads and one over all k heads, partial RoPE.
 
-    Projections in one of two formats:
-      bf16  wq [H, Q], wk [H, KV], wv [H, KV], wo [Q, H] in the compute dtype (x @ w)
-      fp8   the released checkpoint's blocks, rows = output channels: wqkv_fp8 [KVH * (G + 2) * D, H]
-            float8_e4m3fn, the q, k and v rows of each KV head together (its G query heads, its
-            key, its value: column-parallel sharding over whole KV heads keeps each device's rows
-            contiguous, and one GEMM makes all three), with wqkv_fp8_scale [rows / 128, H / 128];
-            wo_fp8 [H, Q] with wo_fp8_scale [H / 128, Q / 128]. Run W8A8 (`ops.fp8_linear`), the
-            kernel reading the layer in place in the weights stacked over layers.
+    Projections in one of two formats, rows = output channels as checkpoints store them, wqkv's
+    rows grouped by KV head (its G query heads, its key, its value: column-parallel sharding over
+    whole KV heads keeps each device's rows contiguous, and one product makes all three):
+      bf16  wqkv [KVH * (G + 2) * D, H] and wo [H, Q] in the compute dtype
+      fp8   the released checkpoint's blocks: wqkv_fp8 [KVH * (G + 2) * D, H] float8_e4m3fn with
+            wqkv_fp8_scale [rows / 128, H / 128]; wo_fp8 [H, Q] with wo_fp8_scale [H / 128, Q / 128];
+            run W8A8 (`ops.fp8_linear`)
+    In the layer loop both stay stacked over layers (`ATTENTION_WEIGHTS`) and the layer's index is
+    given: a few decode rows take Triton kernels that read the layer in place (`_few_rows_decode`).
     """
 
     def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs, weight_format: str = "bf16"):
         h = cfg.hidden_size
         self.format = weight_format
         if weight_format == "bf16":
-            self.wq = _normal(rngs, (h, cfg.q_size), dtype)
-            self.wk = _normal(rngs, (h, cfg.kv_size), dtype)
-            self.wv = _normal(rngs, (h, cfg.kv_size), dtype)
-            self.wo = _normal(rngs, (cfg.q_size, h), dtype)
+            self.wqkv = _normal(rngs, (cfg.q_size + 2 * cfg.kv_size, h), dtype)
+            self.wo = _normal(rngs, (h, cfg.q_size), dtype)
         elif weight_format == "fp8":      # random e4m3 values, scaled to std 0.02
             rows = cfg.q_size + 2 * cfg.kv_size
             block = fp8_linear.BLOCK
@@ -207,7 +206,7 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.backend = "xla"        # ops.attention.resolve_backend; the engine sets its choice
         self.decode_backend = "xla"  # ops.attention.resolve_decode_backend; likewise
-        self.fp8_kernel = "auto"     # ops.fp8_linear.resolve_kernel
+        self.projection_kernel = "auto"  # ops.fp8_linear.resolve_kernel (fp8), fp8_linear.takes_few_rows (bf16)
 
     def __call__(self, h: jax.Array, kv: tuple[jax.Array, jax.Array], layer: jax.Array, step: StepInput,
                  comm: Comm) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -236,18 +235,34 @@ class Attention(nnx.Module):
                                        chunk_kv=(k, v) if step.fresh else None)
         return self._output_projection(out.reshape(b * t, -1), layer), (k_cache, v_cache)
 
+    def _projection(self, x: jax.Array, name: str, layer: jax.Array) -> jax.Array:
+        """x @ the layer's wqkv or wo (name) transposed: rows = output channels."""
+        if self.format == "fp8":
+            w, scale = getattr(self, name + "_fp8")[...], getattr(self, name + "_fp8_scale")[...]
+            return fp8_linear.fp8_linear(x, w, scale, layer, self.projection_kernel)
+        w = getattr(self, name)[...]
+        if w.ndim == 2:     # one layer's module
+            return project(x, w.T)
+        if fp8_linear.takes_few_rows(self.projection_kernel, x.shape[0], w):
+            return fp8_linear.few_rows(x, w, None, layer, interpret=jax.default_backend() != "gpu")
+        return project(x, w[layer].T)
+
     def _output_projection(self, out: jax.Array, layer: jax.Array) -> jax.Array:
         """o_proj of the attention's output [N, local q heads * D]: partial sums over the heads here."""
+        return self._projection(out, "wo", layer)
+
+    def _few_rows_kernel(self, rows: int) -> bool:
+        """Whether `rows` rows' projections take the few-rows kernel (`ops.fp8_linear.few_rows`)."""
         if self.format == "fp8":
-            return fp8_linear.fp8_linear(out, self.wo_fp8[...], self.wo_fp8_scale[...], layer, self.fp8_kernel)
-        return project(out, self.wo[...])
+            return fp8_linear.resolve_kernel(self.projection_kernel, rows, self.wqkv_fp8[...]) == "triton-w8a16"
+        return all(fp8_linear.takes_few_rows(self.projection_kernel, rows, w[...]) for w in (self.wqkv, self.wo))
 
     def _decodes_few_rows(self, h: jax.Array, t: int, k_cache: jax.Array) -> bool:
-        """Whether this step takes `_few_rows_decode`: FP8 projections by the few-rows kernel,
-        one query per slot, and the decode attention kernel."""
+        """Whether this step takes `_few_rows_decode`: projections by the few-rows kernel, one
+        query per slot, and the decode attention kernel."""
         cfg = self.cfg
-        return (self.format == "fp8" and t == 1
-                and fp8_linear.resolve_kernel(self.fp8_kernel, h.shape[0], self.wqkv_fp8) == "triton-w8a16"
+        stacked = (self.wqkv_fp8 if self.format == "fp8" else self.wqkv).ndim == 3
+        return (t == 1 and stacked and self._few_rows_kernel(h.shape[0])
                 and attn_ops.resolve_decode_backend(self.decode_backend, h.dtype) == "pallas"
                 and decode_attention.supports(k_cache)
                 and attention_inputs.supports(cfg.head_dim, cfg.rotary_dim, k_cache.shape[3], k_cache))
@@ -262,8 +277,9 @@ class Attention(nnx.Module):
         k_cache, v_cache = kv
         rows, kv_heads = h.shape[0], k_cache.shape[3]
         group = self.q_norm.shape[-1] // self.k_norm.shape[-1]
-        parts = fp8_linear.few_rows(h, self.wqkv_fp8[...], self.wqkv_fp8_scale[...], layer, partial_sums=True,
-                                    interpret=interpret)
+        w, scale = ((self.wqkv_fp8[...], self.wqkv_fp8_scale[...]) if self.format == "fp8" else
+                    (self.wqkv[...], None))
+        parts = fp8_linear.few_rows(h, w, scale, layer, partial_sums=True, interpret=interpret)
         sums = attention_inputs.sums_of_squares(parts, rows, kv_heads, group, d, h.dtype, interpret=interpret)
         pages, page_size = k_cache.shape[1:3]
         slots = attn_ops.kv_slots(step.positions, step.valid, step.page_table, page_size, pages)
@@ -277,9 +293,7 @@ class Attention(nnx.Module):
 
     def _qkv(self, h: jax.Array, layer: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q [N, local q heads * D], k and v [N, local KV heads * D]."""
-        if self.format == "bf16":
-            return project(h, self.wq[...]), project(h, self.wk[...]), project(h, self.wv[...])
-        qkv = fp8_linear.fp8_linear(h, self.wqkv_fp8[...], self.wqkv_fp8_scale[...], layer, self.fp8_kernel)
+        qkv = self._projection(h, "wqkv", layer)
         group = self.q_norm.shape[-1] // self.k_norm.shape[-1]     # query heads per KV head (local)
         qkv = qkv.reshape(h.shape[0], -1, group + 2, self.cfg.head_dim)
         flat = lambda a: a.reshape(h.shape[0], -1)  # noqa: E731
@@ -542,7 +556,7 @@ class MiniMaxM2(nnx.Module):
         # as int32 flags, once: the routing kernel takes them so, and converted in the layer loop
         # they were one more kernel a layer
         valid = comm.own_tokens(step.valid.reshape(-1)).astype(jnp.int32)
-        # the experts', the router's and FP8 attention's weights stay stacked and each layer is
+        # the experts', the router's and attention's weights stay stacked and each layer is
         # told its index (Experts.__call__, Router, Attention): their kernels read them in place;
         # the rest is sliced by the scan
         graphdef, expert_state, layer_state = nnx.split(self.layers, _held_whole, ...)
@@ -601,7 +615,7 @@ def score_targets(h: jax.Array, targets: jax.Array, top: int, logits_of: Callabl
 
 
 def _held_whole(path: tuple, _) -> bool:
-    return "experts" in path or "router" in path or path[-1] in FP8_ATTENTION_WEIGHTS + QK_NORMS
+    return "experts" in path or "router" in path or path[-1] in ATTENTION_WEIGHTS + QK_NORMS
 
 
 def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any,

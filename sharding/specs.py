@@ -50,11 +50,9 @@ def param_spec(key: tuple[str, ...], leaf: jax.ShapeDtypeStruct | jax.Array, lay
         return P() if axis is None else _axis_spec(leaf.ndim, axis, EXPERT_AXES)
     table = {
         ("lm_head",): P(None, "tp"),
-        ("layers", "attn", "wq"): P(None, None, "tp"),
-        ("layers", "attn", "wk"): P(None, None, "tp"),
-        ("layers", "attn", "wv"): P(None, None, "tp"),
-        ("layers", "attn", "wo"): P(None, "tp", None),
-        # FP8 attention (model.Attention): output-channel rows; wqkv's rows are grouped by KV head
+        # attention (model.Attention): output-channel rows; wqkv's rows are grouped by KV head
+        ("layers", "attn", "wqkv"): P(None, "tp", None),
+        ("layers", "attn", "wo"): P(None, None, "tp"),
         ("layers", "attn", "wqkv_fp8"): P(None, "tp", None),
         ("layers", "attn", "wqkv_fp8_scale"): P(None, "tp", None),
         ("layers", "attn", "wo_fp8"): P(None, None, "tp"),
@@ -71,11 +69,11 @@ def state_specs(state: nnx.State, layout: Layout) -> Any:
 
 
 # leaves holding KV heads, copied where tp exceeds their count
-KV_HEAD_KEYS = {("layers", "attn", name) for name in ("wk", "wv", "k_norm", "wqkv_fp8", "wqkv_fp8_scale")}
+KV_HEAD_KEYS = {("layers", "attn", name) for name in ("k_norm", "wqkv", "wqkv_fp8", "wqkv_fp8_scale")}
 
 
 def replicate_kv_heads(state: nnx.State, head_dim: int, replicas: int, num_kv_heads: int) -> nnx.State:
-    """Repeats each KV head's columns of wk, wv and k_norm `replicas` times (tp > kv heads). In
+    """Repeats each KV head's columns of k_norm `replicas` times (tp > kv heads). In wqkv and
     wqkv_fp8 (rows grouped by KV head: its query heads, key, value) each KV head's group becomes
     `replicas` groups, each with its share of the query heads and a copy of the key and value."""
     if replicas == 1:
@@ -85,8 +83,8 @@ def replicate_kv_heads(state: nnx.State, head_dim: int, replicas: int, num_kv_he
         key = param_key(path)
         if key not in KV_HEAD_KEYS:
             return leaf
-        if key[-1].startswith("wqkv_fp8"):
-            rows_per_head = head_dim if key[-1] == "wqkv_fp8" else head_dim // 128    # codes, or 128-row scales
+        if key[-1].startswith("wqkv"):
+            rows_per_head = head_dim // 128 if key[-1] == "wqkv_fp8_scale" else head_dim   # 128-row scales, or rows
             return _split_kv_groups(leaf, replicas, rows_per_head, num_kv_heads)
         *lead, width = leaf.shape
         heads = leaf.reshape(*lead, width // head_dim, 1, head_dim)

@@ -23,21 +23,24 @@ def _config(kv_heads: int = 2) -> ModelConfig:
                        num_experts=8, num_experts_per_tok=2)
 
 
-def _attention(cfg: ModelConfig, dtype, seed: int = 0) -> model.Attention:
-    """An FP8 Attention whose projections are stacked over LAYERS (as the layer loop holds them),
-    with random norm weights."""
+def _attention(cfg: ModelConfig, dtype, seed: int = 0, weight_format: str = "fp8") -> model.Attention:
+    """An Attention whose projections are stacked over LAYERS (as the layer loop holds them),
+    FP8 or bf16, with random norm weights."""
     rng = np.random.RandomState(seed)
-    attn = model.Attention(cfg, dtype, nnx.Rngs(seed), weight_format="fp8")
+    attn = model.Attention(cfg, dtype, nnx.Rngs(seed), weight_format=weight_format)
     rows = cfg.q_size + 2 * cfg.kv_size
-    wqkv, sqkv = fp8.quantize_blockwise(rng.standard_normal((LAYERS, rows, cfg.hidden_size)).astype(np.float32) * 0.05)
-    wo, so = fp8.quantize_blockwise(rng.standard_normal((LAYERS, cfg.hidden_size, cfg.q_size)).astype(np.float32)
-                                    * 0.05)
-    attn.wqkv_fp8, attn.wqkv_fp8_scale = nnx.Param(wqkv), nnx.Param(sqkv)
-    attn.wo_fp8, attn.wo_fp8_scale = nnx.Param(wo), nnx.Param(so)
+    wqkv = rng.standard_normal((LAYERS, rows, cfg.hidden_size)).astype(np.float32) * 0.05
+    wo = rng.standard_normal((LAYERS, cfg.hidden_size, cfg.q_size)).astype(np.float32) * 0.05
+    if weight_format == "fp8":
+        (wqkv, sqkv), (wo, so) = fp8.quantize_blockwise(wqkv), fp8.quantize_blockwise(wo)
+        attn.wqkv_fp8, attn.wqkv_fp8_scale = nnx.Param(wqkv), nnx.Param(sqkv)
+        attn.wo_fp8, attn.wo_fp8_scale = nnx.Param(wo), nnx.Param(so)
+    else:
+        attn.wqkv, attn.wo = nnx.Param(jnp.asarray(wqkv, dtype)), nnx.Param(jnp.asarray(wo, dtype))
     # the norms' weights held for every layer too, as the layer loop holds them (model.QK_NORMS)
     attn.q_norm = nnx.Param(jnp.asarray(1 + 0.3 * rng.standard_normal((LAYERS, cfg.q_size)), dtype))
     attn.k_norm = nnx.Param(jnp.asarray(1 + 0.3 * rng.standard_normal((LAYERS, cfg.kv_size)), dtype))
-    attn.fp8_kernel, attn.decode_backend = "triton-w8a16", "pallas"
+    attn.projection_kernel, attn.decode_backend = "triton-w8a16", "pallas"
     return attn
 
 
@@ -53,12 +56,16 @@ def _decode_step(cfg: ModelConfig, positions: list[int], valid: list[bool], dtyp
     return h, kv, step
 
 
-@pytest.mark.parametrize("dtype,cache_dtype", [(jnp.bfloat16, jnp.float8_e4m3fn), (jnp.float32, jnp.bfloat16)])
-def test_few_rows_decode_equals_the_xla_path_and_writes_only_valid_slots(dtype, cache_dtype, monkeypatch):
+@pytest.mark.parametrize("dtype,cache_dtype,weight_format", [(jnp.bfloat16, jnp.float8_e4m3fn, "fp8"),
+                                                              (jnp.float32, jnp.bfloat16, "fp8"),
+                                                              (jnp.bfloat16, jnp.float8_e4m3fn, "bf16")])
+def test_few_rows_decode_equals_the_xla_path_and_writes_only_valid_slots(dtype, cache_dtype, weight_format,
+                                                                         monkeypatch):
     """Three slots, the last one padding (its slot must stay as it was), contexts ending inside
-    and on a page's end; layer 1 of 2 stacked layers."""
+    and on a page's end; layer 1 of 2 stacked layers; FP8 projections or bf16 ones, both read in
+    place by the few-rows kernel."""
     cfg = _config()
-    attn = _attention(cfg, dtype)
+    attn = _attention(cfg, dtype, weight_format=weight_format)
     h, kv, step = _decode_step(cfg, [5, 31, 0], [True, True, False], dtype, cache_dtype)
     layer = jnp.int32(1)
     assert attn._decodes_few_rows(h, 1, kv[0])
@@ -73,6 +80,20 @@ def test_few_rows_decode_equals_the_xla_path_and_writes_only_valid_slots(dtype, 
         assert differs.mean() < 0.01, differs.mean()      # an FP8 code's last bit, a few times
         assert (new != old).sum() == (ref != old).sum() > 0  # the same slots written, no others
         np.testing.assert_array_equal(new[0], old[0])        # layer 0 untouched
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_few_rows_reads_bf16_weights_of_the_given_layer_in_place(rows):
+    rng = np.random.RandomState(2)
+    w = jnp.asarray(rng.standard_normal((3, 256, 384)) * 0.05, jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((rows, 384)), jnp.bfloat16)
+    out = model.fp8_linear.few_rows(x, w, None, 2, interpret=INTERPRET)
+    ref = jnp.dot(x.astype(jnp.float32), w[2].astype(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
+    assert out.shape == (rows, 256) and out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=1e-2, atol=1e-2)
+    assert model.fp8_linear.takes_few_rows("triton-w8a16", rows, w)
+    assert not model.fp8_linear.takes_few_rows("triton-w8a16", 17, w)
+    assert model.fp8_linear.takes_few_rows("auto", rows, w) == (jax.default_backend() == "gpu")
 
 
 def test_attention_inputs_queries_are_padded_rows_of_each_kv_head():

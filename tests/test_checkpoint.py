@@ -146,7 +146,7 @@ def test_engine_on_converted_checkpoint_generates_the_hf_tokens_on_every_layout(
     assert [o["output_ids"] for o in outs] == greedy_reference[source]
     # restored where the runner needs it: sharding the state again copied nothing
     _, restored = nnx.split(engine.model)
-    placed = restored["layers"]["attn"]["wq"][...], engine.runner.state["layers"]["attn"]["wq"][...]
+    placed = restored["layers"]["attn"]["wo"][...], engine.runner.state["layers"]["attn"]["wo"][...]
     assert [s.data.unsafe_buffer_pointer() for s in placed[0].addressable_shards] == \
            [s.data.unsafe_buffer_pointer() for s in placed[1].addressable_shards]
 
@@ -187,11 +187,11 @@ def test_converting_2gb_keeps_peak_rss_under_half_its_size_plus_the_baseline(hf_
     assert peak < 0.5 * size + baseline
     manifest = checkpoint.read_manifest(scratch / "big")
     assert manifest["total_bytes"] >= size * 0.99
-    # spot check: a middle layer's q projection is the source's, transposed
+    # spot check: a middle layer's o projection is the source's, rows = output channels as stored
     layer = manifest["config"]["num_hidden_layers"] // 2
-    stored = open_array(scratch / "big/state/layers.attn.wq")
-    source = SafetensorsIndex.from_dir(src).read(f"model.layers.{layer}.self_attn.q_proj.weight")
-    np.testing.assert_array_equal(stored[layer].read().result(), source.T)
+    stored = open_array(scratch / "big/state/layers.attn.wo")
+    source = SafetensorsIndex.from_dir(src).read(f"model.layers.{layer}.self_attn.o_proj.weight")
+    np.testing.assert_array_equal(stored[layer].read().result(), source)
 
 
 def test_killed_conversion_leaves_nothing_restorable_and_a_rerun_completes(scratch):
@@ -249,9 +249,9 @@ def test_conversion_refuses_a_source_tensor_of_the_wrong_shape(hf_dirs, tmp_path
 
 def test_restore_lists_missing_and_unexpected_tensors(converted, tmp_path):
     path = copy_converted(converted, tmp_path)
-    shutil.move(path / "state/layers.attn.wq", path / "state/layers.attn.wq_old")
-    with pytest.raises(CheckpointError, match=r"lacks 1 tensor\(s\): layers.attn.wq; has 1 unexpected tensor\(s\): "
-                                              r"layers.attn.wq_old$"):
+    shutil.move(path / "state/layers.attn.wqkv", path / "state/layers.attn.wqkv_old")
+    with pytest.raises(CheckpointError, match=r"lacks 1 tensor\(s\): layers.attn.wqkv; has 1 unexpected tensor\(s\): "
+                                              r"layers.attn.wqkv_old$"):
         checkpoint.restore_model(path)
 
 

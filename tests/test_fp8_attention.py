@@ -180,23 +180,29 @@ def test_few_rows_takes_eight_splits_where_four_leave_few_programs():
     assert fp8_linear.few_rows_splits(6, 96) == 1
 
 
-def test_engine_greedy_tokens_through_the_few_rows_kernels_on_tp4_equal_one_device(checkpoints, monkeypatch):
+@pytest.mark.parametrize("quantization", ["fp8", None])
+def test_engine_greedy_tokens_through_the_few_rows_kernels_on_tp4_equal_one_device(checkpoints, quantization,
+                                                                                  monkeypatch):
     """A few decode rows take the Triton kernels (weight-only projections, `ops.attention_inputs`,
     the decode attention), interpreted here: on TP4 each KV head is copied to two devices and the
-    sums of squares are reduced per KV head; greedy tokens equal one device's."""
+    sums of squares are reduced per KV head; greedy tokens equal one device's. FP8 attention
+    (the FP8 checkpoint) and bf16 attention (the bf16 one) alike."""
     from minimax_jax.engine.engine import Engine
     from minimax_jax.ops import attention_inputs
     needs_devices(4)
-    resolve, finish = fp8_linear.resolve_kernel, attention_inputs.finish
+    resolve, takes, finish = fp8_linear.resolve_kernel, fp8_linear.takes_few_rows, attention_inputs.finish
     monkeypatch.setattr(fp8_linear, "resolve_kernel", lambda kernel, rows=17, w=None: (
         "triton-w8a16" if kernel == "auto" and rows <= fp8_linear.FEW_ROWS else resolve(kernel, rows, w)))
+    monkeypatch.setattr(fp8_linear, "takes_few_rows", lambda kernel, rows, w: takes(
+        "triton-w8a16" if kernel == "auto" else kernel, rows, w))
     traced = []
     monkeypatch.setattr(attention_inputs, "finish", lambda *a, **k: traced.append(1) or finish(*a, **k))
     rng = np.random.RandomState(6)
     prompts = [rng.randint(0, 512, n).tolist() for n in (4, 9)]
 
     def greedy(**flags):
-        engine = Engine(model_path=str(checkpoints[1]), quantization="fp8", dtype="float32", context_length=32,
+        source = checkpoints[1] if quantization else checkpoints[0]
+        engine = Engine(model_path=str(source), quantization=quantization, dtype="float32", context_length=32,
                         page_size=4, decode_attention_backend="pallas", **flags)
         outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 6, "temperature": 0.0})
         return [o["output_ids"] for o in outs]

@@ -1,4 +1,5 @@
-"""Dense FP8 projections (W8A8) that read one layer of weights stacked over layers, in place.
+"""Dense FP8 projections (W8A8) that read one layer of weights stacked over layers, in place;
+and the same few-rows kernel for bf16 weights.
 
 The released FP8 checkpoint stores attention's projections as e4m3 blocks of 128 x 128 with one
 fp32 scale each, and its activation scheme is dynamic: one scale per token and 128 channels, as
@@ -14,7 +15,8 @@ The few-rows kernel is weight-only (W8A16): its rows enter unrounded, as the exp
 kernel takes them (`ops.pair_experts`). Rounding them took three small XLA kernels per
 projection ahead of it (a maximum per block, the scales, the codes), about 4 us each time on an
 H200 for one request's decode, and rounding inside the kernel was slower still
-(docs/benchmarks.md); the unrounded rows are the more exact product.
+(docs/benchmarks.md); the unrounded rows are the more exact product. Given no scales it reads
+bf16 weights (a bf16 checkpoint's, or an NVFP4 one's attention), in place as well.
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ def resolve_kernel(kernel: str, rows: int = FEW_ROWS + 1, w: jax.Array | None = 
     return kernel
 
 
+def takes_few_rows(kernel: str, rows: int, w: jax.Array | jax.ShapeDtypeStruct) -> bool:
+    """Whether `rows` rows against bf16 weights w [L, N, K] take `few_rows`: kernel
+    "triton-w8a16" where the shapes allow it (under the interpreter off GPUs), "auto" on GPUs for
+    at most FEW_ROWS rows; not for weights it would offset wrongly."""
+    if kernel not in KERNELS:
+        raise ValueError(f"linear kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    _, n, k = w.shape
+    fits = rows <= FEW_ROWS and n % BLOCK == 0 and k % BLOCK == 0 and not triton_common.offsets_wrap(w)
+    return fits and (kernel == "triton-w8a16" or (kernel == "auto" and jax.default_backend() == "gpu"))
+
+
 def fp8_linear(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | int, kernel: str = "auto",
                interpret=None) -> jax.Array:
     """x [M, K] @ dequantised w[layer].T -> [M, N] in x's dtype. w: [L, N, K] float8_e4m3fn
@@ -71,7 +84,7 @@ def fp8_linear(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array 
     return out[:m]
 
 
-def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | int, *, block_n: int = 32,
+def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array | None, layer: jax.Array | int, *, block_n: int = 32,
              splits: int | None = None, num_warps: int = 4, num_stages: int = 4, partial_sums: bool = False,
              interpret: bool = False) -> jax.Array:
     """`fp8_linear` for at most 16 rows as a Pallas (Triton) kernel, weight-only: one program per
@@ -89,7 +102,7 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | 
     per block of channels, their fp32 partial sums added after the kernel (more loads in flight per
     SM); None: `few_rows_splits`. partial_sums: return the fp32 partial sums [splits, rows,
     N] as the kernel wrote them, rows 1 for one row and 16 for more (a kernel that reads them next
-    adds them itself, `ops.attention_inputs`)."""
+    adds them itself, `ops.attention_inputs`). w_scale None: w holds bf16 weights, used as they are."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -107,15 +120,19 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | 
     out_rows = 1 if m == 1 else FEW_ROWS
     per_split = k // BLOCK // splits
 
-    def kernel(layer_ref, x_ref, w_ref, s_ref, o_ref):
+    scaled = w_scale is not None
+
+    def kernel(layer_ref, x_ref, w_ref, *refs):
+        s_ref, o_ref = refs if scaled else (None, refs[0])
         first = layer_ref[0] * n + pl.program_id(0) * block_n       # this layer's rows in the flat weights
         scale_row = first // BLOCK
+        scale = (lambda kb: s_ref[scale_row, kb]) if scaled else (lambda kb: 1.0)  # noqa: E731
         start = pl.program_id(1) * per_split
         if m == 1:      # products in fp32 on the CUDA cores, summed along K once at the end
             def row_step(kb, total):
                 cols = pl.ds(pl.multiple_of(kb * BLOCK, BLOCK), BLOCK)
                 wb = w_ref[pl.ds(first, block_n), cols].astype(jnp.float32)
-                return total + wb * (x_ref[0, cols].astype(jnp.float32) * s_ref[scale_row, kb])[None, :]
+                return total + wb * (x_ref[0, cols].astype(jnp.float32) * scale(kb))[None, :]
 
             total = jax.lax.fori_loop(start, start + per_split, row_step, jnp.zeros((block_n, BLOCK), jnp.float32))
             o_ref[...] = jnp.sum(total, axis=1)[None, :].astype(o_ref.dtype)
@@ -125,22 +142,22 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | 
             cols = pl.ds(pl.multiple_of(kb * BLOCK, BLOCK), BLOCK)
             wb = w_ref[pl.ds(first, block_n), cols].astype(compute)
             part = pltriton.dot(x_ref[:, cols], wb.T, allow_tf32=False if compute == jnp.float32 else None)
-            return acc + part.astype(jnp.float32) * s_ref[scale_row, kb]
+            return acc + part.astype(jnp.float32) * scale(kb)
 
         acc = jax.lax.fori_loop(start, start + per_split, step, jnp.zeros((out_rows, block_n), jnp.float32))
         o_ref[...] = acc.astype(o_ref.dtype)
 
+    scales = [w_scale.reshape(layers * n // BLOCK, k // BLOCK)] if scaled else []
     out = pl.pallas_call(
         kernel, grid=(n // block_n, splits),
-        in_specs=[whole_block((1,)), whole_block(rows.shape), whole_block((layers * n, k)),
-                  whole_block((layers * n // BLOCK, k // BLOCK))],
+        in_specs=[whole_block((1,)), whole_block(rows.shape), whole_block((layers * n, k))]
+                 + [whole_block(a.shape) for a in scales],
         out_specs=pl.BlockSpec((None, out_rows, block_n), lambda j, s: (s, 0, j)),
         out_shape=jax.ShapeDtypeStruct((splits, out_rows, n),
                                        x.dtype if splits == 1 and not partial_sums else jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret, name="fp8_linear_few_rows",
-    )(jnp.asarray(layer, jnp.int32).reshape(1), rows, w.reshape(layers * n, k),
-      w_scale.reshape(layers * n // BLOCK, k // BLOCK))
+        interpret=interpret, name="fp8_linear_few_rows" if scaled else "bf16_linear_few_rows",
+    )(jnp.asarray(layer, jnp.int32).reshape(1), rows, w.reshape(layers * n, k), *scales)
     if partial_sums:
         return out
     return out.sum(axis=0)[:m].astype(x.dtype)
