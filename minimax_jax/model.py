@@ -478,6 +478,9 @@ class Experts(nnx.Module):
             matmuls = moe_ops.fp8_matmuls(self.w13[...], self.w13_scale[...], self.w2[...], self.w2_scale[...],
                                           kernel=kernel, layer=layer, out_dtype=self.dtype, block_m=block_m,
                                           fuse_swiglu=self.fuse_swiglu and ws_w8a8)
+        elif kernel == "triton-nvfp4":                     # reads only the NVFP4 bytes
+            matmuls = moe_ops.nvfp4_matmuls(self.w13[...], self.w13_scale[...], self.w13_scale_2[...], self.w2[...],
+                                            self.w2_scale[...], self.w2_scale_2[...], layer, out_dtype=self.dtype)
         elif self.format == "bf16":
             w13 = self.w13[...]
             matmuls = moe_ops.weight_matmuls(w13.reshape(*w13.shape[:2], -1), self.w2[...], kernel)

@@ -131,6 +131,20 @@ def unpack_e2m1(packed: ArrayLike) -> jax.Array:
     return pairs.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
 
 
+def e2m1_as_e4m3(codes: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(low, high) nibbles of uint8 NVFP4 codes as float8_e4m3fn values 2**-6 times theirs.
+
+    An E2M1 code's magnitude bits (2 of exponent, 1 of mantissa) placed as an E4M3 number's lowest
+    exponent and highest mantissa bits read as its value over 64, subnormals included (E2M1's 0.5
+    is E4M3's subnormal 2**-7), and the sign moves to bit 7: a few bit operations a weight, and
+    the GPU's converter widens the FP8 (Hopper has no FP4 instructions; the Triton kernels of
+    minimax_jax.ops widen NVFP4 weights this way)."""
+    low = ((codes & 0x07) << 2) | ((codes & 0x08) << 4)
+    high = ((codes >> 2) & 0x1C) | (codes & 0x80)
+    as_fp8 = lambda bits: jax.lax.bitcast_convert_type(bits, jnp.float8_e4m3fn)  # noqa: E731
+    return as_fp8(low), as_fp8(high)
+
+
 # -- scales -------------------------------------------------------------------------------------
 
 

@@ -108,9 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "kernel), mosaic-w8a8 (FP8 experts against rows rounded to FP8 per row, FP8 wgmma), "
                      "mosaic-ws-w8a8 (FP8 experts as stored against rows rounded to FP8 per 128 columns, as the "
                      "checkpoint's dynamic activation scheme prescribes, warp-specialised FP8 wgmma), xla, "
-                     "xla-w8a8 (the reference of the W8A8 numbers: rows rounded as mosaic-ws-w8a8 does); auto: on "
-                     "Hopper, mosaic-ws-w8a8 with SwiGLU in its gate/up kernel for FP8 experts, else mosaic; xla "
-                     "elsewhere (pick mosaic-fp8 for weight-only numbers)")
+                     "xla-w8a8 (the reference of the W8A8 numbers: rows rounded as mosaic-ws-w8a8 does), "
+                     "triton-nvfp4 (NVFP4 experts as stored, widened to bf16 inside a Triton kernel); auto: on "
+                     "Hopper, mosaic-ws-w8a8 with SwiGLU in its gate/up kernel for FP8 experts, triton-nvfp4 for "
+                     "NVFP4 ones, else mosaic; xla elsewhere (pick mosaic-fp8 for weight-only numbers)")
 
     par.add_argument("--cuda-graph-max-bs", type=int,
                      help="decode steps of at most this many requests per dp rank run as XLA command buffers "

@@ -440,7 +440,7 @@ def test_mosaic_fp8_matmuls_read_a_layer_of_stacked_weights_as_its_slice(kernel)
 
 @pytest.mark.parametrize("kernel,tokens,expert_format", [
     ("mosaic-ws-w8a8", 40, "fp8"), ("mosaic-fp8", 40, "fp8"), ("xla", 40, "fp8"), ("xla-w8a8", 40, "fp8"),
-    ("auto", 1, "fp8"), ("auto", 1, "nvfp4")])
+    ("auto", 1, "fp8"), ("auto", 1, "nvfp4"), ("triton-nvfp4", 40, "nvfp4")])
 def test_stacked_experts_given_a_layer_equal_that_layers_own_module(kernel, tokens, expert_format, monkeypatch):
     """The model's scan hands Experts every layer's weights and the layer's index: through the
     Mosaic FP8 kernels (which read the layer in place), through a per-layer slice (every other
@@ -635,7 +635,7 @@ def test_pair_products_read_each_tokens_row_for_all_its_choices():
 def test_e2m1_codes_read_as_e4m3_are_their_values_over_64_for_every_byte():
     from quant import nvfp4
     codes = jnp.arange(256, dtype=jnp.uint8)
-    low, high = pair_experts.e2m1_as_e4m3(codes)
+    low, high = nvfp4.e2m1_as_e4m3(codes)
     np.testing.assert_array_equal(np.asarray(low.astype(jnp.float32)) * 64, np.asarray(nvfp4.decode_e2m1(codes)))
     np.testing.assert_array_equal(np.asarray(high.astype(jnp.float32)) * 64, np.asarray(nvfp4.decode_e2m1(codes >> 4)))
 
@@ -708,3 +708,53 @@ def test_nvfp4_pair_kernel_lowers_for_gpus_at_full_size():
         f = jax.jit(functools.partial(pair_experts.pair_products_nvfp4, pairs_per_row=8))
         assert "xla.gpu.triton" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert triton_common.offsets_wrap(args[2]) == (inter == 384)
+
+
+def test_nvfp4_grouped_gemm_equals_the_reference_and_zeroes_tiles_of_no_expert():
+    from minimax_jax.ops import grouped_gemm_nvfp4
+    rng = np.random.RandomState(8)
+    codes, scales, g = nvfp4_experts(rng, (2, 3, 256, 256), parts=2)
+    rows = jnp.asarray(rng.standard_normal((4 * 16, 256)), jnp.bfloat16)
+    groups = jnp.asarray([2, 0, 3, 1], jnp.int32)                  # 3: rows past the groups
+    out = grouped_gemm_nvfp4.aligned_gemm_nvfp4(rows, groups, codes, scales, g, 1, block_m=16, interpret=not ON_GPU)
+    ref = grouped_gemm_nvfp4.reference(rows, groups, codes, scales, g, 1, block_m=16)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=1e-2, atol=1e-2)
+    assert not np.asarray(out[32:48]).any() and np.abs(np.asarray(ref[:32])).max() > 1
+
+
+def test_nvfp4_experts_through_the_grouped_kernel_equal_the_dequantised_reference(monkeypatch):
+    """40 tokens' pairs over 4 NVFP4 experts, the layer read in place from 2 stacked layers; the
+    kernel's bf16 products against XLA's on the dequantised experts."""
+    from flax import nnx
+    from minimax_jax.config import preset
+    from minimax_jax.model import Experts
+    cfg = dataclasses.replace(preset("tiny"), hidden_size=256, intermediate_size=256, num_experts=4)
+    layers = [Experts(cfg, jnp.bfloat16, nnx.Rngs(i), expert_format="nvfp4") for i in range(2)]
+    graphdef, _ = nnx.split(layers[0])
+    stacked = nnx.merge(graphdef, jax.tree.map(lambda *a: jnp.stack(a), *[nnx.split(e)[1] for e in layers]))
+    stacked.kernel, layers[1].kernel = "triton-nvfp4", "xla"
+    calls, aligned = [], moe.grouped_gemm_nvfp4.aligned_gemm_nvfp4
+    monkeypatch.setattr(moe.grouped_gemm_nvfp4, "aligned_gemm_nvfp4", lambda *a, **k: calls.append(1) or aligned(*a, **k))
+    rng = np.random.RandomState(15)
+    x = jnp.asarray(rng.standard_normal((40, 256)), jnp.bfloat16)
+    ids = jnp.asarray(rng.randint(0, 4, (40, 2)), jnp.int32)
+    weights = jnp.asarray(rng.random((40, 2)), jnp.float32)
+    got = np.asarray(stacked(x, ids, weights, first_expert=0, layer=jnp.int32(1)))
+    want = np.asarray(layers[1](x, ids, weights, first_expert=0))
+    assert calls and np.abs(got - want).max() < 2e-2 * np.abs(want).max()
+
+
+def test_nvfp4_grouped_kernel_lowers_for_gpus_at_full_size():
+    """A W1 DEP4 prefill step's gate/up rows against 62 layers of 64 local experts, and TP4's
+    gate/up product: both hold 2-4 GiB of scales, sliced to the layer first, and read the codes in
+    place."""
+    from minimax_jax.ops import grouped_gemm_nvfp4, triton_common
+    m = 8192 * 8 + 64 * 64
+    for e, n, k in ((64, 3072, 3072), (256, 768, 3072)):
+        args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((m // 64,), jnp.int32),
+                jax.ShapeDtypeStruct((62, e, n, k // 2), jnp.uint8), jax.ShapeDtypeStruct((62, e, n, k // 16),
+                                                                                     jnp.float8_e4m3fn),
+                jax.ShapeDtypeStruct((62, e, 1), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32))
+        f = jax.jit(grouped_gemm_nvfp4.aligned_gemm_nvfp4)
+        assert "xla.gpu.triton" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert triton_common.offsets_wrap(args[3]) and not triton_common.offsets_wrap(args[2])

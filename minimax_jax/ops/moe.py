@@ -14,7 +14,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from minimax_jax.ops import aligned_rows, grouped_gemm_fp8, grouped_gemm_ws, pair_experts, row_gather
+from minimax_jax.ops import (aligned_rows, grouped_gemm_fp8, grouped_gemm_nvfp4, grouped_gemm_ws, pair_experts,
+                             row_gather)
 from minimax_jax.ops.mosaic_common import stacked_layers
 from quant import fp8
 
@@ -39,10 +40,11 @@ def ragged_dot_mosaic(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
                                       transpose_rhs=transpose_rhs, **MOSAIC_BLOCKS)
 
 
-KERNELS = ("auto", "xla", "xla-w8a8", "mosaic", "mosaic-ws", "mosaic-fp8", "mosaic-w8a8", "mosaic-ws-w8a8")
+KERNELS = ("auto", "xla", "xla-w8a8", "mosaic", "mosaic-ws", "mosaic-fp8", "mosaic-w8a8", "mosaic-ws-w8a8",
+           "triton-nvfp4")
 FP8_KERNELS = ("mosaic-fp8", "mosaic-w8a8", "mosaic-ws-w8a8", "xla-w8a8")
 # kernels that read a layer's experts from the weights stacked over layers, in place
-STACKED_KERNELS = ("mosaic-fp8", "mosaic-w8a8", "mosaic-ws-w8a8")
+STACKED_KERNELS = ("mosaic-fp8", "mosaic-w8a8", "mosaic-ws-w8a8", "triton-nvfp4")
 
 
 def on_hopper() -> bool:
@@ -65,10 +67,11 @@ def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, dty
     in XLA, then the warp-specialised grouped GEMM on group-aligned rows, ops/grouped_gemm_ws.py),
     "mosaic-ws-w8a8" (FP8 experts as stored against rows rounded to FP8 per row and 128
     columns, the checkpoint's `activation_scheme: dynamic` as sglang runs it, in the
-    warp-specialised form with SwiGLU in the gate/up kernel), or "auto": on a Hopper GPU
+    warp-specialised form with SwiGLU in the gate/up kernel), "triton-nvfp4" (NVFP4 experts read
+    in place, widened in the kernel, ops/grouped_gemm_nvfp4.py), or "auto": on a Hopper GPU
     computing in bf16 (lax.ragged_dot ran at 12 TFLOP/s on an H200) "mosaic-ws-w8a8" for FP8
-    experts, "mosaic" for the other formats; "xla" elsewhere (the Mosaic kernels take bf16
-    rows). "mosaic-ws-w8a8" was the fastest MoE block for FP8 experts at every size measured
+    experts, "triton-nvfp4" for NVFP4 ones, "mosaic" for bf16; "xla" elsewhere (the Mosaic
+    kernels take bf16 rows). "mosaic-ws-w8a8" was the fastest MoE block for FP8 experts at every size measured
     (64 local experts on an H200, device time, each pair from one call; docs/benchmarks.md runs
     BH, BI): 389 against 437 us for "mosaic-fp8" at 256 tokens (W2's DEP4 decode), 428 against
     487 at 1212 (W1's), 893 against 1744 at 8192, 2840 against 6213 at 32768 (W1's DEP4
@@ -78,9 +81,13 @@ def resolve_kernel(kernel: str, expert_format: str, hidden: int, inter: int, dty
     fp8_blocks = expert_format == "fp8" and hidden % block == 0 and inter % block == 0
     # the warp-specialised kernel's tiles: 256 output columns, 64-deep steps
     ws_shapes = hidden % 256 == 0 and (2 * inter) % 256 == 0 and inter % 64 == 0
+    nvfp4_blocks = expert_format == "nvfp4" and hidden % 128 == 0 and inter % 128 == 0
     if kernel == "auto":
         kernel = "xla" if not (dtype == jnp.bfloat16 and on_hopper()) else (
-            "mosaic-ws-w8a8" if fp8_blocks else "mosaic")
+            "mosaic-ws-w8a8" if fp8_blocks else "triton-nvfp4" if nvfp4_blocks else "mosaic")
+    if kernel == "triton-nvfp4" and not nvfp4_blocks:
+        raise ValueError(f"moe kernel triton-nvfp4 needs NVFP4 experts with hidden and intermediate sizes that are "
+                         f"multiples of 128; got {expert_format}, {hidden}, {inter}")
     if kernel == "mosaic-ws" and not (expert_format in ("fp8", "nvfp4") and ws_shapes):
         raise ValueError(f"moe kernel mosaic-ws needs FP8 or NVFP4 experts (read as the checkpoint lays them "
                          f"out) with hidden and 2 x intermediate multiples of 256 and intermediate of 64; got "
@@ -364,6 +371,29 @@ def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: j
     gemm = functools.partial(aligned_gemm, block_m=block_m, layer=layer, **kernel_options)
     return GroupedMatmuls(lambda rows, groups: gemm(rows, groups, w13, w13_scale),
                           lambda rows, groups: gemm(rows, groups, w2, w2_scale), block_rows=block_m)
+
+
+NVFP4_BLOCK_ROWS = 64        # rows per tile of the NVFP4 kernel
+
+
+def nvfp4_matmuls(w13: jax.Array, w13_scale: jax.Array, w13_scale_2: jax.Array, w2: jax.Array,
+                  w2_scale: jax.Array, w2_scale_2: jax.Array, layer: jax.Array | int | None = None,
+                  out_dtype=jnp.bfloat16) -> GroupedMatmuls:
+    """gate_up and down of NVFP4 experts as `model.Experts` holds them (w13 uint8 [L, E, 2, I,
+    H/2] with scales [L, E, 2, I, H/16] and [L, E, 2]; w2 [L, E, H, I/2], [L, E, H, I/16], [L, E];
+    layer None: one layer's, unstacked) on group-aligned rows, read in place by
+    `grouped_gemm_nvfp4.aligned_gemm_nvfp4` (under its interpreter off GPUs)."""
+    if layer is None:
+        w13, w13_scale, w13_scale_2, w2, w2_scale, w2_scale_2 = (
+            a[None] for a in (w13, w13_scale, w13_scale_2, w2, w2_scale, w2_scale_2))
+        layer = 0
+    layers, e, _, inter, half_hidden = w13.shape
+    w13, w13_scale = w13.reshape(layers, e, 2 * inter, half_hidden), w13_scale.reshape(layers, e, 2 * inter, -1)
+    gemm = functools.partial(grouped_gemm_nvfp4.aligned_gemm_nvfp4, layer=layer, block_m=NVFP4_BLOCK_ROWS,
+                             out_dtype=out_dtype, interpret=jax.default_backend() != "gpu")
+    return GroupedMatmuls(lambda rows, groups: gemm(rows, groups, w13, w13_scale, w13_scale_2),
+                          lambda rows, groups: gemm(rows, groups, w2, w2_scale, w2_scale_2[..., None]),
+                          block_rows=NVFP4_BLOCK_ROWS)
 
 
 def _w8a8_reference_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: jax.Array,

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from minimax_jax.ops import grouped_gemm_ws, triton_common
 from minimax_jax.ops.triton_common import whole_block
+from quant import nvfp4
 
 BLOCK = grouped_gemm_ws.SCALE_BLOCK      # the FP8 checkpoint's scale block, along N and K
 
@@ -82,19 +83,6 @@ def nvfp4_block_k(k: int) -> int:
     return next(b for b in (256, 128, 64, 32, 16) if k % b == 0)
 
 
-def e2m1_as_e4m3(codes: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(low, high) nibbles of uint8 NVFP4 codes as float8_e4m3fn values 2**-6 times theirs.
-
-    An E2M1 code's magnitude bits (2 of exponent, 1 of mantissa) placed as an E4M3 number's lowest
-    exponent and highest mantissa bits read as its value over 64, subnormals included (E2M1's 0.5
-    is E4M3's subnormal 2**-7), and the sign moves to bit 7: a few bit operations a weight, and
-    the GPU's converter widens the FP8 (Hopper has no FP4 instructions)."""
-    low = ((codes & 0x07) << 2) | ((codes & 0x08) << 4)
-    high = ((codes >> 2) & 0x1C) | (codes & 0x80)
-    as_fp8 = lambda bits: jax.lax.bitcast_convert_type(bits, jnp.float8_e4m3fn)  # noqa: E731
-    return as_fp8(low), as_fp8(high)
-
-
 def pair_products_nvfp4(rows: jax.Array, codes: jax.Array, scales: jax.Array, global_scales: jax.Array,
                         layer: jax.Array | int, experts: jax.Array, *, pairs_per_row: int = 1, block_n: int = 32,
                         block_k: int | None = None, splits: int | None = None, num_warps: int = 4,
@@ -145,7 +133,7 @@ def pair_products_nvfp4(rows: jax.Array, codes: jax.Array, scales: jax.Array, gl
         global_scale = g_ref[tensor * parts + pl.program_id(1) * block_n // (n // parts)]
 
         def step(kb, acc):
-            low, high = e2m1_as_e4m3(w_ref[pl.ds(start, block_n), pl.ds(kb * step_bytes, step_bytes)])
+            low, high = nvfp4.e2m1_as_e4m3(w_ref[pl.ds(start, block_n), pl.ds(kb * step_bytes, step_bytes)])
             even = x_ref[pl.ds(kb * step_bytes, step_bytes)].astype(jnp.float32)
             odd = x_ref[pl.ds(half_k + kb * step_bytes, step_bytes)].astype(jnp.float32)
             products = low.astype(jnp.float32) * even[None, :] + high.astype(jnp.float32) * odd[None, :]
@@ -190,7 +178,6 @@ def reference(rows: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Arra
 def reference_nvfp4(rows: jax.Array, codes: jax.Array, scales: jax.Array, global_scales: jax.Array,
                     layer: jax.Array | int, experts: jax.Array) -> jax.Array:
     """`pair_products_nvfp4` in XLA: each pair's expert dequantised to fp32."""
-    from quant import nvfp4
     layers, e, n, _ = codes.shape
     parts = global_scales.shape[-1]
     g = jnp.repeat(global_scales[layer][experts], n // parts, axis=-1)[..., None]         # [R, N, 1]
