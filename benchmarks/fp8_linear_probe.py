@@ -1,14 +1,12 @@
 """FP8 projections and expert pairs at decode sizes, on one GPU: the Mosaic W8A8 kernel against
-the Triton few-rows kernel (`minimax_jax.ops.fp8_linear`) and the pair kernels
-(`minimax_jax.ops.pair_experts`, FP8 and NVFP4 experts; NVFP4 also as XLA ran it before, the
-pairs' experts gathered and dequantised to bf16 before an einsum), over their options:
+the Triton few-rows kernel (`minimax_jax.ops.fp8_linear`) and the pair kernel
+(`minimax_jax.ops.pair_experts`), over their options (NVFP4's: benchmarks/nvfp4_probe.py):
 
     python benchmarks/fp8_linear_probe.py [--rows 1 16] [--layers 62]
 
 Shapes are one device's share on TP1, TP2 and TP4: the attention projections (qkv rows 8192 / tp,
 o rows 3072 over 6144 / tp columns) and one token's 8 expert pairs under MoE-TP (gate/up 2 x 1536
-/ tp rows over 3072, down 3072 rows over 1536 / tp), whose weight bytes are 1 a weight in FP8 and
-0.5625 in NVFP4 (codes and scales). Each call reads another layer of --layers
+/ tp rows over 3072, down 3072 rows over 1536 / tp). Each call reads another layer of --layers
 stacked weights (none stays in L2), and the time is the device's: the kernels' durations summed
 from a profiler trace (a few-microsecond kernel timed by the wall clock is the host's launch
 rate). Prints one line per variant: device time per call, the weight bytes' bandwidth, and the
@@ -34,10 +32,6 @@ PROJECTIONS = {"qkv TP1": (8192, 3072), "o TP1": (3072, 6144), "qkv TP2": (4096,
                "qkv TP4": (2048, 3072), "o TP4": (3072, 1536)}
 EXPERTS = {"gate/up TP1": (3072, 3072), "down TP1": (3072, 1536), "gate/up TP2": (1536, 3072), "down TP2": (3072, 768),
            "gate/up TP4": (768, 3072), "down TP4": (3072, 384)}
-NVFP4_VARIANTS = {f"nvfp4 block_n={b} block_k={bk or 'auto'} splits={sp or 'auto'} stages={st}":
-                  dict(block_n=b, block_k=bk, splits=sp, num_stages=st)
-                  for b, bk, sp, st in ((32, None, None, 3), (32, None, 1, 3), (32, None, 2, 3), (16, None, 4, 3),
-                                        (64, None, 2, 3), (32, 128, None, 3), (32, None, None, 4))}
 PAIRS, LOCAL_EXPERTS = 8, 32        # one token's pairs; experts per layer held here (the bytes read are the pairs')
 
 
@@ -64,7 +58,7 @@ def main() -> int:
             refs = {rounded: fp8_linear.reference(x, w[1], scale[1], round_rows=rounded) for rounded in (True, False)}
             for name, linear in linears.items():
                 ref = refs[name.startswith("mosaic")]      # the Triton kernels take the rows unrounded
-                table += _measure(f"{shape_name} rows={rows}", name, linear, (x, w, scale), ref, n * k, args)
+                table += measure(f"{shape_name} rows={rows}", name, linear, (x, w, scale), ref, n * k, args)
     experts = jax.random.randint(keys[2], (PAIRS,), 0, LOCAL_EXPERTS)
     for shape_name, (n, k) in filter(lambda item: wanted(item[0]), EXPERTS.items()):
         w, scale = _weights(keys[0], (args.layers, LOCAL_EXPERTS, n, k))
@@ -73,19 +67,10 @@ def main() -> int:
         for name, opts in triton.items():
             products = functools.partial(pair_experts.pair_products, **opts)
             call = lambda x, w, scale, layer, products=products: products(x, w, scale, layer, experts)  # noqa: E731
-            table += _measure(f"{shape_name} pairs={PAIRS}", name, call, (x, w, scale), ref, PAIRS * n * k, args)
-        codes, scales, g = _nvfp4_weights(keys[0], (args.layers, LOCAL_EXPERTS, n, k))
-        ref = pair_experts.reference_nvfp4(x, codes, scales, g, 1, experts)
-        nbytes = int(PAIRS * n * k * 0.5625)
-        variants = {"nvfp4 xla dequantise + einsum": _nvfp4_xla}
-        variants.update({name: functools.partial(pair_experts.pair_products_nvfp4, **opts, interpret=interpret)
-                         for name, opts in NVFP4_VARIANTS.items()})
-        for name, products in variants.items():
-            call = lambda x, c, s, g, layer, products=products: products(x, c, s, g, layer, experts)  # noqa: E731
-            table += _measure(f"{shape_name} pairs={PAIRS}", name, call, (x, codes, scales, g), ref, nbytes, args)
-    print(f"\n{'shape':<22} {'variant':<50} {'us':>7} {'TB/s':>6} {'max err':>8}")
-    for shape_name, name, seconds, nbytes, err in table:
-        print(f"{shape_name:<22} {name:<50} {seconds * 1e6:>7.1f} {nbytes / seconds / 1e12:>6.2f} {err:>8.1e}")
+            table += measure(f"{shape_name} pairs={PAIRS}", name, call, (x, w, scale), ref, PAIRS * n * k, args)
+    print(f"\n{'shape':<22} {'variant':<36} {'us':>7} {'TB/s':>6} {'max err':>8}")
+    for shape_name, name, seconds, nbytes, err, _ in table:
+        print(f"{shape_name:<22} {name:<36} {seconds * 1e6:>7.1f} {nbytes / seconds / 1e12:>6.2f} {err:>8.1e}")
     return 0
 
 
@@ -94,37 +79,23 @@ def _weights(key, shape):
     return w, jnp.full((*shape[:-2], shape[-2] // 128, shape[-1] // 128), 0.02, jnp.float32)
 
 
-def _nvfp4_weights(key, shape):
-    """Random codes, E4M3 scales of 0.01 and global scales of 1 (weights of std about 0.02)."""
-    layers, experts, n, k = shape
-    codes = jax.random.bits(key, (layers, experts, n, k // 2), jnp.uint8)
-    scales = jnp.full((layers, experts, n, k // 16), 0.01, jnp.float32).astype(jnp.float8_e4m3fn)
-    return codes, scales, jnp.ones((layers, experts, 1), jnp.float32)
-
-
-def _nvfp4_xla(x, codes, scales, g, layer, experts):
-    """The pairs' experts gathered, dequantised to bf16, then one einsum (the path without the kernel)."""
-    from quant import nvfp4
-    w = nvfp4.dequantize(nvfp4.NVFP4Array(codes[layer][experts], scales[layer][experts],
-                                          g[layer][experts][..., None]), jnp.bfloat16)
-    return jnp.einsum("rk,rnk->rn", x, w, preferred_element_type=jnp.float32)
-
-
-def _measure(shape_name: str, name: str, fn, arrays, ref, nbytes: int, args) -> list:
+def measure(shape_name: str, name: str, fn, arrays, ref, nbytes: int, args, flops: int = 0) -> list:
+    """[(shape_name, name, device seconds per call, nbytes, max error over max |ref|, flops)] of
+    fn(*arrays, layer), or [] where the variant fails (reported)."""
     try:
         f = jax.jit(fn)
         out = np.asarray(f(*arrays, jnp.int32(1)), np.float32)
         ref = np.asarray(ref, np.float32)
         err = float(np.abs(out - ref).max() / np.abs(ref).max())
-        seconds = _device_seconds(f, arrays, args) if jax.default_backend() == "gpu" else float("nan")
+        seconds = device_seconds(f, arrays, args) if jax.default_backend() == "gpu" else float("nan")
     except Exception as e:  # noqa: BLE001 - a variant that does not lower is reported, the rest go on
         print(f"{shape_name} {name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         return []
     print(f"{shape_name} {name}: {seconds * 1e6:.1f} us", flush=True)
-    return [(shape_name, name, seconds, nbytes, err)]
+    return [(shape_name, name, seconds, nbytes, err, flops)]
 
 
-def _device_seconds(f, arrays, args) -> float:
+def device_seconds(f, arrays, args) -> float:
     """The kernels' device time per call, each call on another layer."""
     layers = [jnp.int32(i % args.layers) for i in range(args.iters)]
     jax.block_until_ready([f(*arrays, layer) for layer in layers[:2]])

@@ -480,7 +480,8 @@ class Experts(nnx.Module):
                                           fuse_swiglu=self.fuse_swiglu and ws_w8a8)
         elif kernel == "triton-nvfp4":                     # reads only the NVFP4 bytes
             matmuls = moe_ops.nvfp4_matmuls(self.w13[...], self.w13_scale[...], self.w13_scale_2[...], self.w2[...],
-                                            self.w2_scale[...], self.w2_scale_2[...], layer, out_dtype=self.dtype)
+                                            self.w2_scale[...], self.w2_scale_2[...], layer, out_dtype=self.dtype,
+                                            block_m=moe_ops.nvfp4_block_rows(expert_ids.size, self.num_experts))
         elif self.format == "bf16":
             w13 = self.w13[...]
             matmuls = moe_ops.weight_matmuls(w13.reshape(*w13.shape[:2], -1), self.w2[...], kernel)

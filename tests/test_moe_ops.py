@@ -723,8 +723,9 @@ def test_nvfp4_grouped_gemm_equals_the_reference_and_zeroes_tiles_of_no_expert()
 
 
 def test_nvfp4_experts_through_the_grouped_kernel_equal_the_dequantised_reference(monkeypatch):
-    """40 tokens' pairs over 4 NVFP4 experts, the layer read in place from 2 stacked layers; the
-    kernel's bf16 products against XLA's on the dequantised experts."""
+    """40 tokens' pairs over 4 NVFP4 experts (tiles of 64 rows), and 300 tokens' (128), the layer
+    read in place from 2 stacked layers; the kernel's bf16 products against XLA's on the
+    dequantised experts."""
     from flax import nnx
     from minimax_jax.config import preset
     from minimax_jax.model import Experts
@@ -736,12 +737,14 @@ def test_nvfp4_experts_through_the_grouped_kernel_equal_the_dequantised_referenc
     calls, aligned = [], moe.grouped_gemm_nvfp4.aligned_gemm_nvfp4
     monkeypatch.setattr(moe.grouped_gemm_nvfp4, "aligned_gemm_nvfp4", lambda *a, **k: calls.append(1) or aligned(*a, **k))
     rng = np.random.RandomState(15)
-    x = jnp.asarray(rng.standard_normal((40, 256)), jnp.bfloat16)
-    ids = jnp.asarray(rng.randint(0, 4, (40, 2)), jnp.int32)
-    weights = jnp.asarray(rng.random((40, 2)), jnp.float32)
-    got = np.asarray(stacked(x, ids, weights, first_expert=0, layer=jnp.int32(1)))
-    want = np.asarray(layers[1](x, ids, weights, first_expert=0))
-    assert calls and np.abs(got - want).max() < 2e-2 * np.abs(want).max()
+    for tokens, tile in ((40, 64), (300, 128)):
+        assert moe.nvfp4_block_rows(2 * tokens, 4) == tile
+        x = jnp.asarray(rng.standard_normal((tokens, 256)), jnp.bfloat16)
+        ids = jnp.asarray(rng.randint(0, 4, (tokens, 2)), jnp.int32)
+        weights = jnp.asarray(rng.random((tokens, 2)), jnp.float32)
+        got = np.asarray(stacked(x, ids, weights, first_expert=0, layer=jnp.int32(1)))
+        want = np.asarray(layers[1](x, ids, weights, first_expert=0))
+        assert calls and np.abs(got - want).max() < 2e-2 * np.abs(want).max()
 
 
 def test_nvfp4_grouped_kernel_lowers_for_gpus_at_full_size():

@@ -2,11 +2,11 @@
 Pallas (Triton) kernel that reads the codes in place from the weights stacked over layers.
 
 Hopper has no FP4 tensor cores. Each program takes one tile of a group's rows and a block of
-output channels, and walks K: the tile's codes (half a byte a weight) widen through E4M3
-(`quant.nvfp4.e2m1_as_e4m3`) to bf16, the low and high nibbles joined back into column order,
-times each 16 weights' E4M3 scale (exact in bf16: a code's 2 significant bits by a scale's 4),
-then one bf16 dot with the rows on the tensor cores, summed in fp32; the tensor's global scale
-multiplies the result. Without it every layer's experts were dequantised whole to bf16 before an
+output channels, and walks K: the tile's codes (half a byte a weight) widen to fp32
+(`triton_common.widen_nibbles`), the low and high nibbles joined back into column order, times
+each 16 weights' E4M3 scale, to bf16 (exact: a code's 2 significant bits by a scale's 4), then one
+bf16 dot with the rows on the tensor cores, summed in fp32; the tensor's global scale multiplies
+the result. Without it every layer's experts were dequantised whole to bf16 before an
 XLA GEMM: 7.2 GB written and read again a layer at full size, which also left no room for
 MiniMax-M2.5's 62 layers on one 141 GB GPU.
 """
@@ -26,7 +26,7 @@ GROUP = nvfp4.BLOCK_SIZE        # weights per E4M3 scale
 def aligned_gemm_nvfp4(rows: jax.Array, block_group: jax.Array, codes: jax.Array, scales: jax.Array,
                        global_scales: jax.Array, layer: jax.Array | int = 0, *, block_m: int = 64,
                        block_n: int = 128, block_k: int = 128, num_warps: int = 4, num_stages: int = 3,
-                       out_dtype=jnp.bfloat16, interpret: bool = False) -> jax.Array:
+                       widen: str = "ptx", out_dtype=jnp.bfloat16, interpret: bool = False) -> jax.Array:
     """rows [M, K] (group-aligned, M a multiple of block_m) @ each block's expert's dequantised
     weights, transposed -> [M, N] in out_dtype.
 
@@ -35,7 +35,8 @@ def aligned_gemm_nvfp4(rows: jax.Array, block_group: jax.Array, codes: jax.Array
     global_scales: fp32 [L, E, G], N in G equal parts of one scale each (a gate/up pair: G = 2);
     layer: which of the L layers. Codes or scales the kernel would read at wrapped offsets
     (`triton_common.offsets_wrap`: 2-4 GiB of them, e.g. 62 layers' scales of 64 experts on a DEP4
-    rank) are sliced to the layer first (a copy, 38 MB of scales there)."""
+    rank) are sliced to the layer first (a copy, 38 MB of scales there). widen: how codes become
+    numbers, "ptx" (`triton_common.widen_nibbles`; E4M3 under the interpreter) or "e4m3"."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -58,6 +59,9 @@ def aligned_gemm_nvfp4(rows: jax.Array, block_group: jax.Array, codes: jax.Array
     if triton_common.offsets_wrap(scales):
         scales, scale_layer = scales[layer][None], jnp.int32(0)
     steps, step_bytes, step_groups = k // block_k, block_k // 2, block_k // GROUP
+    if widen not in ("ptx", "e4m3"):
+        raise ValueError(f"widen must be ptx or e4m3, got {widen!r}")
+    ptx = widen == "ptx" and not interpret
 
     def kernel(layer_ref, group_ref, x_ref, w_ref, s_ref, g_ref, o_ref):
         expert, column_block = group_ref[0], pl.program_id(1)      # (read outside pl.when: the interpreter)
@@ -73,15 +77,16 @@ def aligned_gemm_nvfp4(rows: jax.Array, block_group: jax.Array, codes: jax.Array
             scale_start = (layer_ref[2] * e + expert) * n + column_block * block_n
 
             def step(kb, acc):
-                low, high = nvfp4.e2m1_as_e4m3(w_ref[pl.ds(start, block_n), pl.ds(kb * step_bytes, step_bytes)])
-                w = jnp.stack([low.astype(jnp.bfloat16), high.astype(jnp.bfloat16)], axis=-1)    # column order
-                s = s_ref[pl.ds(scale_start, block_n), pl.ds(kb * step_groups, step_groups)].astype(jnp.bfloat16)
+                codes = w_ref[pl.ds(start, block_n), pl.ds(kb * step_bytes, step_bytes)]
+                w = jnp.stack(triton_common.widen_nibbles(codes, ptx), axis=-1)           # column order
+                s = s_ref[pl.ds(scale_start, block_n), pl.ds(kb * step_groups, step_groups)].astype(jnp.float32)
                 w = (w.reshape(block_n, step_groups, GROUP) * s[:, :, None]).reshape(block_n, block_k)
+                w = w.astype(jnp.bfloat16)
                 x = x_ref[:, pl.ds(kb * block_k, block_k)].astype(jnp.bfloat16)
                 return acc + pltriton.dot(x, w.T)
 
             acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_m, block_n), jnp.float32))
-            scale = g_ref[tensor * parts + column_block * block_n // (n // parts)] * 64.0    # E4M3 reads 1/64
+            scale = g_ref[tensor * parts + column_block * block_n // (n // parts)] * triton_common.NIBBLE_SCALE
             o_ref[...] = (acc * scale).astype(o_ref.dtype)
 
     return pl.pallas_call(
@@ -106,5 +111,9 @@ def reference(rows: jax.Array, block_group: jax.Array, codes: jax.Array, scales:
     g = jnp.repeat(global_scales[layer], n // parts, axis=-1)[..., None]                    # [E, N, 1]
     w = nvfp4.dequantize(nvfp4.NVFP4Array(codes[layer], scales[layer], g))                  # [E, N, K]
     tiles = rows.astype(jnp.float32).reshape(-1, block_m, rows.shape[1])
-    out = jnp.einsum("tmk,tnk->tmn", tiles, w[jnp.minimum(block_group, e - 1)], precision=jax.lax.Precision.HIGHEST)
-    return jnp.where((block_group < e)[:, None, None], out, 0.0).reshape(rows.shape[0], n)
+
+    def tile(args):          # one tile at a time: a gathered expert per tile would not fit at full size
+        x, group = args
+        out = jnp.dot(x, w[jnp.minimum(group, e - 1)].T, precision=jax.lax.Precision.HIGHEST)
+        return jnp.where(group < e, out, 0.0)
+    return jax.lax.map(tile, (tiles, block_group)).reshape(rows.shape[0], n)

@@ -373,27 +373,33 @@ def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: j
                           lambda rows, groups: gemm(rows, groups, w2, w2_scale), block_rows=block_m)
 
 
-NVFP4_BLOCK_ROWS = 64        # rows per tile of the NVFP4 kernel
+def nvfp4_block_rows(pairs: int, num_experts: int) -> int:
+    """Rows per tile of the NVFP4 kernel for `pairs` token-expert pairs over num_experts experts:
+    128 (8 warps) where an expert averages 128 rows or more, else 64 (4 warps). On an H200 at 256
+    rows for each of 256 experts (benchmarks/nvfp4_probe.py, docs/benchmarks.md run EG): gate/up
+    3.73 against 4.24 ms, down equal; at 64 rows a tile of 128 would be half padding."""
+    return 128 if pairs >= 128 * num_experts else 64
 
 
 def nvfp4_matmuls(w13: jax.Array, w13_scale: jax.Array, w13_scale_2: jax.Array, w2: jax.Array,
                   w2_scale: jax.Array, w2_scale_2: jax.Array, layer: jax.Array | int | None = None,
-                  out_dtype=jnp.bfloat16) -> GroupedMatmuls:
+                  out_dtype=jnp.bfloat16, block_m: int = 64) -> GroupedMatmuls:
     """gate_up and down of NVFP4 experts as `model.Experts` holds them (w13 uint8 [L, E, 2, I,
     H/2] with scales [L, E, 2, I, H/16] and [L, E, 2]; w2 [L, E, H, I/2], [L, E, H, I/16], [L, E];
-    layer None: one layer's, unstacked) on group-aligned rows, read in place by
-    `grouped_gemm_nvfp4.aligned_gemm_nvfp4` (under its interpreter off GPUs)."""
+    layer None: one layer's, unstacked) on group-aligned rows of block_m (`nvfp4_block_rows`), read
+    in place by `grouped_gemm_nvfp4.aligned_gemm_nvfp4` (under its interpreter off GPUs)."""
     if layer is None:
         w13, w13_scale, w13_scale_2, w2, w2_scale, w2_scale_2 = (
             a[None] for a in (w13, w13_scale, w13_scale_2, w2, w2_scale, w2_scale_2))
         layer = 0
     layers, e, _, inter, half_hidden = w13.shape
     w13, w13_scale = w13.reshape(layers, e, 2 * inter, half_hidden), w13_scale.reshape(layers, e, 2 * inter, -1)
-    gemm = functools.partial(grouped_gemm_nvfp4.aligned_gemm_nvfp4, layer=layer, block_m=NVFP4_BLOCK_ROWS,
-                             out_dtype=out_dtype, interpret=jax.default_backend() != "gpu")
+    gemm = functools.partial(grouped_gemm_nvfp4.aligned_gemm_nvfp4, layer=layer, block_m=block_m,
+                             num_warps=4 if block_m == 64 else 8, out_dtype=out_dtype,
+                             interpret=jax.default_backend() != "gpu")
     return GroupedMatmuls(lambda rows, groups: gemm(rows, groups, w13, w13_scale, w13_scale_2),
                           lambda rows, groups: gemm(rows, groups, w2, w2_scale, w2_scale_2[..., None]),
-                          block_rows=NVFP4_BLOCK_ROWS)
+                          block_rows=block_m)
 
 
 def _w8a8_reference_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: jax.Array,

@@ -12,6 +12,8 @@ them in registers: weight-only numbers (the rows are not rounded), products and 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -86,7 +88,7 @@ def nvfp4_block_k(k: int) -> int:
 def pair_products_nvfp4(rows: jax.Array, codes: jax.Array, scales: jax.Array, global_scales: jax.Array,
                         layer: jax.Array | int, experts: jax.Array, *, pairs_per_row: int = 1, block_n: int = 32,
                         block_k: int | None = None, splits: int | None = None, num_warps: int = 4,
-                        num_stages: int = 3, interpret: bool = False) -> jax.Array:
+                        num_stages: int = 3, widen: str = "ptx", interpret: bool = False) -> jax.Array:
     """Pair r: rows[r // pairs_per_row] @ dequantised w[layer, experts[r]].T -> fp32 [R, N], w
     in NVFP4 (`quant.nvfp4`: two E2M1 codes a byte, an E4M3 scale per 16 weights, an fp32 scale
     per tensor).
@@ -98,7 +100,8 @@ def pair_products_nvfp4(rows: jax.Array, codes: jax.Array, scales: jax.Array, gl
     the odd columns (the codes' low and high nibbles), split here, where XLA folds it into the
     rows' producer. Scales the kernel would read at wrapped offsets (`triton_common.offsets_wrap`:
     2-4 GiB of them, e.g. 62 layers' gate/up on TP4) are gathered for the pairs first, one small
-    XLA gather."""
+    XLA gather. widen: how codes become fp32, "ptx" (`triton_common.widen_nibbles`; the
+    interpreter's E4M3 reading off GPUs) or "e4m3" (through E4M3 in Triton's own conversions)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -119,6 +122,9 @@ def pair_products_nvfp4(rows: jax.Array, codes: jax.Array, scales: jax.Array, gl
                          f"{scales.shape}, global_scales {global_scales.shape}")
     steps = k // block_k // splits
     step_bytes, step_groups = block_k // 2, block_k // group
+    if widen not in ("ptx", "e4m3"):
+        raise ValueError(f"widen must be ptx or e4m3, got {widen!r}")
+    widened = functools.partial(triton_common.widen_nibbles, ptx=widen == "ptx" and not interpret)
     gathered = triton_common.offsets_wrap(scales)
     if gathered:
         safe = jnp.where((experts >= 0) & (experts < e), experts, 0)
@@ -133,17 +139,17 @@ def pair_products_nvfp4(rows: jax.Array, codes: jax.Array, scales: jax.Array, gl
         global_scale = g_ref[tensor * parts + pl.program_id(1) * block_n // (n // parts)]
 
         def step(kb, acc):
-            low, high = nvfp4.e2m1_as_e4m3(w_ref[pl.ds(start, block_n), pl.ds(kb * step_bytes, step_bytes)])
+            low, high = widened(w_ref[pl.ds(start, block_n), pl.ds(kb * step_bytes, step_bytes)])
             even = x_ref[pl.ds(kb * step_bytes, step_bytes)].astype(jnp.float32)
             odd = x_ref[pl.ds(half_k + kb * step_bytes, step_bytes)].astype(jnp.float32)
-            products = low.astype(jnp.float32) * even[None, :] + high.astype(jnp.float32) * odd[None, :]
+            products = low * even[None, :] + high * odd[None, :]
             per_scale = jnp.sum(products.reshape(block_n, step_groups, group // 2), axis=2)
             s = s_ref[pl.ds(scale_start, block_n), pl.ds(kb * step_groups, step_groups)].astype(jnp.float32)
             return acc + jnp.sum(per_scale * s, axis=1)
 
         first = pl.program_id(2) * steps
         acc = jax.lax.fori_loop(first, first + steps, step, jnp.zeros((block_n,), jnp.float32))
-        o_ref[...] = acc * (global_scale * 64.0)            # 64: the E4M3 reading of a code is its value / 64
+        o_ref[...] = acc * (global_scale * triton_common.NIBBLE_SCALE)
 
     deinterleaved = jnp.concatenate([rows[:, 0::2], rows[:, 1::2]], axis=1)
     out = pl.pallas_call(

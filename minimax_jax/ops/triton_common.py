@@ -42,3 +42,52 @@ def k_splits(k_blocks: int) -> int:
     (24 blocks) 17.1 -> 12.1 us and TP4's o (12 blocks) 12.0 -> 9.7 us; a pair's down product on
     TP2 (6 blocks) was slower split in 2 (10.3 against 9.0 us)."""
     return 4 if k_blocks >= 12 and k_blocks % 4 == 0 else 1
+
+
+NIBBLE_SCALE = 2.0 ** 14    # `widen_nibbles` returns the codes' values over this
+
+# One byte's E2M1 nibble as an f16's bits: the code's 3 magnitude bits at the f16's two lowest
+# exponent bits and highest mantissa bit read 2**-14 times its value (E2M1's 0.5 an f16 subnormal,
+# exact), the sign at bit 15. Four bytes a register: prmt puts bytes 0, 1 and 2, 3 in the halves
+# of two registers, then shifts and masks build two f16 pairs, widened to fp32.
+_NIBBLES_PTX = """{{
+.reg .b32 z, t0, t1, a, b, p0, p1;
+.reg .b16 h0, h1, h2, h3;
+mov.b32 z, 0;
+prmt.b32 t0, $4, z, 0x4140;
+prmt.b32 t1, $4, z, 0x4342;
+shl.b32 a, t0, {magnitude};
+and.b32 a, a, 0x0E000E00;
+shl.b32 b, t0, {sign};
+and.b32 b, b, 0x80008000;
+or.b32 p0, a, b;
+shl.b32 a, t1, {magnitude};
+and.b32 a, a, 0x0E000E00;
+shl.b32 b, t1, {sign};
+and.b32 b, b, 0x80008000;
+or.b32 p1, a, b;
+mov.b32 {{h0, h1}}, p0;
+mov.b32 {{h2, h3}}, p1;
+cvt.f32.f16 $0, h0;
+cvt.f32.f16 $1, h1;
+cvt.f32.f16 $2, h2;
+cvt.f32.f16 $3, h3;
+}}"""
+
+
+def widen_nibbles(codes: jax.Array, ptx: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Inside a Pallas (Triton) kernel: fp32 values over NIBBLE_SCALE of the low and the high
+    E2M1 nibbles of uint8 NVFP4 codes. ptx (GPUs only): inline PTX (`_NIBBLES_PTX`), about 3
+    instructions a weight; else the E4M3 reading of `quant.nvfp4.e2m1_as_e4m3` through Triton's
+    FP8 conversions (and Pallas's interpreter)."""
+    from quant import nvfp4
+    if not ptx:
+        return tuple(v.astype(jnp.float32) * (64.0 / NIBBLE_SCALE) for v in nvfp4.e2m1_as_e4m3(codes))
+    from jax.experimental.pallas import triton as pltriton
+    out = jax.ShapeDtypeStruct(codes.shape, jnp.float32)
+
+    def nibble(magnitude: int, sign: int) -> jax.Array:
+        [values] = pltriton.elementwise_inline_asm(_NIBBLES_PTX.format(magnitude=magnitude, sign=sign), args=[codes],
+                                                   constraints="=f,=f,=f,=f,r", pack=4, result_shape_dtypes=[out])
+        return values
+    return nibble(9, 12), nibble(5, 8)          # low nibble: bits 0-2 to 9-11, 3 to 15; high: 4-6, 7
