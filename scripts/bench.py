@@ -55,10 +55,10 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-for var, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                   ("NVSHMEM_DISABLE_NVLS", "1"), ("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")):
-    os.environ.setdefault(var, value)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from minimax_jax.process_env import apply_defaults  # noqa: E402
+
+apply_defaults()            # before JAX starts: multicast off, XLA's pool 92% of each card
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

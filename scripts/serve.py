@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from minimax_jax.process_env import apply_defaults  # noqa: E402
+
+apply_defaults()            # before JAX starts: multicast off, XLA's pool 92% of each card
 
 import uvicorn  # noqa: E402
 
