@@ -447,9 +447,9 @@ class Experts(nnx.Module):
                  layer: jax.Array | None = None, out_dtype=jnp.float32, rounded: bool = False) -> jax.Array:
         """The routed experts' weighted sum [N, H], summed in fp32, in out_dtype. x: [N, H], or
         with rounded what `token_rounding` made of it. layer: this module's arrays hold every
-        layer's experts ([L, ...]) and this layer's run; the Mosaic FP8 kernels read them in
-        place, and so do a few pairs' FP8 and NVFP4 kernels on Hopper GPUs (`ops.pair_experts`);
-        every other path takes the layer's slice."""
+        layer's experts ([L, ...]) and this layer's run; the Mosaic FP8 kernels and the NVFP4
+        kernel read them in place, and so do a few pairs' FP8 and NVFP4 kernels on Hopper GPUs
+        (`ops.pair_experts`); every other path takes the layer's slice."""
         share = self.num_local / self.num_experts
         kernel, per_pair = self._path(expert_ids.size)
         if layer is not None and self.w13.ndim != 5:

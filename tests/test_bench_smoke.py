@@ -21,8 +21,10 @@ def test_every_cpu_section_of_the_benchmark_records_its_rows(tmp_path):
     sections = {r["section"] for r in rows}
     assert sections == {"env", "kernels", "moe", "layouts", "breakdown", "engine", "check-long"}, stdout[-2000:]
     layouts = {r["variant"]: r["value"] for r in rows if r["section"] == "layouts"}
-    # bf16 dispatch is the same arithmetic as TP on one host: logits agree to rounding
-    assert layouts["first-step logits DEP8 bf16-dispatch vs TP8, 2 layers"] < 1e-3
+    # bf16 dispatch is the same arithmetic as TP on one host: logits agree to bf16 rounding (the
+    # fused qkv product of a TP8 device's rows sums in another order than DEP8's of all rows;
+    # 1.9e-3 of the largest logit, a quarter of bf16's spacing; the fp4 dispatch moves it 1e-2)
+    assert layouts["first-step logits DEP8 bf16-dispatch vs TP8, 2 layers"] < 4e-3
     assert all(r["value"] > 0 for r in rows if r["section"] in ("kernels", "moe", "engine", "breakdown"))
     # the moe section checks each kernel against its reference: W8A8's rounding of the rows moves
     # the block by a few percent of its largest output, no more

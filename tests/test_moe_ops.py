@@ -531,13 +531,16 @@ def test_w8a8_tiles_take_64_rows_where_experts_hold_few_and_the_columns_split():
     assert moe.ws_w8a8_block_rows(256 * 8, 256, 1536, 384) == 128            # a down GEMM of 384 columns
 
 
-def test_auto_kernel_on_hopper_is_mosaic_for_bf16_and_the_w8a8_ws_kernel_for_fp8(monkeypatch):
+def test_auto_kernel_on_hopper_is_mosaic_for_bf16_the_w8a8_ws_kernel_for_fp8_and_triton_for_nvfp4(monkeypatch):
     monkeypatch.setattr(moe, "on_hopper", lambda: True)
     assert moe.resolve_kernel("auto", "bf16", 3072, 1536) == "mosaic"
     assert moe.resolve_kernel("auto", "fp8", 3072, 1536) == "mosaic-ws-w8a8"
     assert moe.resolve_kernel("auto", "fp8", 3072, 384) == "mosaic-ws-w8a8"        # TP4 experts
     assert moe.resolve_kernel("auto", "fp8", 3072, 192) == "mosaic"                 # TP8: not in 128 blocks
-    assert moe.resolve_kernel("auto", "nvfp4", 3072, 1536) == "mosaic"
+    assert moe.resolve_kernel("auto", "nvfp4", 3072, 1536) == "triton-nvfp4"
+    assert moe.resolve_kernel("auto", "nvfp4", 3072, 192) == "mosaic"               # TP8: not in 128 columns
+    with pytest.raises(ValueError, match="triton-nvfp4 needs NVFP4 experts"):
+        moe.resolve_kernel("triton-nvfp4", "fp8", 3072, 1536)
     assert moe.resolve_kernel("auto", "fp8", 3072, 1536, dtype=jnp.float32) == "xla"
 
 
