@@ -52,7 +52,9 @@ from sharding.specs import KV_HEAD_KEYS, param_spec
 log = logging.getLogger(__name__)
 
 FORMAT = "minimax-jax-orbax"
-FORMAT_VERSION = 2       # 2: attention beside FP8 experts held as FP8 blocks (model.attention_format)
+# 2: attention beside FP8 experts held as FP8 blocks (model.attention_format); 3: bf16 attention
+# as wqkv (rows grouped by KV head) and wo, rows = output channels, where it was wq, wk, wv, wo
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 STATE_DIR = "state"
 PARTIAL_TAG = ".converting-"
