@@ -456,8 +456,10 @@ class Experts(nnx.Module):
             raise ValueError(f"a layer index needs experts stacked over layers (w13 [L, ...], 5-D); got w13 "
                              f"{self.w13.shape}")
         local = expert_ids - first_expert
-        if per_pair and self.format != "bf16" and moe_ops.on_hopper() and all(
-                pair_experts.supports(w[...]) for w in (self.w13, self.w2)):    # reads each pair's expert in place
+        w13, w2 = self.w13[...], self.w2[...]
+        readable = (pair_experts.supports_nvfp4(w13, w2) if self.format == "nvfp4" else
+                    all(pair_experts.supports(w) for w in (w13, w2)))
+        if per_pair and self.format != "bf16" and moe_ops.on_hopper() and readable:   # each pair's expert in place
             mine = (local >= 0) & (local < self.num_local)
             quantised = ((self.w13, self.w13_scale, self.w2, self.w2_scale) if self.format == "fp8" else
                          (self.w13, self.w13_scale, self.w13_scale_2, self.w2, self.w2_scale, self.w2_scale_2))

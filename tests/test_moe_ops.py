@@ -698,6 +698,12 @@ def test_nvfp4_pairs_read_in_place_equal_the_per_pair_path_on_dequantised_expert
     assert not np.allclose(np.asarray(other), np.asarray(ref), atol=1e-2 * float(jnp.abs(ref).max()))
 
 
+def test_nvfp4_pairs_are_read_in_place_only_in_whole_blocks_of_channels():
+    codes = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.uint8)  # noqa: E731
+    assert pair_experts.supports_nvfp4(codes(62, 256, 2, 384, 1536), codes(62, 256, 3072, 192))      # TP4
+    assert not pair_experts.supports_nvfp4(codes(2, 256, 2, 48, 1536), codes(2, 256, 3072, 24))      # a share of 48
+
+
 def test_nvfp4_pair_kernel_lowers_for_gpus_at_full_size():
     """One request's gate/up pairs at 62 layers on one device (256 experts of 2 x 1536 rows), and
     on TP4, whose 2.3e9 scale bytes the kernel would read at wrapped offsets (gathered first)."""

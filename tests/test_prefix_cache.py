@@ -239,3 +239,29 @@ def test_a_burst_sharing_a_system_prompt_gets_the_tokens_computed_without_the_ca
     assert [out["output_ids"] for out in got] == [out["output_ids"] for out in want]
     assert [out["meta_info"]["cached_tokens"] for out in got] == [0, 8, 8, 8]
     assert engine.kv_pages_used == 0
+
+
+def test_a_system_prompt_longer_than_a_chunk_is_computed_once():
+    """Four prompts of one 3000-token system prompt (three chunks of 1024) and 50 tokens of
+    their own, submitted at once: the others wait for all of it, then start on its 187 full pages
+    of 16 (2992 tokens); one unrelated prompt is not held back. A prompt scoring its own tokens
+    from position 40 starts on no cached page past it, so waits only for what it can use."""
+    rng = np.random.RandomState(12)
+    system = rng.randint(0, 512, 3000).tolist()
+    sched = burst_scheduler()
+    shared = [request(f"s{i}", system + rng.randint(0, 512, 50).tolist()) for i in range(4)]
+    other = request("o", rng.randint(0, 512, 500).tolist())
+    scoring = request("p", system[:200] + rng.randint(0, 512, 50).tolist())
+    scoring.logprob_start_len = 40
+    for req in shared + [other, scoring]:
+        sched.add(req)
+    computed, steps = 0, 0
+    while any(not r.prefilled for r in shared + [other, scoring]) and steps < 20:
+        plan = sched.plan()
+        computed += sum(len(c) for c in plan.chunks)
+        sched.advance(plan)
+        steps += 1
+    assert [r.cached_tokens for r in shared] == [0] + [2992] * 3
+    assert other.cached_tokens == 0 and other.prefilled
+    assert scoring.cached_tokens == 32             # pages before position 39, the first it must compute
+    assert computed == 3050 + 3 * 58 + 500 + 218

@@ -276,6 +276,8 @@ class AsyncEngine:
         except Exception:
             log.exception("engine step failed; aborting every live request")
             self._abort_all({"type": "abort", "message": "internal engine error"})
+            with contextlib.suppress(Exception):     # pages a failed step may never have written
+                self.engine.flush_cache()
             return
         now = time.perf_counter()
         for req in updated:

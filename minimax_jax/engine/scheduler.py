@@ -11,7 +11,7 @@ With prefix caching (the allocator's), an admitted prompt starts on the cached p
 first full pages, less its last token (whose logits the first step needs), and prefills from
 there; a request's full pages are cached as its prompt's chunks are computed and when it ends. A
 burst of prompts sharing a system prompt computes it once: the first is admitted, the others wait
-a step for its pages (`Scheduler._admit`).
+until it has computed what they share (`Scheduler._admit`).
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ class Request:
     logprob_start_len: int = -1
     input_logprobs: list[float | None] = dataclasses.field(default_factory=list)
     input_top_logprobs: list[list[tuple[float, int]] | None] = dataclasses.field(default_factory=list)
+    # while waiting: tokens its prompt shares with each prompt it waits for, by rid (Scheduler._admit)
+    shared_with: dict[str, int] = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.logprob_start_len >= 0 and not self.input_logprobs:
@@ -143,6 +145,18 @@ def powers_of_two(lo: int, hi: int) -> list[int]:
 SHARED_HEAD_TOKENS = 64        # a prompt sharing this many first tokens with one prefilling waits for its pages
 
 
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many first tokens two prompts share (a binary search over slices compared in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 class Scheduler:
     """The requests of one dp rank and the pages of its share of the KV cache."""
 
@@ -213,17 +227,18 @@ class Scheduler:
         """Admits waiting requests, oldest first, while their pages are free and the next prefill
         step has room for them: a burst is admitted a step's worth at a time, so a prompt admitted
         later starts on the pages the ones before it cached. A prompt whose first pages (at least
-        SHARED_HEAD_TOKENS) equal those of a prompt still prefilling waits until they are cached
-        (a shared system prompt is computed once, not once per request of the step)."""
+        SHARED_HEAD_TOKENS) equal those of a prompt still prefilling waits until that one has
+        computed (and cached) what they share, however many chunks that takes; unrelated prompts
+        go ahead. A shared system prompt is computed once, not once per request of the step."""
         prefilling = [r for r in self.running if not r.prefilled]
         demand = sum(self._next_chunk(r) for r in prefilling)
-        heads = {self._head(r.prompt_ids) for r in prefilling} - {None}
+        leaders: dict[tuple[int, ...], list[Request]] = {}
+        for r in prefilling:
+            self._lead(leaders, r)
         deferred = []
         while self.waiting and len(self.running) < self.max_running and demand < self.max_prefill_tokens:
             req = self.waiting.popleft()
-            head = self._head(req.prompt_ids)
-            head_pages = len(head or ()) // self.page_size
-            if head in heads and len(self.allocator.cached(req.prompt_ids, head_pages)) < head_pages:
+            if self._waits_for_a_leader(req, leaders):
                 deferred.append(req)
                 continue
             cached = self.allocator.match(req.prompt_ids, self._max_cached_pages(req.prompt_ids, req.logprob_start_len))
@@ -234,10 +249,30 @@ class Scheduler:
                 break
             req.pages = cached + self.allocator.allocate(need)
             req.num_computed = req.cached_tokens = len(cached) * self.page_size
+            req.shared_with = {}
             self.running.append(req)
             demand += self._next_chunk(req)
-            heads.add(head)
+            self._lead(leaders, req)
         self.waiting.extendleft(reversed(deferred))
+
+    def _lead(self, leaders: dict, req: Request) -> None:
+        head = self._head(req.prompt_ids)
+        if head is not None:
+            leaders.setdefault(head, []).append(req)
+
+    def _waits_for_a_leader(self, req: Request, leaders: dict) -> bool:
+        """Whether a prompt still prefilling shares req's first pages and has yet to compute all
+        that req could take from it (the pages req may start on: `_max_cached_pages`). The
+        shared length is measured once per pair (`Request.shared_with`)."""
+        candidates = leaders.get(self._head(req.prompt_ids), ())
+        usable = self._max_cached_pages(req.prompt_ids, req.logprob_start_len) * self.page_size
+        for leader in candidates:
+            if leader.rid not in req.shared_with:
+                req.shared_with[leader.rid] = shared_prefix(req.prompt_ids, leader.prompt_ids)
+            shared = min(req.shared_with[leader.rid], usable) // self.page_size * self.page_size
+            if leader.num_computed < shared:
+                return True
+        return False
 
     def _next_chunk(self, req: Request) -> int:
         return min(len(req.prompt_ids) - req.num_computed, self.chunk_size)

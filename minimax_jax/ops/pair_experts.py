@@ -168,6 +168,15 @@ def pair_products_nvfp4(rows: jax.Array, codes: jax.Array, scales: jax.Array, gl
     return out.sum(axis=0)
 
 
+def supports_nvfp4(w13: jax.Array | jax.ShapeDtypeStruct, w2: jax.Array | jax.ShapeDtypeStruct,
+                   block_n: int = 32) -> bool:
+    """Whether `pair_products_nvfp4` takes experts as `model.Experts` holds NVFP4 ones (w13 codes
+    [..., E, 2, I, H/2], w2 [..., E, H, I/2]): I and H multiples of block_n (each half of gate/up
+    and down's output in blocks of channels; 16 for the scales), offsets read right."""
+    inter, hidden = w13.shape[-2], w2.shape[-2]
+    return inter % block_n == 0 and hidden % block_n == 0 and supports(w13) and supports(w2)
+
+
 def supports(w: jax.Array | jax.ShapeDtypeStruct) -> bool:
     """Whether the kernel reads these weights at the right offsets (`triton_common.offsets_wrap`)."""
     return not triton_common.offsets_wrap(w)
