@@ -850,14 +850,21 @@ def bench_url(args) -> None:
     client = openai.AsyncOpenAI(base_url=args.url.rstrip("/") + "/v1", max_retries=0, timeout=3600,
                                 api_key=os.environ.get("OPENAI_API_KEY", "none"))
 
+    # --logprob-start-len 0: each prompt scored as lm-evaluation-harness asks (echo + logprobs)
+    scoring = dict(echo=True, logprobs=1) if args.logprob_start_len == 0 else {}
+    scored = []
+
     async def one(model: str, prompt: list[int], output: int, gate: asyncio.Semaphore):
         async with gate:
             sent, first, last, tokens = time.perf_counter(), None, None, 0
             stream = await client.completions.create(
                 model=model, prompt=prompt, max_tokens=output, temperature=0.0, stream=True,
-                extra_body={"ignore_eos": True, "return_token_ids": True})
+                extra_body={"ignore_eos": True, "return_token_ids": True}, **scoring)
             async for chunk in stream:
                 new = sum(len((c.model_extra or {}).get("token_ids") or []) for c in chunk.choices)
+                if scoring and first is None:     # the first chunk echoes the prompt with its logprobs
+                    echoed = [c.logprobs.token_logprobs[:len(prompt)] for c in chunk.choices if c.logprobs]
+                    scored.append(sum(lp is not None for lps in echoed for lp in lps))
                 if new:
                     now = time.perf_counter()
                     first, last, tokens = first or now, now, tokens + new
@@ -879,12 +886,17 @@ def bench_url(args) -> None:
         if flushed.status_code != 200:
             print(f"[url] POST /flush_cache answered {flushed.status_code}: the measured prompts may find the "
                   f"warm-up's in the server's prefix cache", flush=True)
+        scored.clear()
         start = time.perf_counter()
         times = await run(model, prompts, args.output)
         return model, time.perf_counter() - start, times
 
     model, wall, times = asyncio.run(main())
-    record_latencies(f"{args.url} {model} {workload_name(args)}", wall, list(times), "streamed over HTTP")
+    tag = f"{args.url} {model} {workload_name(args)}" + (" prompt-logprobs" if scoring else "")
+    record_latencies(tag, wall, list(times), "streamed over HTTP")
+    if scoring:
+        record("engine", f"{tag} prompt tokens scored", sum(scored), "tokens",
+               f"of {sum(len(p) for p in prompts)} prompt tokens, echoed with their logprobs")
 
 
 @dataclasses.dataclass
@@ -1171,7 +1183,8 @@ def parse_args(argv=None):
                    help="engine and profile: no prefix caching (serve.py's flag)")
     p.add_argument("--logprob-start-len", type=int, default=-1,
                    help="engine: every request also scores its prompt's tokens from this position on (sglang's "
-                   "logprob_start_len; what /v1/completions with echo and logprobs asks), default -1: none")
+                   "logprob_start_len; what /v1/completions with echo and logprobs asks; with --url only 0, sent "
+                   "as echo + logprobs), default -1: none")
     p.add_argument("--hf-batch", type=int, default=16)
     p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--xla-flag-sets", nargs="+", choices=list(XLA_FLAG_SETS),
@@ -1195,6 +1208,8 @@ def parse_args(argv=None):
     for k, v in {**ENGINE_DEFAULTS, **{k: v for k, v in preset.items() if k != "what"}}.items():
         if k not in given:
             setattr(args, k, v)
+    if args.url and args.logprob_start_len > 0:
+        p.error("--url scores whole prompts (echo with logprobs): give --logprob-start-len 0")
     if not 0 <= args.shared_prefix < args.prompt:
         p.error(f"--shared-prefix must be in [0, --prompt), got {args.shared_prefix} with --prompt {args.prompt}")
     return args

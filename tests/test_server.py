@@ -477,6 +477,21 @@ def test_bench_url_mode_streams_the_workload_and_counts_every_token(server, tmp_
     assert 0 < rows[f"{tag} TTFT p50/p99"]["value"] < 60
 
 
+def test_bench_url_mode_scores_every_prompt_through_echo(server, tmp_path):
+    """--logprob-start-len 0 against a server: each prompt echoed with its logprobs, every
+    position but the first scored."""
+    import json
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--sections", "engine", "--url",
+                           server.url, "--preset", "tiny", "--requests", "3", "--prompt", "20", "--output", "1",
+                           "--logprob-start-len", "0", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OPENAI_API_KEY": API_KEY, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["variant"]: r["value"] for r in json.loads((out / "bench.json").read_text())["rows"]}
+    assert rows[f"{server.url} {MODEL} 3x20/1 prompt-logprobs prompt tokens scored"] == 3 * 19
+
+
 # -- bad input ----------------------------------------------------------------------------------------
 
 def _body(**fields) -> dict:
