@@ -459,18 +459,24 @@ def test_64_concurrent_streams_each_equal_the_request_run_alone(client, server):
         assert (tokens, text) == (alone.token_ids, alone.text)
 
 
-def test_bench_url_mode_streams_the_workload_and_counts_every_token(server, tmp_path):
-    """scripts/bench.py --url drives this server through the openai client: 6 requests of 5
-    tokens at 3 in flight, every token counted from the streamed token ids."""
+def run_bench_url(server, tmp_path, *flags: str) -> dict:
+    """scripts/bench.py's engine section against this server with the tiny preset's vocabulary:
+    its rows by variant."""
     import json
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--sections", "engine", "--url",
-                           server.url, "--preset", "tiny", "--requests", "6", "--prompt", "20", "--output", "5",
-                           "--max-running-requests", "3", "--out", str(out)],
+                           server.url, "--preset", "tiny", *flags, "--out", str(out)],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OPENAI_API_KEY": API_KEY, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = {r["variant"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}
+    return {r["variant"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}
+
+
+def test_bench_url_mode_streams_the_workload_and_counts_every_token(server, tmp_path):
+    """scripts/bench.py --url drives this server through the openai client: 6 requests of 5
+    tokens at 3 in flight, every token counted from the streamed token ids."""
+    rows = run_bench_url(server, tmp_path, "--requests", "6", "--prompt", "20", "--output", "5",
+                         "--max-running-requests", "3")
     tag = f"{server.url} {MODEL} 6x20/5 at 3 in flight"
     assert rows[f"{tag} output throughput"]["value"] > 0
     assert "30 tokens" in rows[f"{tag} output throughput"]["note"]
@@ -480,16 +486,9 @@ def test_bench_url_mode_streams_the_workload_and_counts_every_token(server, tmp_
 def test_bench_url_mode_scores_every_prompt_through_echo(server, tmp_path):
     """--logprob-start-len 0 against a server: each prompt echoed with its logprobs, every
     position but the first scored."""
-    import json
-    out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--sections", "engine", "--url",
-                           server.url, "--preset", "tiny", "--requests", "3", "--prompt", "20", "--output", "1",
-                           "--logprob-start-len", "0", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OPENAI_API_KEY": API_KEY, "JAX_PLATFORMS": "cpu"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = {r["variant"]: r["value"] for r in json.loads((out / "bench.json").read_text())["rows"]}
-    assert rows[f"{server.url} {MODEL} 3x20/1 prompt-logprobs prompt tokens scored"] == 3 * 19
+    rows = run_bench_url(server, tmp_path, "--requests", "3", "--prompt", "20", "--output", "1",
+                         "--logprob-start-len", "0")
+    assert rows[f"{server.url} {MODEL} 3x20/1 prompt-logprobs prompt tokens scored"]["value"] == 3 * 19
 
 
 # -- bad input ----------------------------------------------------------------------------------------
