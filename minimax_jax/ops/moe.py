@@ -388,18 +388,27 @@ def nvfp4_matmuls(w13: jax.Array, w13_scale: jax.Array, w13_scale_2: jax.Array, 
     H/2] with scales [L, E, 2, I, H/16] and [L, E, 2]; w2 [L, E, H, I/2], [L, E, H, I/16], [L, E];
     layer None: one layer's, unstacked) on group-aligned rows of block_m (`nvfp4_block_rows`), read
     in place by `grouped_gemm_nvfp4.aligned_gemm_nvfp4` (under its interpreter off GPUs)."""
+    gate_up, down, layer = _nvfp4_products(w13, w13_scale, w13_scale_2, w2, w2_scale, w2_scale_2, layer)
+    gemm = functools.partial(grouped_gemm_nvfp4.aligned_gemm_nvfp4, layer=layer, block_m=block_m,
+                             num_warps=4 if block_m == 64 else 8, out_dtype=out_dtype,
+                             interpret=jax.default_backend() != "gpu")
+    return GroupedMatmuls(lambda rows, groups: gemm(rows, groups, *gate_up), lambda rows, groups: gemm(rows, groups, *down),
+                          block_rows=block_m)
+
+
+def _nvfp4_products(w13: jax.Array, w13_scale: jax.Array, w13_scale_2: jax.Array, w2: jax.Array,
+                    w2_scale: jax.Array, w2_scale_2: jax.Array, layer: jax.Array | int | None
+                    ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...], jax.Array | int]:
+    """(codes, scales, global scales) of the gate/up product ([L, E, 2I, ...], G = 2) and of the
+    down product ([L, E, H, ...], G = 1) as the NVFP4 kernels take them, and the layer; unstacked
+    experts (layer None) become one layer."""
     if layer is None:
         w13, w13_scale, w13_scale_2, w2, w2_scale, w2_scale_2 = (
             a[None] for a in (w13, w13_scale, w13_scale_2, w2, w2_scale, w2_scale_2))
         layer = 0
     layers, e, _, inter, half_hidden = w13.shape
-    w13, w13_scale = w13.reshape(layers, e, 2 * inter, half_hidden), w13_scale.reshape(layers, e, 2 * inter, -1)
-    gemm = functools.partial(grouped_gemm_nvfp4.aligned_gemm_nvfp4, layer=layer, block_m=block_m,
-                             num_warps=4 if block_m == 64 else 8, out_dtype=out_dtype,
-                             interpret=jax.default_backend() != "gpu")
-    return GroupedMatmuls(lambda rows, groups: gemm(rows, groups, w13, w13_scale, w13_scale_2),
-                          lambda rows, groups: gemm(rows, groups, w2, w2_scale, w2_scale_2[..., None]),
-                          block_rows=block_m)
+    gate_up = (w13.reshape(layers, e, 2 * inter, half_hidden), w13_scale.reshape(layers, e, 2 * inter, -1), w13_scale_2)
+    return gate_up, (w2, w2_scale, w2_scale_2[..., None]), layer
 
 
 def _w8a8_reference_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: jax.Array,
@@ -450,19 +459,15 @@ def per_pair_experts_nvfp4(x: jax.Array, expert_ids: jax.Array, weights: jax.Arr
     I, H/2], w13_scale [L, E, 2, I, H/16], w13_scale_2 [L, E, 2], w2 [L, E, H, I/2], w2_scale
     [L, E, H, I/16], w2_scale_2 [L, E]; layer None: unstacked), each pair's expert read in place
     by `pair_experts.pair_products_nvfp4`. Returns fp32 [N, H]."""
-    if layer is None:
-        w13, w13_scale, w13_scale_2, w2, w2_scale, w2_scale_2 = (
-            a[None] for a in (w13, w13_scale, w13_scale_2, w2, w2_scale, w2_scale_2))
-        layer = 0
+    gate_up_weights, down_weights, layer = _nvfp4_products(w13, w13_scale, w13_scale_2, w2, w2_scale, w2_scale_2,
+                                                           layer)
     n, k = expert_ids.shape
-    layers, e, _, inter, half_hidden = w13.shape
+    inter = w13.shape[-2]
     experts = local.reshape(-1)         # the kernel reads expert 0 for pairs not `mine`, dropped below
-    gate_up = pair_experts.pair_products_nvfp4(
-        x, w13.reshape(layers, e, 2 * inter, half_hidden), w13_scale.reshape(layers, e, 2 * inter, -1), w13_scale_2,
-        layer, experts, pairs_per_row=k, interpret=interpret)
+    gate_up = pair_experts.pair_products_nvfp4(x, *gate_up_weights, layer, experts, pairs_per_row=k,
+                                               interpret=interpret)
     act = (jax.nn.silu(gate_up[:, :inter]) * gate_up[:, inter:]).astype(x.dtype)
-    y = pair_experts.pair_products_nvfp4(act, w2, w2_scale, w2_scale_2[..., None], layer, experts,
-                                         interpret=interpret)
+    y = pair_experts.pair_products_nvfp4(act, *down_weights, layer, experts, interpret=interpret)
     y = jnp.where(mine.reshape(-1, 1), y * weights.reshape(-1, 1), 0.0)
     return y.reshape(n, k, -1).sum(axis=1)
 

@@ -95,9 +95,9 @@ def pair_products_nvfp4(rows: jax.Array, codes: jax.Array, scales: jax.Array, gl
 
     codes: uint8 [L, E, N, K/2]; scales: float8_e4m3fn [L, E, N, K/16]; global_scales: fp32
     [L, E, G], the N rows in G equal parts of one global scale each (a gate/up pair's two
-    tensors: G = 2); experts as `pair_products`; block_k: None `nvfp4_block_k`; splits: None 4
-    where K holds at least 8 steps of block_k, a multiple of 4, else 1. The rows are read as two halves, the even and
-    the odd columns (the codes' low and high nibbles), split here, where XLA folds it into the
+    tensors: G = 2); experts as `pair_products`; block_k: None `nvfp4_block_k`; splits: None
+    `triton_common.k_splits` of K's steps of block_k. The rows are read as two halves, the even
+    and the odd columns (the codes' low and high nibbles), split here, where XLA folds it into the
     rows' producer. Scales the kernel would read at wrapped offsets (`triton_common.offsets_wrap`:
     2-4 GiB of them, e.g. 62 layers' gate/up on TP4) are gathered for the pairs first, one small
     XLA gather. widen: how codes become fp32, "ptx" (`triton_common.widen_nibbles`; the
@@ -108,10 +108,9 @@ def pair_products_nvfp4(rows: jax.Array, codes: jax.Array, scales: jax.Array, gl
     r, k = experts.size, rows.shape[1]
     layers, e, n, half_k = codes.shape
     parts = global_scales.shape[-1]
-    group = 16                                      # weights per E4M3 scale
+    group = nvfp4.BLOCK_SIZE                        # weights per E4M3 scale
     block_k = block_k or nvfp4_block_k(k)
-    if splits is None:
-        splits = 4 if k // block_k >= 8 and (k // block_k) % 4 == 0 else 1
+    splits = splits or triton_common.k_splits(k // block_k)
     if (half_k * 2 != k or k % (block_k * splits) or n % parts or (n // parts) % block_n
             or scales.shape != (layers, e, n, k // group) or global_scales.shape[:2] != (layers, e)
             or not supports(codes) or rows.shape[0] * pairs_per_row < r):

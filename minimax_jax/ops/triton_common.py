@@ -36,8 +36,9 @@ def offsets_wrap(array: jax.Array | jax.ShapeDtypeStruct) -> bool:
 
 
 def k_splits(k_blocks: int) -> int:
-    """Programs over K for a decode-size product of k_blocks 128-wide blocks: 4 when K is long
-    (at least 12 blocks, a multiple of 4), else 1. One request's projections and expert pairs on
+    """Programs over K for a decode-size product whose K is k_blocks blocks (128 wide for FP8, a
+    program's step of 256 for NVFP4): 4 when K is long (at least 12 blocks, a multiple of 4), else
+    1. One request's projections and expert pairs on
     an H200 (benchmarks/fp8_linear_probe.py, docs/benchmarks.md run CE): 4 splits took qkv on TP2
     (24 blocks) 17.1 -> 12.1 us and TP4's o (12 blocks) 12.0 -> 9.7 us; a pair's down product on
     TP2 (6 blocks) was slower split in 2 (10.3 against 9.0 us)."""
