@@ -105,12 +105,12 @@ class Engine:
         if args.cuda_graph_max_bs < 0:
             raise ValueError(f"cuda_graph_max_bs must be >= 0, got {args.cuda_graph_max_bs}")
         moe_ops.check_kernel(args.moe_kernel)              # else the first step's trace would say so
-        if args.moe_kernel.startswith("mosaic") and not moe_ops.on_hopper():
-            raise ValueError(f"moe_kernel {args.moe_kernel} runs Mosaic GPU kernels, which need an NVIDIA Hopper GPU "
-                             f"(H100 or H200); this device is {jax.devices()[0].device_kind}: use auto or xla")
-        if args.moe_kernel == "triton-nvfp4" and jax.default_backend() == "gpu" and not moe_ops.on_hopper():
-            raise ValueError(f"moe_kernel triton-nvfp4 widens codes through FP8, which needs an NVIDIA Hopper GPU "
-                             f"(H100 or H200); this device is {jax.devices()[0].device_kind}: use auto or xla")
+        # Mosaic GPU kernels run on Hopper only; the NVFP4 Triton kernel also runs interpreted on CPUs
+        hopper_only = args.moe_kernel.startswith("mosaic") or (
+            args.moe_kernel == "triton-nvfp4" and jax.default_backend() == "gpu")
+        if hopper_only and not moe_ops.on_hopper():
+            raise ValueError(f"moe_kernel {args.moe_kernel} runs kernels that need an NVIDIA Hopper GPU (H100 or "
+                             f"H200); this device is {jax.devices()[0].device_kind}: use auto or xla")
         attention_ops.resolve_backend(args.attention_backend)
         attention_ops.resolve_decode_backend(args.decode_attention_backend)
         self.model, self.loaded_from = _load(args)
