@@ -643,6 +643,26 @@ def test_e2m1_codes_read_as_e4m3_are_their_values_over_64_for_every_byte():
     np.testing.assert_array_equal(np.asarray(high.astype(jnp.float32)) * 64, np.asarray(nvfp4.decode_e2m1(codes >> 4)))
 
 
+def test_scaled_e2m1_widening_is_exact_for_every_byte_and_scale_magnitude():
+    """`triton_common.widen_scaled_nibbles` (the PTX on a GPU, E4M3 elsewhere): every code byte
+    times E4M3 scales from the smallest subnormal to 448, over SCALED_NIBBLE_SCALE, exactly."""
+    from jax.experimental import pallas as pl
+    from minimax_jax.ops import triton_common
+    from quant import nvfp4
+    codes = jnp.tile(jnp.arange(256, dtype=jnp.uint8).reshape(16, 16), (1, 4))                     # [16, 64]
+    scale_values = np.asarray([2.0 ** -9, 2.0 ** -6, 0.01, 1.0, 1.75, 3.0, 100.0, 448.0], np.float32)
+    scales = jnp.asarray(np.repeat(scale_values, 8)[None, :].repeat(16, 0)).astype(jnp.float8_e4m3fn)
+
+    def kernel(c_ref, s_ref, low_ref, high_ref):
+        low_ref[...], high_ref[...] = triton_common.widen_scaled_nibbles(
+            c_ref[...], triton_common.scale_operand(s_ref[...]), ptx=ON_GPU)
+    out = jax.ShapeDtypeStruct(codes.shape, jnp.bfloat16)
+    low, high = pl.pallas_call(kernel, out_shape=(out, out), interpret=not ON_GPU)(codes, scales)
+    s32 = np.asarray(scales.astype(jnp.float32)) / triton_common.SCALED_NIBBLE_SCALE
+    np.testing.assert_array_equal(np.asarray(low, np.float32), np.asarray(nvfp4.decode_e2m1(codes)) * s32)
+    np.testing.assert_array_equal(np.asarray(high, np.float32), np.asarray(nvfp4.decode_e2m1(codes >> 4)) * s32)
+
+
 def nvfp4_experts(rng, shape, parts):
     """Random weights [L, E, N, K] quantised as ModelOpt does, one global scale per part of N."""
     from quant import nvfp4
@@ -682,7 +702,7 @@ def test_nvfp4_pairs_read_in_place_equal_the_per_pair_path_on_dequantised_expert
     c2, s2, g2 = nvfp4_experts(rng, (layers, experts, hidden, inter), parts=1)
     w13 = (c13.reshape(layers, experts, 2, inter, -1), s13.reshape(layers, experts, 2, inter, -1), g13)
     w2 = (c2, s2, g2[..., 0])
-    x = jnp.asarray(rng.standard_normal((2, hidden)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, hidden)), jnp.bfloat16)       # the model's tokens (the kernel's dots take bf16)
     expert_ids = jnp.asarray([[5, 2], [3, 9]], jnp.int32)            # global ids; this device holds 2..5
     weights = jnp.asarray([[0.7, 0.3], [0.6, 0.4]], jnp.float32)
     local = expert_ids - 2
@@ -719,13 +739,15 @@ def test_nvfp4_pair_kernel_lowers_for_gpus_at_full_size():
         assert triton_common.offsets_wrap(args[2]) == (inter == 384)
 
 
-def test_nvfp4_grouped_gemm_equals_the_reference_and_zeroes_tiles_of_no_expert():
+@pytest.mark.parametrize("widen,block_k", [("ptx", 128), ("scaled", 128), ("scaled", 64)])
+def test_nvfp4_grouped_gemm_equals_the_reference_and_zeroes_tiles_of_no_expert(widen, block_k):
     from minimax_jax.ops import grouped_gemm_nvfp4
     rng = np.random.RandomState(8)
     codes, scales, g = nvfp4_experts(rng, (2, 3, 256, 256), parts=2)
     rows = jnp.asarray(rng.standard_normal((4 * 16, 256)), jnp.bfloat16)
     groups = jnp.asarray([2, 0, 3, 1], jnp.int32)                  # 3: rows past the groups
-    out = grouped_gemm_nvfp4.aligned_gemm_nvfp4(rows, groups, codes, scales, g, 1, block_m=16, interpret=not ON_GPU)
+    out = grouped_gemm_nvfp4.aligned_gemm_nvfp4(rows, groups, codes, scales, g, 1, block_m=16, widen=widen,
+                                                block_k=block_k, interpret=not ON_GPU)
     ref = grouped_gemm_nvfp4.reference(rows, groups, codes, scales, g, 1, block_m=16)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=1e-2, atol=1e-2)
     assert not np.asarray(out[32:48]).any() and np.abs(np.asarray(ref[:32])).max() > 1

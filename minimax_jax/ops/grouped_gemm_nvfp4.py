@@ -21,6 +21,7 @@ from minimax_jax.ops.triton_common import whole_block
 from quant import nvfp4
 
 GROUP = nvfp4.BLOCK_SIZE        # weights per E4M3 scale
+WIDENINGS = ("ptx", "e4m3", "scaled")
 
 
 def aligned_gemm_nvfp4(rows: jax.Array, block_group: jax.Array, codes: jax.Array, scales: jax.Array,
@@ -36,7 +37,10 @@ def aligned_gemm_nvfp4(rows: jax.Array, block_group: jax.Array, codes: jax.Array
     layer: which of the L layers. Codes or scales the kernel would read at wrapped offsets
     (`triton_common.offsets_wrap`: 2-4 GiB of them, e.g. 62 layers' scales of 64 experts on a DEP4
     rank) are sliced to the layer first (a copy, 38 MB of scales there). widen: how codes become
-    numbers, "ptx" (`triton_common.widen_nibbles`; E4M3 under the interpreter) or "e4m3"."""
+    numbers, "ptx" (`triton_common.widen_nibbles`; E4M3 under the interpreter), "e4m3", or
+    "scaled" (`triton_common.widen_scaled_nibbles`: bf16 weights with their scales applied in the
+    widening, the rows split into even and odd columns here and two dots a step, one against the
+    low nibbles and one against the high, so nothing interleaves the widened values)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -59,9 +63,12 @@ def aligned_gemm_nvfp4(rows: jax.Array, block_group: jax.Array, codes: jax.Array
     if triton_common.offsets_wrap(scales):
         scales, scale_layer = scales[layer][None], jnp.int32(0)
     steps, step_bytes, step_groups = k // block_k, block_k // 2, block_k // GROUP
-    if widen not in ("ptx", "e4m3"):
-        raise ValueError(f"widen must be ptx or e4m3, got {widen!r}")
-    ptx = widen == "ptx" and not interpret
+    if widen not in WIDENINGS:
+        raise ValueError(f"widen must be one of {', '.join(WIDENINGS)}, got {widen!r}")
+    ptx = widen != "e4m3" and not interpret
+    scaled = widen == "scaled"
+    if scaled:      # even columns, then odd: the low and the high nibbles' rows
+        rows = jnp.concatenate([rows[:, 0::2], rows[:, 1::2]], axis=1)
 
     def kernel(layer_ref, group_ref, x_ref, w_ref, s_ref, g_ref, o_ref):
         expert, column_block = group_ref[0], pl.program_id(1)      # (read outside pl.when: the interpreter)
@@ -76,6 +83,16 @@ def aligned_gemm_nvfp4(rows: jax.Array, block_group: jax.Array, codes: jax.Array
             start = (layer_ref[1] * e + expert) * n + column_block * block_n
             scale_start = (layer_ref[2] * e + expert) * n + column_block * block_n
 
+            def scaled_step(kb, acc):
+                codes = w_ref[pl.ds(start, block_n), pl.ds(kb * step_bytes, step_bytes)]
+                s = triton_common.scale_operand(
+                    s_ref[pl.ds(scale_start, block_n), pl.ds(kb * step_groups, step_groups)])
+                s = jnp.broadcast_to(s[:, :, None], (block_n, step_groups, GROUP // 2)).reshape(block_n, step_bytes)
+                low, high = triton_common.widen_scaled_nibbles(codes, s, ptx)
+                even = x_ref[:, pl.ds(kb * step_bytes, step_bytes)].astype(jnp.bfloat16)
+                odd = x_ref[:, pl.ds(half_k + kb * step_bytes, step_bytes)].astype(jnp.bfloat16)
+                return acc + pltriton.dot(even, low.T) + pltriton.dot(odd, high.T)
+
             def step(kb, acc):
                 codes = w_ref[pl.ds(start, block_n), pl.ds(kb * step_bytes, step_bytes)]
                 w = jnp.stack(triton_common.widen_nibbles(codes, ptx), axis=-1)           # column order
@@ -85,8 +102,10 @@ def aligned_gemm_nvfp4(rows: jax.Array, block_group: jax.Array, codes: jax.Array
                 x = x_ref[:, pl.ds(kb * block_k, block_k)].astype(jnp.bfloat16)
                 return acc + pltriton.dot(x, w.T)
 
-            acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_m, block_n), jnp.float32))
-            scale = g_ref[tensor * parts + column_block * block_n // (n // parts)] * triton_common.NIBBLE_SCALE
+            acc = jax.lax.fori_loop(0, steps, scaled_step if scaled else step,
+                                    jnp.zeros((block_m, block_n), jnp.float32))
+            unit = triton_common.SCALED_NIBBLE_SCALE if scaled else triton_common.NIBBLE_SCALE
+            scale = g_ref[tensor * parts + column_block * block_n // (n // parts)] * unit
             o_ref[...] = (acc * scale).astype(o_ref.dtype)
 
     return pl.pallas_call(
