@@ -10,9 +10,13 @@
   experts (--grouped-experts) with --grouped-rows rows each (64: a decode step of about 64
   tokens, every expert's weights read once; 256: a prefill step's share), gate/up and down.
 
-Each variant widens the codes by inline PTX or through E4M3 (`widen`). Weight bytes are 0.5625 a
-weight (codes and scales); each call reads another of --layers stacked layers, and the time is
-the device's, from a profiler trace. Prints one line per variant: device time per call, the
+Each variant widens the codes by inline PTX to fp32 ("ptx"), by inline PTX to bf16 with the
+block scales applied (grouped only: "scaled"), or through E4M3 (`widen`). Weight bytes are 0.5625
+a weight (codes and scales); each call reads another of --layers stacked layers, and the time is
+the device's, from a profiler trace. At the default 4 layers the down codes of 256 experts hold
+2-4 GiB, which the grouped kernel reads after copying the layer out (`triton_common.offsets_wrap`):
+its down figures include that copy, the same for every variant (at 8 layers the 256-expert section
+ran out of memory on an H200). Prints one line per variant: device time per call, the
 weight bytes' bandwidth (and for grouped the bf16 TFLOP/s), and the error against the reference.
 """
 import argparse
@@ -60,10 +64,11 @@ def main() -> int:
                 call = lambda x, c, s, g, layer, fn=fn: fn(x, c, s, g, layer, experts)  # noqa: E731
                 table += measure(f"{product} {tp} pairs={PAIRS}", name, call, (x, codes, scales, g), ref,
                                  int(PAIRS * n * k * BYTES_PER_WEIGHT), args)
-    grouped_variants = {f"{widen} block_m={bm} n={bn} k={bk} warps={warps}": dict(
+    grouped_variants = {f"{widen} m={bm} n={bn} k={bk} warps={warps}": dict(
         widen=widen, block_m=bm, block_n=bn, block_k=bk, num_warps=warps, interpret=interpret)
-        for widen, bm, bn, bk, warps in (("ptx", 64, 128, 128, 4), ("ptx", 64, 128, 64, 4), ("ptx", 64, 64, 128, 4),
-                                         ("ptx", 128, 128, 128, 8), ("ptx", 128, 128, 64, 8), ("e4m3", 64, 128, 128, 4))}
+        for widen, bm, bn, bk, warps in (("ptx", 64, 128, 128, 4), ("scaled", 64, 128, 128, 4), ("ptx", 64, 128, 64, 4),
+                                         ("ptx", 128, 128, 128, 8), ("ptx", 128, 256, 128, 8),
+                                         ("scaled", 128, 256, 128, 8), ("e4m3", 64, 128, 128, 4))}
     for rows_per_expert in args.grouped_rows:
         e = args.grouped_experts
         m = e * rows_per_expert
@@ -80,9 +85,9 @@ def main() -> int:
                 call = lambda x, c, s, g, layer, fn=fn, groups=groups: fn(x, groups, c, s, g, layer)  # noqa: E731
                 table += measure(f"{product} {rows_per_expert} rows x {e}", name, call, (rows, codes, scales, g), ref,
                                  int(e * n * k * BYTES_PER_WEIGHT), args, flops=2 * m * n * k)
-    print(f"\n{'shape':<26} {'variant':<36} {'us':>8} {'TB/s':>6} {'TFLOP/s':>8} {'max err':>8}")
+    print(f"\n{'shape':<26} {'variant':<40} {'us':>8} {'TB/s':>6} {'TFLOP/s':>8} {'max err':>8}")
     for shape_name, name, seconds, nbytes, err, flops in table:
-        print(f"{shape_name:<26} {name:<36} {seconds * 1e6:>8.1f} {nbytes / seconds / 1e12:>6.2f} "
+        print(f"{shape_name:<26} {name:<40} {seconds * 1e6:>8.1f} {nbytes / seconds / 1e12:>6.2f} "
               f"{flops / seconds / 1e12:>8.1f} {err:>8.1e}")
     return 0
 
