@@ -1,14 +1,14 @@
 """NVFP4 experts' kernels on one GPU, over their options, each against its XLA reference:
 
-    python benchmarks/nvfp4_probe.py [--layers 8] [--pairs-shapes TP1 TP4] [--grouped-rows 64 256]
+    python benchmarks/nvfp4_probe.py [--layers 4] [--pairs-shapes TP1 TP4] [--grouped-rows 16 64 256]
 
 - pairs (`minimax_jax.ops.pair_experts.pair_products_nvfp4`): one token's 8 expert pairs under
   MoE-TP on TP1 and TP4 (gate/up 2 x 1536 / tp rows over 3072, down 3072 rows over 1536 / tp),
   beside the path before the kernel (the pairs' experts gathered and dequantised to bf16, then an
   einsum);
 - grouped (`minimax_jax.ops.grouped_gemm_nvfp4.aligned_gemm_nvfp4`): every one of 256 local
-  experts (--grouped-experts) with --grouped-rows rows each (64: a decode step of about 64
-  tokens, every expert's weights read once; 256: a prefill step's share), gate/up and down.
+  experts (--grouped-experts) with --grouped-rows rows each (16 or 64: a decode step's one tile
+  an expert, each expert's weights read once; 256: a prefill step's share), gate/up and down.
 
 Each variant widens the codes by inline PTX to fp32 ("ptx"), by inline PTX to bf16 with the
 block scales applied (grouped only: "scaled"), or through E4M3 (`widen`). Weight bytes are 0.5625
@@ -43,7 +43,8 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=4, help="stacked layers each call cycles through")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--pairs-shapes", nargs="*", default=["TP1", "TP4"], choices=list(PAIR_SHAPES))
-    p.add_argument("--grouped-rows", type=int, nargs="*", default=[64, 256], help="rows per expert (multiples of 64)")
+    p.add_argument("--grouped-rows", type=int, nargs="*", default=[16, 64, 256],
+                   help="rows per expert (multiples of 16)")
     p.add_argument("--grouped-experts", type=int, default=GROUPED_EXPERTS)
     args = p.parse_args()
     interpret = jax.default_backend() != "gpu"          # a CPU run checks the numbers only
@@ -66,7 +67,10 @@ def main() -> int:
                                  int(PAIRS * n * k * BYTES_PER_WEIGHT), args)
     grouped_variants = {f"{widen} m={bm} n={bn} k={bk} warps={warps}": dict(
         widen=widen, block_m=bm, block_n=bn, block_k=bk, num_warps=warps, interpret=interpret)
-        for widen, bm, bn, bk, warps in (("ptx", 64, 128, 128, 4), ("scaled", 64, 128, 128, 4), ("ptx", 64, 128, 64, 4),
+        for widen, bm, bn, bk, warps in (("ptx", 16, 128, 128, 4), ("ptx", 16, 64, 256, 4), ("scaled", 16, 128, 128, 4),
+                                         ("scaled", 16, 128, 256, 4), ("scaled", 16, 64, 256, 4),
+                                         ("scaled", 16, 256, 128, 4), ("scaled", 16, 64, 128, 2), ("ptx", 64, 128, 128, 4),
+                                         ("scaled", 64, 128, 128, 4), ("ptx", 64, 128, 64, 4),
                                          ("ptx", 128, 128, 128, 8), ("ptx", 128, 256, 128, 8),
                                          ("scaled", 128, 256, 128, 8), ("e4m3", 64, 128, 128, 4))}
     for rows_per_expert in args.grouped_rows:
@@ -75,8 +79,8 @@ def main() -> int:
         for product, (n, k) in (("gate/up", (3072, 3072)), ("down", (3072, 1536))):
             codes, scales, g = _weights(keys[0], (args.layers, e, n, k))
             rows = jax.random.normal(keys[1], (m, k), jnp.bfloat16)
-            ref = grouped_gemm_nvfp4.reference(rows, jnp.repeat(jnp.arange(e, dtype=jnp.int32), rows_per_expert // 64),
-                                               codes, scales, g, 1)
+            ref = grouped_gemm_nvfp4.reference(rows, jnp.repeat(jnp.arange(e, dtype=jnp.int32), rows_per_expert // 16),
+                                               codes, scales, g, 1, block_m=16)
             for name, opts in grouped_variants.items():
                 if rows_per_expert % opts["block_m"]:
                     continue

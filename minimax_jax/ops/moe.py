@@ -375,23 +375,29 @@ def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: j
 
 def nvfp4_block_rows(pairs: int, num_experts: int) -> int:
     """Rows per tile of the NVFP4 kernel for `pairs` token-expert pairs over num_experts experts:
-    128 where an expert averages 128 rows or more, else 64 (at 64 rows a tile of 128 would be
-    half padding)."""
-    return 128 if pairs >= 128 * num_experts else 64
+    128 where an expert averages 128 rows or more, 16 where it averages at most 16 (a decode
+    step of up to 2 tokens an expert: tiles of 64 rows would multiply and gather mostly padding),
+    else 64 (at 64 rows a tile of 128 would be half padding)."""
+    if pairs >= 128 * num_experts:
+        return 128
+    return 16 if pairs <= 16 * num_experts else 64
 
 
-def nvfp4_tile(block_m: int, columns: int) -> dict:
+def nvfp4_tile(block_m: int, columns: int, depth: int) -> dict:
     """`grouped_gemm_nvfp4.aligned_gemm_nvfp4`'s options for tiles of block_m rows against
-    `columns` output channels of one global scale (down's N, or half of gate/up's). On an H200 at
-    256 experts (benchmarks/nvfp4_probe.py, docs/benchmarks.md runs EL, EM), 256 rows each (a
-    prefill step's share): gate/up 3.72 ms in tiles of 128 rows x 128 columns -> 3.38 ms in 128 x
-    256 with the scales applied in the widening ("scaled"), down 2.74 -> 2.33 ms; 64 rows each (a
-    decode step of about 64 tokens, every expert read once): 64 x 128 with fp32 widening ("ptx"),
-    1.22 ms against 1.30 for "scaled"."""
+    `columns` output channels of one global scale (down's N, or half of gate/up's) and K = depth.
+    On an H200 at 256 experts (benchmarks/nvfp4_probe.py, docs/benchmarks.md runs EL, EM, EP, EQ):
+    256 rows each (a prefill step's share): gate/up 3.72 ms in tiles of 128 rows x 128 columns ->
+    3.38 ms in 128 x 256 with the scales applied in the widening ("scaled"), down 2.74 -> 2.33 ms;
+    64 rows each: 64 x 128 with fp32 widening ("ptx"), 1.22 ms against 1.30 for "scaled"; a decode
+    step's 1-16 rows an expert: tiles of 16 rows, "scaled" and 256 deep, gate/up 0.54 ms where 64
+    rows of fp32 widening took 1.21."""
     if block_m == 128 and columns % 256 == 0:        # (TP4's 384 intermediate columns take 128)
         return dict(block_n=256, num_warps=8, widen="scaled")
     if block_m == 128:
         return dict(block_n=128, num_warps=8, widen="ptx")
+    if block_m == 16:
+        return dict(block_n=128, block_k=256 if depth % 256 == 0 else 128, num_warps=4, widen="scaled")
     return dict(block_n=128, num_warps=4, widen="ptx")
 
 
@@ -405,7 +411,8 @@ def nvfp4_matmuls(w13: jax.Array, w13_scale: jax.Array, w13_scale_2: jax.Array, 
     gate_up, down, layer = _nvfp4_products(w13, w13_scale, w13_scale_2, w2, w2_scale, w2_scale_2, layer)
     gemm = functools.partial(grouped_gemm_nvfp4.aligned_gemm_nvfp4, layer=layer, block_m=block_m,
                              out_dtype=out_dtype, interpret=jax.default_backend() != "gpu")
-    gate_up_tile, down_tile = nvfp4_tile(block_m, w13.shape[-2]), nvfp4_tile(block_m, w2.shape[-2])
+    gate_up_tile = nvfp4_tile(block_m, w13.shape[-2], 2 * w13.shape[-1])
+    down_tile = nvfp4_tile(block_m, w2.shape[-2], 2 * w2.shape[-1])
     return GroupedMatmuls(lambda rows, groups: gemm(rows, groups, *gate_up, **gate_up_tile),
                           lambda rows, groups: gemm(rows, groups, *down, **down_tile), block_rows=block_m)
 
