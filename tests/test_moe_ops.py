@@ -645,13 +645,14 @@ def test_e2m1_codes_read_as_e4m3_are_their_values_over_64_for_every_byte():
 
 def test_scaled_e2m1_widening_is_exact_for_every_byte_and_scale_magnitude():
     """`triton_common.widen_scaled_nibbles` (the PTX on a GPU, E4M3 elsewhere): every code byte
-    times E4M3 scales from the smallest subnormal to 448, over SCALED_NIBBLE_SCALE, exactly."""
+    times each of 8 E4M3 scales from the smallest subnormal to 448, over SCALED_NIBBLE_SCALE,
+    exactly."""
     from jax.experimental import pallas as pl
     from minimax_jax.ops import triton_common
     from quant import nvfp4
-    codes = jnp.tile(jnp.arange(256, dtype=jnp.uint8).reshape(16, 16), (1, 4))                     # [16, 64]
+    codes = jnp.tile(jnp.arange(256, dtype=jnp.uint8), (16, 1))                                      # [16, 256]
     scale_values = np.asarray([2.0 ** -9, 2.0 ** -6, 0.01, 1.0, 1.75, 3.0, 100.0, 448.0], np.float32)
-    scales = jnp.asarray(np.repeat(scale_values, 8)[None, :].repeat(16, 0)).astype(jnp.float8_e4m3fn)
+    scales = jnp.asarray(np.repeat(scale_values, 2)[:, None].repeat(256, 1)).astype(jnp.float8_e4m3fn)  # by row
 
     def kernel(c_ref, s_ref, low_ref, high_ref):
         low_ref[...], high_ref[...] = triton_common.widen_scaled_nibbles(
@@ -702,7 +703,7 @@ def test_nvfp4_pairs_read_in_place_equal_the_per_pair_path_on_dequantised_expert
     c2, s2, g2 = nvfp4_experts(rng, (layers, experts, hidden, inter), parts=1)
     w13 = (c13.reshape(layers, experts, 2, inter, -1), s13.reshape(layers, experts, 2, inter, -1), g13)
     w2 = (c2, s2, g2[..., 0])
-    x = jnp.asarray(rng.standard_normal((2, hidden)), jnp.bfloat16)       # the model's tokens (the kernel's dots take bf16)
+    x = jnp.asarray(rng.standard_normal((2, hidden)), jnp.float32)
     expert_ids = jnp.asarray([[5, 2], [3, 9]], jnp.int32)            # global ids; this device holds 2..5
     weights = jnp.asarray([[0.7, 0.3], [0.6, 0.4]], jnp.float32)
     local = expert_ids - 2
@@ -739,7 +740,7 @@ def test_nvfp4_pair_kernel_lowers_for_gpus_at_full_size():
         assert triton_common.offsets_wrap(args[2]) == (inter == 384)
 
 
-@pytest.mark.parametrize("widen,block_k", [("ptx", 128), ("scaled", 128), ("scaled", 64)])
+@pytest.mark.parametrize("widen,block_k", [("ptx", 128), ("scaled", 128), ("scaled", 256)])
 def test_nvfp4_grouped_gemm_equals_the_reference_and_zeroes_tiles_of_no_expert(widen, block_k):
     from minimax_jax.ops import grouped_gemm_nvfp4
     rng = np.random.RandomState(8)
@@ -754,7 +755,8 @@ def test_nvfp4_grouped_gemm_equals_the_reference_and_zeroes_tiles_of_no_expert(w
 
 
 def test_nvfp4_experts_through_the_grouped_kernel_equal_the_dequantised_reference(monkeypatch):
-    """6 tokens' pairs over 4 NVFP4 experts (tiles of 16 rows), 40 tokens' (64) and 300 tokens' (128), the layer
+    """6 tokens' pairs over 4 NVFP4 experts (tiles of 16 rows, scaled widening 256 deep), 40
+    tokens' (64 rows, fp32 widening) and 300 tokens' (128 rows, scaled, 256 columns), the layer
     read in place from 2 stacked layers; the kernel's bf16 products against XLA's on the
     dequantised experts."""
     from flax import nnx
@@ -766,29 +768,35 @@ def test_nvfp4_experts_through_the_grouped_kernel_equal_the_dequantised_referenc
     stacked = nnx.merge(graphdef, jax.tree.map(lambda *a: jnp.stack(a), *[nnx.split(e)[1] for e in layers]))
     stacked.kernel, layers[1].kernel = "triton-nvfp4", "xla"
     calls, aligned = [], moe.grouped_gemm_nvfp4.aligned_gemm_nvfp4
-    monkeypatch.setattr(moe.grouped_gemm_nvfp4, "aligned_gemm_nvfp4", lambda *a, **k: calls.append(1) or aligned(*a, **k))
+    monkeypatch.setattr(moe.grouped_gemm_nvfp4, "aligned_gemm_nvfp4", lambda *a, **k: calls.append(k) or aligned(*a, **k))
     rng = np.random.RandomState(15)
+    tiles = {16: dict(block_n=128, block_k=256, widen="scaled"), 64: dict(block_n=128, widen="ptx"),
+             128: dict(block_n=256, widen="scaled")}
     for tokens, tile in ((6, 16), (40, 64), (300, 128)):
         assert moe.nvfp4_block_rows(2 * tokens, 4) == tile
+        calls.clear()
         x = jnp.asarray(rng.standard_normal((tokens, 256)), jnp.bfloat16)
         ids = jnp.asarray(rng.randint(0, 4, (tokens, 2)), jnp.int32)
         weights = jnp.asarray(rng.random((tokens, 2)), jnp.float32)
         got = np.asarray(stacked(x, ids, weights, first_expert=0, layer=jnp.int32(1)))
         want = np.asarray(layers[1](x, ids, weights, first_expert=0))
-        assert calls and np.abs(got - want).max() < 2e-2 * np.abs(want).max()
+        assert len(calls) == 2 and all(c["block_m"] == tile and c.items() >= tiles[tile].items() for c in calls)
+        assert np.abs(got - want).max() < 2e-2 * np.abs(want).max()
 
 
-def test_nvfp4_grouped_kernel_lowers_for_gpus_at_full_size():
+@pytest.mark.parametrize("block_m", [16, 64, 128])
+def test_nvfp4_grouped_kernel_lowers_for_gpus_at_full_size(block_m):
     """A W1 DEP4 prefill step's gate/up rows against 62 layers of 64 local experts, and TP4's
-    gate/up product: both hold 2-4 GiB of scales, sliced to the layer first, and read the codes in
-    place."""
+    gate/up product, in each tile size's options (`moe.nvfp4_tile`): both hold 2-4 GiB of scales,
+    sliced to the layer first, and read the codes in place."""
     from minimax_jax.ops import grouped_gemm_nvfp4, triton_common
     m = 8192 * 8 + 64 * 64
     for e, n, k in ((64, 3072, 3072), (256, 768, 3072)):
-        args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((m // 64,), jnp.int32),
+        args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((m // block_m,), jnp.int32),
                 jax.ShapeDtypeStruct((62, e, n, k // 2), jnp.uint8), jax.ShapeDtypeStruct((62, e, n, k // 16),
                                                                                      jnp.float8_e4m3fn),
                 jax.ShapeDtypeStruct((62, e, 1), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32))
-        f = jax.jit(grouped_gemm_nvfp4.aligned_gemm_nvfp4)
+        f = jax.jit(functools.partial(grouped_gemm_nvfp4.aligned_gemm_nvfp4, block_m=block_m,
+                                      **moe.nvfp4_tile(block_m, n, k)))
         assert "xla.gpu.triton" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert triton_common.offsets_wrap(args[3]) and not triton_common.offsets_wrap(args[2])

@@ -6,9 +6,11 @@ output channels, and walks K: the tile's codes (half a byte a weight) widen to f
 (`triton_common.widen_nibbles`), the low and high nibbles joined back into column order, times
 each 16 weights' E4M3 scale, to bf16 (exact: a code's 2 significant bits by a scale's 4), then one
 bf16 dot with the rows on the tensor cores, summed in fp32; the tensor's global scale multiplies
-the result. Without it every layer's experts were dequantised whole to bf16 before an
-XLA GEMM: 7.2 GB written and read again a layer at full size, which also left no room for
-MiniMax-M2.5's 62 layers on one 141 GB GPU.
+the result. With widen="scaled" the codes widen straight to bf16 with their scales applied
+(`triton_common.widen_scaled_nibbles`) and the low and high nibbles each take a dot against the
+rows' even and odd columns, split once before the kernel. Before this kernel every layer's
+experts were dequantised whole to bf16 before an XLA GEMM: 7.2 GB written and read again a layer
+at full size, which also left no room for MiniMax-M2.5's 62 layers on one 141 GB GPU.
 """
 
 from __future__ import annotations

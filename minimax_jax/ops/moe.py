@@ -375,9 +375,9 @@ def fp8_matmuls(w13: jax.Array, w13_scale: jax.Array, w2: jax.Array, w2_scale: j
 
 def nvfp4_block_rows(pairs: int, num_experts: int) -> int:
     """Rows per tile of the NVFP4 kernel for `pairs` token-expert pairs over num_experts experts:
-    128 where an expert averages 128 rows or more, 16 where it averages at most 16 (a decode
-    step of up to 2 tokens an expert: tiles of 64 rows would multiply and gather mostly padding),
-    else 64 (at 64 rows a tile of 128 would be half padding)."""
+    128 where an expert averages 128 rows or more, 16 where it averages at most 16 (a decode step
+    of up to 512 tokens on 256 experts: 64 requests give 2 rows an expert, which tiles of 64 rows
+    padded with 62), else 64 (at 64 rows a tile of 128 would be half padding)."""
     if pairs >= 128 * num_experts:
         return 128
     return 16 if pairs <= 16 * num_experts else 64
@@ -389,13 +389,12 @@ def nvfp4_tile(block_m: int, columns: int, depth: int) -> dict:
     On an H200 at 256 experts (benchmarks/nvfp4_probe.py, docs/benchmarks.md runs EL, EM, EP, EQ):
     256 rows each (a prefill step's share): gate/up 3.72 ms in tiles of 128 rows x 128 columns ->
     3.38 ms in 128 x 256 with the scales applied in the widening ("scaled"), down 2.74 -> 2.33 ms;
-    64 rows each: 64 x 128 with fp32 widening ("ptx"), 1.22 ms against 1.30 for "scaled"; a decode
+    64 rows each: 64 x 128 with fp32 widening ("ptx"), gate/up 1.21 ms against 1.26 for "scaled"; a decode
     step's 1-16 rows an expert: tiles of 16 rows, "scaled" and 256 deep, gate/up 0.54 ms where 64
     rows of fp32 widening took 1.21."""
-    if block_m == 128 and columns % 256 == 0:        # (TP4's 384 intermediate columns take 128)
-        return dict(block_n=256, num_warps=8, widen="scaled")
     if block_m == 128:
-        return dict(block_n=128, num_warps=8, widen="ptx")
+        wide = columns % 256 == 0                    # (TP4's 384 intermediate columns are not)
+        return dict(block_n=256 if wide else 128, num_warps=8, widen="scaled" if wide else "ptx")
     if block_m == 16:
         return dict(block_n=128, block_k=256 if depth % 256 == 0 else 128, num_warps=4, widen="scaled")
     return dict(block_n=128, num_warps=4, widen="ptx")

@@ -84,14 +84,19 @@ def widen_nibbles(codes: jax.Array, ptx: bool = True) -> tuple[jax.Array, jax.Ar
     from quant import nvfp4
     if not ptx:
         return tuple(v.astype(jnp.float32) * (64.0 / NIBBLE_SCALE) for v in nvfp4.e2m1_as_e4m3(codes))
-    from jax.experimental.pallas import triton as pltriton
-    out = jax.ShapeDtypeStruct(codes.shape, jnp.float32)
+    # low nibble: bits 0-2 to 9-11, 3 to 15; high: 4-6, 7
+    ptx_of = lambda magnitude, sign: _NIBBLES_PTX.format(magnitude=magnitude, sign=sign)  # noqa: E731
+    return _nibbles(ptx_of, ((9, 12), (5, 8)), [codes], "=f,=f,=f,=f,r", jnp.float32)
 
-    def nibble(magnitude: int, sign: int) -> jax.Array:
-        [values] = pltriton.elementwise_inline_asm(_NIBBLES_PTX.format(magnitude=magnitude, sign=sign), args=[codes],
-                                                   constraints="=f,=f,=f,=f,r", pack=4, result_shape_dtypes=[out])
-        return values
-    return nibble(9, 12), nibble(5, 8)          # low nibble: bits 0-2 to 9-11, 3 to 15; high: 4-6, 7
+
+def _nibbles(ptx_of, shifts: tuple[tuple[int, int], ...], args: list[jax.Array], constraints: str,
+             dtype) -> tuple[jax.Array, ...]:
+    """The low and the high nibbles of args[0]'s codes by one inline asm each (Pallas lowers an
+    asm of one result only), ptx_of(magnitude shift, sign shift) their PTX, 4 codes an asm."""
+    from jax.experimental.pallas import triton as pltriton
+    out = jax.ShapeDtypeStruct(args[0].shape, dtype)
+    return tuple(pltriton.elementwise_inline_asm(ptx_of(*shift), args=args, constraints=constraints, pack=4,
+                                                 result_shape_dtypes=[out])[0] for shift in shifts)
 
 
 SCALED_NIBBLE_SCALE = 2.0 ** 7    # `widen_scaled_nibbles` returns codes' values times their scales over this
@@ -101,7 +106,6 @@ SCALE_OPERAND_FACTOR = 2.0 ** 119  # what `scale_operand` multiplies an E4M3 sca
 # bits at a bf16's two lowest exponent bits and highest mantissa bit read 2**-126 times its value
 # (E2M1's 0.5 a bf16 subnormal), the sign at bit 15; one packed multiply by the scale operand (the
 # E4M3 scale times 2**119) gives value x scale / 2**7, exact: at most 6 significant bits.
-# (Pallas lowers an inline asm of one result only: the low and the high nibbles are two.)
 _SCALED_PAIR_PTX = """
 prmt.b32 t, $2, z, {selector};
 shl.b32 a, t, {magnitude};
@@ -113,6 +117,8 @@ mul.rn.bf16x2 {out}, a, {scale};"""
 
 
 def _scaled_nibbles_ptx(magnitude: int, sign: int) -> str:
+    """One nibble of 4 code bytes ($2) times their scale operands ($3, $4: two bf16 pairs) as two
+    bf16 pairs ($0, $1)."""
     pairs = [_SCALED_PAIR_PTX.format(selector=selector, magnitude=magnitude, sign=sign, out=out, scale=scale)
              for selector, out, scale in (("0x4140", "$0", "$3"), ("0x4342", "$1", "$4"))]
     return "{\n.reg .b32 z, t, a, b;\nmov.b32 z, 0;" + "".join(pairs) + "\n}"
@@ -128,18 +134,13 @@ def widen_scaled_nibbles(codes: jax.Array, scale: jax.Array, ptx: bool = True) -
     """Inside a Pallas (Triton) kernel: bf16 values of the low and the high E2M1 nibbles of uint8
     NVFP4 codes, each times its byte's scale, over SCALED_NIBBLE_SCALE. scale: bf16 of codes'
     shape, `scale_operand` of each byte's E4M3 scale. ptx (GPUs only): inline PTX
-    (`_scaled_nibbles_ptx`), bf16 pairs built by shifts and masks and one packed multiply, about
-    3 instructions a weight against `widen_nibbles`'s 3 and the fp32 multiply and rounding after
-    it; else the E4M3 reading of `quant.nvfp4.e2m1_as_e4m3` (Pallas's interpreter)."""
+    (`_scaled_nibbles_ptx`, sm_90's `mul.rn.bf16x2`), bf16 pairs built by shifts and masks and
+    one packed multiply, about 3.5 instructions a weight against `widen_nibbles`'s 3 and the fp32
+    multiply and rounding after it; else the E4M3 reading of `quant.nvfp4.e2m1_as_e4m3` (Pallas's
+    interpreter)."""
     from quant import nvfp4
     if not ptx:
         factor = scale.astype(jnp.float32) * (64.0 / SCALE_OPERAND_FACTOR / SCALED_NIBBLE_SCALE)
         return tuple((v.astype(jnp.float32) * factor).astype(jnp.bfloat16) for v in nvfp4.e2m1_as_e4m3(codes))
-    from jax.experimental.pallas import triton as pltriton
-    out = jax.ShapeDtypeStruct(codes.shape, jnp.bfloat16)
-
-    def nibble(magnitude: int, sign: int) -> jax.Array:
-        [values] = pltriton.elementwise_inline_asm(_scaled_nibbles_ptx(magnitude, sign), args=[codes, scale],
-                                                   constraints="=r,=r,r,r,r", pack=4, result_shape_dtypes=[out])
-        return values
-    return nibble(6, 12), nibble(2, 8)          # low nibble: bits 0-2 to 6-8, 3 to 15; high: 4-6, 7
+    # low nibble: bits 0-2 to 6-8, 3 to 15; high: 4-6, 7
+    return _nibbles(_scaled_nibbles_ptx, ((6, 12), (2, 8)), [codes, scale], "=r,=r,r,r,r", jnp.bfloat16)
