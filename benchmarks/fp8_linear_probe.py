@@ -2,7 +2,7 @@
 the Triton few-rows kernel (`minimax_jax.ops.fp8_linear`) and the pair kernel
 (`minimax_jax.ops.pair_experts`), over their options (NVFP4's: benchmarks/nvfp4_probe.py):
 
-    python benchmarks/fp8_linear_probe.py [--rows 1 16] [--layers 62]
+    python benchmarks/fp8_linear_probe.py [--rows 1 16] [--layers 62] [--bf16-rows 32 64 128]
 
 Shapes are one device's share on TP1, TP2 and TP4: the attention projections (qkv rows 8192 / tp,
 o rows 3072 over 6144 / tp columns) and one token's 8 expert pairs under MoE-TP (gate/up 2 x 1536
@@ -11,7 +11,9 @@ stacked weights (none stays in L2), and the time is the device's: the kernels' d
 from a profiler trace (a few-microsecond kernel timed by the wall clock is the host's launch
 rate). Prints one line per variant: device time per call, the weight bytes' bandwidth, and the
 error against the reference (the W8A8 product for the Mosaic kernel, the weight-only product for
-the Triton kernels, which take the rows unrounded).
+the Triton kernels, which take the rows unrounded). --bf16-rows: the same projections with bf16
+weights (an NVFP4 or bf16 checkpoint's attention) at more rows than one request's, XLA's GEMM on
+the layer it copies out of the stacked weights against the Triton kernel reading it in place.
 """
 import argparse
 import functools
@@ -25,6 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from minimax_jax.model import project  # noqa: E402
 from minimax_jax.ops import fp8_linear, pair_experts  # noqa: E402
 from scripts.bench import read_trace  # noqa: E402
 
@@ -41,6 +44,8 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=62)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--shapes", nargs="+", help="only the shapes whose names hold one of these (e.g. TP1 gate/up)")
+    p.add_argument("--bf16-rows", type=int, nargs="*", default=[],
+                   help=f"rows of the bf16 projections' section (up to {fp8_linear.BF16_ROWS}; none: skipped)")
     args = p.parse_args()
     interpret = jax.default_backend() != "gpu"      # a CPU run checks the variants' numbers only
     triton = {f"triton block_n={b} splits={s} stages={st}": dict(block_n=b, splits=s, num_stages=st, interpret=interpret)
@@ -59,6 +64,7 @@ def main() -> int:
             for name, linear in linears.items():
                 ref = refs[name.startswith("mosaic")]      # the Triton kernels take the rows unrounded
                 table += measure(f"{shape_name} rows={rows}", name, linear, (x, w, scale), ref, n * k, args)
+    table += _bf16_projections(args, keys, wanted, interpret)
     experts = jax.random.randint(keys[2], (PAIRS,), 0, LOCAL_EXPERTS)
     for shape_name, (n, k) in filter(lambda item: wanted(item[0]), EXPERTS.items()):
         w, scale = _weights(keys[0], (args.layers, LOCAL_EXPERTS, n, k))
@@ -72,6 +78,25 @@ def main() -> int:
     for shape_name, name, seconds, nbytes, err, _ in table:
         print(f"{shape_name:<22} {name:<36} {seconds * 1e6:>7.1f} {nbytes / seconds / 1e12:>6.2f} {err:>8.1e}")
     return 0
+
+
+def _bf16_projections(args, keys, wanted, interpret: bool) -> list:
+    """The projections with bf16 weights at --bf16-rows rows: XLA's GEMM after copying the layer
+    out against `fp8_linear.few_rows` reading it in place, at its default and other blocks of channels."""
+    variants = {"xla: layer copied, then a GEMM": lambda x, w, layer: project(x, w[layer].T)}
+    for block_n in (None, 32, 64, 128):
+        variants[f"triton block_n={block_n or 'auto'}"] = functools.partial(
+            lambda x, w, layer, block_n: fp8_linear.few_rows(x, w, None, layer, block_n=block_n, interpret=interpret),
+            block_n=block_n)
+    table = []
+    for shape_name, (n, k) in filter(lambda item: wanted(item[0]) and args.bf16_rows, PROJECTIONS.items()):
+        w = jax.random.normal(keys[0], (args.layers, n, k), jnp.bfloat16) * 0.02
+        for rows in args.bf16_rows:
+            x = jax.random.normal(keys[1], (rows, k), jnp.bfloat16)
+            ref = jnp.dot(x.astype(jnp.float32), w[1].astype(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
+            for name, fn in variants.items():
+                table += measure(f"bf16 {shape_name} rows={rows}", name, fn, (x, w), ref, 2 * n * k, args)
+    return table
 
 
 def _weights(key, shape):

@@ -258,11 +258,12 @@ class Attention(nnx.Module):
         return all(fp8_linear.takes_few_rows(self.projection_kernel, rows, w[...]) for w in (self.wqkv, self.wo))
 
     def _decodes_few_rows(self, h: jax.Array, t: int, k_cache: jax.Array) -> bool:
-        """Whether this step takes `_few_rows_decode`: projections by the few-rows kernel, one
-        query per slot, and the decode attention kernel."""
+        """Whether this step takes `_few_rows_decode`: at most 16 rows (the attention-input kernels'
+        partial sums) whose projections take the few-rows kernel, one query per slot, and the
+        decode attention kernel."""
         cfg = self.cfg
         stacked = (self.wqkv_fp8 if self.format == "fp8" else self.wqkv).ndim == 3
-        return (t == 1 and stacked and self._few_rows_kernel(h.shape[0])
+        return (t == 1 and stacked and h.shape[0] <= fp8_linear.FEW_ROWS and self._few_rows_kernel(h.shape[0])
                 and attn_ops.resolve_decode_backend(self.decode_backend, h.dtype) == "pallas"
                 and decode_attention.supports(k_cache)
                 and attention_inputs.supports(cfg.head_dim, cfg.rotary_dim, k_cache.shape[3], k_cache))

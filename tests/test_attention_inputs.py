@@ -82,8 +82,10 @@ def test_few_rows_decode_equals_the_xla_path_and_writes_only_valid_slots(dtype, 
         np.testing.assert_array_equal(new[0], old[0])        # layer 0 untouched
 
 
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 5, 40, 128])
 def test_few_rows_reads_bf16_weights_of_the_given_layer_in_place(rows):
+    """1-16 rows as one request's decode takes them; 17-128 (padded to 64 and 128 rows, wider
+    blocks of channels) only where the Triton kernel is named ("auto" keeps XLA's GEMM there)."""
     rng = np.random.RandomState(2)
     w = jnp.asarray(rng.standard_normal((3, 256, 384)) * 0.05, jnp.bfloat16)
     x = jnp.asarray(rng.standard_normal((rows, 384)), jnp.bfloat16)
@@ -92,8 +94,21 @@ def test_few_rows_reads_bf16_weights_of_the_given_layer_in_place(rows):
     assert out.shape == (rows, 256) and out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=1e-2, atol=1e-2)
     assert model.fp8_linear.takes_few_rows("triton-w8a16", rows, w)
-    assert not model.fp8_linear.takes_few_rows("triton-w8a16", 17, w)
-    assert model.fp8_linear.takes_few_rows("auto", rows, w) == (jax.default_backend() == "gpu")
+    assert not model.fp8_linear.takes_few_rows("triton-w8a16", 129, w)
+    assert model.fp8_linear.takes_few_rows("auto", rows, w) == (jax.default_backend() == "gpu" and rows <= 16)
+
+
+def test_more_than_16_bf16_rows_take_the_projection_kernel_but_not_the_fused_decode():
+    """Decode rows past the attention-input kernels' 16 (`_decodes_few_rows`) still have their bf16
+    projections read in place by the named Triton kernel, equal to the layer's product."""
+    cfg = _config()
+    attn = _attention(cfg, jnp.bfloat16, weight_format="bf16")
+    _, kv, _ = _decode_step(cfg, [5], [True], jnp.bfloat16, jnp.bfloat16)
+    h = jnp.asarray(np.random.RandomState(3).standard_normal((40, cfg.hidden_size)), jnp.bfloat16)
+    assert attn._few_rows_kernel(40) and not attn._decodes_few_rows(h, 1, kv[0])
+    out = attn._projection(h, "wqkv", jnp.int32(1))
+    ref = jnp.dot(h.astype(jnp.float32), attn.wqkv[1].astype(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=1e-2, atol=1e-2)
 
 
 def test_attention_inputs_queries_are_padded_rows_of_each_kv_head():

@@ -31,6 +31,7 @@ from quant import fp8
 KERNELS = ("auto", "xla-w8a8", "mosaic-ws-w8a8", "triton-w8a16")
 BLOCK = grouped_gemm_ws.SCALE_BLOCK
 FEW_ROWS = triton_common.DOT_MIN_ROWS      # rows up to which "auto" takes the Triton kernel
+BF16_ROWS = 128     # rows up to which "triton-w8a16" takes bf16 weights (padded to a power of two)
 
 
 def resolve_kernel(kernel: str, rows: int = FEW_ROWS + 1, w: jax.Array | None = None) -> str:
@@ -49,13 +50,16 @@ def resolve_kernel(kernel: str, rows: int = FEW_ROWS + 1, w: jax.Array | None = 
 
 def takes_few_rows(kernel: str, rows: int, w: jax.Array | jax.ShapeDtypeStruct) -> bool:
     """Whether `rows` rows against bf16 weights w [L, N, K] take `few_rows`: kernel
-    "triton-w8a16" where the shapes allow it (under the interpreter off GPUs), "auto" on GPUs for
-    at most FEW_ROWS rows; not for weights it would offset wrongly."""
+    "triton-w8a16" for up to BF16_ROWS rows where the shapes allow it (under the interpreter off
+    GPUs), "auto" on GPUs for at most FEW_ROWS rows (more take XLA's GEMM on a copy of the layer,
+    docs/benchmarks.md "Runs still to make"); not for weights it would offset wrongly."""
     if kernel not in KERNELS:
         raise ValueError(f"linear kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     _, n, k = w.shape
-    fits = rows <= FEW_ROWS and n % BLOCK == 0 and k % BLOCK == 0 and not triton_common.offsets_wrap(w)
-    return fits and (kernel == "triton-w8a16" or (kernel == "auto" and jax.default_backend() == "gpu"))
+    fits = n % BLOCK == 0 and k % BLOCK == 0 and not triton_common.offsets_wrap(w)
+    if kernel == "triton-w8a16":
+        return fits and rows <= BF16_ROWS
+    return fits and rows <= FEW_ROWS and kernel == "auto" and jax.default_backend() == "gpu"
 
 
 def fp8_linear(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | int, kernel: str = "auto",
@@ -84,9 +88,9 @@ def fp8_linear(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array 
     return out[:m]
 
 
-def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array | None, layer: jax.Array | int, *, block_n: int = 32,
-             splits: int | None = None, num_warps: int = 4, num_stages: int = 4, partial_sums: bool = False,
-             interpret: bool = False) -> jax.Array:
+def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array | None, layer: jax.Array | int, *,
+             block_n: int | None = None, splits: int | None = None, num_warps: int | None = None,
+             num_stages: int = 4, partial_sums: bool = False, interpret: bool = False) -> jax.Array:
     """`fp8_linear` for at most 16 rows as a Pallas (Triton) kernel, weight-only: one program per
     block_n output channels, so a decode step's few rows spread the weight reads over the SMs (the
     Mosaic kernel's 128 x 128 tiles are N / 128 programs: 24-32 of an H200's 132 SMs for one
@@ -102,22 +106,28 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array | None, layer: jax.A
     per block of channels, their fp32 partial sums added after the kernel (more loads in flight per
     SM); None: `few_rows_splits`. partial_sums: return the fp32 partial sums [splits, rows,
     N] as the kernel wrote them, rows 1 for one row and 16 for more (a kernel that reads them next
-    adds them itself, `ops.attention_inputs`). w_scale None: w holds bf16 weights, used as they are."""
+    adds them itself, `ops.attention_inputs`). w_scale None: w holds bf16 weights, used as they are,
+    and up to BF16_ROWS rows are taken, padded to a power of two. block_n None: 32 channels a
+    program for up to 16 rows, 64 for up to 64, 128 for more (each program reads the rows whole
+    every step); num_warps None: 4, 8 where a program's products exceed 64 x 64."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
     m, k = x.shape
     layers, n, _ = w.shape
+    out_rows = 1 if m == 1 else max(FEW_ROWS, triton_common.next_power_of_two(m))
+    block_n = block_n or (32 if out_rows <= FEW_ROWS else 64 if out_rows <= 64 else 128)
+    num_warps = num_warps or (4 if out_rows * block_n <= 64 * 64 else 8)
+    max_rows = FEW_ROWS if w_scale is not None else BF16_ROWS
     splits = splits or few_rows_splits(k // BLOCK, n // block_n)
-    if m > FEW_ROWS or n % block_n or BLOCK % block_n or (k // BLOCK) % splits or triton_common.offsets_wrap(w):
-        raise ValueError(f"few_rows takes at most {FEW_ROWS} rows, block_n dividing {BLOCK} and N, splits dividing "
+    if m > max_rows or n % block_n or BLOCK % block_n or (k // BLOCK) % splits or triton_common.offsets_wrap(w):
+        raise ValueError(f"few_rows takes at most {max_rows} rows, block_n dividing {BLOCK} and N, splits dividing "
                          f"K/{BLOCK}, and weights of at most 2**31 entries or over 4 GiB; got x {x.shape}, w {w.shape}, "
                          f"block_n {block_n}, splits {splits}")
     compute = jnp.bfloat16 if x.dtype == jnp.bfloat16 else jnp.float32      # e4m3 widens to either exactly
     rows = x.astype(compute)
     if m > 1:
-        rows = jnp.pad(rows, ((0, FEW_ROWS - m), (0, 0)))
-    out_rows = 1 if m == 1 else FEW_ROWS
+        rows = jnp.pad(rows, ((0, out_rows - m), (0, 0)))
     per_split = k // BLOCK // splits
 
     scaled = w_scale is not None
