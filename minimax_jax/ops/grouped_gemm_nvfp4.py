@@ -69,8 +69,8 @@ def aligned_gemm_nvfp4(rows: jax.Array, block_group: jax.Array, codes: jax.Array
         raise ValueError(f"widen must be one of {', '.join(WIDENINGS)}, got {widen!r}")
     ptx = widen != "e4m3" and not interpret
     scaled = widen == "scaled"
-    if scaled:      # even columns, then odd: the low and the high nibbles' rows
-        rows = jnp.concatenate([rows[:, 0::2], rows[:, 1::2]], axis=1)
+    if scaled:
+        rows = triton_common.nibble_columns(rows)
 
     def kernel(layer_ref, group_ref, x_ref, w_ref, s_ref, g_ref, o_ref):
         expert, column_block = group_ref[0], pl.program_id(1)      # (read outside pl.when: the interpreter)

@@ -459,16 +459,14 @@ def per_pair_experts_fp8(x: jax.Array, expert_ids: jax.Array, weights: jax.Array
     Returns fp32 [N, H]."""
     w13, w13_scale, index = stacked_layers(w13, w13_scale, layer)
     w2, w2_scale, _ = stacked_layers(w2, w2_scale, layer)
-    n, k = expert_ids.shape
     layers, e, _, inter, hidden = w13.shape
-    experts = local.reshape(-1)         # the kernel reads expert 0 for pairs not `mine`, dropped below
-    gate_up = pair_experts.pair_products(x, w13.reshape(layers, e, 2 * inter, hidden),
-                                         w13_scale.reshape(layers, e, -1, w13_scale.shape[-1]), index, experts,
-                                         pairs_per_row=k, interpret=interpret)
-    act = (jax.nn.silu(gate_up[:, :inter]) * gate_up[:, inter:]).astype(x.dtype)
-    y = pair_experts.pair_products(act, w2, w2_scale, index, experts, interpret=interpret)
-    y = jnp.where(mine.reshape(-1, 1), y * weights.reshape(-1, 1), 0.0)
-    return y.reshape(n, k, -1).sum(axis=1)
+    w13, w13_scale = w13.reshape(layers, e, 2 * inter, hidden), w13_scale.reshape(layers, e, -1, w13_scale.shape[-1])
+    experts = local.reshape(-1)
+    gate_up = lambda rows: pair_experts.pair_products(  # noqa: E731
+        rows, w13, w13_scale, index, experts, pairs_per_row=expert_ids.shape[1], interpret=interpret)
+    down = lambda rows: pair_experts.pair_products(  # noqa: E731
+        rows, w2, w2_scale, index, experts, interpret=interpret)
+    return _pairs_in_place(x, weights, mine, inter, gate_up, down)
 
 
 def per_pair_experts_nvfp4(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, local: jax.Array,
@@ -481,14 +479,23 @@ def per_pair_experts_nvfp4(x: jax.Array, expert_ids: jax.Array, weights: jax.Arr
     by `pair_experts.pair_products_nvfp4`. Returns fp32 [N, H]."""
     gate_up_weights, down_weights, layer = _nvfp4_products(w13, w13_scale, w13_scale_2, w2, w2_scale, w2_scale_2,
                                                            layer)
-    n, k = expert_ids.shape
-    inter = w13.shape[-2]
-    experts = local.reshape(-1)         # the kernel reads expert 0 for pairs not `mine`, dropped below
-    gate_up = pair_experts.pair_products_nvfp4(x, *gate_up_weights, layer, experts, pairs_per_row=k,
-                                               interpret=interpret)
-    act = (jax.nn.silu(gate_up[:, :inter]) * gate_up[:, inter:]).astype(x.dtype)
-    y = pair_experts.pair_products_nvfp4(act, *down_weights, layer, experts, interpret=interpret)
-    y = jnp.where(mine.reshape(-1, 1), y * weights.reshape(-1, 1), 0.0)
+    experts = local.reshape(-1)
+    gate_up = lambda rows: pair_experts.pair_products_nvfp4(  # noqa: E731
+        rows, *gate_up_weights, layer, experts, pairs_per_row=expert_ids.shape[1], interpret=interpret)
+    down = lambda rows: pair_experts.pair_products_nvfp4(rows, *down_weights, layer, experts,  # noqa: E731
+                                                         interpret=interpret)
+    return _pairs_in_place(x, weights, mine, w13.shape[-2], gate_up, down)
+
+
+def _pairs_in_place(x: jax.Array, weights: jax.Array, mine: jax.Array, inter: int,
+                    gate_up: Callable[[jax.Array], jax.Array], down: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """The per-pair experts' weighted sum [N, H] in fp32, given the pairs' in-place products:
+    gate_up(x) [N * k, 2I] (pair r reads token r // k) and down(act) [N * k, H]. The kernels read
+    expert 0 for pairs not `mine`; those are dropped here."""
+    n, k = weights.shape
+    g = gate_up(x)
+    act = (jax.nn.silu(g[:, :inter]) * g[:, inter:]).astype(x.dtype)
+    y = jnp.where(mine.reshape(-1, 1), down(act) * weights.reshape(-1, 1), 0.0)
     return y.reshape(n, k, -1).sum(axis=1)
 
 

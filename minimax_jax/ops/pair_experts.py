@@ -150,7 +150,6 @@ def pair_products_nvfp4(rows: jax.Array, codes: jax.Array, scales: jax.Array, gl
         acc = jax.lax.fori_loop(first, first + steps, step, jnp.zeros((block_n,), jnp.float32))
         o_ref[...] = acc * (global_scale * triton_common.NIBBLE_SCALE)
 
-    deinterleaved = jnp.concatenate([rows[:, 0::2], rows[:, 1::2]], axis=1)
     out = pl.pallas_call(
         kernel, grid=(r, n // block_n, splits),
         in_specs=[whole_block((1,)), pl.BlockSpec((None, 1), lambda i, j, s: (i, 0)),
@@ -161,7 +160,8 @@ def pair_products_nvfp4(rows: jax.Array, codes: jax.Array, scales: jax.Array, gl
         out_shape=jax.ShapeDtypeStruct((splits, r, n), jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="nvfp4_pair_products",
-    )(jnp.asarray(layer, jnp.int32).reshape(1), experts.astype(jnp.int32).reshape(r, 1), deinterleaved,
+    )(jnp.asarray(layer, jnp.int32).reshape(1), experts.astype(jnp.int32).reshape(r, 1),
+      triton_common.nibble_columns(rows),
       codes.reshape(layers * e * n, half_k), scales.reshape(-1, k // group),
       global_scales.astype(jnp.float32).reshape(-1))
     return out.sum(axis=0)

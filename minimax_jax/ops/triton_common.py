@@ -76,6 +76,12 @@ cvt.f32.f16 $3, h3;
 }}"""
 
 
+def nibble_columns(rows: jax.Array) -> jax.Array:
+    """rows [M, K] as the NVFP4 kernels read them against codes [..., K/2]: the even columns (the
+    codes' low nibbles) then the odd ones (the high nibbles)."""
+    return jnp.concatenate([rows[:, 0::2], rows[:, 1::2]], axis=1)
+
+
 def widen_nibbles(codes: jax.Array, ptx: bool = True) -> tuple[jax.Array, jax.Array]:
     """Inside a Pallas (Triton) kernel: fp32 values over NIBBLE_SCALE of the low and the high
     E2M1 nibbles of uint8 NVFP4 codes. ptx (GPUs only): inline PTX (`_NIBBLES_PTX`), about 3
