@@ -31,7 +31,7 @@ from quant import fp8
 KERNELS = ("auto", "xla-w8a8", "mosaic-ws-w8a8", "triton-w8a16")
 BLOCK = grouped_gemm_ws.SCALE_BLOCK
 FEW_ROWS = triton_common.DOT_MIN_ROWS      # rows up to which "auto" takes the Triton kernel
-BF16_ROWS = 128     # rows up to which "triton-w8a16" takes bf16 weights (padded to a power of two)
+BF16_ROWS = 128     # rows up to which bf16 weights take the few-rows kernel (padded to a power of two)
 
 
 def resolve_kernel(kernel: str, rows: int = FEW_ROWS + 1, w: jax.Array | None = None) -> str:
@@ -49,17 +49,18 @@ def resolve_kernel(kernel: str, rows: int = FEW_ROWS + 1, w: jax.Array | None = 
 
 
 def takes_few_rows(kernel: str, rows: int, w: jax.Array | jax.ShapeDtypeStruct) -> bool:
-    """Whether `rows` rows against bf16 weights w [L, N, K] take `few_rows`: kernel
-    "triton-w8a16" for up to BF16_ROWS rows where the shapes allow it (under the interpreter off
-    GPUs), "auto" on GPUs for at most FEW_ROWS rows (more take XLA's GEMM on a copy of the layer,
-    docs/benchmarks.md "Runs still to make"); not for weights it would offset wrongly."""
+    """Whether `rows` rows against bf16 weights w [L, N, K] take `few_rows`: up to BF16_ROWS rows
+    where the shapes allow it, kernel "triton-w8a16" anywhere (under the interpreter off GPUs) and
+    "auto" on GPUs; not for weights it would offset wrongly. More rows take XLA's GEMM on a copy
+    of the layer, which the kernel beat at every size measured on an H200: 32-128 rows of qkv and
+    o on TP1 and TP4, e.g. TP1's qkv at 32 rows 21.0 against 48.7 us, at 128 rows 39.9 against
+    51.0 us (docs/benchmarks.md, run FA); a 16-layer NVFP4 decode step of 64 slots took 15.6
+    against 16.2-16.3 ms (runs FB, FC)."""
     if kernel not in KERNELS:
         raise ValueError(f"linear kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     _, n, k = w.shape
-    fits = n % BLOCK == 0 and k % BLOCK == 0 and not triton_common.offsets_wrap(w)
-    if kernel == "triton-w8a16":
-        return fits and rows <= BF16_ROWS
-    return fits and rows <= FEW_ROWS and kernel == "auto" and jax.default_backend() == "gpu"
+    fits = n % BLOCK == 0 and k % BLOCK == 0 and not triton_common.offsets_wrap(w) and rows <= BF16_ROWS
+    return fits and (kernel == "triton-w8a16" or kernel == "auto" and jax.default_backend() == "gpu")
 
 
 def fp8_linear(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array | int, kernel: str = "auto",
@@ -90,7 +91,7 @@ def fp8_linear(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array 
 
 def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array | None, layer: jax.Array | int, *,
              block_n: int | None = None, splits: int | None = None, num_warps: int | None = None,
-             num_stages: int = 4, partial_sums: bool = False, interpret: bool = False) -> jax.Array:
+             num_stages: int | None = None, partial_sums: bool = False, interpret: bool = False) -> jax.Array:
     """`fp8_linear` for at most 16 rows as a Pallas (Triton) kernel, weight-only: one program per
     block_n output channels, so a decode step's few rows spread the weight reads over the SMs (the
     Mosaic kernel's 128 x 128 tiles are N / 128 programs: 24-32 of an H200's 132 SMs for one
@@ -109,7 +110,9 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array | None, layer: jax.A
     adds them itself, `ops.attention_inputs`). w_scale None: w holds bf16 weights, used as they are,
     and up to BF16_ROWS rows are taken, padded to a power of two. block_n None: 32 channels a
     program for up to 16 rows, 64 for up to 64, 128 for more (each program reads the rows whole
-    every step); num_warps None: 4, 8 where a program's products exceed 64 x 64."""
+    every step); num_warps None: 4, 8 where a program's products exceed 64 x 64; num_stages None:
+    4, 3 for more than 64 rows (4 stages of 128 rows and 128 channels ask 256 KiB of shared
+    memory, more than an H200's 227: the kernel failed to compile there)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
@@ -118,6 +121,7 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array | None, layer: jax.A
     out_rows = 1 if m == 1 else max(FEW_ROWS, triton_common.next_power_of_two(m))
     block_n = block_n or (32 if out_rows <= FEW_ROWS else 64 if out_rows <= 64 else 128)
     num_warps = num_warps or (4 if out_rows * block_n <= 64 * 64 else 8)
+    num_stages = num_stages or (4 if out_rows <= 64 else 3)
     max_rows = FEW_ROWS if w_scale is not None else BF16_ROWS
     splits = splits or few_rows_splits(k // BLOCK, n // block_n)
     if m > max_rows or n % block_n or BLOCK % block_n or (k // BLOCK) % splits or triton_common.offsets_wrap(w):
