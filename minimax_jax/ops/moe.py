@@ -466,7 +466,7 @@ def per_pair_experts_fp8(x: jax.Array, expert_ids: jax.Array, weights: jax.Array
         rows, w13, w13_scale, index, experts, pairs_per_row=expert_ids.shape[1], interpret=interpret)
     down = lambda rows: pair_experts.pair_products(  # noqa: E731
         rows, w2, w2_scale, index, experts, interpret=interpret)
-    return _pairs_in_place(x, weights, mine, inter, gate_up, down)
+    return _weighted_pair_sum(x, weights, mine, inter, gate_up, down)
 
 
 def per_pair_experts_nvfp4(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, local: jax.Array,
@@ -484,14 +484,14 @@ def per_pair_experts_nvfp4(x: jax.Array, expert_ids: jax.Array, weights: jax.Arr
         rows, *gate_up_weights, layer, experts, pairs_per_row=expert_ids.shape[1], interpret=interpret)
     down = lambda rows: pair_experts.pair_products_nvfp4(rows, *down_weights, layer, experts,  # noqa: E731
                                                          interpret=interpret)
-    return _pairs_in_place(x, weights, mine, w13.shape[-2], gate_up, down)
+    return _weighted_pair_sum(x, weights, mine, w13.shape[-2], gate_up, down)
 
 
-def _pairs_in_place(x: jax.Array, weights: jax.Array, mine: jax.Array, inter: int,
+def _weighted_pair_sum(x: jax.Array, weights: jax.Array, mine: jax.Array, inter: int,
                     gate_up: Callable[[jax.Array], jax.Array], down: Callable[[jax.Array], jax.Array]) -> jax.Array:
-    """The per-pair experts' weighted sum [N, H] in fp32, given the pairs' in-place products:
-    gate_up(x) [N * k, 2I] (pair r reads token r // k) and down(act) [N * k, H]. The kernels read
-    expert 0 for pairs not `mine`; those are dropped here."""
+    """The per-pair experts' weighted sum [N, H] in fp32, given the pairs' products: gate_up(x)
+    [N * k, 2I] in fp32 (pair r reads token r // k) and down(act) [N * k, H]. Pairs not `mine`
+    (the in-place kernels read expert 0 for them) are dropped here."""
     n, k = weights.shape
     g = gate_up(x)
     act = (jax.nn.silu(g[:, :inter]) * g[:, inter:]).astype(x.dtype)
@@ -504,10 +504,8 @@ def per_pair_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w1
     """The same sum for few tokens: pair r = (token, choice) multiplies by its own expert's
     weights, gathered beforehand (w13: [N*k, H, 2, I], w2: [N*k, I, H]); pairs not `mine`
     contribute zero. Reads N*k experts instead of every local one. Returns fp32 [N, H]."""
-    n, k = expert_ids.shape
-    rows = jnp.repeat(x, k, axis=0)                                             # [N*k, H]
-    gate_up = jnp.einsum("rh,rhji->rji", rows, w13, preferred_element_type=jnp.float32)
-    act = (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]).astype(x.dtype)
-    y = jnp.einsum("ri,rih->rh", act, w2, preferred_element_type=jnp.float32)
-    y = jnp.where(mine.reshape(-1, 1), y * weights.reshape(-1, 1), 0.0)
-    return y.reshape(n, k, -1).sum(axis=1)
+    k = expert_ids.shape[1]
+    gate_up = lambda rows: jnp.einsum(  # noqa: E731    [N*k, 2, I] -> [N*k, 2I]: gate, then up
+        "rh,rhji->rji", jnp.repeat(rows, k, axis=0), w13, preferred_element_type=jnp.float32).reshape(w13.shape[0], -1)
+    down = lambda act: jnp.einsum("ri,rih->rh", act, w2, preferred_element_type=jnp.float32)  # noqa: E731
+    return _weighted_pair_sum(x, weights, mine, w13.shape[-1], gate_up, down)
