@@ -431,9 +431,12 @@ class Experts(nnx.Module):
         inter = self.w13.shape[-1] if self.format == "bf16" else self.w13.shape[-2]    # this device's share
         hidden = self.w13.shape[-3] if self.format == "bf16" else self.w2.shape[-2]
         kernel = moe_ops.resolve_kernel(self.kernel, self.format, hidden, inter, dtype=self.dtype)
-        # few tokens read only their experts: one token (W3) ran at 29.3 ms per token this way
-        # and at 38.1 ms through the FP8 kernel, whose few tiles leave most SMs idle (run R)
-        per_pair = num_pairs * 2 <= self.num_local and self.kernel not in moe_ops.FP8_KERNELS
+        # A few tokens read only their own experts, duplicates included; the grouped kernels read
+        # each touched expert once but cost more to set up. On one H200 (docs/benchmarks.md runs
+        # FD-FF) the pairs won up to 8 tokens on 256 experts (NVFP4 at 62 layers: 2 tokens 8.8
+        # against 13.0 ms a step, 8 tokens 21.7 against 21.9) and lost at 16 (30.7 against 24.8;
+        # FP8 at 16 layers 10.6 against 9.9).
+        per_pair = num_pairs * 4 <= self.num_local and self.kernel not in moe_ops.FP8_KERNELS
         return kernel, per_pair
 
     def token_rounding(self, num_pairs: int) -> Callable[[jax.Array], Any] | None:

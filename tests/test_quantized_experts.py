@@ -1,4 +1,6 @@
 """Experts held as FP8 blocks or NVFP4 on device, used weight-only; ModelOpt NVFP4 checkpoints."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ from minimax_jax.config import preset
 from minimax_jax.engine.engine import Engine
 from minimax_jax.hf_testing import make_hf_model, quantize_checkpoint_nvfp4, save_hf_checkpoint
 from minimax_jax.loader import load_model
-from minimax_jax.model import MiniMaxM2
+from minimax_jax.model import Experts, MiniMaxM2
 from sharding.mesh import Layout, LayoutError
 from tests.test_model_vs_transformers import prefill_logits
 
@@ -92,3 +94,14 @@ def test_full_size_expert_bytes_per_parameter(expert_format, limit):
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model.layers.experts)))
     params = cfg.num_layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.intermediate_size
     assert nbytes / params <= limit
+
+
+@pytest.mark.parametrize("expert_format", ["bf16", "fp8", "nvfp4"])
+def test_few_tokens_read_their_own_experts_up_to_a_quarter_as_many_pairs_as_local_experts(expert_format):
+    # measured on one H200 (docs/benchmarks.md runs FD-FF): pairs won at 8 tokens on 256 experts
+    # and lost to the grouped kernels at 16
+    cfg = dataclasses.replace(preset("tiny"), hidden_size=128, intermediate_size=128, num_experts=256)
+    experts = nnx.eval_shape(lambda: Experts(cfg, jnp.bfloat16, nnx.Rngs(0), expert_format))
+    top_k = 8
+    assert experts._path(8 * top_k)[1] and not experts._path(16 * top_k)[1]
+    assert experts._path(1 * top_k)[1]
