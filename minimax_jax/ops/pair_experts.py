@@ -34,13 +34,13 @@ def pair_products(rows: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.
     [L, E, 2, I, K] passes as N = 2I); w_scale: [L, E, N/128, K/128] fp32; experts: [R] int32,
     taken as 0 outside [0, E) (the caller drops those pairs). splits: programs over K per (pair,
     block of channels), their partial sums added after the kernel; None:
-    `triton_common.k_splits`."""
+    `pair_splits`."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
     r, k = experts.size, rows.shape[1]
     layers, e, n, k2 = w.shape
-    splits = splits or triton_common.k_splits(k // BLOCK)
+    splits = splits or pair_splits(k // BLOCK, r * (n // block_n))
     if (k != k2 or n % BLOCK or k % BLOCK or BLOCK % block_n or w_scale.shape != (layers, e, n // BLOCK, k // BLOCK)
             or (k // BLOCK) % splits or not supports(w) or rows.shape[0] * pairs_per_row < r):
         raise ValueError(f"pair_products needs a row [K] for every {pairs_per_row} of the {r} pairs, w [L, E, N, K] and "
@@ -55,15 +55,18 @@ def pair_products(rows: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.
         start = (layer_ref[0] * e + expert) * n + pl.program_id(1) * block_n
         scale_row = start // BLOCK
 
-        def step(kb, acc):
+        # products added per column (one FMA a weight, the block's scale folded into the row's
+        # values) and summed along K once at the end, not across the program's threads every step
+        def step(kb, total):
             cols = pl.ds(pl.multiple_of(kb * BLOCK, BLOCK), BLOCK)
             wb = w_ref[pl.ds(start, block_n), cols].astype(jnp.float32)
-            xb = x_ref[cols].astype(jnp.float32)
-            return acc + jnp.sum(wb * xb[None, :], axis=1) * s_ref[scale_row, kb]
+            xb = x_ref[cols].astype(jnp.float32) * s_ref[scale_row, kb]
+            return triton_common.fma(wb, jnp.broadcast_to(xb[None, :], wb.shape), total, ptx=not interpret)
 
         per_split = k // BLOCK // splits
         first = pl.program_id(2) * per_split
-        o_ref[...] = jax.lax.fori_loop(first, first + per_split, step, jnp.zeros((block_n,), jnp.float32))
+        total = jax.lax.fori_loop(first, first + per_split, step, jnp.zeros((block_n, BLOCK), jnp.float32))
+        o_ref[...] = jnp.sum(total, axis=1)
 
     out = pl.pallas_call(
         kernel, grid=(r, n // block_n, splits),
@@ -77,6 +80,21 @@ def pair_products(rows: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.
     )(jnp.asarray(layer, jnp.int32).reshape(1), experts.astype(jnp.int32).reshape(r, 1), rows,
       w.reshape(layers * e * n, k), w_scale.reshape(layers * e * n // BLOCK, k // BLOCK))
     return out.sum(axis=0)
+
+
+PAIR_PROGRAMS = 768         # about 6 programs an SM on an H200's 132
+
+
+def pair_splits(k_blocks: int, programs: int) -> int:
+    """Programs over K for `pair_products`, whose programs each sum along K once at the end: the
+    fewest of 1, 2, 4, 8 dividing K's 128-wide blocks that give at least PAIR_PROGRAMS programs
+    (`programs` a split). One token's 8 pairs on an H200 (benchmarks/fp8_linear_probe.py,
+    docs/benchmarks.md runs FI, FJ): TP1's gate/up (768 programs) 23.8 us in one split against
+    26.6 in 4; TP2's (384) 14.1 in 2 against 15.1 in 4; TP4's (192) best in 4."""
+    for splits in (1, 2, 4, 8):
+        if k_blocks % splits == 0 and (programs * splits >= PAIR_PROGRAMS or k_blocks % (splits * 2)):
+            return splits
+    return 8
 
 
 def nvfp4_block_k(k: int) -> int:

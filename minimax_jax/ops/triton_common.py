@@ -26,6 +26,19 @@ def whole_block(shape: tuple[int, ...]):
     return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
+def fma(a: jax.Array, b: jax.Array, c: jax.Array, ptx: bool = True) -> jax.Array:
+    """Inside a Pallas (Triton) kernel: a * b + c in fp32 (arrays of one shape), by one
+    `fma.rn.f32` a value on GPUs (ptx). Pallas's Triton kernels are compiled without contracting
+    a multiply and an add into an FMA (Nsight Compute counted 0 fused FP32 instructions in them,
+    docs/benchmarks.md run FG), so a product added to a sum costs two instructions unless asked
+    for one; off GPUs (Pallas's interpreter) the plain product and sum."""
+    if not ptx:
+        return a * b + c
+    from jax.experimental.pallas import triton as pltriton
+    return pltriton.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=r,r,r,r",
+                                           pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(c.shape, jnp.float32)])[0]
+
+
 def offsets_wrap(array: jax.Array | jax.ShapeDtypeStruct) -> bool:
     """Whether a kernel would read `array` at wrapped addresses: Pallas's Triton lowering computes
     element offsets in signed 32 bits for arrays of at most 4 GiB, so one of more than 2**31
