@@ -800,3 +800,11 @@ def test_nvfp4_grouped_kernel_lowers_for_gpus_at_full_size(block_m):
                                       **moe.nvfp4_tile(block_m, n, k)))
         assert "xla.gpu.triton" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert triton_common.offsets_wrap(args[3]) and not triton_common.offsets_wrap(args[2])
+
+
+@pytest.mark.parametrize("n, k, splits", [(3072, 3072, 1), (3072, 1536, 1), (1536, 3072, 2), (3072, 768, 1),
+                                          (768, 3072, 4), (3072, 384, 1)])
+def test_pair_splits_give_one_tokens_pairs_the_split_measured_fastest_at_each_tp_shape(n, k, splits):
+    # gate/up and down on TP1, TP2, TP4 (docs/benchmarks.md runs FI, FJ): about 768 programs,
+    # and never a split that does not divide K's blocks (TP4's down: 3 blocks)
+    assert pair_experts.pair_splits(k // 128, 8 * (n // 32)) == splits
