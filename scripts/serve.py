@@ -30,6 +30,7 @@ from minimax_jax.engine.async_engine import AsyncEngine  # noqa: E402
 from minimax_jax.engine.engine import DTYPES, KV_CACHE_DTYPES, PREFILL_DEFAULTS, EngineArgs  # noqa: E402
 from minimax_jax.ops.attention import BACKENDS as ATTENTION_BACKENDS, DECODE_BACKENDS  # noqa: E402
 from minimax_jax.ops.moe import KERNELS as MOE_KERNELS  # noqa: E402
+from minimax_jax.server.protocol import REASONING_PARSERS  # noqa: E402
 
 log = logging.getLogger("minimax_jax.serve")
 TINY_MODEL_NAME = "minimax-jax-tiny"
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--json-model-override-args",
                        help="JSON object merged over config.json, e.g. '{\"num_hidden_layers\": 4}'")
     model.add_argument("--random-seed", type=int, help="seed of the random tiny weights and of unseeded sampling")
+    model.add_argument("--trust-remote-code", action="store_true",
+                       help="accepted so that sglang command lines run unchanged; no effect: the model's code "
+                            "is this package's, nothing is imported from the checkpoint")
 
     par = p.add_argument_group("parallelism")
     par.add_argument("--tp-size", type=int, help="tensor parallel size")
@@ -97,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="collective that combines the experts' outputs (engine default: reduce_scatter)")
     par.add_argument("--enable-ar-fusion", action=argparse.BooleanOptionalAction, default=None,
                      help="fuse reduce-scatter + residual add + RMSNorm + all-gather (engine default: on)")
+    par.add_argument("--enable-flashinfer-allreduce-fusion", dest="enable_ar_fusion", action="store_true",
+                     help="sglang's name for --enable-ar-fusion")
 
     par.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
                      help="prefill attention: cudnn (flash attention) or the XLA reference; auto: cudnn on "
@@ -121,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(CUDA graphs) of every thunk kind, loops and collectives included (default: 0, XLA's own "
                      "command buffers only); set for the whole process on 4x H200, they made one request's decode 9%% "
                      "faster and 1209 requests' 0.9%% slower; this per-step form gave nothing on 2x H200")
+    par.add_argument("--disable-cuda-graph", dest="cuda_graph_max_bs", action="store_const", const=0,
+                     help="sglang's flag: --cuda-graph-max-bs 0")
 
     sched = p.add_argument_group("scheduling and KV cache")
     sched.add_argument("--max-running-requests", type=int, help="max requests decoded together")
@@ -148,9 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=30000, help="port to bind; 0 picks a free one (default: %(default)s)")
     srv.add_argument("--api-key", help="require 'Authorization: Bearer <key>' on /v1/*, /generate, /get_model_info "
                      "and /flush_cache (/health and /metrics stay open)")
-    srv.add_argument("--reasoning-parser", choices=["minimax"],
-                     help="split <think>...</think> of chat outputs into message.reasoning_content "
-                          "(default: off, the raw text is the content)")
+    srv.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS),
+                     help="minimax: split <think>...</think> of chat outputs into message.reasoning_content; "
+                          "minimax-append-think: keep the whole output in the content with the <think> the chat "
+                          "template opened put back in front, as MiniMax's own sglang command asks (default: "
+                          "off, the raw text is the content)")
     srv.add_argument("--tool-call-parser", choices=["minimax-m2"],
                      help="turn <minimax:tool_call> blocks of chat outputs, for requests that offer tools, into "
                           "message.tool_calls with finish_reason tool_calls (default: off, they stay in the content)")
@@ -158,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest request body accepted; larger ones get 413 (default: %(default)s)")
     srv.add_argument("--graceful-shutdown-timeout", type=float, default=10.0,
                      help="seconds in-flight requests get to finish after SIGINT/SIGTERM (default: %(default)s)")
+    srv.add_argument("--enable-metrics", action="store_true",
+                     help="accepted so that sglang command lines run unchanged; /metrics (Prometheus) is always served")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
                      help="log level of the server and the engine (default: %(default)s)")
     return p

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from minimax_jax.engine.async_engine import StopTextFilter
 from minimax_jax.engine.sampling import SamplingParams
 from minimax_jax.engine.tokenizer import TINY_TOKENIZER_DIR, Tokenizer
-from minimax_jax.server.protocol import ReasoningSplitter, split_reasoning
+from minimax_jax.server.protocol import ReasoningSplitter, ThinkPrefixer, split_reasoning
 
 REPO = Path(__file__).resolve().parent.parent
 SERVE = REPO / "scripts" / "serve.py"
@@ -37,9 +37,10 @@ MAX_REQUEST_BYTES = 65536
 COMMON_ARGS = ["--dtype", "float32", "--served-model-name", MODEL, "--context-length", str(CONTEXT),
                "--max-running-requests", "16", "--chunked-prefill-size", "32", "--page-size", "16",
                "--api-key", API_KEY, "--max-request-bytes", str(MAX_REQUEST_BYTES), "--log-level", "warning"]
-# Server layouts the whole module runs against; multi-device variants join once Engine has them,
-# e.g. "dp2-tp4": ["--dp-size", "2", "--tp-size", "4", "--enable-dp-attention"].
-SERVER_VARIANTS = {"tp1": [], "dp2-tp4": ["--tp-size", "8", "--dp-size", "2", "--enable-dp-attention"]}
+# Server layouts the whole module runs against; the second also keeps chat outputs whole with the
+# opened <think> put back in front, as MiniMax's own sglang command serves them
+SERVER_VARIANTS = {"tp1": [], "dp2-tp4": ["--tp-size", "8", "--dp-size", "2", "--enable-dp-attention",
+                                          "--reasoning-parser", "minimax-append-think", "--trust-remote-code"]}
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather for a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -111,6 +112,7 @@ def server(request, hf_model_dir, tmp_path_factory):
     _, path = hf_model_dir
     args = ["--model-path", str(path), *COMMON_ARGS, *SERVER_VARIANTS[request.param]]
     proc = ServerProcess(args, tmp_path_factory.mktemp("server") / "server.log")
+    proc.chat_prefix = "<think>" if "minimax-append-think" in args else ""
     yield proc
     proc.kill()
 
@@ -368,7 +370,7 @@ def test_completion_greedy_tokens_match_engine_and_transformers(client, hf_model
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_chat_renders_template_with_tools_and_greedy_tokens_match(client, hf_model_dir, reference_engine,
+def test_chat_renders_template_with_tools_and_greedy_tokens_match(client, server, hf_model_dir, reference_engine,
                                                                    tokenizer, stream):
     max_tokens = 12
     ids = tokenizer.encode_chat(CHAT_MESSAGES, [WEATHER_TOOL])
@@ -390,7 +392,7 @@ def test_chat_renders_template_with_tools_and_greedy_tokens_match(client, hf_mod
         assert out.prompt_token_ids == ids
         tokens, text, finish, usage = choice.token_ids, choice.message.content, choice.finish_reason, out.usage
     assert tokens == ref["output_ids"]
-    assert text == ref["text"]
+    assert text == server.chat_prefix + ref["text"]
     assert finish == ref["meta_info"]["finish_reason"]["type"]
     assert usage.prompt_tokens == len(ids)
 
@@ -627,7 +629,7 @@ def test_help_documents_every_flag():
                  "--enable-dp-attention", "--dtype", "--quantization", "--context-length", "--max-running-requests",
                  "--page-size", "--chunked-prefill-size", "--max-total-tokens", "--host", "--port", "--api-key",
                  "--random-seed", "--reasoning-parser", "--tool-call-parser", "--log-level", "--max-request-bytes",
-                 "--cuda-graph-max-bs"):
+                 "--cuda-graph-max-bs", "--trust-remote-code"):
         assert flag in out
 
 
@@ -677,3 +679,30 @@ def test_reasoning_split_is_the_same_for_any_chunking(text):
         assert (reasoning, content) == whole
     if "</think>" in text:
         assert whole == (text.split("</think>")[0].removeprefix("<think>").strip(), text.split("</think>")[1].lstrip())
+
+
+def test_append_think_keeps_the_whole_output_as_content_behind_the_opened_think_for_any_chunking():
+    text = "\nplan it\n</think>\n\nThe answer."
+    for size in (1, 4, len(text)):
+        prefixer, reasoning, content = ThinkPrefixer(), "", ""
+        for i in range(0, len(text), size):
+            r, c = prefixer.feed(text[i:i + size], final=i + size >= len(text))
+            reasoning, content = reasoning + r, content + c
+        assert (reasoning, content) == ("", "<think>" + text)
+
+
+def test_minimax_sglang_command_line_runs_unchanged():
+    # the flags of MiniMax's own sglang deployment command for its M2 models
+    serve = _serve_module()
+    args = serve.build_parser().parse_args([
+        "--model-path", "MiniMaxAI/MiniMax-M2.5", "--tp-size", "4", "--tool-call-parser", "minimax-m2",
+        "--reasoning-parser", "minimax-append-think", "--host", "0.0.0.0", "--trust-remote-code", "--port", "8000",
+        "--mem-fraction-static", "0.85"])
+    assert args.reasoning_parser == "minimax-append-think" and args.trust_remote_code
+    assert serve.engine_kwargs(args)["tp_size"] == 4
+    # and the seed's names for what the engine calls otherwise
+    seed = serve.engine_kwargs(serve.build_parser().parse_args([
+        "--tp", "4", "--dp", "4", "--enable-dp-attention", "--enable-flashinfer-allreduce-fusion",
+        "--disable-flashinfer-cutlass-moe-fp4-allgather", "--disable-cuda-graph", "--enable-metrics"]))
+    assert seed == {"dtype": "auto", "tp_size": 4, "dp_size": 4, "enable_dp_attention": True,
+                    "enable_ar_fusion": True, "moe_dispatch_fp4": False, "cuda_graph_max_bs": 0}

@@ -30,13 +30,11 @@ from minimax_jax.server.protocol import (
     REQUEST_FIELDS, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatLogprobs, ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob, CompletionChoice,
     CompletionLogprobs, CompletionRequest, CompletionResponse, DeltaMessage, ModelCard, ModelList,
-    OpenAIError, ReasoningSplitter, TopLogprob, UsageInfo, new_id, now, openai_finish_reason,
-    split_reasoning)
+    OpenAIError, REASONING_PARSERS, TopLogprob, UsageInfo, new_id, now, openai_finish_reason)
 from minimax_jax.server.tool_calls import TOOL_CALL_PARSERS, ToolCallSplitter
 
 T = TypeVar("T")
 DEFAULT_COMPLETION_MAX_TOKENS = 16         # OpenAI's default for /v1/completions
-REASONING_PARSERS = ("minimax",)
 GUARDED_PATHS = ("/v1", "/generate", "/get_model_info", "/flush_cache")   # what --api-key protects
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -45,7 +43,8 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 class ServerConfig:
     served_model_name: str
     api_key: str | None = None
-    reasoning_parser: str | None = None        # "minimax": <think>...</think> -> reasoning_content
+    reasoning_parser: str | None = None        # a REASONING_PARSERS name: "minimax" splits <think>...</think>
+                                               # into reasoning_content, "minimax-append-think" keeps it in content
     tool_call_parser: str | None = None        # "minimax-m2": <minimax:tool_call> blocks -> tool_calls
     max_request_bytes: int = 8 * 2**20
 
@@ -258,7 +257,7 @@ class OpenAIServing(_Serving):
     def _chat_choice(self, body: ChatCompletionRequest, out: StreamDelta, top: int, index: int) -> ChatChoice:
         reasoning, content = None, out.text
         if self.config.reasoning_parser:
-            reasoning, content = split_reasoning(out.text)
+            reasoning, content = REASONING_PARSERS[self.config.reasoning_parser]().feed(out.text, final=True)
         calls = []
         if tool_calls := self._tool_call_splitter(body):
             content, calls = tool_calls.feed(content, final=True)
@@ -276,7 +275,7 @@ class OpenAIServing(_Serving):
         def chunk(choice: ChatStreamChoice) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
-        splitter = ReasoningSplitter() if self.config.reasoning_parser else None
+        splitter = REASONING_PARSERS[self.config.reasoning_parser]() if self.config.reasoning_parser else None
         tool_calls = self._tool_call_splitter(body)
         top = (body.top_logprobs or 0) if body.logprobs else 0
         yield chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""),

@@ -393,3 +393,22 @@ class ReasoningSplitter:
 def split_reasoning(text: str) -> tuple[str, str]:
     """(reasoning, content) of a whole output."""
     return ReasoningSplitter().feed(text, final=True)
+
+
+class ThinkPrefixer:
+    """sglang's "minimax-append-think": the whole output stays the content, with the `<think>`
+    that the chat template's generation prompt opened put back in front, so a client that sends
+    the turn back in its history keeps the reasoning there, as MiniMax recommends for its models;
+    no reasoning_content. `feed` as `ReasoningSplitter.feed`."""
+
+    def __init__(self) -> None:
+        self._started = False
+
+    def feed(self, piece: str, final: bool = False) -> tuple[str, str]:
+        if self._started:
+            return "", piece
+        self._started = True
+        return "", THINK_START + piece
+
+
+REASONING_PARSERS = {"minimax": ReasoningSplitter, "minimax-append-think": ThinkPrefixer}
