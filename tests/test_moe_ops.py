@@ -446,12 +446,12 @@ def test_stacked_experts_given_a_layer_equal_that_layers_own_module(kernel, toke
     Mosaic FP8 kernels (which read the layer in place), through a per-layer slice (every other
     path), and for few tokens on a Hopper GPU (each pair's expert read in place by the pair
     kernel, not the FP8 kernel that "auto" names) the result is that layer's own module's, bit
-    for bit. 40 tokens' 80 pairs over 4 experts are a decode-sized step: the W8A8 kernel's tiles
-    take 64 rows."""
+    for bit. 40 tokens' 80 pairs over 8 experts are a decode-sized step: the W8A8 kernel's tiles
+    take 64 rows; one token's 2 pairs are few enough for the pair kernels (`Experts._path`)."""
     from flax import nnx
     from minimax_jax.config import preset
     from minimax_jax.model import Experts
-    cfg = dataclasses.replace(preset("tiny"), hidden_size=256, intermediate_size=256, num_experts=4)
+    cfg = dataclasses.replace(preset("tiny"), hidden_size=256, intermediate_size=256, num_experts=8)
     layers = [Experts(cfg, jnp.bfloat16, nnx.Rngs(i), expert_format=expert_format) for i in range(3)]
     graphdef, _ = nnx.split(layers[0])
     stacked = nnx.merge(graphdef, jax.tree.map(lambda *a: jnp.stack(a), *[nnx.split(e)[1] for e in layers]))
@@ -477,7 +477,7 @@ def test_stacked_experts_given_a_layer_equal_that_layers_own_module(kernel, toke
     monkeypatch.setattr(moe, "on_hopper", lambda: True)
     rng = np.random.RandomState(14)
     x = jnp.asarray(rng.standard_normal((tokens, 256)), jnp.bfloat16)
-    ids = jnp.asarray(rng.randint(0, 4, (tokens, 2)), jnp.int32)
+    ids = jnp.asarray(rng.randint(0, 8, (tokens, 2)), jnp.int32)
     weights = jnp.asarray(rng.random((tokens, 2)), jnp.float32)
     got = np.asarray(stacked(x, ids, weights, first_expert=0, layer=jnp.int32(1)))
     np.testing.assert_array_equal(got, np.asarray(layers[1](x, ids, weights, first_expert=0)))
