@@ -699,7 +699,9 @@ def test_minimax_sglang_command_line_runs_unchanged():
         "--reasoning-parser", "minimax-append-think", "--host", "0.0.0.0", "--trust-remote-code", "--port", "8000",
         "--mem-fraction-static", "0.85"])
     assert args.reasoning_parser == "minimax-append-think" and args.trust_remote_code
-    assert serve.engine_kwargs(args)["tp_size"] == 4
+    kwargs = serve.engine_kwargs(args)
+    assert kwargs["tp_size"] == 4 and kwargs["mem_fraction_static"] == 0.85
+    assert not {"enable_ar_fusion", "cuda_graph_max_bs"} & set(kwargs)     # the aliases set no default
     # and the seed's names for what the engine calls otherwise
     seed = serve.engine_kwargs(serve.build_parser().parse_args([
         "--tp", "4", "--dp", "4", "--enable-dp-attention", "--enable-flashinfer-allreduce-fusion",
