@@ -147,7 +147,7 @@ def few_rows(x: jax.Array, w: jax.Array, w_scale: jax.Array | None, layer: jax.A
                 cols = pl.ds(pl.multiple_of(kb * BLOCK, BLOCK), BLOCK)
                 wb = w_ref[pl.ds(first, block_n), cols].astype(jnp.float32)
                 xb = x_ref[0, cols].astype(jnp.float32) * scale(kb)
-                return triton_common.fma(wb, jnp.broadcast_to(xb[None, :], wb.shape), total, ptx=not interpret)
+                return triton_common.fma(wb, xb[None, :], total, ptx=not interpret)
 
             total = jax.lax.fori_loop(start, start + per_split, row_step, jnp.zeros((block_n, BLOCK), jnp.float32))
             o_ref[...] = jnp.sum(total, axis=1)[None, :].astype(o_ref.dtype)

@@ -61,7 +61,7 @@ def pair_products(rows: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.
             cols = pl.ds(pl.multiple_of(kb * BLOCK, BLOCK), BLOCK)
             wb = w_ref[pl.ds(start, block_n), cols].astype(jnp.float32)
             xb = x_ref[cols].astype(jnp.float32) * s_ref[scale_row, kb]
-            return triton_common.fma(wb, jnp.broadcast_to(xb[None, :], wb.shape), total, ptx=not interpret)
+            return triton_common.fma(wb, xb[None, :], total, ptx=not interpret)
 
         per_split = k // BLOCK // splits
         first = pl.program_id(2) * per_split

@@ -27,11 +27,12 @@ def whole_block(shape: tuple[int, ...]):
 
 
 def fma(a: jax.Array, b: jax.Array, c: jax.Array, ptx: bool = True) -> jax.Array:
-    """Inside a Pallas (Triton) kernel: a * b + c in fp32 (arrays of one shape), by one
-    `fma.rn.f32` a value on GPUs (ptx). Pallas's Triton kernels are compiled without contracting
-    a multiply and an add into an FMA (Nsight Compute counted 0 fused FP32 instructions in them,
-    docs/benchmarks.md run FG), so a product added to a sum costs two instructions unless asked
-    for one; off GPUs (Pallas's interpreter) the plain product and sum."""
+    """Inside a Pallas (Triton) kernel: a * b + c in fp32 (a and b broadcast to c's shape), by
+    one `fma.rn.f32` a value on GPUs (ptx). Pallas's Triton kernels are compiled without
+    contracting a multiply and an add into an FMA (Nsight Compute counted 0 fused FP32
+    instructions in them, docs/benchmarks.md run FG), so a product added to a sum costs two
+    instructions unless asked for one; off GPUs (Pallas's interpreter) the plain product and sum."""
+    a, b = jnp.broadcast_to(a, c.shape), jnp.broadcast_to(b, c.shape)
     if not ptx:
         return a * b + c
     from jax.experimental.pallas import triton as pltriton

@@ -30,7 +30,8 @@ from minimax_jax.server.protocol import (
     REQUEST_FIELDS, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatLogprobs, ChatResponseMessage, ChatStreamChoice, ChatTokenLogprob, CompletionChoice,
     CompletionLogprobs, CompletionRequest, CompletionResponse, DeltaMessage, ModelCard, ModelList,
-    OpenAIError, REASONING_PARSERS, TopLogprob, UsageInfo, new_id, now, openai_finish_reason)
+    OpenAIError, REASONING_PARSERS, ReasoningSplitter, ThinkPrefixer, TopLogprob, UsageInfo, new_id, now,
+    openai_finish_reason)
 from minimax_jax.server.tool_calls import TOOL_CALL_PARSERS, ToolCallSplitter
 
 T = TypeVar("T")
@@ -256,8 +257,8 @@ class OpenAIServing(_Serving):
 
     def _chat_choice(self, body: ChatCompletionRequest, out: StreamDelta, top: int, index: int) -> ChatChoice:
         reasoning, content = None, out.text
-        if self.config.reasoning_parser:
-            reasoning, content = REASONING_PARSERS[self.config.reasoning_parser]().feed(out.text, final=True)
+        if parser := self._reasoning_parser():
+            reasoning, content = parser.feed(out.text, final=True)
         calls = []
         if tool_calls := self._tool_call_splitter(body):
             content, calls = tool_calls.feed(content, final=True)
@@ -275,7 +276,7 @@ class OpenAIServing(_Serving):
         def chunk(choice: ChatStreamChoice) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
-        splitter = REASONING_PARSERS[self.config.reasoning_parser]() if self.config.reasoning_parser else None
+        splitter = self._reasoning_parser()
         tool_calls = self._tool_call_splitter(body)
         top = (body.top_logprobs or 0) if body.logprobs else 0
         yield chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""),
@@ -299,6 +300,11 @@ class OpenAIServing(_Serving):
                     logprobs=self._chat_logprobs(delta, top) if body.logprobs else None,
                     finish_reason=_chat_finish_reason(delta.finish_reason, called > 0),
                     token_ids=delta.token_ids if body.return_token_ids else None))
+
+    def _reasoning_parser(self) -> ReasoningSplitter | ThinkPrefixer | None:
+        """A fresh parser of one output's reasoning, if the server parses it."""
+        name = self.config.reasoning_parser
+        return REASONING_PARSERS[name]() if name else None
 
     def _tool_call_splitter(self, body: ChatCompletionRequest) -> ToolCallSplitter | None:
         """A splitter of the output's tool calls, if the server parses them and the request
