@@ -654,8 +654,8 @@ def make_bench_engine(args):
                   max_running_requests=args.max_running_requests or args.requests,
                   chunked_prefill_size=args.chunk, max_prefill_tokens=args.max_prefill_tokens,
                   attention_backend=args.attention_backend, moe_dispatch_fp4=args.moe_dispatch_fp4,
-                  moe_dispatch_fp8=args.moe_dispatch_fp8,
-                  decode_attention_backend=args.decode_attention_backend,
+                  moe_dispatch_fp8=args.moe_dispatch_fp8, enable_ar_fusion=args.enable_ar_fusion,
+                  moe_combine=args.moe_combine, decode_attention_backend=args.decode_attention_backend,
                   moe_kernel=args.moe_kernel, cuda_graph_max_bs=args.cuda_graph_max_bs,
                   disable_radix_cache=args.disable_radix_cache, **kv_cache_flags(args),
                   json_model_override_args=json.dumps({"num_hidden_layers": args.engine_layers}), **flags)
@@ -724,6 +724,8 @@ def bench_engine(args) -> None:
     wall = time.perf_counter() - start
     dispatch = {True: " fp4-dispatch", False: " bf16-dispatch", None: ""}[args.moe_dispatch_fp4]
     dispatch += "" if args.moe_dispatch_fp8 else " no-fp8-dispatch"
+    dispatch += "" if args.enable_ar_fusion else " no-ar-fusion"
+    dispatch += " combine=all-reduce" if args.moe_combine == "all_reduce" else ""
     moe_tp = " moe-tp" if args.ep_size == 1 else ""
     graphs = f" cuda-graph-max-bs={args.cuda_graph_max_bs}" if args.cuda_graph_max_bs else ""
     graphs += " no-radix-cache" if args.disable_radix_cache else ""
@@ -1174,6 +1176,13 @@ def parse_args(argv=None):
                    help="engine: NVFP4 all-gather of the DEP dispatch (default: on with NVFP4 experts)")
     p.add_argument("--moe-dispatch-fp8", action=argparse.BooleanOptionalAction, default=True,
                    help="engine and profile: W8A8 experts get their tokens all-gathered as FP8 codes")
+    p.add_argument("--enable-ar-fusion", action=argparse.BooleanOptionalAction, default=True,
+                   help="engine and profile: on tp > 1, steps whose tokens divide over tp keep the residual "
+                   "scattered (reduce-scatter + add + RMSNorm + all-gather); off: one all-reduce (serve.py's "
+                   "--enable-flashinfer-allreduce-fusion)")
+    p.add_argument("--moe-combine", choices=("reduce_scatter", "all_reduce"), default="reduce_scatter",
+                   help="engine and profile: how the experts' partial outputs are summed over the devices "
+                   "(serve.py's flag)")
     p.add_argument("--mem-fraction-static", type=float, default=0.85,
                    help="weights + KV share of device memory; the KV cache takes what fits")
     p.add_argument("--shared-prefix", type=int, default=0,

@@ -131,7 +131,10 @@ class Engine:
         if args.max_total_tokens or jax.default_backend() == "cpu":
             total_tokens = args.max_total_tokens or self.context_length * min(args.max_running_requests, 8)
             num_pages = max(-(-total_tokens // args.page_size), self.pages_per_seq)
-        self.batch_buckets = powers_of_two(1, per_rank)     # below tp rows: no AR fusion (sharding/forward.py)
+        # A step keeps AR fusion only when its tokens divide over tp (sharding/forward.py): the
+        # largest decode batch is padded up to a multiple of tp, the smaller ones are powers of two
+        largest = -(-per_rank // self.layout.tp) * self.layout.tp if self.layout.ar_fusion else per_rank
+        self.batch_buckets = powers_of_two(1, largest)
         self.runner = ModelRunner(self.model, self.layout, num_pages, args.page_size, seed=args.random_seed,
                                   moe_kernel=args.moe_kernel, max_slots=self.layout.dp * self.batch_buckets[-1],
                                   kv_dtype=KV_CACHE_DTYPES[args.kv_cache_dtype] or DTYPES[args.dtype],
