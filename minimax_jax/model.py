@@ -83,10 +83,11 @@ class LocalComm:
         return o
 
     def moe(self, h, expert_ids, weights, experts, layer=None):
-        if self.fp4_dispatch:
-            payload, scale = nvfp4.quantize_activations(h)
-            h = nvfp4.dequantize_activations(payload, scale, h.shape[-1], h.dtype)
-        return experts(h, expert_ids, weights, first_expert=0, layer=layer)
+        if not self.fp4_dispatch:
+            return experts(h, expert_ids, weights, first_expert=0, layer=layer)
+        rounded = experts.token_rounding(expert_ids.size) is not None
+        x = moe_ops.nvfp4_dispatch_tokens(*nvfp4.quantize_activations(h), h, rounded)
+        return experts(x, expert_ids, weights, first_expert=0, layer=layer, rounded=rounded)
 
     def finish_residual(self, r, m):
         return r + m.astype(r.dtype)

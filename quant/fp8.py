@@ -104,7 +104,8 @@ def quantize_per_channel(w: ArrayLike, axis: int = -1) -> tuple[jax.Array, jax.A
     return _to_e4m3(divide(w, scale)), scale
 
 
-def quantize_groups(x: ArrayLike, group: int = 128, exact_scale: bool = True) -> tuple[jax.Array, jax.Array]:
+def quantize_groups(x: ArrayLike, group: int = 128, exact_scale: bool = True,
+                    amax: ArrayLike | None = None) -> tuple[jax.Array, jax.Array]:
     """One scale per row and `group` consecutive columns of [..., M, K] (the dynamic activation
     scheme of the FP8 checkpoints: per token and 128 channels). K must be a multiple of group.
 
@@ -112,12 +113,16 @@ def quantize_groups(x: ArrayLike, group: int = 128, exact_scale: bool = True) ->
     serving path, so the codes divide plainly (no `exact.divide` barrier, which would keep XLA
     from fusing it into the pass that produced x). exact_scale=False divides the scale plainly
     too: its barrier costs a decode step two more small kernels per rounding on GPUs, and XLA's
-    reciprocal can move the scale's last bit."""
+    reciprocal can move the scale's last bit. amax: each group's max |x| over finite values
+    [..., M, K / group], where the caller has it from a compact form of x (NVFP4 codes and block
+    scales): x is then read once, by the pass that writes the codes."""
     x = jnp.asarray(x, jnp.float32)
     if x.shape[-1] % group:
         raise ValueError(f"quantize_groups needs a last axis that is a multiple of {group}, got shape {x.shape}")
     tiles = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
-    scale = _scale_from_amax(jnp.max(_finite_abs(tiles), axis=-1), exact_scale)
+    if amax is None:
+        amax = jnp.max(_finite_abs(tiles), axis=-1)
+    scale = _scale_from_amax(jnp.asarray(amax, jnp.float32), exact_scale)
     return _to_e4m3(tiles / scale[..., None]).reshape(x.shape), scale
 
 

@@ -39,18 +39,17 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
+from quant import fp8
 from quant.exact import divide
 
 BLOCK_SIZE = 16
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 
-# Decode table indexed by the 4-bit code; codes 8..15 are the negated 0..7 (code 8 is -0.0).
+# The magnitudes of E2M1 codes 0..7; codes 8..15 are their negations (code 8 is -0.0).
 _E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-_E2M1_TABLE = np.array(_E2M1_MAGNITUDES + tuple(-m for m in _E2M1_MAGNITUDES), np.float32)
 # Midpoints between consecutive magnitudes. A tie goes to the even code: midpoint i sits between
 # codes i and i+1, so ties round up exactly when i is odd.
 _E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
@@ -109,9 +108,11 @@ def encode_e2m1(y: ArrayLike) -> jax.Array:
 
 
 def decode_e2m1(codes: ArrayLike) -> jax.Array:
-    """float32 values of 4-bit E2M1 codes (only the low 4 bits of each byte are read)."""
-    codes = jnp.asarray(codes, jnp.uint8) & 0xF
-    return jnp.asarray(_E2M1_TABLE)[codes.astype(jnp.int32)]
+    """float32 values of 4-bit E2M1 codes (only the low 4 bits of each byte are read). By bit
+    operations (`e2m1_as_e4m3`) and an exact scaling, not a lookup: XLA makes a table lookup a
+    gather, which it does not fuse with the dequantisation around it."""
+    low, _ = e2m1_as_e4m3(jnp.asarray(codes, jnp.uint8) & 0xF)
+    return low.astype(jnp.float32) * 64.0
 
 
 def pack_e2m1(codes: ArrayLike) -> jax.Array:
@@ -158,51 +159,57 @@ def scales_from_bytes(raw: ArrayLike) -> jax.Array:
     return jax.lax.bitcast_convert_type(jnp.asarray(raw, jnp.uint8), jnp.float8_e4m3fn)
 
 
-def compute_global_scale(x: ArrayLike, per_row: bool = False) -> jax.Array:
+def compute_global_scale(x: ArrayLike, per_row: bool = False, exact: bool = True) -> jax.Array:
     """ModelOpt global scale amax(|x|) / (6 * 448) over finite values, 1.0 where that is 0.
 
     per_row=False: one scalar for the whole array; per_row=True: float32 [..., 1], one per row of
-    the last axis (per token for activations)."""
+    the last axis (per token for activations). exact: see `quantize`."""
     a = jnp.abs(jnp.asarray(x, jnp.float32))
     a = jnp.where(jnp.isfinite(a), a, 0.0)
     amax = jnp.max(a, axis=-1, keepdims=True) if per_row else jnp.max(a)
-    g = divide(amax, E2M1_MAX * E4M3_MAX)
+    g = (divide if exact else jnp.divide)(amax, E2M1_MAX * E4M3_MAX)
     return jnp.where(g > 0, g, 1.0).astype(jnp.float32)
 
 
 # -- quantise / dequantise ----------------------------------------------------------------------
 
 
-def quantize(x: ArrayLike, global_scale: ArrayLike | None = None) -> NVFP4Array:
+def quantize(x: ArrayLike, global_scale: ArrayLike | None = None, exact: bool = True) -> NVFP4Array:
     """Quantise [..., K] (K % 16 == 0) to NVFP4.
 
     global_scale None: computed from amax(|x|) over the whole array (ModelOpt weights). Otherwise
     used as given: a scalar or an array broadcastable to [..., 1] (e.g. per-token scales). The
-    error bound needs every block amax <= 6 * 448 * global_scale; larger blocks saturate."""
+    error bound needs every block amax <= 6 * 448 * global_scale; larger blocks saturate.
+    exact: every division rounded once, as ModelOpt's (`quant.exact.divide`, whose barrier keeps
+    XLA from fusing the passes around it); False: plain divisions, which XLA may compute by a
+    reciprocal (a last-bit difference, which moves a code or a block's scale only where the
+    quotient lies within a last bit of a midpoint) and fuses with the passes around it, as the
+    activations of the dispatch need (docs/benchmarks.md, run FP)."""
     x = jnp.asarray(x, jnp.float32)
     _check_block_axis(x.shape[-1])
     if global_scale is None:
-        g = compute_global_scale(x)
+        g = compute_global_scale(x, exact=exact)
     else:
         g = jnp.asarray(global_scale, jnp.float32)
+    div = divide if exact else jnp.divide
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
     g_b = g[..., None]   # broadcasts against [..., K/16, 16]
-    scale = _block_scales(blocks, g_b)
+    scale = _block_scales(blocks, g_b, div)
     denom = scale.astype(jnp.float32) * g_b
     ok = denom > 0       # false for zero (and NaN) scales: those blocks get code 0
-    y = jnp.where(ok, divide(blocks, jnp.where(ok, denom, 1.0)), 0.0)
+    y = jnp.where(ok, div(blocks, jnp.where(ok, denom, 1.0)), 0.0)
     codes = encode_e2m1(y).reshape(x.shape)
     return NVFP4Array(codes=pack_e2m1(codes), scales=scale[..., 0], global_scale=g)
 
 
-def _block_scales(blocks: jax.Array, g_b: jax.Array) -> jax.Array:
+def _block_scales(blocks: jax.Array, g_b: jax.Array, div=divide) -> jax.Array:
     """e4m3 scales [..., K/16, 1] of blocks [..., K/16, 16]; see the module docstring."""
     a = jnp.abs(blocks)
     a = jnp.where(jnp.isinf(a), E2M1_MAX * E4M3_MAX * g_b, a)
     amax = jnp.max(a, axis=-1, keepdims=True)
     # Explicit, so the NaN poisoning does not depend on a backend's max semantics.
     amax = jnp.where(jnp.any(jnp.isnan(blocks), axis=-1, keepdims=True), jnp.nan, amax)
-    s = jnp.minimum(divide(amax, E2M1_MAX * g_b), E4M3_MAX)
+    s = jnp.minimum(div(amax, E2M1_MAX * g_b), E4M3_MAX)
     return s.astype(jnp.float8_e4m3fn)
 
 
@@ -226,10 +233,37 @@ def quantize_activations(x: ArrayLike) -> tuple[jax.Array, jax.Array]:
 
     payload = packed codes followed by the e4m3 scale bytes along the last axis. The global scale
     is per row (token), so a token's quantisation never depends on the other tokens in the batch
-    and the result is identical however the batch is split across devices."""
-    g = compute_global_scale(x, per_row=True)
-    q = quantize(x, g)
+    and the result is identical however the batch is split across devices. Divided plainly
+    (`quantize`'s exact=False): this runs on every dispatch of the serving path."""
+    g = compute_global_scale(x, per_row=True, exact=False)
+    q = quantize(x, g, exact=False)
     return jnp.concatenate([q.codes, scales_to_bytes(q.scales)], axis=-1), g
+
+
+def activations_to_fp8_groups(payload: ArrayLike, global_scale: ArrayLike, hidden: int,
+                              group: int = 128) -> tuple[jax.Array, jax.Array]:
+    """`quant.fp8.quantize_groups` of the float32 values of `quantize_activations`' payload: FP8
+    codes [..., H] and a scale per row and `group` columns, what W8A8 experts take. Equal bit for
+    bit to rounding `dequantize_activations(..., float32)`, but each group's amax comes from the
+    codes' largest magnitude a block times its scale (products exact, then one rounding by the
+    global scale, which keeps the order), so the dequantised values are never written: XLA
+    computes them inside the pass that writes the codes (docs/benchmarks.md, run FR)."""
+    payload = jnp.asarray(payload, jnp.uint8)
+    if payload.shape[-1] != activation_payload_width(hidden) or group % BLOCK_SIZE or hidden % group:
+        raise ValueError(f"an NVFP4 activation payload of hidden={hidden} has last axis "
+                         f"{activation_payload_width(hidden)} and FP8 groups a multiple of {BLOCK_SIZE} that "
+                         f"divides it; got {payload.shape[-1]} and group {group}")
+    codes, scale_bytes = payload[..., : hidden // 2], payload[..., hidden // 2:]
+    g = jnp.asarray(global_scale, jnp.float32)
+    low, high = (v.astype(jnp.float32) * 64.0 for v in e2m1_as_e4m3(codes))
+    block_scale = scales_from_bytes(scale_bytes).astype(jnp.float32)                  # [..., H/16]
+    largest = jnp.max(jnp.maximum(jnp.abs(low), jnp.abs(high)).reshape(*codes.shape[:-1], -1, BLOCK_SIZE // 2), -1)
+    block_amax = (largest * block_scale) * g
+    block_amax = jnp.where(jnp.isfinite(block_amax), block_amax, 0.0)                  # NaN blocks: as _finite_abs
+    amax = jnp.max(block_amax.reshape(*block_amax.shape[:-1], -1, group // BLOCK_SIZE), -1)
+    values = jnp.stack([low, high], axis=-1).reshape(*codes.shape[:-1], hidden // BLOCK_SIZE, BLOCK_SIZE)
+    values = ((values * block_scale[..., None]) * g[..., None]).reshape(*codes.shape[:-1], hidden)
+    return fp8.quantize_groups(values, group, amax=amax)
 
 
 def dequantize_activations(payload: ArrayLike, global_scale: ArrayLike, hidden: int,

@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from minimax_jax.ops import moe as moe_ops
 from minimax_jax.ops.moe import PackedTokens
 from quant import nvfp4
 from sharding.mesh import EXPERT_AXES, Layout
@@ -147,8 +148,7 @@ class MeshComm:
     def moe(self, h: jax.Array, expert_ids: jax.Array, weights: jax.Array, experts,
             layer: jax.Array | None = None) -> jax.Array:
         pairs = expert_ids.size * math.prod(getattr(self.layout, a) for a in self._dispatch_axes())
-        rounding = experts.token_rounding(pairs) if self.layout.fp8_dispatch and not self.layout.fp4_dispatch \
-            else None
+        rounding = experts.token_rounding(pairs) if self.layout.fp8_dispatch or self.layout.fp4_dispatch else None
         x, ids, w = self.dispatch(h, expert_ids, weights, rounding)
         if self.layout.moe == "ep":
             local = experts.num_local
@@ -156,7 +156,7 @@ class MeshComm:
         else:
             first = 0
         y = experts(x, ids, w, first_expert=first, layer=layer, out_dtype=self.combine_dtype,
-                    rounded=isinstance(x, PackedTokens))     # a dispatch with no gather rounds nothing
+                    rounded=not isinstance(x, jax.Array))     # a dispatch with no gather rounds nothing
         return self.combine(y, h.shape[0])
 
     def _dispatch_axes(self) -> tuple[str, ...]:
@@ -166,8 +166,10 @@ class MeshComm:
     def dispatch(self, h: jax.Array, expert_ids: jax.Array, weights: jax.Array,
                  rounding: Callable[[jax.Array], Any] | None = None) -> tuple[Any, jax.Array, jax.Array]:
         """One all-gather of every token's hidden state with its routing: bf16, NVFP4 (given
-        back dequantised), or as `rounding` makes it (the W8A8 experts' FP8 codes and scales,
-        given back still packed: the experts round each token the same wherever it is rounded)."""
+        back dequantised, or for W8A8 experts, whose `rounding` is given, as their FP8 codes and
+        scales of the dequantised values), or as `rounding` makes it (the W8A8 experts' FP8 codes
+        and scales, given back still packed: the experts round each token the same wherever it
+        is rounded)."""
         axes = self._dispatch_axes()
         if not axes:
             return h, expert_ids, weights
@@ -182,7 +184,7 @@ class MeshComm:
         gathered = jax.lax.all_gather(pack_rows(rows), axes, axis=0, tiled=True)
         *hidden, expert_ids, weights = unpack_rows(gathered, like)
         if self.layout.fp4_dispatch:
-            return nvfp4.dequantize_activations(*hidden, h.shape[-1], h.dtype), expert_ids, weights
+            return moe_ops.nvfp4_dispatch_tokens(*hidden, h, rounding is not None), expert_ids, weights
         if rounding is not None:      # unpacked row by row as the experts gather them
             columns, from_columns = packed_columns(like[:len(hidden)], gathered.dtype, tree)
             return PackedTokens(gathered, columns, from_columns), expert_ids, weights

@@ -636,11 +636,16 @@ def test_pair_products_read_each_tokens_row_for_all_its_choices():
 
 
 def test_e2m1_codes_read_as_e4m3_are_their_values_over_64_for_every_byte():
+    import ml_dtypes
     from quant import nvfp4
-    codes = jnp.arange(256, dtype=jnp.uint8)
-    low, high = nvfp4.e2m1_as_e4m3(codes)
-    np.testing.assert_array_equal(np.asarray(low.astype(jnp.float32)) * 64, np.asarray(nvfp4.decode_e2m1(codes)))
-    np.testing.assert_array_equal(np.asarray(high.astype(jnp.float32)) * 64, np.asarray(nvfp4.decode_e2m1(codes >> 4)))
+    codes = np.arange(256, dtype=np.uint8)
+    value = lambda nibbles: (nibbles & 0xF).view(ml_dtypes.float4_e2m1fn).astype(np.float32)  # noqa: E731
+    low, high = nvfp4.e2m1_as_e4m3(jnp.asarray(codes))
+    np.testing.assert_array_equal(np.asarray(low.astype(jnp.float32)) * 64, value(codes))
+    np.testing.assert_array_equal(np.asarray(high.astype(jnp.float32)) * 64, value(codes >> 4))
+    decoded = np.asarray(nvfp4.decode_e2m1(codes))            # the low nibble, sign of zero included
+    np.testing.assert_array_equal(decoded, value(codes))
+    assert (np.signbit(decoded) == np.signbit(value(codes))).all()
 
 
 def test_scaled_e2m1_widening_is_exact_for_every_byte_and_scale_magnitude():

@@ -181,8 +181,8 @@ def test_a_step_whose_tokens_do_not_divide_over_tp_keeps_the_residual_replicated
 
 
 ENGINE_LAYOUTS = {
-    "tp8": dict(tp_size=8),
-    "tp8-no-ar-fusion": dict(tp_size=8, enable_ar_fusion=False),
+    "tp8": dict(tp_size=8, max_running_requests=10),
+    "tp8-no-ar-fusion": dict(tp_size=8, enable_ar_fusion=False, max_running_requests=10),
     "dep8": dict(tp_size=8, dp_size=8, enable_dp_attention=True),
     "dp2-tp4-moe-tp": dict(tp_size=8, dp_size=2, enable_dp_attention=True, ep_size=1),
     "dp4-tp2-all-reduce": dict(tp_size=8, dp_size=4, enable_dp_attention=True, moe_combine="all_reduce"),
@@ -205,6 +205,8 @@ def test_engine_greedy_tokens_identical_on_every_layout(tiny_hf_dir, greedy_refe
     outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 32, "temperature": 0.0})
     assert [o["output_ids"] for o in outs] == expected
     assert engine.kv_pages_used == 0
+    if "max_running_requests" in flags:     # 10 slots on tp8: with AR fusion the full batch pads to 16,
+        assert engine.batch_buckets[-1] == (16 if engine.layout.ar_fusion else 10)     # which divides over tp
 
 
 @pytest.mark.parametrize("dtypes", [("bfloat16", "int32", "float32"),                   # bf16 dispatch
@@ -249,6 +251,17 @@ def test_w8a8_tokens_gathered_as_fp8_codes_give_the_logits_of_tokens_gathered_wh
     whole, _, _ = run_layout(w8a8_model, dataclasses.replace(layout, fp8_dispatch=False), tokens, valid)
     np.testing.assert_allclose(codes, whole, rtol=0, atol=1e-6 * np.abs(whole).max())
     assert np.abs(codes - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("layout", [Layout(8, 1, fp4_dispatch=True), Layout(2, 4, fp4_dispatch=True)], ids=str)
+def test_w8a8_tokens_gathered_as_nvfp4_give_the_single_device_fp4_logits(w8a8_model, batch, layout):
+    """W8A8 experts take an NVFP4 dispatch's tokens as FP8 codes made from the gathered codes in
+    one pass; one device rounds its tokens through NVFP4 the same way."""
+    tokens, valid = batch
+    ref = reference_logits(w8a8_model, tokens, valid, PAGE, fp4_dispatch=True)
+    logits, _, _ = run_layout(w8a8_model, layout, tokens, valid)
+    assert np.abs(logits - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert np.abs(ref - reference_logits(w8a8_model, tokens, valid, PAGE)).max() > 1e-3 * np.abs(ref).max()
 
 
 def test_w8a8_dispatch_gathers_fp8_codes_and_scales_in_about_half_the_bytes(w8a8_model):
