@@ -184,7 +184,7 @@ def quantize(x: ArrayLike, global_scale: ArrayLike | None = None, exact: bool = 
     XLA from fusing the passes around it); False: plain divisions, which XLA may compute by a
     reciprocal (a last-bit difference, which moves a code or a block's scale only where the
     quotient lies within a last bit of a midpoint) and fuses with the passes around it, as the
-    activations of the dispatch need (docs/benchmarks.md, run FP)."""
+    activations of the dispatch need (docs/benchmarks.md, run FR)."""
     x = jnp.asarray(x, jnp.float32)
     _check_block_axis(x.shape[-1])
     if global_scale is None:
