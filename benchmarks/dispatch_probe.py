@@ -8,12 +8,13 @@ gathered token to FP8 (per token and 128 columns) unless the tokens came as FP8 
 - bf16: nothing before the gather, the rounding of ranks x tokens after it;
 - fp8: the rounding of the rank's own tokens before it, nothing after;
 - fp4: NVFP4 quantisation of the rank's tokens before it, then the FP8 codes of ranks x tokens
-  after it: straight from the NVFP4 codes (`quant.nvfp4.activations_to_fp8_groups`, the engine's
-  path), or by dequantising and rounding (the path before run FR; each piece also alone).
+  after it: straight from the NVFP4 codes in XLA (`quant.nvfp4.activations_to_fp8_groups`, the engine's
+  path off GPUs), by one Triton kernel (`minimax_jax.ops.nvfp4_tokens`, the engine's path on GPUs),
+  or by dequantising and rounding (the path before run FR; each piece also alone).
 The collective is not run (one GPU): each line gives the bytes a device receives, which over the
 measured all-gather bandwidth of docs/benchmarks.md is its time. Device time per call from a
-profiler trace; the variants that round dequantised tokens give the fraction of their FP8 codes
-equal to the first one's.
+profiler trace; the variants that give the gathered tokens' FP8 codes, the fraction of them equal
+to those of `quant.nvfp4.activations_to_fp8_groups` (the float32 values, rounded exactly).
 """
 import argparse
 import contextlib
@@ -28,7 +29,7 @@ import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.fp8_linear_probe import device_seconds  # noqa: E402
-from minimax_jax.ops import moe  # noqa: E402
+from minimax_jax.ops import moe, nvfp4_tokens  # noqa: E402
 from quant import nvfp4  # noqa: E402
 
 HIDDEN = 3072
@@ -54,7 +55,7 @@ def exact_quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.concatenate([q.codes, nvfp4.scales_to_bytes(q.scales)], axis=-1), g
 
 
-def variants(hidden: int):
+def variants(hidden: int, interpret: bool):
     """name -> (fn(own tokens, gathered tokens, their payload, their global scales), the bytes a
     gathered token is received in[, a context to trace fn in])."""
     round_fp8 = moe.token_rounding("mosaic-ws-w8a8")
@@ -74,8 +75,13 @@ def variants(hidden: int):
             lambda x, xs, p, g: exact_quantize_activations(x), fp4_bytes),
         "fp4: FP8 groups straight from the gathered codes": (
             lambda x, xs, p, g: nvfp4.activations_to_fp8_groups(p, g, hidden), fp4_bytes),
+        "fp4: FP8 groups from the codes by one kernel": (
+            lambda x, xs, p, g: nvfp4_tokens.fp8_groups(p, g, hidden, interpret=interpret), fp4_bytes),
         "fp4: all of it (quantise, FP8 groups from the codes)": (
             lambda x, xs, p, g: (nvfp4.quantize_activations(x), nvfp4.activations_to_fp8_groups(p, g, hidden)),
+            fp4_bytes),
+        "fp4: all of it (quantise, FP8 groups by the kernel)": (
+            lambda x, xs, p, g: (nvfp4.quantize_activations(x), nvfp4_tokens.fp8_groups(p, g, hidden, interpret=interpret)),
             fp4_bytes),
     }
 
@@ -97,16 +103,18 @@ def main() -> int:
             own = gathered[:n]
             payload, scales = jax.jit(nvfp4.quantize_activations)(gathered)
             arrays = (own, gathered, payload, scales)
-            reference = None
-            for name, (fn, per_token, *tracing) in variants(args.hidden).items():
+            # FP8 codes of the float32 values, as the XLA form makes them: what the others are compared with
+            reference = np.asarray(jax.jit(nvfp4.activations_to_fp8_groups, static_argnums=2)(
+                payload, scales, args.hidden)[0].astype(jnp.float32))
+            for name, (fn, per_token, *tracing) in variants(args.hidden, jax.default_backend() != "gpu").items():
                 f = jax.jit(lambda x, xs, p, g, layer, fn=fn: fn(x, xs, p, g))
                 with (tracing[0] if tracing else contextlib.nullcontext)():
                     out = jax.block_until_ready(f(*arrays, jnp.int32(0)))
                 same = ""
-                if "dequantise" in name and "round" in name:     # FP8 codes against the first such variant's
-                    codes = np.asarray(out[0].astype(jnp.float32))
-                    reference = codes if reference is None else reference
-                    same = f"{np.mean(codes == reference):.4f}"
+                codes = out[-1][0] if isinstance(out, (tuple, list)) and isinstance(out[-1], (tuple, list)) else \
+                    out[0] if isinstance(out, (tuple, list)) else out
+                if name.startswith("fp4") and codes.dtype == jnp.float8_e4m3fn and codes.shape[0] > n:
+                    same = f"{np.mean(np.asarray(codes.astype(jnp.float32)) == reference):.4f}"
                 seconds = device_seconds(f, arrays, args) if jax.default_backend() == "gpu" else float("nan")
                 received = (ranks - 1) * n * per_token
                 table.append((n, ranks, name, seconds, received, same))

@@ -14,8 +14,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from minimax_jax.ops import (aligned_rows, grouped_gemm_fp8, grouped_gemm_nvfp4, grouped_gemm_ws, pair_experts,
-                             row_gather)
+from minimax_jax.ops import (aligned_rows, grouped_gemm_fp8, grouped_gemm_nvfp4, grouped_gemm_ws, nvfp4_tokens,
+                             pair_experts, row_gather)
 from minimax_jax.ops.mosaic_common import stacked_layers
 from quant import fp8, nvfp4
 
@@ -121,13 +121,17 @@ def token_rounding(kernel: str) -> Callable[[jax.Array], tuple[jax.Array, jax.Ar
 def nvfp4_dispatch_tokens(payload: jax.Array, global_scale: jax.Array, like: jax.Array, rounded: bool) -> Any:
     """Tokens of an NVFP4 dispatch as the experts take them: dequantised to like's dtype, or with
     rounded the W8A8 experts' FP8 codes and scales (`token_rounding`) of their float32 values,
-    the dequantised values never written (`quant.nvfp4.activations_to_fp8_groups`; the barrier
-    keeps XLA from dropping the FP8 conversion as excess precision where an XLA reference widens
-    the codes again)."""
+    the dequantised values never written: on GPUs by one kernel (`nvfp4_tokens.fp8_groups`),
+    elsewhere in XLA (`quant.nvfp4.activations_to_fp8_groups`, behind a barrier that keeps XLA
+    from dropping the FP8 conversion as excess precision where an XLA reference widens the codes
+    again)."""
+    hidden = like.shape[-1]
     if not rounded:
-        return nvfp4.dequantize_activations(payload, global_scale, like.shape[-1], like.dtype)
+        return nvfp4.dequantize_activations(payload, global_scale, hidden, like.dtype)
+    if jax.default_backend() == "gpu":
+        return nvfp4_tokens.fp8_groups(payload, global_scale, hidden, grouped_gemm_ws.SCALE_BLOCK)
     return jax.lax.optimization_barrier(
-        nvfp4.activations_to_fp8_groups(payload, global_scale, like.shape[-1], grouped_gemm_ws.SCALE_BLOCK))
+        nvfp4.activations_to_fp8_groups(payload, global_scale, hidden, grouped_gemm_ws.SCALE_BLOCK))
 
 
 def row_capacities(pairs: int, local_share: float) -> tuple[int, ...]:

@@ -1,0 +1,78 @@
+"""NVFP4 tokens of the MoE dispatch to the W8A8 experts' FP8 groups, one Pallas (Triton) kernel.
+
+An NVFP4 all-gather delivers each token as `quant.nvfp4.quantize_activations`' payload (packed
+E2M1 codes, then E4M3 block scales) and a float32 global scale; W8A8 experts take FP8 codes and
+a scale per token and 128 columns. `quant.nvfp4.activations_to_fp8_groups` computes that in XLA:
+318 us a layer for 32768 tokens of 3072 on an H200, against about 38 us for its bytes
+(docs/benchmarks.md, run FR). A program here reads a tile of rows' codes and block scales for one
+group of columns once, and writes their FP8 codes and the group's scale: the group's amax comes
+from the values already in registers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from minimax_jax.ops import triton_common
+from quant import nvfp4
+
+ROWS_PER_PROGRAM = 32
+E4M3_MAX = 448.0
+
+
+def fp8_groups(payload: jax.Array, global_scale: jax.Array, hidden: int, group: int = 128, *,
+               rows_per_program: int = ROWS_PER_PROGRAM, num_warps: int = 4,
+               interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """payload [N, H/2 + H/16] uint8 and global_scale [N, 1] float32 (`quantize_activations`) ->
+    (FP8 codes [N, H] float8_e4m3fn, scales [N, H / group] float32): what
+    `quant.nvfp4.activations_to_fp8_groups` returns, each value computed as it computes it (the
+    code's value times its block scale, then times the global scale; the group's amax over finite
+    values; the codes divided by amax / 448, clipped, rounded to nearest)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    n = payload.shape[0]
+    if payload.ndim != 2 or payload.shape[1] != nvfp4.activation_payload_width(hidden) \
+            or global_scale.shape != (n, 1) or hidden % group or group % nvfp4.BLOCK_SIZE \
+            or not triton_common.power_of_two(group):
+        raise ValueError(f"fp8_groups takes a payload [N, {nvfp4.activation_payload_width(hidden)}] of hidden={hidden}, "
+                         f"global scales [N, 1] and a power-of-two group of whole NVFP4 blocks that divides "
+                         f"hidden; got {payload.shape}, {global_scale.shape}, group {group}")
+    code_bytes, scale_bytes_at = group // 2, hidden // 2
+    bytes_per_block = nvfp4.BLOCK_SIZE // 2
+
+    def kernel(payload_ref, g_ref, codes_ref, scales_ref):
+        i, j = pl.program_id(0), pl.program_id(1)
+        rows = i * rows_per_program + jnp.arange(rows_per_program)
+        live = rows < n
+        cols = jnp.arange(code_bytes)
+        code = pltriton.load(payload_ref.at[rows[:, None], (j * code_bytes + cols)[None, :]],
+                             mask=live[:, None], other=0)
+        scale_byte = pltriton.load(
+            payload_ref.at[rows[:, None], (scale_bytes_at + j * (group // nvfp4.BLOCK_SIZE) + cols // bytes_per_block)[None, :]],
+            mask=live[:, None], other=0)
+        block_scale = jax.lax.bitcast_convert_type(scale_byte, jnp.float8_e4m3fn).astype(jnp.float32)
+        g = pltriton.load(g_ref.at[rows, 0], mask=live, other=1.0)
+        low, high = triton_common.widen_nibbles(code, ptx=not interpret)
+        values = [((v * triton_common.NIBBLE_SCALE) * block_scale) * g[:, None] for v in (low, high)]
+        finite = [jnp.where(jnp.isfinite(v), jnp.abs(v), 0.0) for v in values]
+        amax = jnp.maximum(jnp.max(finite[0], axis=1), jnp.max(finite[1], axis=1))
+        scale = amax / E4M3_MAX
+        scale = jnp.where(scale > 0, scale, 1.0)
+        for parity, v in enumerate(values):
+            fp8 = jnp.clip(v / scale[:, None], -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+            pltriton.store(codes_ref.at[rows[:, None], (j * group + 2 * cols + parity)[None, :]], fp8,
+                           mask=live[:, None])
+        pltriton.store(scales_ref.at[rows, j], scale, mask=live)
+
+    whole = triton_common.whole_block
+    return pl.pallas_call(
+        kernel, grid=(pl.cdiv(n, rows_per_program), hidden // group),
+        in_specs=[whole(payload.shape), whole(global_scale.shape)],
+        out_specs=[whole((n, hidden)), whole((n, hidden // group))],
+        out_shape=[jax.ShapeDtypeStruct((n, hidden), jnp.float8_e4m3fn),
+                   jax.ShapeDtypeStruct((n, hidden // group), jnp.float32)],
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret, name="nvfp4_tokens_to_fp8_groups",
+    )(payload, global_scale.astype(jnp.float32))
