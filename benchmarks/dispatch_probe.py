@@ -9,7 +9,7 @@ gathered token to FP8 (per token and 128 columns) unless the tokens came as FP8 
 - fp8: the rounding of the rank's own tokens before it, nothing after;
 - fp4: NVFP4 quantisation of the rank's tokens before it, then the FP8 codes of ranks x tokens
   after it: straight from the NVFP4 codes in XLA (`quant.nvfp4.activations_to_fp8_groups`, the engine's
-  path off GPUs), by one Triton kernel (`minimax_jax.ops.nvfp4_tokens`, the engine's path on GPUs),
+  path off GPUs), by Triton kernels (`minimax_jax.ops.nvfp4_tokens`, the engine's path on GPUs),
   or by dequantising and rounding (the path before run FR; each piece also alone).
 The collective is not run (one GPU): each line gives the bytes a device receives, which over the
 measured all-gather bandwidth of docs/benchmarks.md is its time. Device time per call from a
@@ -80,9 +80,11 @@ def variants(hidden: int, interpret: bool):
         "fp4: all of it (quantise, FP8 groups from the codes)": (
             lambda x, xs, p, g: (nvfp4.quantize_activations(x), nvfp4.activations_to_fp8_groups(p, g, hidden)),
             fp4_bytes),
-        "fp4: all of it (quantise, FP8 groups by the kernel)": (
-            lambda x, xs, p, g: (nvfp4.quantize_activations(x), nvfp4_tokens.fp8_groups(p, g, hidden, interpret=interpret)),
-            fp4_bytes),
+        "fp4: quantise the own tokens by the kernel": (
+            lambda x, xs, p, g: nvfp4_tokens.quantize(x, interpret=interpret), fp4_bytes),
+        "fp4: all of it by the kernels": (
+            lambda x, xs, p, g: (nvfp4_tokens.quantize(x, interpret=interpret),
+                                 nvfp4_tokens.fp8_groups(p, g, hidden, interpret=interpret)), fp4_bytes),
     }
 
 

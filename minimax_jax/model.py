@@ -86,7 +86,7 @@ class LocalComm:
         if not self.fp4_dispatch:
             return experts(h, expert_ids, weights, first_expert=0, layer=layer)
         rounded = experts.token_rounding(expert_ids.size) is not None
-        x = moe_ops.nvfp4_dispatch_tokens(*nvfp4.quantize_activations(h), h, rounded)
+        x = moe_ops.nvfp4_dispatch_tokens(*moe_ops.nvfp4_dispatch_payload(h), h, rounded)
         return experts(x, expert_ids, weights, first_expert=0, layer=layer, rounded=rounded)
 
     def finish_residual(self, r, m):

@@ -96,14 +96,15 @@ def _check_block_axis(k: int) -> None:
 def encode_e2m1(y: ArrayLike) -> jax.Array:
     """E2M1 codes (uint8, one per element, low 4 bits) of `y`: nearest value, ties to even,
     saturating at +-6 (inf included); NaN gives code 0. Matches ml_dtypes.float4_e2m1fn casts
-    on non-NaN input."""
+    on non-NaN input. Its operations also lower inside a Pallas (Triton) kernel (the sign read
+    from the bits, not `signbit`), where `minimax_jax.ops.nvfp4_tokens` quantises with it."""
     y = jnp.asarray(y, jnp.float32)
     mag = jnp.abs(y)
     index = jnp.zeros(y.shape, jnp.uint8)
     for i, midpoint in enumerate(_E2M1_MIDPOINTS):
         above = (mag >= midpoint) if i % 2 else (mag > midpoint)
         index = index + above.astype(jnp.uint8)
-    negative = jnp.signbit(y) & ~jnp.isnan(y)
+    negative = ((jax.lax.bitcast_convert_type(y, jnp.uint32) >> 31) == 1) & ~jnp.isnan(y)
     return index | jnp.where(negative, jnp.uint8(8), jnp.uint8(0))
 
 

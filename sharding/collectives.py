@@ -32,7 +32,6 @@ import jax.numpy as jnp
 
 from minimax_jax.ops import moe as moe_ops
 from minimax_jax.ops.moe import PackedTokens
-from quant import nvfp4
 from sharding.mesh import EXPERT_AXES, Layout
 
 
@@ -174,7 +173,7 @@ class MeshComm:
         if not axes:
             return h, expert_ids, weights
         if self.layout.fp4_dispatch:
-            hidden = list(nvfp4.quantize_activations(h))
+            hidden = list(moe_ops.nvfp4_dispatch_payload(h))
         elif rounding is not None:
             hidden, tree = jax.tree.flatten(rounding(h))
         else:

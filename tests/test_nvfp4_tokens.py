@@ -40,16 +40,40 @@ def test_kernel_gives_the_codes_and_scales_of_the_xla_form(n):
     assert (np.abs(got - want) <= np.abs(want) / 8 + 2.0 ** -9).all()      # one E4M3 step at most
 
 
-def test_kernel_lowers_for_gpus_at_w1s_dep4_prefill_size():
-    """A DEP4 rank of W1's prefill step: 4 x 8192 gathered tokens of 3072."""
+def test_kernels_lower_for_gpus_at_w1s_dep4_prefill_size():
+    """A DEP4 rank of W1's prefill step: 8192 tokens of 3072 quantised, 4 x 8192 gathered."""
     args = (jax.ShapeDtypeStruct((32768, nvfp4.activation_payload_width(3072)), jnp.uint8),
             jax.ShapeDtypeStruct((32768, 1), jnp.float32))
-    text = jax.jit(lambda p, g: nvfp4_tokens.fp8_groups(p, g, 3072)).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
-    assert "xla.gpu.triton" in text
+    for fn, fn_args in ((lambda p, g: nvfp4_tokens.fp8_groups(p, g, 3072), args),
+                        (nvfp4_tokens.quantize, (jax.ShapeDtypeStruct((8192, 3072), jnp.bfloat16),))):
+        text = jax.jit(fn).trace(*fn_args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "xla.gpu.triton" in text
 
 
 def test_kernel_refuses_a_payload_of_another_width():
     payload, g = _tokens(8, 512)
     with pytest.raises(ValueError, match="hidden=512"):
         nvfp4_tokens.fp8_groups(payload[:, 1:], g, 512)
+
+
+@pytest.mark.parametrize("n", [5, 40])
+def test_quantize_kernel_gives_the_payload_of_the_xla_form(n):
+    """Tokens whose blocks span the programs' edges (16 blocks a row, 256 a program), one with
+    an inf and one with a NaN. The global scales are XLA's in both; a code or a scale may differ
+    only where a quotient sat on a midpoint (the interpreter divides by reciprocals)."""
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((n, 256)) * rng.uniform(1e-3, 1e3, (n, 1))).astype(np.float32)
+    x[1, 3], x[2, 40] = np.inf, np.nan
+    x = jnp.asarray(x, jnp.bfloat16)
+    payload, g = nvfp4_tokens.quantize(x, interpret=not ON_GPU)
+    want_payload, want_g = jax.jit(nvfp4.quantize_activations)(x)
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(want_g))
+    got, want = np.asarray(payload), np.asarray(want_payload)
+    assert got.shape == want.shape and np.mean(got != want) < 1e-2
+    np.testing.assert_array_equal(got[2, 128 + 2], want[2, 128 + 2])      # the NaN block's scale: e4m3 NaN
+    assert (got[2, 40 // 2 - 4:40 // 2 + 4] == 0).all()                   # and its codes 0
+    dequantised = nvfp4.dequantize_activations(payload, g, 256)
+    expected = nvfp4.dequantize_activations(want_payload, want_g, 256)
+    finite = np.isfinite(np.asarray(expected))
+    np.testing.assert_allclose(np.asarray(dequantised)[finite], np.asarray(expected)[finite],
+                               rtol=0.25, atol=float(np.abs(np.asarray(expected)[finite]).max()) * 1e-2)

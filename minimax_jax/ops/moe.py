@@ -118,6 +118,14 @@ def token_rounding(kernel: str) -> Callable[[jax.Array], tuple[jax.Array, jax.Ar
     return functools.partial(fp8.quantize_groups, group=grouped_gemm_ws.SCALE_BLOCK)
 
 
+def nvfp4_dispatch_payload(h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A device's tokens [N, H] as an NVFP4 dispatch sends them: (payload, global scales) of
+    `quant.nvfp4.quantize_activations`, on GPUs by one kernel (`nvfp4_tokens.quantize`)."""
+    if jax.default_backend() == "gpu":
+        return nvfp4_tokens.quantize(h)
+    return nvfp4.quantize_activations(h)
+
+
 def nvfp4_dispatch_tokens(payload: jax.Array, global_scale: jax.Array, like: jax.Array, rounded: bool) -> Any:
     """Tokens of an NVFP4 dispatch as the experts take them: dequantised to like's dtype, or with
     rounded the W8A8 experts' FP8 codes and scales (`token_rounding`) of their float32 values,
