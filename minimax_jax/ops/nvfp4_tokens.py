@@ -4,11 +4,11 @@
 An NVFP4 all-gather delivers each token as `quant.nvfp4.quantize_activations`' payload (packed
 E2M1 codes, then E4M3 block scales) and a float32 global scale; W8A8 experts take FP8 codes and
 a scale per token and 128 columns. `quant.nvfp4.activations_to_fp8_groups` computes that in XLA:
-318 us a layer for 32768 tokens of 3072 on an H200, against about 38 us for its bytes
-(docs/benchmarks.md, run FR). A program here reads a tile of rows' codes and block scales for one
-group of columns once, and writes their FP8 codes and the group's scale: the group's amax comes
-from the values already in registers. The quantisation took 77 us for 8192 tokens in XLA (run FS),
-about five times its bytes.
+317 us a layer for 32768 tokens of 3072 on an H200, 102 us here, against about 38 us for its
+bytes; the quantisation of 8192 tokens 76 us in XLA, 57 us here (docs/benchmarks.md, run FT).
+A program of `fp8_groups` reads a tile of rows' codes and block scales for one group of columns
+once and writes their FP8 codes and the group's scale, the group's amax taken from the values
+already in registers; a program of `quantize` takes a run of 16-element blocks.
 """
 
 from __future__ import annotations
