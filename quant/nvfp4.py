@@ -109,9 +109,10 @@ def encode_e2m1(y: ArrayLike) -> jax.Array:
 
 
 def decode_e2m1(codes: ArrayLike) -> jax.Array:
-    """float32 values of 4-bit E2M1 codes (only the low 4 bits of each byte are read). By bit
-    operations (`e2m1_as_e4m3`) and an exact scaling, not a lookup: XLA makes a table lookup a
-    gather, which it does not fuse with the dequantisation around it."""
+    """float32 values of 4-bit E2M1 codes (only the low 4 bits of each byte are read), by bit
+    operations (`e2m1_as_e4m3`) and an exact scaling rather than a 16-entry table, which XLA
+    computes as a gather: the dequantise + round of 16384 tokens of 3072 took 251 against 266 us
+    on an H200 (docs/benchmarks.md, run FP)."""
     low, _ = e2m1_as_e4m3(jnp.asarray(codes, jnp.uint8) & 0xF)
     return low.astype(jnp.float32) * 64.0
 
