@@ -246,3 +246,43 @@ def test_prompt_logprobs_on_dp_and_tp_ranks_equal_one_device_and_skip_decode_ste
         for (lps, tops), (ref_lps, ref_tops) in zip(scored(**flags), one):
             np.testing.assert_allclose([lp for lp, _, _ in lps], [lp for lp, _, _ in ref_lps], atol=1e-5)
             assert [[t for _, t, _ in top] for top in tops] == [[t for _, t, _ in top] for top in ref_tops]
+
+
+def test_assembled_slots_hold_each_requests_chunk_pages_and_sampling_whatever_the_step():
+    """A decode step (filled column by column) and a prefill step (row by row) of two ranks and an
+    idle one: each request's slot holds its tokens, positions, first `width` pages, input source
+    and sampling position; padding slots hold nothing."""
+    from minimax_jax.engine.sampling import SamplingParams
+    from minimax_jax.engine.scheduler import RankPlan, Request, assemble
+    rng = np.random.RandomState(3)
+    params = SamplingParams.from_dict({"max_new_tokens": 4, "temperature": 0.0})
+
+    def request(prompt: int, computed: int, pages: int) -> Request:
+        req = Request(prompt_ids=rng.randint(0, 99, prompt).tolist(), params=params, seed=computed)
+        req.num_computed, req.pages = computed, rng.permutation(64)[:pages].tolist()
+        return req
+
+    decode = [RankPlan(reqs, [[rng.randint(99)] for _ in reqs], [r.num_computed for r in reqs], [True] * len(reqs),
+                       [5, -1, 7][:len(reqs)])
+              for reqs in ([request(10, 30, 5), request(4, 9, 2), request(6, 6, 3)], [request(8, 60, 9)])]
+    prefill = [RankPlan([r := request(20, 0, 3)], [r.prompt_ids[:12]], [0], [False]), None,
+               RankPlan([r := request(9, 8, 2)], [r.prompt_ids[8:]], [8], [True])]
+    for plans in (decode + [None], prefill):
+        step = assemble(plans, [1, 2, 4], [16], pages_per_seq=8, page_size=8)
+        b, width = step.batch, step.step.page_table.shape[1]
+        filled = set()
+        for rank, plan in enumerate(plans):
+            for i, (req, chunk, start) in enumerate(zip(plan.requests, plan.chunks, plan.starts) if plan else []):
+                slot, n = rank * b + i, len(chunk)
+                filled.add(slot)
+                assert step.step.tokens[slot, :n].tolist() == list(chunk)
+                assert step.step.positions[slot, :n].tolist() == list(range(start, start + n))
+                assert step.step.valid[slot].sum() == n and step.logit_index[slot] == n - 1
+                pages = req.pages[:width]
+                assert step.step.page_table[slot, :len(pages)].tolist() == pages
+                assert not step.step.page_table[slot, len(pages):].any()
+                assert step.sources[slot] == (plan.sources[i] if plan.sources else -1)
+                assert step.sampling.position[slot] == req.num_tokens and step.sampling.seed[slot] == req.seed
+        empty = [s for s in range(len(plans) * b) if s not in filled]
+        assert not step.step.valid[empty].any() and not step.step.page_table[empty].any()
+        assert (step.sources[empty] == -1).all()

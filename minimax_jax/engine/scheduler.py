@@ -339,6 +339,16 @@ class Scheduler:
                 self.allocator.remember(req.prompt_ids[:req.num_computed], req.pages)
 
 
+def _fill_page_table(page_table: np.ndarray, first: int, pages: list[list[int]], width: int) -> None:
+    """Rows first, first + 1, ... of page_table take each list's first `width` pages, in one
+    scattered write."""
+    lengths = np.fromiter((min(len(p), width) for p in pages), np.int64, len(pages))
+    flat = np.fromiter(itertools.chain.from_iterable(p[:width] for p in pages), np.int32, int(lengths.sum()))
+    rows = np.repeat(np.arange(first, first + len(pages)), lengths)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    page_table[rows, cols] = flat
+
+
 def assemble(plans: list[RankPlan | None], batch_buckets: list[int], token_buckets: list[int],
              pages_per_seq: int, page_size: int) -> ScheduledStep:
     """Pads every rank's plan to the common bucket (the largest rank decides) and stacks them.
@@ -364,17 +374,28 @@ def assemble(plans: list[RankPlan | None], batch_buckets: list[int], token_bucke
     for rank, plan in enumerate(plans):
         if plan is None:
             continue
+        # a decode step of a thousand slots fills its columns whole: slot by slot, numpy's small
+        # writes took most of the host's time planning such a step
+        first, m = rank * b, len(plan.requests)
+        slots = slice(first, first + m)
+        _fill_page_table(page_table, first, [req.pages for req in plan.requests], width)
+        params[slots] = [req.params for req in plan.requests]
+        seeds[slots] = [req.seed for req in plan.requests]
+        sample_pos[slots] = [req.num_tokens for req in plan.requests]
+        outputs[slots] = [req.output_ids for req in plan.requests]
+        if plan.sources:
+            sources[slots] = plan.sources
+        if t == 1 and all(req.logprob_start_len < 0 for req in plan.requests):
+            tokens[slots, 0] = [chunk[0] for chunk in plan.chunks]
+            positions[slots, 0] = plan.starts
+            valid[slots, 0] = True
+            continue
         for i, (req, chunk, start) in enumerate(zip(plan.requests, plan.chunks, plan.starts)):
-            slot, n = rank * b + i, len(chunk)
+            slot, n = first + i, len(chunk)
             tokens[slot, :n] = chunk
             positions[slot, :n] = np.arange(start, start + n)
             valid[slot, :n] = True
-            page_table[slot, :min(len(req.pages), width)] = req.pages[:width]
             logit_index[slot] = n - 1
-            params[slot], seeds[slot], sample_pos[slot] = req.params, req.seed, req.num_tokens
-            outputs[slot] = req.output_ids
-            if plan.sources:
-                sources[slot] = plan.sources[i]
             if req.logprob_start_len >= 0:
                 targets = np.full((d * b, t), -1, np.int32) if targets is None else targets
                 targets[slot, :n] = [req.target(p) for p in range(start, start + n)]
