@@ -672,6 +672,27 @@ def concurrency(args) -> int:
     return min(args.max_running_requests or args.requests, args.requests)
 
 
+def warm_prefill_rows(engine, warmed_prompts: int, prompts: list[list[int]], params: dict) -> None:
+    """Compiles the row buckets of the measured prompts' prefill steps that the warm-up ran no
+    step of: its full steps and its last one (1209 prompts in steps of 8 rows end in a step of
+    one on TP, which compiled inside the measured wall: docs/benchmarks.md, run FN). A full
+    step's rows are the warm-up's largest where the warm-up had more prompts a rank than that
+    (the scheduler capped it), else unknown: then the measured count a rank stands for it."""
+    from minimax_jax.engine.scheduler import bucket
+    ranks = len(engine.schedulers)
+    warmed = {s["shape"][0] // ranks for s in engine.step_times if s["kind"] == "prefill"}
+    if not warmed:
+        return
+    per_rank = -(-len(prompts) // ranks)
+    capped = -(-warmed_prompts // ranks) > max(warmed)
+    full = min(per_rank, max(warmed)) if capped else per_rank
+    for rows in sorted({full, per_rank % full} - {0}):
+        if bucket(rows, engine.batch_buckets) not in warmed:
+            engine.flush_cache()        # else they start on the warm-up's cached pages: another shape
+            engine.generate(input_ids=prompts[:rows * ranks], sampling_params=params)
+            warmed.add(bucket(rows, engine.batch_buckets))
+
+
 def bench_engine(args) -> None:
     """The workload through Engine: at most --max-running-requests in flight (a finished
     request lets the next in, as a client at that concurrency would); TTFT counts from each
@@ -689,6 +710,7 @@ def bench_engine(args) -> None:
     score = dict(logprob_start_len=args.logprob_start_len)
     # the same shapes compile their buckets (the scoring steps theirs)
     engine.generate(input_ids=warm, sampling_params=warm_params, return_logprob=args.logprob_start_len >= 0, **score)
+    warm_prefill_rows(engine, len(warm), prompts, warm_params)
     engine.flush_cache()        # the measured prompts are the warm-up's: none may start on its pages
     # the decode batch of the full concurrency compiles here, at every page-table width its
     # contexts reach, not inside the measured wall (run BG's wall held one such compile, about 3 s)

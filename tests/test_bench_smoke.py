@@ -92,3 +92,12 @@ def test_router_probe_prints_each_form_against_float64():
     lines = {line[7:31].strip(): line.split() for line in proc.stdout.splitlines()[1:]}
     assert set(lines) == {"default (TF32 on GPUs)", "HIGHEST", "BF16_BF16_F32_X3", "three bf16 parts"}
     assert float(lines["three bf16 parts"][-2]) < 1e-6 and lines["three bf16 parts"][-1] == "0.00%"
+
+
+def test_the_warm_up_compiles_the_measured_prompts_last_prefill_step(tmp_path):
+    """11 prompts in prefill steps of 8 rows end in a step of 3; a warm-up of 8 prompts ran no
+    such step, so the engine section warms it before the measured wall starts."""
+    rows, _ = run_bench(tmp_path, "--sections", "engine", "--engine-layout", "tp", "--requests", "11",
+                        "--warmup-requests", "8")
+    notes = [r["note"] for r in rows if r["variant"].endswith("output throughput")]
+    assert len(notes) == 1 and notes[0].endswith("0 while measured"), notes
