@@ -1182,7 +1182,8 @@ def parse_args(argv=None):
     p.add_argument("--max-running-requests", type=int,
                    help="requests in flight, the engine's limit (default: all, or the workload's)")
     p.add_argument("--warmup-requests", type=int, help="requests of the warm-up run (default: all); the decode "
-                   "steps of the full concurrency are compiled beside it (Engine.compile_decode)")
+                   "steps of the full concurrency are compiled beside it (Engine.compile_decode), and prefill "
+                   "steps of the row counts the measured prompts end in that it did not run")
     p.add_argument("--warmup-output", type=int, help="output tokens per warm-up request (default: --output)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
     p.add_argument("--ep-size", type=int, choices=(1,), default=None,
