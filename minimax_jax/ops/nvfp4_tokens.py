@@ -20,7 +20,6 @@ from minimax_jax.ops import triton_common
 from quant import nvfp4
 
 ROWS_PER_PROGRAM = 32
-E4M3_MAX = 448.0
 
 
 def fp8_groups(payload: jax.Array, global_scale: jax.Array, hidden: int, group: int = 128, *,
@@ -60,11 +59,11 @@ def fp8_groups(payload: jax.Array, global_scale: jax.Array, hidden: int, group: 
         values = [((v * triton_common.NIBBLE_SCALE) * block_scale) * g[:, None] for v in (low, high)]
         finite = [jnp.where(jnp.isfinite(v), jnp.abs(v), 0.0) for v in values]
         amax = jnp.maximum(jnp.max(finite[0], axis=1), jnp.max(finite[1], axis=1))
-        scale = amax / E4M3_MAX
+        scale = amax / nvfp4.E4M3_MAX
         scale = jnp.where(scale > 0, scale, 1.0)
         low_byte, high_byte = (jax.lax.bitcast_convert_type(
-            jnp.clip(v / scale[:, None], -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn), jnp.uint8).astype(jnp.uint16)
-            for v in values)
+            jnp.clip(v / scale[:, None], -nvfp4.E4M3_MAX, nvfp4.E4M3_MAX).astype(jnp.float8_e4m3fn),
+            jnp.uint8).astype(jnp.uint16) for v in values)
         # element 2c in the low byte of word c, 2c + 1 in the high one: the codes in column order
         pltriton.store(codes_ref.at[rows[:, None], (j * code_bytes + cols)[None, :]], low_byte | (high_byte << 8),
                        mask=live[:, None])
@@ -104,7 +103,7 @@ def quantize(x: jax.Array, *, blocks_per_program: int = BLOCKS_PER_PROGRAM, num_
     if x.ndim != 2 or hidden % bs:
         raise ValueError(f"quantize takes tokens [N, H] with H a multiple of {bs}, got {x.shape}")
     blocks_per_row, total = hidden // bs, n * hidden // bs
-    largest = nvfp4.E2M1_MAX * E4M3_MAX
+    largest = nvfp4.E2M1_MAX * nvfp4.E4M3_MAX
     g = nvfp4.compute_global_scale(x, per_row=True, exact=False)
 
     def kernel(x_ref, g_ref, payload_ref):
@@ -118,7 +117,7 @@ def quantize(x: jax.Array, *, blocks_per_program: int = BLOCKS_PER_PROGRAM, num_
         magnitude = [jnp.where(jnp.isinf(h), largest * g_b[:, None], jnp.abs(h)) for h in halves]
         amax = jnp.maximum(jnp.max(magnitude[0], axis=1), jnp.max(magnitude[1], axis=1))
         nan_count = sum(jnp.sum(jnp.isnan(h).astype(jnp.int32), axis=1) for h in halves)
-        scale = jnp.minimum(amax / (nvfp4.E2M1_MAX * g_b), E4M3_MAX)
+        scale = jnp.minimum(amax / (nvfp4.E2M1_MAX * g_b), nvfp4.E4M3_MAX)
         scale = jnp.where(nan_count > 0, jnp.nan, scale).astype(jnp.float8_e4m3fn)
         denom = scale.astype(jnp.float32) * g_b
         ok = denom > 0                   # false for zero and NaN scales: those blocks get code 0
