@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from minimax_jax.engine.async_engine import StopTextFilter
 from minimax_jax.engine.sampling import SamplingParams
 from minimax_jax.engine.tokenizer import TINY_TOKENIZER_DIR, Tokenizer
-from minimax_jax.server.protocol import ReasoningSplitter, ThinkPrefixer, split_reasoning
+from minimax_jax.server.protocol import ReasoningSplitter, ThinkPrefixer
 
 REPO = Path(__file__).resolve().parent.parent
 SERVE = REPO / "scripts" / "serve.py"
@@ -669,7 +669,7 @@ def test_stop_filter_holds_back_a_possible_stop_until_it_is_decided():
 @pytest.mark.parametrize("text", ["<think>\nplan it\n</think>\n\nThe answer.", "\nplan</think>answer  ",
                                   "still thinking\n", "<thi", "no tags </thin"])
 def test_reasoning_split_is_the_same_for_any_chunking(text):
-    whole = split_reasoning(text)
+    whole = ReasoningSplitter().feed(text, final=True)      # the whole output at once, as a response
     for size in (1, 2, 3, 5):
         splitter, reasoning, content = ReasoningSplitter(), "", ""
         pieces = [text[i:i + size] for i in range(0, len(text), size)] or [""]

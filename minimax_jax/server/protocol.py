@@ -390,11 +390,6 @@ class ReasoningSplitter:
         return out
 
 
-def split_reasoning(text: str) -> tuple[str, str]:
-    """(reasoning, content) of a whole output."""
-    return ReasoningSplitter().feed(text, final=True)
-
-
 class ThinkPrefixer:
     """sglang's "minimax-append-think": the whole output stays the content, with the `<think>`
     that the chat template's generation prompt opened put back in front, so a client that sends
