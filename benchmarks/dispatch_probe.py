@@ -48,13 +48,6 @@ def decoding_by_table():
         nvfp4.decode_e2m1 = by_bits
 
 
-def exact_quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """nvfp4.quantize_activations with its divisions exact (its form before run FP)."""
-    g = nvfp4.compute_global_scale(x, per_row=True)
-    q = nvfp4.quantize(x, g)
-    return jnp.concatenate([q.codes, nvfp4.scales_to_bytes(q.scales)], axis=-1), g
-
-
 def variants(hidden: int, interpret: bool):
     """name -> (fn(own tokens, gathered tokens, their payload, their global scales), the bytes a
     gathered token is received in[, a context to trace fn in])."""
@@ -72,7 +65,7 @@ def variants(hidden: int, interpret: bool):
         "fp4: dequantise in fp32 + round the gathered tokens": (
             lambda x, xs, p, g: round_fp8(nvfp4.dequantize_activations(p, g, hidden, jnp.float32)), fp4_bytes),
         "fp4: quantise the own tokens, exact division": (
-            lambda x, xs, p, g: exact_quantize_activations(x), fp4_bytes),
+            lambda x, xs, p, g: nvfp4.quantize_activations(x, exact=True), fp4_bytes),   # the form before run FQ
         "fp4: FP8 groups straight from the gathered codes": (
             lambda x, xs, p, g: nvfp4.activations_to_fp8_groups(p, g, hidden), fp4_bytes),
         "fp4: FP8 groups from the codes by one kernel": (

@@ -233,15 +233,15 @@ def dequantize(q: NVFP4Array, dtype: DTypeLike = jnp.float32) -> jax.Array:
 # -- activations: one uint8 payload per all-gather ----------------------------------------------
 
 
-def quantize_activations(x: ArrayLike) -> tuple[jax.Array, jax.Array]:
+def quantize_activations(x: ArrayLike, exact: bool = False) -> tuple[jax.Array, jax.Array]:
     """[..., H] -> (payload uint8 [..., H/2 + H/16], global_scale float32 [..., 1]).
 
     payload = packed codes followed by the e4m3 scale bytes along the last axis. The global scale
     is per row (token), so a token's quantisation never depends on the other tokens in the batch
-    and the result is identical however the batch is split across devices. Divided plainly
-    (`quantize`'s exact=False): this runs on every dispatch of the serving path."""
-    g = compute_global_scale(x, per_row=True, exact=False)
-    q = quantize(x, g, exact=False)
+    and the result is identical however the batch is split across devices. Divided plainly by
+    default (`quantize`'s exact=False): this runs on every dispatch of the serving path."""
+    g = compute_global_scale(x, per_row=True, exact=exact)
+    q = quantize(x, g, exact=exact)
     return jnp.concatenate([q.codes, scales_to_bytes(q.scales)], axis=-1), g
 
 
