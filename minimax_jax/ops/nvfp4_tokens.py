@@ -37,8 +37,8 @@ def fp8_groups(payload: jax.Array, global_scale: jax.Array, hidden: int, group: 
     if payload.ndim != 2 or payload.shape[1] != nvfp4.activation_payload_width(hidden) \
             or global_scale.shape != (n, 1) or hidden % group or group % nvfp4.BLOCK_SIZE \
             or not triton_common.power_of_two(group):
-        raise ValueError(f"fp8_groups takes a payload [N, {nvfp4.activation_payload_width(hidden)}] of hidden={hidden}, "
-                         f"global scales [N, 1] and a power-of-two group of whole NVFP4 blocks that divides "
+        raise ValueError(f"fp8_groups takes a payload [N, {nvfp4.activation_payload_width(hidden)}] of "
+                         f"hidden={hidden}, global scales [N, 1] and a power-of-two group of whole NVFP4 blocks that divides "
                          f"hidden; got {payload.shape}, {global_scale.shape}, group {group}")
     code_bytes, scale_bytes_at = group // 2, hidden // 2
     bytes_per_block = nvfp4.BLOCK_SIZE // 2
@@ -50,9 +50,8 @@ def fp8_groups(payload: jax.Array, global_scale: jax.Array, hidden: int, group: 
         cols = jnp.arange(code_bytes)
         code = pltriton.load(payload_ref.at[rows[:, None], (j * code_bytes + cols)[None, :]],
                              mask=live[:, None], other=0)
-        scale_byte = pltriton.load(
-            payload_ref.at[rows[:, None], (scale_bytes_at + j * (group // nvfp4.BLOCK_SIZE) + cols // bytes_per_block)[None, :]],
-            mask=live[:, None], other=0)
+        scale_cols = scale_bytes_at + j * (group // nvfp4.BLOCK_SIZE) + cols // bytes_per_block   # each code's block
+        scale_byte = pltriton.load(payload_ref.at[rows[:, None], scale_cols[None, :]], mask=live[:, None], other=0)
         block_scale = jax.lax.bitcast_convert_type(scale_byte, jnp.float8_e4m3fn).astype(jnp.float32)
         g = pltriton.load(g_ref.at[rows, 0], mask=live, other=1.0)
         low, high = triton_common.widen_nibbles(code, ptx=not interpret)
