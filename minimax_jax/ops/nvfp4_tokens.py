@@ -38,8 +38,8 @@ def fp8_groups(payload: jax.Array, global_scale: jax.Array, hidden: int, group: 
             or global_scale.shape != (n, 1) or hidden % group or group % nvfp4.BLOCK_SIZE \
             or not triton_common.power_of_two(group):
         raise ValueError(f"fp8_groups takes a payload [N, {nvfp4.activation_payload_width(hidden)}] of "
-                         f"hidden={hidden}, global scales [N, 1] and a power-of-two group of whole NVFP4 blocks that divides "
-                         f"hidden; got {payload.shape}, {global_scale.shape}, group {group}")
+                         f"hidden={hidden}, global scales [N, 1] and a power-of-two group of whole NVFP4 blocks "
+                         f"that divides hidden; got {payload.shape}, {global_scale.shape}, group {group}")
     code_bytes, scale_bytes_at = group // 2, hidden // 2
     bytes_per_block = nvfp4.BLOCK_SIZE // 2
 
