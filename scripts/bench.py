@@ -722,8 +722,9 @@ def bench_engine(args) -> None:
            f"at most {kv_tokens // (args.prompt + args.output)} requests of {args.prompt + args.output} per rank")
     compiles = engine.num_compiles
     engine.step_times.clear()
-    floors: list[float] = []
-    engine.on_step.append(decode_floor_hook(engine, bandwidth, floors))
+    floors: list[tuple[float, tuple]] = []
+    decode_shapes: dict[tuple, tuple] = {}
+    engine.on_step.append(decode_floor_hook(engine, bandwidth, floors, decode_shapes))
     reqs = [engine.make_request(input_ids=p, sampling_params=params, **score) for p in prompts]
     submitted, first, last = {}, {}, {}
     waiting = list(reversed(reqs))
@@ -782,10 +783,18 @@ def bench_engine(args) -> None:
         record("engine", f"{tag} decode step, result to result", np.median(decode) * 1e3, "ms",
                f"median of {len(decode)}; mean {np.mean(decode) * 1e3:.1f} ms")
     if floors and decode:
-        floor = float(np.mean(floors))
+        read = float(np.mean([seconds for seconds, _ in floors]))
+        record("engine", f"{tag} decode step floor, bytes", read * 1e3, "ms",
+               f"measured {np.median(decode) / read:.2f}x (decode result to result); weights (experts: the "
+               f"share the step's tokens touch) + KV read per device over {bandwidth / 1e12:.2f} TB/s")
+        talk = {shape: decode_collectives_time(args, engine, *sample) for shape, sample in decode_shapes.items()}
+        spoken = float(np.mean([talk[shape] for _, shape in floors]))
+        record("engine", f"{tag} decode step collectives, replayed alone", spoken * 1e3, "ms",
+               f"the step's collectives in its order and shapes and nothing else, device time per device; "
+               f"{len(talk)} decode shapes")
+        floor = read + spoken
         record("engine", f"{tag} decode step floor", floor * 1e3, "ms",
-               f"measured {np.median(decode) / floor:.2f}x (decode result to result); weights (experts: the "
-               f"share the step's tokens touch) + KV read per device over {bandwidth / 1e12:.2f} TB/s (collectives not included: see the profile section)")
+               f"measured {np.median(decode) / floor:.2f}x (decode result to result); the bytes' floor + the collectives")
 
 
 def workload_name(args) -> str:
@@ -832,12 +841,14 @@ def copy_bandwidth(copy: Callable[[jax.Array], jax.Array], x: jax.Array, chain: 
     return 2 * x.nbytes / float(np.median(times))
 
 
-def decode_floor_hook(engine, bandwidth: float, floors: list):
-    """An Engine.on_step hook appending each decode step's floor: the bytes one device reads, over
-    bandwidth. They are its weights (the embedding table only gathers rows), of its routed experts
-    only the share that the step's tokens are expected to touch (each of N tokens picks k of E
-    experts: a given expert goes unpicked with probability (1 - k/E)^N, so one token reads 8 of
-    256 experts and W1's 1212 all of them), and the KV entries of its fullest rank."""
+def decode_floor_hook(engine, bandwidth: float, floors: list, shapes: dict):
+    """An Engine.on_step hook appending each decode step's floor and shape: the bytes one device
+    reads, over bandwidth. They are its weights (the embedding table only gathers rows), of its
+    routed experts only the share that the step's tokens are expected to touch (each of N tokens
+    picks k of E experts: a given expert goes unpicked with probability (1 - k/E)^N, so one
+    token reads 8 of 256 experts and W1's 1212 all of them), and the KV entries of its fullest
+    rank. `shapes` keeps the first step of each shape, whose collectives are timed afterwards
+    (`decode_collectives_time`), not inside the measured wall."""
     leaves = jax.tree_util.tree_flatten_with_path(engine.runner.state)[0]
     local = {path: a.addressable_shards[0].data.nbytes for path, a in leaves
              if hasattr(a, "addressable_shards") and "embed" not in jax.tree_util.keystr(path)}
@@ -856,8 +867,25 @@ def decode_floor_hook(engine, bandwidth: float, floors: list):
         valid = np.asarray(scheduled.step.valid)
         context = np.where(valid, scheduled.step.positions + 1, 0).reshape(dp, -1).sum(axis=1)
         touched = 1 - unpicked ** int(valid.sum())
-        floors.append((others + experts * touched + int(context.max()) * kv_per_token) / bandwidth)
+        shape = (scheduled.step.page_table.shape, scheduled.step.tokens.shape)
+        shapes.setdefault(shape, (scheduled.step, scheduled.logit_index))
+        floors.append(((others + experts * touched + int(context.max()) * kv_per_token) / bandwidth, shape))
     return hook
+
+
+def decode_collectives_time(args, engine, step, logit_index) -> float:
+    """Seconds a device spends in one decode step's collectives replayed alone (sharding.replay):
+    on GPUs the device time per device from a trace, elsewhere the wall time of a call."""
+    from sharding.replay import collectives_only, step_collectives
+    runner = engine.runner
+    mesh, collectives = step_collectives(runner.forward, runner.state, runner.kv, step, jnp.asarray(logit_index))
+    for c in sorted(collectives, key=lambda c: -c.count * c.operand_bytes)[:6]:
+        print(f"[engine] decode step of {step.tokens.shape[0]} slots: {c.describe()}", flush=True)
+    program, inputs = collectives_only(mesh, collectives)
+    if jax.default_backend() != "gpu":
+        return median_time(program, *inputs)
+    trace = device_time(program, *inputs, trace_dir=Path(args.out) / "collectives-trace", iters=5)
+    return sum(trace.device.values()) / len(trace.devices) * 1e-6
 
 
 def bench_url(args) -> None:
