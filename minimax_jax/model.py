@@ -554,8 +554,9 @@ class MiniMaxM2(nnx.Module):
 
         kv: (k, v) caches, each [layers, pages, page_size, kv_heads, head_dim].
         logit_index: [B] index along T of the one token per slot whose logits are wanted; None
-        gives logits for every token. Returns (fp32 logits [B, V] or [B, T, V], new kv, and the
-        routed-token counts [layers, experts + 1] of the tokens this device owns).
+        gives logits for every token. Returns (fp32 logits [B, V] or [B, T, V], of this device's
+        share of the vocabulary where the LM head is split over tp, new kv, and the routed-token
+        counts [layers, experts + 1] of the tokens this device owns).
 
         targets: [B, T] the token whose log-probability each position scores (the prompt's next
         token; -1 none): a fourth output (`score_targets`) for prompt logprobs, with the `top`
@@ -585,13 +586,14 @@ class MiniMaxM2(nnx.Module):
             one_layer, (x, jnp.zeros_like(x), tuple(kv), jnp.zeros((), jnp.int32)), layer_state)
         r = comm.finish_residual(r, m)
         h = comm.gather_tokens(rms_norm(r, self.norm[...], self.cfg.rms_norm_eps))
-        logits_of = lambda rows: comm.gather_logits(  # noqa: E731
-            jnp.dot(rows, self.lm_head[...], preferred_element_type=jnp.float32))
+        local_logits = lambda rows: jnp.dot(rows, self.lm_head[...], preferred_element_type=jnp.float32)  # noqa: E731
+        logits_of = lambda rows: comm.gather_logits(local_logits(rows))  # noqa: E731
         scored = None if targets is None else score_targets(h, targets.reshape(-1), top, logits_of, (b, t))
         h = h.reshape(b, t, -1)
         if logit_index is not None:
             h = jnp.take_along_axis(h, logit_index[:, None, None], axis=1)[:, 0]
-        out = (logits_of(h), tuple(kv), expert_counts)
+        # not gathered: the sampler runs on the vocabulary shards (sharding/forward.py)
+        out = (local_logits(h), tuple(kv), expert_counts)
         return out if scored is None else (*out, scored)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -19,8 +20,8 @@ from sharding.specs import KV_SPEC, STEP_SPEC, state_specs
 
 def sharded_forward(cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, layout: Layout,
                     mesh: Mesh, combine_dtype: Any) -> Callable:
-    """forward(state, kv, step, logit_index) -> (logits [D*B, V], kv, routed-token counts
-    [devices, layers, experts + 1]); with targets [D*B, T] (and top, static) a fourth output,
+    """forward(state, kv, step, logit_index) -> (logits [D*B, V] split over dp and, along the
+    vocabulary, over tp, kv, routed-token counts [devices, layers, experts + 1]); with targets [D*B, T] (and top, static) a fourth output,
     the prompt positions' scores of `model.score_targets`.
 
     Step inputs stack every dp rank's B slots along the first axis; `state` only gives the tree
@@ -45,7 +46,10 @@ def sharded_forward(cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, 
     def forward(state, kv, step, logit_index, targets=None, top=0):
         specs = dataclasses.replace(step_specs, fresh=step.fresh)     # the static field is part of the tree
         in_specs = (param_specs, (KV_SPEC, KV_SPEC), specs, P("dp"))
-        out_specs = (P("dp"), (KV_SPEC, KV_SPEC), P(EXPERT_AXES))
+        # the logits leave split over the vocabulary as the LM head made them: the sampler
+        # outside partitions its reductions over tp; gathered, they were [slots, vocabulary]
+        # fp32 on every device (W1's TP decode step: 1210 x 200064, about 1 GB)
+        out_specs = (P("dp", "tp"), (KV_SPEC, KV_SPEC), P(EXPERT_AXES))
         if targets is None:
             return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                                  check_vma=False)(state, kv, step, logit_index)
@@ -55,3 +59,29 @@ def sharded_forward(cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, 
                              check_vma=False)(state, kv, step, logit_index, targets)
 
     return forward
+
+
+
+def vocab_top_k(mesh: Mesh, whole: Callable) -> Callable:
+    """`sampling.top_k_with` for logits [D*B, V] split over ("dp", "tp") as `sharded_forward`
+    gives them: each device takes the top k of its part of the vocabulary (and the carried
+    arrays there), and only those k x tp candidates a row are gathered for the final top k.
+    Exact, ties included: the parts stand in vocabulary order and top_k keeps equal values in
+    the order it finds them. `whole` (top_k_with) serves where a part holds fewer than k."""
+    split, parts = P("dp", "tp"), mesh.shape["tp"]
+
+    def local(x, *carried, k: int):
+        values, ids = jax.lax.top_k(x, k)
+        taken = [jnp.take_along_axis(c, ids, axis=-1) for c in carried]
+        return (values, ids + jax.lax.axis_index("tp") * x.shape[-1], *taken)
+
+    def top_k(x: jax.Array, k: int, *carried: jax.Array):
+        if parts == 1 or k > x.shape[-1] // parts:
+            return whole(x, k, *carried)
+        n = 1 + len(carried)
+        values, *rest = jax.shard_map(functools.partial(local, k=k), mesh=mesh, in_specs=(split,) * n,
+                                      out_specs=(split,) * (n + 1), check_vma=False)(x, *carried)
+        values, pick = jax.lax.top_k(values, k)
+        return (values, *(jnp.take_along_axis(a, pick, axis=-1) for a in rest))
+
+    return top_k

@@ -209,6 +209,33 @@ def test_engine_greedy_tokens_identical_on_every_layout(tiny_hf_dir, greedy_refe
         assert engine.batch_buckets[-1] == (16 if engine.layout.ar_fusion else 10)     # which divides over tp
 
 
+def test_sampling_on_vocabulary_shards_draws_the_tokens_and_logprobs_of_one_device(tmp_path):
+    """TP hands the sampler the logits split over the vocabulary: a seeded draw with filters,
+    penalties and top logprobs gives one device's tokens, and no device gathers a [slots, vocab]
+    array, only each part's top candidates (2048 tokens: each quarter holds the 256 the
+    filters take)."""
+    path = save_hf_checkpoint(make_hf_model(seed=2, vocab_size=2048), tmp_path)
+    rng = np.random.RandomState(8)
+    prompts = [rng.randint(0, 2048, n).tolist() for n in (5, 23, 11)]
+    params = [{"max_new_tokens": 12, "temperature": 0.9, "top_p": 0.8, "top_k": 50, "seed": 3, "top_logprobs_num": 3},
+              {"max_new_tokens": 12, "temperature": 1.3, "seed": 4, "frequency_penalty": 0.5},
+              {"max_new_tokens": 12, "temperature": 0.7, "top_k": 200, "min_p": 0.01, "seed": 5}]
+    runs = []
+    for flags in ({}, dict(tp_size=4)):
+        engine = Engine(model_path=str(path), dtype="float32", context_length=64, page_size=4, **flags)
+        runs.append(engine.generate(input_ids=prompts, sampling_params=params, return_logprob=True))
+    one, tp4 = runs
+    assert [o["output_ids"] for o in tp4] == [o["output_ids"] for o in one]
+    for a, b in zip(one, tp4):
+        np.testing.assert_allclose([lp for lp, _, _ in b["meta_info"]["output_token_logprobs"]],
+                                   [lp for lp, _, _ in a["meta_info"]["output_token_logprobs"]], atol=1e-4)
+    assert [[t for _, t, _ in step] for step in tp4[0]["meta_info"]["output_top_logprobs"]] == \
+        [[t for _, t, _ in step] for step in one[0]["meta_info"]["output_top_logprobs"]]
+    for executable in engine.runner._compiled.values():
+        gathered = re.findall(r"= \w+\[\d+,(\d+)\]\S* all-gather", executable.as_text())
+        assert gathered and max(map(int, gathered)) <= 4 * 256, gathered
+
+
 @pytest.mark.parametrize("dtypes", [("bfloat16", "int32", "float32"),                   # bf16 dispatch
                                     ("uint8", "float8_e4m3fn", "int32", "float32"),     # NVFP4 dispatch
                                     ("float32", "bfloat16")])

@@ -13,10 +13,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from minimax_jax.engine.sampling import SamplingBatch, sample
+from minimax_jax.engine.sampling import SamplingBatch, sample, top_k_with
 from minimax_jax.model import MiniMaxM2, StepInput
 from minimax_jax.ops import attention as attention_ops, decode_attention
-from sharding.forward import sharded_forward
+from sharding.forward import sharded_forward, vocab_top_k
 from sharding.mesh import Layout, make_mesh
 from sharding.specs import KV_SPEC, replicate_kv_heads, shard_state, state_specs
 
@@ -74,6 +74,7 @@ class ModelRunner:
         else:
             self.state = shard_state(state, layout, self.mesh, cfg.head_dim, cfg.num_kv_heads)
         self.forward = sharded_forward(cfg, graphdef, self.state, layout, self.mesh, combine_dtype=model.dtype)
+        self._top_k = vocab_top_k(self.mesh, top_k_with)
         kv_dtype = kv_dtype or model.dtype
         if pages_per_rank is None:
             fitting = self._pages_that_fit(kv_dtype, mem_fraction_static)
@@ -139,7 +140,7 @@ class ModelRunner:
         first = jnp.where(sources >= 0, last_tokens[jnp.maximum(sources, 0)], step.tokens[:, 0])
         step = dataclasses.replace(step, tokens=step.tokens.at[:, 0].set(first))
         logits, kv, _, *scored = self.forward(state, kv, step, logit_index, targets, sampling.top_logprobs)
-        out = (*sample(logits, sampling), *(scored[0] if scored else ()))
+        out = (*sample(logits, sampling, top_k=self._top_k), *(scored[0] if scored else ()))
         last = jnp.zeros_like(last_tokens).at[:out[0].shape[0]].set(out[0])
         return kv, jax.lax.with_sharding_constraint(last, self._replicated), out
 
