@@ -592,7 +592,7 @@ class MiniMaxM2(nnx.Module):
         h = h.reshape(b, t, -1)
         if logit_index is not None:
             h = jnp.take_along_axis(h, logit_index[:, None, None], axis=1)[:, 0]
-        # not gathered: the sampler runs on the vocabulary shards (sharding/forward.py)
+        # this device's part of the vocabulary: sharded_forward decides whether to gather it
         out = (local_logits(h), tuple(kv), expert_counts)
         return out if scored is None else (*out, scored)
 

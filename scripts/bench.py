@@ -25,6 +25,7 @@ Sections (pick with --sections, comma separated):
   engine    a workload (--workload W1, W2, W3 or --requests/--prompt/--output/
             --max-running-requests) through Engine, or with --url through a running server's
             OpenAI API: output tok/s, TTFT and TPOT percentiles, the decode step beside its floor
+            (weights + KV bytes over bandwidth, plus the step's collectives replayed alone)
   moe       the routed-experts block of one layer alone (sort, row layout, both grouped GEMMs,
             combine) as one expert-parallel rank sees it, FP8 experts, at --moe-tokens (decode
             or prefill sizes): device time per call from a profiler trace, its largest kernels,

@@ -20,8 +20,9 @@ from sharding.specs import KV_SPEC, STEP_SPEC, state_specs
 
 def sharded_forward(cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, layout: Layout,
                     mesh: Mesh, combine_dtype: Any) -> Callable:
-    """forward(state, kv, step, logit_index) -> (logits [D*B, V] split over dp and, along the
-    vocabulary, over tp, kv, routed-token counts [devices, layers, experts + 1]); with targets [D*B, T] (and top, static) a fourth output,
+    """forward(state, kv, step, logit_index) -> (logits [D*B, V] split over dp and, from
+    VOCAB_SPLIT_MIN_SLOTS slots a rank, along the vocabulary over tp, kv, routed-token counts
+    [devices, layers, experts + 1]); with targets [D*B, T] (and top, static) a fourth output,
     the prompt positions' scores of `model.score_targets`.
 
     Step inputs stack every dp rank's B slots along the first axis; `state` only gives the tree
@@ -39,6 +40,8 @@ def sharded_forward(cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, 
         comm = fused if step.tokens.size % layout.tp == 0 else replicated
         model = nnx.merge(graphdef, state)
         logits, kv, counts, *scored = model(step, kv, logit_index, comm, targets, top)
+        if not logits_split_over_vocab(layout, step.tokens.shape[0]):
+            logits = comm.gather_logits(logits)
         if not comm.scatter and layout.tp > 1:      # every tp rank routed the same tokens
             counts = jnp.where(jax.lax.axis_index("tp") == 0, counts, 0)
         return (logits, kv, counts[None], *scored)
@@ -46,10 +49,8 @@ def sharded_forward(cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, 
     def forward(state, kv, step, logit_index, targets=None, top=0):
         specs = dataclasses.replace(step_specs, fresh=step.fresh)     # the static field is part of the tree
         in_specs = (param_specs, (KV_SPEC, KV_SPEC), specs, P("dp"))
-        # the logits leave split over the vocabulary as the LM head made them: the sampler
-        # outside partitions its reductions over tp; gathered, they were [slots, vocabulary]
-        # fp32 on every device (W1's TP decode step: 1210 x 200064, about 1 GB)
-        out_specs = (P("dp", "tp"), (KV_SPEC, KV_SPEC), P(EXPERT_AXES))
+        split = logits_split_over_vocab(layout, step.tokens.shape[0] // layout.dp)
+        out_specs = (P("dp", "tp") if split else P("dp"), (KV_SPEC, KV_SPEC), P(EXPERT_AXES))
         if targets is None:
             return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                                  check_vma=False)(state, kv, step, logit_index)
@@ -60,6 +61,18 @@ def sharded_forward(cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, 
 
     return forward
 
+
+# Slots per dp rank from which a step's logits leave split over the vocabulary as the LM head
+# made them (the sampler outside then partitions its reductions over tp, `vocab_top_k`):
+# gathered they are [slots, vocabulary] fp32 on every device, 1210 x 200064 (about 1 GB, 2.8 ms
+# of collectives) in W1's TP2 decode step; below, the gather of a few rows costs less than the
+# partitioned sampler's small collectives (one request on TP2: 6.80 against 6.94 ms a token,
+# docs/benchmarks.md, run FZ).
+VOCAB_SPLIT_MIN_SLOTS = 16
+
+
+def logits_split_over_vocab(layout: Layout, slots_per_rank: int) -> bool:
+    return layout.tp > 1 and slots_per_rank >= VOCAB_SPLIT_MIN_SLOTS
 
 
 def vocab_top_k(mesh: Mesh, whole: Callable) -> Callable:

@@ -9,6 +9,7 @@ import pytest
 from minimax_jax.engine.engine import Engine
 from minimax_jax.hf_testing import make_hf_model, save_hf_checkpoint
 from minimax_jax.loader import load_model
+from sharding.forward import VOCAB_SPLIT_MIN_SLOTS
 from sharding.mesh import Layout
 from tests.parallel_utils import LayoutRunner, make_step, reference_logits
 
@@ -210,16 +211,17 @@ def test_engine_greedy_tokens_identical_on_every_layout(tiny_hf_dir, greedy_refe
 
 
 def test_sampling_on_vocabulary_shards_draws_the_tokens_and_logprobs_of_one_device(tmp_path):
-    """TP hands the sampler the logits split over the vocabulary: a seeded draw with filters,
-    penalties and top logprobs gives one device's tokens, and no device gathers a [slots, vocab]
-    array, only each part's top candidates (2048 tokens: each quarter holds the 256 the
-    filters take)."""
+    """TP hands the sampler of a full batch the logits split over the vocabulary: a seeded draw
+    with filters, penalties and top logprobs gives one device's tokens, and no device gathers a
+    [slots, vocab] array, only each part's top candidates (2048 tokens: each quarter holds the
+    256 the filters take)."""
     path = save_hf_checkpoint(make_hf_model(seed=2, vocab_size=2048), tmp_path)
     rng = np.random.RandomState(8)
-    prompts = [rng.randint(0, 2048, n).tolist() for n in (5, 23, 11)]
+    prompts = [rng.randint(0, 2048, 5 + 3 * i).tolist() for i in range(VOCAB_SPLIT_MIN_SLOTS)]
     params = [{"max_new_tokens": 12, "temperature": 0.9, "top_p": 0.8, "top_k": 50, "seed": 3, "top_logprobs_num": 3},
               {"max_new_tokens": 12, "temperature": 1.3, "seed": 4, "frequency_penalty": 0.5},
-              {"max_new_tokens": 12, "temperature": 0.7, "top_k": 200, "min_p": 0.01, "seed": 5}]
+              {"max_new_tokens": 12, "temperature": 0.7, "top_k": 200, "min_p": 0.01, "seed": 5}] * 6
+    params = params[:len(prompts)]
     runs = []
     for flags in ({}, dict(tp_size=4)):
         engine = Engine(model_path=str(path), dtype="float32", context_length=64, page_size=4, **flags)
@@ -231,9 +233,11 @@ def test_sampling_on_vocabulary_shards_draws_the_tokens_and_logprobs_of_one_devi
                                    [lp for lp, _, _ in a["meta_info"]["output_token_logprobs"]], atol=1e-4)
     assert [[t for _, t, _ in step] for step in tp4[0]["meta_info"]["output_top_logprobs"]] == \
         [[t for _, t, _ in step] for step in one[0]["meta_info"]["output_top_logprobs"]]
-    for executable in engine.runner._compiled.values():
+    decode = [e for (shape, _), e in engine.runner._compiled.items() if shape[0] >= VOCAB_SPLIT_MIN_SLOTS]
+    for executable in decode:           # the steps of all 16 slots; those of fewer gather
         gathered = re.findall(r"= \w+\[\d+,(\d+)\]\S* all-gather", executable.as_text())
         assert gathered and max(map(int, gathered)) <= 4 * 256, gathered
+    assert decode
 
 
 @pytest.mark.parametrize("dtypes", [("bfloat16", "int32", "float32"),                   # bf16 dispatch

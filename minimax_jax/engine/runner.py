@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from minimax_jax.engine.sampling import SamplingBatch, sample, top_k_with
 from minimax_jax.model import MiniMaxM2, StepInput
 from minimax_jax.ops import attention as attention_ops, decode_attention
-from sharding.forward import sharded_forward, vocab_top_k
+from sharding.forward import logits_split_over_vocab, sharded_forward, vocab_top_k
 from sharding.mesh import Layout, make_mesh
 from sharding.specs import KV_SPEC, replicate_kv_heads, shard_state, state_specs
 
@@ -140,7 +140,8 @@ class ModelRunner:
         first = jnp.where(sources >= 0, last_tokens[jnp.maximum(sources, 0)], step.tokens[:, 0])
         step = dataclasses.replace(step, tokens=step.tokens.at[:, 0].set(first))
         logits, kv, _, *scored = self.forward(state, kv, step, logit_index, targets, sampling.top_logprobs)
-        out = (*sample(logits, sampling, top_k=self._top_k), *(scored[0] if scored else ()))
+        split = logits_split_over_vocab(self.layout, step.tokens.shape[0] // self.layout.dp)
+        out = (*sample(logits, sampling, top_k=self._top_k if split else top_k_with), *(scored[0] if scored else ()))
         last = jnp.zeros_like(last_tokens).at[:out[0].shape[0]].set(out[0])
         return kv, jax.lax.with_sharding_constraint(last, self._replicated), out
 
