@@ -5,9 +5,10 @@ Sections (pick with --sections, comma separated):
             device timeline) and bf16 matmul rate (the ceilings)
   check     greedy tokens of a 2-layer full-width model (experts as --quantization): Mosaic vs
             XLA expert GEMM, DEP vs 1 device
-  check-long the same at a prefill of 4 x 1000 tokens over DEP on all devices, each kernel
-            against the XLA reference of its own numbers (mosaic-ws against xla, mosaic-ws-w8a8
-            against xla-w8a8) and the W8A8 rounding itself (xla-w8a8 against xla); with the
+  check-long the same at a prefill of 4 x 1000 tokens over DEP on all devices: the XLA path
+            against itself run again, then each kernel against the XLA reference of its own
+            numbers (mosaic-ws against xla, mosaic-ws-w8a8 against xla-w8a8) and the W8A8
+            rounding itself (xla-w8a8 against xla), --check-kernels to pick; with the
             experts split over two or more devices the row buckets (a switch over row counts) run
   kernels   expert grouped GEMM: lax.ragged_dot vs Mosaic GPU at decode and prefill sizes,
             checked against each other, beside the weight-read floor and a dense batched matmul
@@ -492,9 +493,11 @@ def bench_check_long(args) -> None:
     """bench_check's comparison at prefill size: 4 prompts of 1000 tokens in one step over DEP on
     all devices (32000 token-expert pairs: above 16384, with the experts split over two or more
     devices, the row buckets of ops.moe.row_capacities run under a switch; one device has one
-    bucket). Each kernel against the XLA reference of its own numbers: the weight-only kernels
+    bucket). First "xla" against itself run again (their difference is the comparison's noise);
+    then each kernel against the XLA reference of its own numbers: the weight-only kernels
     against "xla", the W8A8 one against "xla-w8a8" (the same rounding of the rows), and that
-    rounding itself ("xla-w8a8" against "xla")."""
+    rounding itself ("xla-w8a8" against "xla"). --check-kernels keeps the pairs of the kernels
+    named, with their references."""
     from minimax_jax.config import preset
     n = len(jax.devices())
     common = dict(model_path=args.preset, load_format="dummy", dtype="bfloat16", page_size=args.page_size,
@@ -506,17 +509,15 @@ def bench_check_long(args) -> None:
                   mem_fraction_static=0.5)
     rng = np.random.RandomState(1)
     prompts = [rng.randint(1, preset(args.preset).vocab_size, 1000).tolist() for _ in range(4)]
-    if jax.default_backend() != "gpu":       # the Mosaic kernels need a GPU; the path still runs
-        pairs = [("xla, again", "xla")]
-        kernels = {"xla": "xla", "xla, again": "xla"}
-    else:
-        # the same path twice first: how far two runs of one program land (atomic sums in
-        # another order move a random model's 1000-token logits), the scale for the rest
-        pairs = [("xla, again", "xla")] + ([("mosaic-ws", "xla"), ("xla-w8a8", "xla"), ("mosaic-ws-w8a8", "xla-w8a8"),
-                                            ("mosaic-ws-w8a8", "xla")] if args.quantization == "fp8" else [("mosaic", "xla")])
-        kernels = {name: name.split(",")[0] for pair in pairs for name in pair}
-    if args.check_kernels:
-        kernels = {name: k for name, k in kernels.items() if k in args.check_kernels.split(",")}
+    # the same path twice first: whether two runs of one program land apart, the scale for the rest
+    pairs = [("xla, again", "xla")]
+    if jax.default_backend() == "gpu":      # the Mosaic kernels need a GPU; on CPUs the path still runs
+        pairs += [("mosaic-ws", "xla"), ("xla-w8a8", "xla"), ("mosaic-ws-w8a8", "xla-w8a8"),
+                  ("mosaic-ws-w8a8", "xla")] if args.quantization == "fp8" else [("mosaic", "xla")]
+    if args.check_kernels:                  # the chosen kernels and what they are compared with
+        chosen = args.check_kernels.split(",")
+        pairs = [(name, base) for name, base in pairs if name.split(",")[0] in chosen]
+    kernels = {name: name.split(",")[0] for pair in pairs for name in pair}
     runs = run_engines("check-long", common, {name: dict(moe_kernel=k) for name, k in kernels.items()}, prompts)
     for name, base in pairs:
         if name in runs[0] and base in runs[0]:
@@ -786,16 +787,16 @@ def bench_engine(args) -> None:
         record("engine", f"{tag} decode step, result to result", np.median(decode) * 1e3, "ms",
                f"median of {len(decode)}; mean {np.mean(decode) * 1e3:.1f} ms")
     if floors and decode:
-        read = float(np.mean([seconds for seconds, _ in floors]))
-        record("engine", f"{tag} decode step floor, bytes", read * 1e3, "ms",
-               f"measured {np.median(decode) / read:.2f}x (decode result to result); weights (experts: the "
+        bytes_floor = float(np.mean([seconds for seconds, _ in floors]))
+        record("engine", f"{tag} decode step floor, bytes", bytes_floor * 1e3, "ms",
+               f"measured {np.median(decode) / bytes_floor:.2f}x (decode result to result); weights (experts: the "
                f"share the step's tokens touch) + KV read per device over {bandwidth / 1e12:.2f} TB/s")
-        talk = {shape: decode_collectives_time(args, engine, *sample) for shape, sample in decode_shapes.items()}
-        spoken = float(np.mean([talk[shape] for _, shape in floors]))
-        record("engine", f"{tag} decode step collectives, replayed alone", spoken * 1e3, "ms",
-               f"the step's collectives in its order and shapes and nothing else, device time per device; "
-               f"{len(talk)} decode shapes")
-        floor = read + spoken
+        by_shape = {shape: decode_collectives_time(args, engine, *first) for shape, first in decode_shapes.items()}
+        collectives = float(np.mean([by_shape[shape] for _, shape in floors]))
+        record("engine", f"{tag} decode step collectives, replayed alone", collectives * 1e3, "ms",
+               f"the model step's collectives in its shapes and nothing else (sharding.replay), device time per "
+               f"device; {len(by_shape)} decode shapes")
+        floor = bytes_floor + collectives
         record("engine", f"{tag} decode step floor", floor * 1e3, "ms",
                f"measured {np.median(decode) / floor:.2f}x (decode result to result); the bytes' floor + the collectives")
 

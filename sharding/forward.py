@@ -32,7 +32,7 @@ def sharded_forward(cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, 
     step_specs = StepInput(tokens=STEP_SPEC, positions=STEP_SPEC, valid=STEP_SPEC, page_table=STEP_SPEC)
     param_specs = state_specs(state, layout)
 
-    def local(state, kv, step, logit_index, targets=None, top=0):
+    def local(state, kv, step, logit_index, targets=None, top=0, split=False):
         # The scattered residual needs the rank's tokens to divide over tp; a step that does not
         # (one decode token on TP4) keeps it replicated: padding it to tp rows would route and
         # compute the padding too, and AR fusion's two collectives cost more than one all-reduce
@@ -40,7 +40,7 @@ def sharded_forward(cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, 
         comm = fused if step.tokens.size % layout.tp == 0 else replicated
         model = nnx.merge(graphdef, state)
         logits, kv, counts, *scored = model(step, kv, logit_index, comm, targets, top)
-        if not logits_split_over_vocab(layout, step.tokens.shape[0]):
+        if not split:
             logits = comm.gather_logits(logits)
         if not comm.scatter and layout.tp > 1:      # every tp rank routed the same tokens
             counts = jnp.where(jax.lax.axis_index("tp") == 0, counts, 0)
@@ -52,9 +52,9 @@ def sharded_forward(cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, 
         split = logits_split_over_vocab(layout, step.tokens.shape[0] // layout.dp)
         out_specs = (P("dp", "tp") if split else P("dp"), (KV_SPEC, KV_SPEC), P(EXPERT_AXES))
         if targets is None:
-            return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                                 check_vma=False)(state, kv, step, logit_index)
-        scoring = lambda *args: local(*args, top=top)  # noqa: E731
+            return jax.shard_map(functools.partial(local, split=split), mesh=mesh, in_specs=in_specs,
+                                 out_specs=out_specs, check_vma=False)(state, kv, step, logit_index)
+        scoring = lambda *args: local(*args, top=top, split=split)  # noqa: E731
         return jax.shard_map(scoring, mesh=mesh, in_specs=(*in_specs, P("dp")),
                              out_specs=(*out_specs, (P("dp"),) * 3),
                              check_vma=False)(state, kv, step, logit_index, targets)
@@ -65,22 +65,25 @@ def sharded_forward(cfg: ModelConfig, graphdef: nnx.GraphDef, state: nnx.State, 
 # Slots per dp rank from which a step's logits leave split over the vocabulary as the LM head
 # made them (the sampler outside then partitions its reductions over tp, `vocab_top_k`):
 # gathered they are [slots, vocabulary] fp32 on every device, 1210 x 200064 (about 1 GB, 2.8 ms
-# of collectives) in W1's TP2 decode step; below, the gather of a few rows costs less than the
-# partitioned sampler's small collectives (one request on TP2: 6.80 against 6.94 ms a token,
-# docs/benchmarks.md, run FZ).
+# of collectives) in W1's TP2 decode step. A few rows gather cheaply, and for one request on
+# TP2 the split sampler's small collectives measured 6.93-6.95 against 6.71-6.88 ms a token
+# (docs/benchmarks.md, run FZ: within the spread of calls, so unproven either way); the
+# crossover between 1 and 1210 slots is not measured, 16 is a guess on the side of the old path.
 VOCAB_SPLIT_MIN_SLOTS = 16
 
 
 def logits_split_over_vocab(layout: Layout, slots_per_rank: int) -> bool:
+    """Whether `sharded_forward` hands a step of this many slots a dp rank its logits split over
+    the vocabulary (the runner then samples with `vocab_top_k`)."""
     return layout.tp > 1 and slots_per_rank >= VOCAB_SPLIT_MIN_SLOTS
 
 
 def vocab_top_k(mesh: Mesh, whole: Callable) -> Callable:
-    """`sampling.top_k_with` for logits [D*B, V] split over ("dp", "tp") as `sharded_forward`
+    """`sampling.top_k_carrying` for logits [D*B, V] split over ("dp", "tp") as `sharded_forward`
     gives them: each device takes the top k of its part of the vocabulary (and the carried
     arrays there), and only those k x tp candidates a row are gathered for the final top k.
     Exact, ties included: the parts stand in vocabulary order and top_k keeps equal values in
-    the order it finds them. `whole` (top_k_with) serves where a part holds fewer than k."""
+    the order it finds them. `whole` (top_k_carrying) serves where a part holds fewer than k."""
     split, parts = P("dp", "tp"), mesh.shape["tp"]
 
     def local(x, *carried, k: int):

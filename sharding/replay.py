@@ -2,10 +2,13 @@
 
 A decode step's floor is the bytes its devices read over the memory bandwidth plus the time of
 its collectives, which no schedule here overlaps with compute (each one waits on the layer's
-arithmetic before it and the next waits on it). `step_collectives` reads them off the step's
-jaxpr, with the shapes and axes the step gives them and how many times each runs (a layer
-scan's body counts once per layer); `collectives_only` builds the program that runs those and
-nothing else, each after the one before, so that timing it measures the communication alone.
+arithmetic before it and the next waits on it). `step_collectives` reads them off the
+shard_map of the model's step (`sharding.forward`), with the shapes and axes the step gives
+them and how many times each runs (a layer scan's body counts once per layer); those the
+compiler adds outside it (the sampler's on logits split over tp: a few values a row) are not
+counted. `collectives_only` builds the program that runs them and nothing else, each after the
+one before (a kind's repetitions back to back, not interleaved as in the step: the same
+collectives in another order), so that timing it measures the communication alone.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
+from jax.extend.core import ClosedJaxpr, Jaxpr
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-COLLECTIVE_PRIMITIVES = frozenset({"psum", "psum_invariant", "pmax", "pmin", "all_gather", "reduce_scatter",
-                                   "all_to_all", "ppermute"})
+COLLECTIVE_PRIMITIVES = frozenset({"psum", "psum_invariant", "pmax", "pmin", "all_gather", "all_gather_invariant",
+                                   "reduce_scatter", "all_to_all", "ragged_all_to_all", "ppermute"})
 
 
 # Equal collectives on equal operands would be merged (CSE) and neighbours of a kind combined
@@ -80,9 +84,9 @@ def _sub_jaxprs(eqn) -> list:
     subs = []
     for value in eqn.params.values():
         for item in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(item, jax.extend.core.ClosedJaxpr):
+            if isinstance(item, ClosedJaxpr):
                 subs.append(item.jaxpr)
-            elif isinstance(item, jax.extend.core.Jaxpr):
+            elif isinstance(item, Jaxpr):
                 subs.append(item)
     return subs
 
@@ -98,9 +102,12 @@ def _collectives(jaxpr, times: int) -> list[Collective]:
             branches = [_collectives(b.jaxpr, times) for b in eqn.params["branches"]]
             found.extend(max(branches, key=lambda cs: sum(c.operand_bytes * c.count for c in cs)))
         else:
-            repeat = eqn.params["length"] if name == "scan" else 1     # a while loop's trips are unknown: once
-            for sub in _sub_jaxprs(eqn):
-                found.extend(_collectives(sub, times * repeat))
+            repeat = eqn.params["length"] if name == "scan" else 1
+            inner = [c for sub in _sub_jaxprs(eqn) for c in _collectives(sub, times * repeat)]
+            if inner and name == "while":
+                raise ValueError(f"collectives inside a while loop, whose trips are unknown: "
+                                 f"{', '.join(c.describe() for c in inner)}")
+            found.extend(inner)
     return found
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from minimax_jax.engine.engine import Engine
-from minimax_jax.engine.sampling import SamplingBatch, SamplingParams, SamplingParamsError, sample, top_k_with
+from minimax_jax.engine.sampling import SamplingBatch, SamplingParams, SamplingParamsError, sample, top_k_carrying
 from minimax_jax.loader import load_model
 from tests.test_model_vs_transformers import prefill_logits
 
@@ -150,14 +150,17 @@ def test_greedy_slots_take_the_argmax_beside_sampled_ones():
 def test_top_k_over_vocabulary_parts_equals_top_k_of_the_whole_ties_included():
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from sharding.forward import vocab_top_k
+    from tests.parallel_utils import needs_devices
+    needs_devices(8)
     rng = np.random.RandomState(0)
     x = rng.randint(0, 40, (4, 64)).astype(np.float32)          # many equal values
     carried = rng.standard_normal((4, 64)).astype(np.float32)
-    values, ids, expected_carried = top_k_with(jnp.asarray(x), 8, jnp.asarray(carried))
-    for dp, tp in ((1, 1), (2, 4), (1, 8)):
+    # (dp, tp, k): k = 16 exceeds a part of 64 / 8 tokens, which takes top_k_carrying whole
+    for dp, tp, k in ((1, 1, 8), (2, 4, 8), (1, 8, 8), (1, 8, 16)):
+        expected = top_k_carrying(jnp.asarray(x), k, jnp.asarray(carried))
         mesh = Mesh(np.array(jax.devices()[:dp * tp]).reshape(dp, tp), ("dp", "tp"))
         split = NamedSharding(mesh, P("dp", "tp"))
-        got = jax.jit(lambda a, c: vocab_top_k(mesh, top_k_with)(a, 8, c))(jax.device_put(x, split),
-                                                                        jax.device_put(carried, split))
-        for g, e in zip(got, (values, ids, expected_carried)):
+        got = jax.jit(lambda a, c: vocab_top_k(mesh, top_k_carrying)(a, k, c))(jax.device_put(x, split),
+                                                                            jax.device_put(carried, split))
+        for g, e in zip(got, expected):
             np.testing.assert_array_equal(g, e)

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from minimax_jax.engine.sampling import SamplingBatch, sample, top_k_with
+from minimax_jax.engine.sampling import SamplingBatch, sample, top_k_carrying
 from minimax_jax.model import MiniMaxM2, StepInput
 from minimax_jax.ops import attention as attention_ops, decode_attention
 from sharding.forward import logits_split_over_vocab, sharded_forward, vocab_top_k
@@ -74,7 +74,7 @@ class ModelRunner:
         else:
             self.state = shard_state(state, layout, self.mesh, cfg.head_dim, cfg.num_kv_heads)
         self.forward = sharded_forward(cfg, graphdef, self.state, layout, self.mesh, combine_dtype=model.dtype)
-        self._top_k = vocab_top_k(self.mesh, top_k_with)
+        self._top_k = vocab_top_k(self.mesh, top_k_carrying)
         kv_dtype = kv_dtype or model.dtype
         if pages_per_rank is None:
             fitting = self._pages_that_fit(kv_dtype, mem_fraction_static)
@@ -141,7 +141,8 @@ class ModelRunner:
         step = dataclasses.replace(step, tokens=step.tokens.at[:, 0].set(first))
         logits, kv, _, *scored = self.forward(state, kv, step, logit_index, targets, sampling.top_logprobs)
         split = logits_split_over_vocab(self.layout, step.tokens.shape[0] // self.layout.dp)
-        out = (*sample(logits, sampling, top_k=self._top_k if split else top_k_with), *(scored[0] if scored else ()))
+        select = self._top_k if split else top_k_carrying
+        out = (*sample(logits, sampling, select_top_k=select), *(scored[0] if scored else ()))
         last = jnp.zeros_like(last_tokens).at[:out[0].shape[0]].set(out[0])
         return kv, jax.lax.with_sharding_constraint(last, self._replicated), out
 

@@ -160,7 +160,7 @@ TOP_LOGPROBS_MAX = 20
 CANDIDATES = 256
 
 
-def top_k_with(x: jax.Array, k: int, *carried: jax.Array):
+def top_k_carrying(x: jax.Array, k: int, *carried: jax.Array):
     """lax.top_k of x [B, V] along V (values, ids; equal values in the order of their ids), with
     `carried` arrays of x's shape taken at the same ids. `sample` takes another function of
     this signature where the vocabulary is split over devices (sharding.forward.vocab_top_k)."""
@@ -168,7 +168,8 @@ def top_k_with(x: jax.Array, k: int, *carried: jax.Array):
     return (values, ids, *(jnp.take_along_axis(c, ids, axis=-1) for c in carried))
 
 
-def sample(logits: jax.Array, params: SamplingBatch, candidates: int = CANDIDATES, top_k: Callable = top_k_with):
+def sample(logits: jax.Array, params: SamplingBatch, candidates: int = CANDIDATES,
+           select_top_k: Callable = top_k_carrying):
     """logits: fp32 [B, V]. Frequency and presence penalties (OpenAI's definitions) subtract
     penalty * count and penalty * (count > 0) of each token already in the slot's output; a
     logit_bias adds its values to its tokens' logits (both before the draw, greedy included).
@@ -179,9 +180,11 @@ def sample(logits: jax.Array, params: SamplingBatch, candidates: int = CANDIDATE
     filter the `candidates` most likely tokens, which is exact whenever the kept set lies among
     them, and falls back to sorting the whole vocabulary for the batch when it might not.
 
-    top_k: `top_k_with`, or where the logits are split over devices along the vocabulary (tensor
-    parallelism) one that takes each part's top k first, so that only candidates are
-    gathered, never the [B, V] logits (the reductions the compiler partitions itself).
+    select_top_k: `top_k_carrying`, or where the logits are split over devices along the
+    vocabulary (tensor parallelism) one that takes each part's top k first, so that the filters'
+    candidates and the top logprobs gather only k x parts values a row; argmax and log-softmax
+    are partitioned by the compiler. The full sort of the fallback (filters that may keep more
+    than `candidates` tokens, in a branch taken only then) still gathers the row.
 
     Returns (tokens [B], logprob of each token [B], top-logprob ids and values [B, 20], or
     [B, 0] when no slot asked for them); the
@@ -198,11 +201,11 @@ def sample(logits: jax.Array, params: SamplingBatch, candidates: int = CANDIDATE
     if params.all_greedy:
         tokens = greedy_tokens.astype(jnp.int32)
     else:
-        draw = _draw(logits, params, candidates, top_k)
+        draw = _draw(logits, params, candidates, select_top_k)
         tokens = jnp.where(params.temperature == 0.0, greedy_tokens, draw).astype(jnp.int32)
     token_logprobs = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
     if params.top_logprobs:            # a sort of the vocabulary: only when a request asks
-        top_values, top_ids = top_k(logprobs_all, min(params.top_logprobs, logits.shape[-1]))
+        top_values, top_ids = select_top_k(logprobs_all, min(params.top_logprobs, logits.shape[-1]))
     else:
         top_values, top_ids = jnp.zeros((logits.shape[0], 0)), jnp.zeros((logits.shape[0], 0), jnp.int32)
     return tokens, token_logprobs, top_ids.astype(jnp.int32), top_values
@@ -214,7 +217,8 @@ def _scatter_add(dense: jax.Array, ids: jax.Array, values: jax.Array | float) ->
     return dense.at[rows, jnp.where(ids >= 0, ids, dense.shape[1])].add(values, mode="drop")
 
 
-def _draw(logits: jax.Array, params: SamplingBatch, candidates: int, top_k: Callable = top_k_with) -> jax.Array:
+def _draw(logits: jax.Array, params: SamplingBatch, candidates: int,
+          select_top_k: Callable = top_k_carrying) -> jax.Array:
     """Tokens drawn at temperature with the filters; see `sample`."""
     b, v = logits.shape
     cap = min(candidates, v)
@@ -223,7 +227,7 @@ def _draw(logits: jax.Array, params: SamplingBatch, candidates: int, top_k: Call
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,)))(keys)
     unfiltered = jnp.argmax(scaled + gumbel, axis=-1)
 
-    top, idx, top_gumbel = top_k(scaled, cap, gumbel)                      # sorted, descending
+    top, idx, top_gumbel = select_top_k(scaled, cap, gumbel)               # sorted, descending
     probs = jnp.exp(top - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))  # true probabilities
     keep = _keep(probs, params.top_k, params.top_p, params.min_p)
     pick = jnp.argmax(jnp.where(keep, top + top_gumbel, -jnp.inf), axis=-1)
