@@ -217,10 +217,10 @@ def test_sampling_on_vocabulary_shards_draws_the_tokens_and_logprobs_of_one_devi
     256 the filters take)."""
     path = save_hf_checkpoint(make_hf_model(seed=2, vocab_size=2048), tmp_path)
     rng = np.random.RandomState(8)
-    prompts = [rng.randint(0, 2048, 5 + 3 * i).tolist() for i in range(VOCAB_SPLIT_MIN_SLOTS)]
-    params = [{"max_new_tokens": 12, "temperature": 0.9, "top_p": 0.8, "top_k": 50, "seed": 3, "top_logprobs_num": 3},
-              {"max_new_tokens": 12, "temperature": 1.3, "seed": 4, "frequency_penalty": 0.5},
-              {"max_new_tokens": 12, "temperature": 0.7, "top_k": 200, "min_p": 0.01, "seed": 5}] * 6
+    prompts = rng.randint(0, 2048, (VOCAB_SPLIT_MIN_SLOTS, 7)).tolist()     # one prefill shape
+    params = [{"max_new_tokens": 5, "temperature": 0.9, "top_p": 0.8, "top_k": 50, "seed": 3, "top_logprobs_num": 3},
+              {"max_new_tokens": 5, "temperature": 1.3, "seed": 4, "frequency_penalty": 0.5},
+              {"max_new_tokens": 5, "temperature": 0.7, "top_k": 200, "min_p": 0.01, "seed": 5}] * 6
     params = params[:len(prompts)]
     runs = []
     for flags in ({}, dict(tp_size=4)):
