@@ -871,7 +871,7 @@ def decode_floor_hook(engine, bandwidth: float, floors: list, shapes: dict):
         valid = np.asarray(scheduled.step.valid)
         context = np.where(valid, scheduled.step.positions + 1, 0).reshape(dp, -1).sum(axis=1)
         touched = 1 - unpicked ** int(valid.sum())
-        shape = (scheduled.step.page_table.shape, scheduled.step.tokens.shape)
+        shape = scheduled.step.tokens.shape     # the collectives' shapes; the page table's width changes none
         shapes.setdefault(shape, (scheduled.step, scheduled.logit_index))
         floors.append(((others + experts * touched + int(context.max()) * kv_per_token) / bandwidth, shape))
     return hook
