@@ -113,8 +113,8 @@ def decode_e2m1(codes: ArrayLike) -> jax.Array:
     operations (`e2m1_as_e4m3`) and an exact scaling rather than a 16-entry table, which XLA
     computes as a gather: the dequantise + round of 16384 tokens of 3072 took 251 against 266 us
     on an H200 (docs/benchmarks.md, run FP)."""
-    low, _ = e2m1_as_e4m3(jnp.asarray(codes, jnp.uint8) & 0xF)
-    return low.astype(jnp.float32) * 64.0
+    low, _ = e2m1_values(jnp.asarray(codes, jnp.uint8) & 0xF)
+    return low
 
 
 def pack_e2m1(codes: ArrayLike) -> jax.Array:
@@ -146,6 +146,11 @@ def e2m1_as_e4m3(codes: jax.Array) -> tuple[jax.Array, jax.Array]:
     high = ((codes >> 2) & 0x1C) | (codes & 0x80)
     as_fp8 = lambda bits: jax.lax.bitcast_convert_type(bits, jnp.float8_e4m3fn)  # noqa: E731
     return as_fp8(low), as_fp8(high)
+
+
+def e2m1_values(codes: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 values of the (low, high) nibbles of uint8 NVFP4 codes, through `e2m1_as_e4m3`."""
+    return tuple(v.astype(jnp.float32) * 64.0 for v in e2m1_as_e4m3(codes))
 
 
 # -- scales -------------------------------------------------------------------------------------
@@ -260,7 +265,7 @@ def activations_to_fp8_groups(payload: ArrayLike, global_scale: ArrayLike, hidde
                          f"divides it; got {payload.shape[-1]} and group {group}")
     codes, scale_bytes = payload[..., : hidden // 2], payload[..., hidden // 2:]
     g = jnp.asarray(global_scale, jnp.float32)
-    low, high = (v.astype(jnp.float32) * 64.0 for v in e2m1_as_e4m3(codes))
+    low, high = e2m1_values(codes)
     block_scale = scales_from_bytes(scale_bytes).astype(jnp.float32)                  # [..., H/16]
     largest = jnp.max(jnp.maximum(jnp.abs(low), jnp.abs(high)).reshape(*codes.shape[:-1], -1, BLOCK_SIZE // 2), -1)
     block_amax = (largest * block_scale) * g
