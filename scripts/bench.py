@@ -1151,7 +1151,8 @@ def bench_hf(args) -> None:
     engine = Engine(model_path=args.preset, load_format="dummy", dtype="bfloat16", page_size=args.page_size,
                     context_length=prompt + new + 16, max_running_requests=batch, chunked_prefill_size=args.chunk,
                     max_prefill_tokens=args.max_prefill_tokens, max_total_tokens=batch * (prompt + new + 16),
-                    json_model_override_args=json.dumps({"num_hidden_layers": layers}))
+                    json_model_override_args=json.dumps({"num_hidden_layers": layers}),
+                    disable_radix_cache=True)   # transformers caches no prefix: the timed run computes every prompt
     prompts = ids.cpu().numpy().tolist()
     params = {"max_new_tokens": new, "temperature": 0.0, "ignore_eos": True}
     engine.generate(input_ids=prompts, sampling_params=params)                # compiles the buckets
