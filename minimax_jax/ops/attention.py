@@ -33,7 +33,9 @@ def write_kv(cache: jax.Array, new: jax.Array, slots: jax.Array, layer: jax.Arra
     """
     layers, pages, page_size = cache.shape[:3]
     flat = cache.reshape(layers, pages * page_size, *cache.shape[3:])
-    flat = flat.at[layer, slots].set(new.astype(cache.dtype), mode="drop")
+    # unique: valid tokens own distinct slots and padding's shared slot is dropped. Without the
+    # promise XLA writes each element with an atomic, a compare-and-swap loop for 1-byte FP8
+    flat = flat.at[layer, slots].set(new.astype(cache.dtype), mode="drop", unique_indices=True)
     return flat.reshape(cache.shape)
 
 
