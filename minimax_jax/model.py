@@ -345,10 +345,13 @@ class Router(nnx.Module):
             if self.kernel not in ROUTER_KERNELS:
                 raise ValueError(f"router kernel must be one of {', '.join(ROUTER_KERNELS)}, got {self.kernel!r}")
             on_gpu = jax.default_backend() == "gpu"
-            if (self.kernel == "triton" or self.kernel == "auto" and on_gpu) and routing.supports(
-                    h.shape[0], h.shape[1], weight.shape[-1], self.top_k):
+            kernels = self.kernel == "triton" or self.kernel == "auto" and on_gpu
+            if kernels and routing.supports(h.shape[0], h.shape[1], weight.shape[-1], self.top_k):
                 return routing.route_few(h, weight, bias, layer, valid, self.top_k, self.scaling,
                                          interpret=not on_gpu)
+            if kernels and routing.supports_many(h.shape[0], weight.shape[-1], self.top_k):
+                return routing.choose_many(fp32_product(h, weight[layer]), bias, layer, valid, self.top_k,
+                                           self.scaling, interpret=not on_gpu)
             weight, bias = weight[layer], bias[layer]
         scores = jax.nn.sigmoid(fp32_product(h, weight))
         _, ids = jax.lax.top_k(scores + bias, self.top_k)

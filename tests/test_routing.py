@@ -49,15 +49,31 @@ def test_router_kernels_choose_the_xla_routers_experts_and_weights(tokens):
     assert not np.array_equal(np.asarray(other_ids), np.asarray(want_ids))
 
 
+def test_many_token_choice_picks_the_xla_routers_experts_and_weights():
+    """69 tokens of layer 1 (blocks of the kernel's rows, the last one padded): the logits are
+    XLA's GEMM, the top-k and the weights the kernel's; tokens 1 and 68 are padding."""
+    router = stacked_router(layers=2, hidden=256, experts=64, top_k=8, seed=4)
+    h = jnp.asarray(np.random.RandomState(9).standard_normal((69, 256)), jnp.bfloat16)
+    valid = (jnp.arange(69) != 1) & (jnp.arange(69) != 68)
+    want_ids, want_w = route(router, "xla", h, valid, 1)
+    got_ids, got_w = route(router, "triton", h, valid, 1)
+    np.testing.assert_array_equal(np.asarray(got_ids), np.asarray(want_ids))
+    np.testing.assert_allclose(np.asarray(got_w), np.asarray(want_w), rtol=1e-5, atol=1e-6)
+    assert got_ids[68].tolist() == [64] * 8 and float(got_w[68].sum()) == 0.0
+    assert float(got_w[0].sum()) == pytest.approx(1.5, rel=1e-6)
+    assert routing.supports_many(17, 64, 8) and not routing.supports_many(16, 64, 8)
+
+
 def test_router_kernels_break_ties_toward_the_lower_expert_as_top_k_does():
     router = stacked_router(layers=1, hidden=128, experts=16, top_k=2)
     weight = router.weight[...].at[0, :, 9].set(router.weight[0, :, 3])
     router.weight = nnx.Param(weight)
     router.bias = nnx.Param(jnp.zeros((1, 16), jnp.float32).at[0, 3].set(5.0).at[0, 9].set(5.0))
-    h = jnp.ones((1, 128), jnp.float32)
-    ids, _ = route(router, "triton", h, jnp.ones((1,), bool), 0)
-    want, _ = route(router, "xla", h, jnp.ones((1,), bool), 0)
-    assert ids.tolist() == want.tolist() == [[3, 9]]
+    for tokens in (1, 32):      # route_few, then choose_many
+        h = jnp.ones((tokens, 128), jnp.float32)
+        ids, _ = route(router, "triton", h, jnp.ones((tokens,), bool), 0)
+        want, _ = route(router, "xla", h, jnp.ones((tokens,), bool), 0)
+        assert ids.tolist() == want.tolist() == [[3, 9]] * tokens
 
 
 def test_router_scores_many_tokens_in_full_fp32_as_transformers_does():
@@ -126,6 +142,11 @@ def test_router_kernels_lower_for_gpus_at_full_size():
     f = jax.jit(lambda h, w, b, layer, valid: routing.route_few(h, w, b, layer, valid, 8, 1.0))
     text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 2
+    logits = jax.ShapeDtypeStruct((8192, 256), jnp.float32)
+    f = jax.jit(lambda x, b, layer, valid: routing.choose_many(x, b, layer, valid, 8, 1.0))
+    text = f.trace(logits, args[2], args[3], jax.ShapeDtypeStruct((8192,), jnp.bool_)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1
 
 
 def test_bf16_parts_sum_to_the_fp32_weights_exactly():
