@@ -131,7 +131,7 @@ def _choose(logits: jax.Array, bias: jax.Array, valid: jax.Array, top_k: int, sc
 
 # a program of one warp over 8 rows: its reductions stay shuffles within the warp. At 8192 tokens
 # on an H200 7.2 us against 13.9-124 us for 16-64 rows on 1-8 warps, and 37 us for XLA's choice
-# (benchmarks/router_probe.py --choice, docs/benchmarks.md run GK)
+# (benchmarks/router_probe.py --choice, docs/benchmarks.md run GI)
 MANY_BLOCK_ROWS = 8
 MANY_WARPS = 1
 
