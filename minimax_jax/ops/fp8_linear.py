@@ -21,10 +21,12 @@ bf16 weights (a bf16 checkpoint's, or an NVFP4 one's attention), in place as wel
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from minimax_jax.ops import grouped_gemm_ws, moe, triton_common
+from minimax_jax.ops import fp8_rows, grouped_gemm_ws, moe, triton_common
 from minimax_jax.ops.triton_common import whole_block
 from quant import fp8
 
@@ -83,9 +85,12 @@ def fp8_linear(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array 
     m = x.shape[0]
     rows = -(-m // BLOCK) * BLOCK
     x_rows = jnp.pad(x, ((0, rows - m), (0, 0)))
-    out = grouped_gemm_ws.aligned_gemm_w8a8(x_rows, jnp.zeros((rows // BLOCK,), jnp.int32), w[:, None],
-                                            w_scale[:, None], layer=layer, interpret=interpret,
-                                            **({"num_blocks": 2} if interpret else {}))
+    # 16-bit rows rounded in one pass (XLA took two kernels), to the same numbers
+    quantize = (functools.partial(fp8_rows.quantize_groups, interpret=bool(interpret)) if fp8_rows.supports(x_rows)
+                else functools.partial(fp8.quantize_groups, group=BLOCK))
+    out = grouped_gemm_ws.aligned_gemm_w8a8_quantized(*quantize(x_rows), jnp.zeros((rows // BLOCK,), jnp.int32),
+                                                      w[:, None], w_scale[:, None], layer=layer, out_dtype=x.dtype,
+                                                      interpret=interpret, **({"num_blocks": 2} if interpret else {}))
     return out[:m]
 
 

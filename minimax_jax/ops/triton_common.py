@@ -40,6 +40,20 @@ def fma(a: jax.Array, b: jax.Array, c: jax.Array, ptx: bool = True) -> jax.Array
                                            pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(c.shape, jnp.float32)])[0]
 
 
+def divide(a: jax.Array, b: jax.Array, ptx: bool = True) -> jax.Array:
+    """Inside a Pallas (Triton) kernel: a / b in fp32 rounded once (IEEE), as XLA divides. On GPUs
+    (ptx) by `div.rn.f32`: Triton's own fp32 division is `div.full.f32`, within 2 ulp. Off GPUs
+    (Pallas's interpreter) behind the barrier of `quant.exact.divide`, which keeps XLA from
+    multiplying by the reciprocal instead."""
+    a, b = jnp.broadcast_arrays(a.astype(jnp.float32), jnp.asarray(b, jnp.float32))
+    if not ptx:
+        from quant import exact
+        return exact.divide(a, b)
+    from jax.experimental.pallas import triton as pltriton
+    return pltriton.elementwise_inline_asm("div.rn.f32 $0, $1, $2;", args=[a, b], constraints="=r,r,r", pack=1,
+                                           result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])[0]
+
+
 def offsets_wrap(array: jax.Array | jax.ShapeDtypeStruct) -> bool:
     """Whether a kernel would read `array` at wrapped addresses: Pallas's Triton lowering computes
     element offsets in signed 32 bits for arrays of at most 4 GiB, so one of more than 2**31
