@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minimax_jax.model import rms_norm
 from minimax_jax.ops import fp8_rows
 from quant import fp8
 
@@ -30,31 +29,17 @@ def test_kernel_rounds_rows_to_the_codes_and_scales_of_quant_fp8():
     want_codes, want_scales = jax.jit(fp8.quantize_groups, static_argnums=1)(x, 128)
     assert codes.dtype == jnp.float8_e4m3fn and codes.shape == (70, 384) and scales.shape == (70, 3)
     np.testing.assert_array_equal(np.asarray(scales), np.asarray(want_scales))
-    np.testing.assert_array_equal(np.asarray(codes.view(jnp.uint8)), np.asarray(want_codes.view(jnp.uint8)))
+    nan = np.isnan(np.asarray(want_codes.astype(jnp.float32)))
+    assert nan.sum() == 1 and np.isnan(np.asarray(codes.astype(jnp.float32))[nan]).all()   # its sign bit may differ
+    np.testing.assert_array_equal(np.asarray(codes.view(jnp.uint8))[~nan], np.asarray(want_codes.view(jnp.uint8))[~nan])
     assert float(scales[3, 0]) == 1.0 and not np.asarray(codes[3, :128].astype(jnp.float32)).any()
 
 
-def test_kernel_with_a_norm_rounds_the_rms_norm_of_the_rows():
-    """The normalised rows are rounded to bf16 before the FP8 rounding in the kernel; XLA may keep
-    them in fp32 between the two (its excess precision), so a code may sit one E4M3 step away."""
-    x = rows(40, 256, seed=1)
-    weight = jnp.asarray(np.random.RandomState(2).standard_normal(256), jnp.bfloat16)
-    codes, scales = fp8_rows.quantize_groups(x, weight, 1e-6, interpret=not ON_GPU)
-    normed = jax.jit(rms_norm, static_argnums=2)(x, weight, 1e-6)      # bf16 rows, as the layer writes them
-    want_codes, want_scales = jax.jit(fp8.quantize_groups, static_argnums=1)(normed, 128)
-    np.testing.assert_allclose(np.asarray(scales), np.asarray(want_scales), rtol=2.0 ** -8)
-    got, want = np.asarray(codes.astype(jnp.float32)), np.asarray(want_codes.astype(jnp.float32))
-    assert np.mean(got != want) < 0.05
-    assert (np.abs(got - want) <= np.abs(want) / 8 + 2.0 ** -9).all()      # one E4M3 step at most
-
-
 def test_kernel_refuses_rows_it_does_not_take():
-    with pytest.raises(ValueError, match="multiple of 128"):
-        fp8_rows.quantize_groups(jnp.ones((4, 200), jnp.bfloat16))
-    with pytest.raises(ValueError, match="16-bit rows"):
-        fp8_rows.quantize_groups(jnp.ones((4, 256), jnp.float32))
-    with pytest.raises(ValueError, match="norm weight"):
-        fp8_rows.quantize_groups(jnp.ones((4, 256), jnp.bfloat16), jnp.ones((128,), jnp.bfloat16))
+    for x in (jnp.ones((4, 200), jnp.bfloat16), jnp.ones((4, 256), jnp.float32), jnp.ones((256,), jnp.bfloat16)):
+        with pytest.raises(ValueError, match="16-bit rows"):
+            fp8_rows.quantize_groups(x)
+    assert fp8_rows.supports(jnp.ones((4, 256), jnp.float16))
 
 
 def test_kernel_lowers_for_gpus_at_a_prefill_steps_size():
