@@ -329,8 +329,9 @@ class Router(nnx.Module):
 
     In the layer loop the weights stay stacked over layers and the layer's index is given: up to
     16 tokens (`ops.routing.supports`) take two Triton kernels that read the layer in place
-    (kernel "triton", and "auto" on GPUs; the interpreter elsewhere), more take XLA's ops on the
-    layer's slice."""
+    (kernel "triton", and "auto" on GPUs; the interpreter elsewhere), more take XLA's GEMM on the
+    layer's slice and one Triton kernel for the choice (`ops.routing.choose_many`); kernel "xla"
+    and other shapes take XLA's ops."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.weight = _normal(rngs, (cfg.hidden_size, cfg.num_experts), jnp.float32)

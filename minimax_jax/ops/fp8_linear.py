@@ -4,8 +4,9 @@ and the same few-rows kernel for bf16 weights.
 The released FP8 checkpoint stores attention's projections as e4m3 blocks of 128 x 128 with one
 fp32 scale each, and its activation scheme is dynamic: one scale per token and 128 channels, as
 sglang runs it. On Hopper the projection is the experts' warp-specialised W8A8 kernel with one
-group (`grouped_gemm_ws.aligned_gemm_w8a8`): both operands enter FP8 wgmmas, and the kernel
-indexes the layer inside the stacked weights; up to 16 rows (one request's decode) take a Triton
+group (`grouped_gemm_ws.aligned_gemm_w8a8_quantized`, its rows rounded in one Triton pass by
+`fp8_rows`): both operands enter FP8 wgmmas, and the kernel indexes the layer inside the
+stacked weights; up to 16 rows (one request's decode) take a Triton
 kernel that spreads them over more SMs (`few_rows`). A layer's slice of stacked weights handed to a
 cuBLAS GEMM is copied out first by XLA (about 80 us a decode layer for bf16 attention on a DEP4
 rank of W1, docs/benchmarks.md), which this avoids. Elsewhere the reference computes the same
@@ -69,8 +70,10 @@ def fp8_linear(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array 
                interpret=None) -> jax.Array:
     """x [M, K] @ dequantised w[layer].T -> [M, N] in x's dtype. w: [L, N, K] float8_e4m3fn
     (rows = output channels, as checkpoints store them); w_scale: [L, N/128, K/128] fp32. The
-    rows are rounded to e4m3 with one scale per row and 128 columns (`quant.fp8.quantize_groups`),
-    except by the few-rows kernel ("triton-w8a16", `few_rows`), and the products summed in fp32.
+    rows are rounded to e4m3 with one scale per row and 128 columns (`quant.fp8.quantize_groups`;
+    16-bit rows for the Mosaic kernel by `fp8_rows.quantize_groups`, the same numbers in one
+    pass), except by the few-rows kernel ("triton-w8a16", `few_rows`), and the products summed
+    in fp32.
     interpret (tests off GPUs): the Mosaic interpreter's parameters; the Triton kernel always
     runs under its interpreter off GPUs."""
     layers, n, k = w.shape

@@ -41,9 +41,9 @@ def fma(a: jax.Array, b: jax.Array, c: jax.Array, ptx: bool = True) -> jax.Array
 
 
 def divide(a: jax.Array, b: jax.Array, ptx: bool = True) -> jax.Array:
-    """Inside a Pallas (Triton) kernel: a / b in fp32 rounded once (IEEE), as XLA divides. On GPUs
-    (ptx) by `div.rn.f32`: Triton's own fp32 division is `div.full.f32`, within 2 ulp. Off GPUs
-    (Pallas's interpreter) behind the barrier of `quant.exact.divide`, which keeps XLA from
+    """Inside a Pallas (Triton) kernel: a / b in fp32 rounded once (IEEE). On GPUs (ptx) by
+    `div.rn.f32`, since Triton's lowering of an fp32 division does not promise one rounding; off
+    GPUs (Pallas's interpreter) behind the barrier of `quant.exact.divide`, which keeps XLA from
     multiplying by the reciprocal instead."""
     a, b = jnp.broadcast_arrays(a.astype(jnp.float32), jnp.asarray(b, jnp.float32))
     if not ptx:
