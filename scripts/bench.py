@@ -35,7 +35,8 @@ Sections (pick with --sections, comma separated):
   profile   a perfetto trace of a few engine steps (--profile-phase prefill or decode), device
             time per kernel
   hf        transformers' MiniMaxM2ForCausalLM at the same depth and batch on one GPU, beside
-            this engine on one GPU (prefill tok/s and batched greedy decode tok/s)
+            this engine on one GPU (bf16, its prefix cache off): output tok/s of one batched
+            greedy generate of --hf-new tokens after --prompt, prefill included
 
 Every figure printed is measured in this run; the table at the end is the summary, the full log
 goes to --out (default $OUT or ./bench-out). Multicast stays off in NCCL (NCCL_NVLS_ENABLE=0).
