@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e '.[test]'
-# two worker processes, one a core of the CI machine (975 -> 763 s for the suite on two cores)
+# two worker processes, one a core of the CI machine: on two cores the suite took 975 s in one
+# process and 763-884 s in two
 python -m pytest -q -n 2 "$@"
