@@ -22,8 +22,6 @@ bf16 weights (a bf16 checkpoint's, or an NVFP4 one's attention), in place as wel
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -89,9 +87,9 @@ def fp8_linear(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer: jax.Array 
     rows = -(-m // BLOCK) * BLOCK
     x_rows = jnp.pad(x, ((0, rows - m), (0, 0)))
     # 16-bit rows rounded in one pass (XLA took two kernels), to the same numbers
-    quantize = (functools.partial(fp8_rows.quantize_groups, interpret=bool(interpret)) if fp8_rows.supports(x_rows)
-                else functools.partial(fp8.quantize_groups, group=BLOCK))
-    out = grouped_gemm_ws.aligned_gemm_w8a8_quantized(*quantize(x_rows), jnp.zeros((rows // BLOCK,), jnp.int32),
+    rounded = (fp8_rows.quantize_groups(x_rows, interpret=bool(interpret)) if fp8_rows.supports(x_rows)
+               else fp8.quantize_groups(x_rows, BLOCK))
+    out = grouped_gemm_ws.aligned_gemm_w8a8_quantized(*rounded, jnp.zeros((rows // BLOCK,), jnp.int32),
                                                       w[:, None], w_scale[:, None], layer=layer, out_dtype=x.dtype,
                                                       interpret=interpret, **({"num_blocks": 2} if interpret else {}))
     return out[:m]

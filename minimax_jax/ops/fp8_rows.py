@@ -54,7 +54,7 @@ def quantize_groups(x: jax.Array, *, rows_per_program: int = ROWS_PER_PROGRAM, n
         values = values.astype(jnp.float32)
         amax = jnp.max(jnp.where(jnp.isfinite(values), jnp.abs(values), 0.0), axis=1)
         if interpret:
-            scale = triton_common.divide(amax, jnp.full_like(amax, fp8.E4M3_MAX), ptx=False)
+            scale = triton_common.divide(amax, fp8.E4M3_MAX, ptx=False)
         else:       # XLA's GPU compiler multiplies by 1/448 in fp32, `quant.exact`'s barrier notwithstanding
             scale = amax * RECIPROCAL_E4M3_MAX
         scale = jnp.where(scale > 0, scale, 1.0)

@@ -26,11 +26,17 @@ FEW_ROWS = triton_common.DOT_MIN_ROWS       # rows are padded to a Triton dot's 
 BLOCK_K = 128
 
 
+def _choosable(num_experts: int, top_k: int) -> bool:
+    """Whether `_choose` takes these: Triton's power-of-two blocks over the experts (at least a
+    dot's 16) and the choices."""
+    return (triton_common.power_of_two(num_experts) and triton_common.power_of_two(top_k)
+            and num_experts >= triton_common.DOT_MIN_ROWS)
+
+
 def supports(rows: int, hidden: int, num_experts: int, top_k: int) -> bool:
-    """Whether `route_few` takes these shapes: at most FEW_ROWS tokens, and Triton's
-    power-of-two blocks over the experts and the choices."""
-    powers = triton_common.power_of_two(num_experts) and triton_common.power_of_two(top_k)
-    return rows <= FEW_ROWS and powers and num_experts >= triton_common.DOT_MIN_ROWS and hidden % BLOCK_K == 0
+    """Whether `route_few` takes these shapes: at most FEW_ROWS tokens, H a multiple of BLOCK_K,
+    and experts and choices `_choose` takes."""
+    return rows <= FEW_ROWS and hidden % BLOCK_K == 0 and _choosable(num_experts, top_k)
 
 
 def route_few(h: jax.Array, weight: jax.Array, bias: jax.Array, layer: jax.Array | int, valid: jax.Array,
@@ -137,10 +143,9 @@ MANY_WARPS = 1
 
 
 def supports_many(rows: int, num_experts: int, top_k: int) -> bool:
-    """Whether `choose_many` takes these shapes: more rows than `route_few` takes, and powers of
-    two of experts and choices."""
-    return (rows > FEW_ROWS and triton_common.power_of_two(num_experts) and triton_common.power_of_two(top_k)
-            and num_experts >= triton_common.DOT_MIN_ROWS)
+    """Whether `choose_many` takes these shapes: more rows than `route_few` takes, and experts and
+    choices `_choose` takes."""
+    return rows > FEW_ROWS and _choosable(num_experts, top_k)
 
 
 def choose_many(logits: jax.Array, bias: jax.Array, layer: jax.Array | int, valid: jax.Array, top_k: int,
